@@ -1,0 +1,53 @@
+"""Codebook learning: k-means on faiss, with the details mature engines get right.
+
+k-means++ seeding (on 32 points per centroid: enough to place seeds, cheap), faiss's Lloyd
+iterations on a bounded subsample (at most ``max_points_per_centroid`` points per centroid;
+faiss splits a populous cluster to refill an empty one), a fixed seed, then exact
+nearest-codeword assignment of every point.
+"""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+
+
+def kmeans_pp_seed(points: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k-means++ seeding: each new centre drawn with probability ∝ squared distance to the nearest."""
+    centres = np.empty((k, points.shape[1]), dtype=np.float32)
+    squared_norms = (points * points).sum(1)
+
+    def squared_distance(centre: np.ndarray) -> np.ndarray:
+        return squared_norms - 2 * (points @ centre) + centre @ centre
+
+    centres[0] = points[rng.integers(len(points))]
+    nearest = squared_distance(centres[0])
+    for i in range(1, k):
+        cumulative = np.cumsum(np.maximum(nearest, 0), dtype=np.float64)
+        pick = np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right")
+        centres[i] = points[min(pick, len(points) - 1)]
+        nearest = np.minimum(nearest, squared_distance(centres[i]))
+    return centres
+
+
+def kmeans(points: np.ndarray, k: int, seed: int = 0, iterations: int = 20,
+           max_points_per_centroid: int = 256) -> np.ndarray:
+    """Train ``k`` centroids on (n, d) float32 ``points``; deterministic for a given seed."""
+    rng = np.random.default_rng(seed)
+    points = np.ascontiguousarray(points, dtype=np.float32)
+    if len(points) > k * max_points_per_centroid:
+        points = points[np.sort(rng.choice(len(points), k * max_points_per_centroid, replace=False))]
+    seeding_sample = points[rng.choice(len(points), min(len(points), 32 * k), replace=False)]
+    init = kmeans_pp_seed(seeding_sample, k, rng)
+    engine = faiss.Kmeans(points.shape[1], k, niter=iterations, seed=seed,
+                          max_points_per_centroid=max_points_per_centroid, min_points_per_centroid=1)
+    engine.train(points, init_centroids=init)
+    return engine.centroids
+
+
+def assign(points: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Index of the nearest centroid for every point (exact search)."""
+    index = faiss.IndexFlatL2(centroids.shape[1])
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    _, nearest = index.search(np.ascontiguousarray(points, dtype=np.float32), 1)
+    return nearest[:, 0]

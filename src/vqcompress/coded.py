@@ -1,0 +1,210 @@
+"""The one representation of a compressed weight, shared by every method, layer, file and report.
+
+A weight is seen as a matrix of ``rows`` output rows and ``cols`` inputs (a conv kernel is
+``out × (in/groups · kh · kw)``, an embedding ``num × dim``). Each row is cut into sub-vectors of
+length ``dim`` along the inputs, so that the lookup-table product works; every sub-vector is
+stored as the index of a codeword, bit-packed at ``ceil(log2 k)`` bits. On top of that:
+
+- ``groups`` codebooks, each serving a contiguous block of rows (1 = one codebook per layer);
+- optional scales (and offsets), one per row and block of ``scale_group`` inputs:
+  ``w = codeword · scale + offset``; per-row scale is ``scale_group == cols``;
+- an optional row permutation: stored row ``r`` is original row ``perm[r]``.
+
+A later factor form (Z · C) can be added as another ``decode`` source without touching the
+layers, the file or the report, since they only use ``decode``, ``codes`` and the buffers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import VQCError
+
+MAX_CODE_BITS = 16
+
+
+def code_bits(k: int) -> int:
+    """Bits of one index into a codebook of ``k`` codewords."""
+    return max(1, math.ceil(math.log2(k)))
+
+
+def pack_codes(codes: Tensor, bits: int) -> Tensor:
+    """Pack integer codes LSB-first into a uint8 stream of exactly ceil(n·bits/8) bytes.
+
+    Each code is spread into its ``bits`` low bits and the bit stream is packed by numpy:
+    any width from 1 to 16 bits with the same two vector operations.
+    """
+    if not 1 <= bits <= MAX_CODE_BITS:
+        raise ValueError(f"code width {bits} outside 1..{MAX_CODE_BITS}")
+    codes = codes.detach().reshape(-1).cpu().to(torch.int64)
+    if codes.numel() and (codes.min() < 0 or codes.max() >= (1 << bits)):
+        raise ValueError(f"codes do not fit in {bits} bits")
+    as_bytes = codes.numpy().astype("<u2").view(np.uint8).reshape(-1, 2)
+    bit_matrix = np.unpackbits(as_bytes, axis=1, bitorder="little")[:, :bits]
+    return torch.from_numpy(np.packbits(bit_matrix.reshape(-1), bitorder="little"))
+
+
+def unpack_codes(packed: Tensor, bits: int, index: Tensor) -> Tensor:
+    """Read the codes at positions ``index`` straight from the packed stream (no full copy)."""
+    position = index.to(torch.int64) * bits
+    byte, shift = position // 8, position % 8
+    stream = F.pad(packed.to(torch.int32), (0, 2))
+    word = stream[byte] | (stream[byte + 1] << 8) | (stream[byte + 2] << 16)
+    return ((word >> shift) & ((1 << bits) - 1)).to(torch.int64)
+
+
+@dataclass(frozen=True)
+class CodeLayout:
+    """Everything about a coded weight that is not a tensor: what the file manifest records."""
+
+    shape: tuple[int, ...]
+    k: int
+    dim: int
+    groups: int = 1
+    scale_group: int | None = None
+    offset: bool = False
+    permuted: bool = False
+    codebook_dtype: str = "float16"
+    scale_dtype: str = "float16"
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0]
+
+    @property
+    def cols(self) -> int:
+        return math.prod(self.shape[1:])
+
+    @property
+    def bits(self) -> int:
+        return code_bits(self.k)
+
+    @property
+    def segments(self) -> int:
+        """Sub-vectors per row."""
+        return self.cols // self.dim
+
+    def validate(self) -> None:
+        """Reject layouts that cannot describe this weight, with the reason in words."""
+        if len(self.shape) < 2:
+            raise VQCError(f"a coded weight needs ≥ 2 dimensions, got shape {self.shape}")
+        if not 2 <= self.k <= 1 << MAX_CODE_BITS:
+            raise VQCError(f"k = {self.k} is outside 2..{1 << MAX_CODE_BITS}")
+        if self.cols % self.dim:
+            raise VQCError(f"sub-vector length d = {self.dim} does not divide the {self.cols} inputs of shape {self.shape}")
+        if self.rows % self.groups:
+            raise VQCError(f"{self.groups} codebook groups do not divide the {self.rows} rows")
+        if self.scale_group is not None and (self.cols % self.scale_group or self.scale_group % self.dim):
+            raise VQCError(f"scale group {self.scale_group} must divide {self.cols} inputs and be a multiple of d = {self.dim}")
+        if self.rows * self.segments // self.groups < self.k:
+            raise VQCError(
+                f"k = {self.k} codewords exceed the {self.rows * self.segments // self.groups} sub-vectors "
+                f"of each codebook group of shape {self.shape}: lower k or d"
+            )
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> CodeLayout:
+        return cls(**{**data, "shape": tuple(data["shape"])})
+
+
+class CodedWeight(nn.Module):
+    """A weight held as codebook + packed codes (+ scales, offsets, permutation).
+
+    It is a module so that its tensors are buffers: they follow ``.to(device)`` and survive
+    ``state_dict`` round trips with no extra code.
+    """
+
+    def __init__(self, layout: CodeLayout, codebook: Tensor, codes: Tensor,
+                 scale: Tensor | None = None, offset: Tensor | None = None, perm: Tensor | None = None):
+        super().__init__()
+        layout.validate()
+        self.layout = layout
+        self.recipe: dict = {}  # the method and settings that made it, for the file manifest
+        self.register_buffer("codebook", codebook)
+        self.register_buffer("codes", codes)
+        for name, value in (("scale", scale), ("offset", offset), ("perm", perm)):
+            if value is not None:
+                self.register_buffer(name, value)
+
+    @classmethod
+    def encode(cls, layout: CodeLayout, codebook: Tensor, codes: Tensor, scale: Tensor | None = None,
+               offset: Tensor | None = None, perm: Tensor | None = None) -> CodedWeight:
+        """Build from unpacked codes (rows × segments), casting tensors to their stored dtypes."""
+        cb_dtype, sc_dtype = getattr(torch, layout.codebook_dtype), getattr(torch, layout.scale_dtype)
+        return cls(
+            layout,
+            codebook.reshape(layout.groups, layout.k, layout.dim).to(cb_dtype).contiguous(),
+            pack_codes(codes, layout.bits),
+            None if scale is None else scale.reshape(layout.rows, -1).to(sc_dtype).contiguous(),
+            None if offset is None else offset.reshape(layout.rows, -1).to(sc_dtype).contiguous(),
+            None if perm is None else perm.to(torch.int32),
+        )
+
+    @classmethod
+    def empty(cls, layout: CodeLayout) -> CodedWeight:
+        """A shell with buffers of the right shapes and dtypes, to be filled by ``load_state_dict``."""
+        n_codes = layout.rows * layout.segments
+        n_scales = layout.cols // layout.scale_group if layout.scale_group else 0
+        sc_dtype = getattr(torch, layout.scale_dtype)
+        return cls(
+            layout,
+            torch.zeros(layout.groups, layout.k, layout.dim, dtype=getattr(torch, layout.codebook_dtype)),
+            torch.zeros((n_codes * layout.bits + 7) // 8, dtype=torch.uint8),
+            torch.zeros(layout.rows, n_scales, dtype=sc_dtype) if layout.scale_group else None,
+            torch.zeros(layout.rows, n_scales, dtype=sc_dtype) if layout.offset else None,
+            torch.arange(layout.rows, dtype=torch.int32) if layout.permuted else None,
+        )
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def code_matrix(self, stored_rows: Tensor | None = None) -> Tensor:
+        """Codes of the given stored rows (all by default) as a (rows, segments) int64 matrix."""
+        lay = self.layout
+        rows = torch.arange(lay.rows, device=self.codes.device) if stored_rows is None else stored_rows
+        index = rows[:, None] * lay.segments + torch.arange(lay.segments, device=rows.device)
+        return unpack_codes(self.codes, lay.bits, index)
+
+    def codebook_of_rows(self, stored_rows: Tensor) -> Tensor:
+        """Which codebook group each stored row uses."""
+        return stored_rows // (self.layout.rows // self.layout.groups)
+
+    def stored_rows_of(self, rows: Tensor) -> Tensor:
+        """Map original row numbers to stored row numbers (undo the permutation)."""
+        if not self.layout.permuted:
+            return rows
+        return torch.argsort(self.perm.to(torch.int64))[rows]
+
+    def decode_rows(self, rows: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Dense (len(rows), cols) slice for original rows: the embedding lookup path."""
+        lay = self.layout
+        stored = self.stored_rows_of(rows.to(torch.int64))
+        codes = self.code_matrix(stored)
+        values = self.codebook.to(dtype)[self.codebook_of_rows(stored)[:, None], codes]
+        values = values.reshape(len(stored), lay.cols)
+        if lay.scale_group:
+            values = values.reshape(len(stored), -1, lay.scale_group) * self.scale[stored].to(dtype)[..., None]
+            if lay.offset:
+                values = values + self.offset[stored].to(dtype)[..., None]
+        return values.reshape(len(stored), lay.cols)
+
+    def decode(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The dense weight in its original shape."""
+        rows = torch.arange(self.layout.rows, device=self.codes.device)
+        return self.decode_rows(rows, dtype).reshape(self.layout.shape)
+
+    def nbits(self) -> int:
+        """Exact storage cost: every byte of every buffer this weight keeps."""
+        return sum(b.numel() * b.element_size() * 8 for b in self.buffers())
+
+    def extra_repr(self) -> str:
+        lay = self.layout
+        return f"shape={lay.shape}, k={lay.k}, d={lay.dim}, groups={lay.groups}, bits/weight={self.nbits() / math.prod(lay.shape):.3f}"

@@ -1,0 +1,163 @@
+"""The .vqc file: a safetensors container with a JSON manifest; never pickle.
+
+Tensors: every entry of the model's state dict (packed codes as uint8, codebooks, scales,
+permutations, and every tensor left dense). Metadata key ``vqcompress``: the manifest —
+format and library version, the source model's identity and config, per coded layer its torch
+type, constructor arguments, code layout and recipe (method + settings), tensors stored once
+for several names (tied weights), and a sha256 of the payload that loading checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from . import __version__
+from .coded import CodedWeight, CodeLayout
+from .errors import VQCError
+from .layers import LAYER_ARGS, coded_from_args, dense_type_of, iter_coded, layer_args
+from .models import Source, skeleton, source_of
+
+FORMAT = "vqc"
+FORMAT_VERSION = 1
+MANIFEST_KEY = "vqcompress"
+
+
+def payload_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """Hash of names, dtypes, shapes and bytes of every tensor, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state dict with each shared tensor kept once, and the aliases that point to it."""
+    tensors, aliases, seen = {}, {}, {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+        if tensor.numel() and key in seen:
+            aliases[name] = seen[key]
+        else:
+            seen[key] = name
+            tensors[name] = tensor.detach().cpu().contiguous()
+    return tensors, aliases
+
+
+def manifest_of(model: nn.Module, tensors: dict[str, torch.Tensor], aliases: dict[str, str],
+                source: Source | None = None) -> dict:
+    layers = {
+        name: {
+            "type": dense_type_of(layer).__name__,
+            "args": layer_args(layer),
+            "bias": getattr(layer, "bias", None) is not None,
+            "layout": layer.weight_code.layout.to_json(),
+            "recipe": layer.weight_code.recipe,
+        }
+        for name, layer in iter_coded(model)
+    }
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__,
+        "source": (source or source_of(model)).to_json(), "layers": layers, "aliases": aliases,
+        "payload_sha256": payload_sha256(tensors),
+    }
+
+
+def save(model: nn.Module, path: str | os.PathLike, source: Source | None = None) -> Path:
+    """Write ``model`` to ``path`` atomically: a temp file beside it, renamed when complete."""
+    path = Path(path)
+    tensors, aliases = model_tensors(model)
+    manifest = manifest_of(model, tensors, aliases, source)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        save_file(tensors, temp, metadata={MANIFEST_KEY: json.dumps(manifest, sort_keys=True)})
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.remove(temp)
+    return path
+
+
+def read_manifest(path: str | os.PathLike) -> tuple[dict, dict[str, tuple[str, tuple[int, ...]]]]:
+    """The manifest and each tensor's (dtype, shape), without loading the tensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise VQCError(f"no such file: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            raw = (handle.metadata() or {}).get(MANIFEST_KEY)
+            shapes = {k: (str(handle.get_slice(k).get_dtype()), tuple(handle.get_slice(k).get_shape())) for k in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise VQCError(f"{path} is not a readable .vqc file (truncated or corrupt?): {error}") from None
+    if raw is None:
+        raise VQCError(f"{path} is a safetensors file but not a .vqc file (no vqcompress manifest)")
+    try:
+        manifest = json.loads(raw)
+    except json.JSONDecodeError:
+        raise VQCError(f"{path} has a corrupt manifest") from None
+    if manifest.get("format") != FORMAT:
+        raise VQCError(f"{path} is not a .vqc file")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise VQCError(f"{path} has format version {manifest.get('format_version')}; this vqcompress {__version__} "
+                       f"reads version {FORMAT_VERSION}")
+    return manifest, shapes
+
+
+def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """All tensors and the manifest, after checking the payload's sha256."""
+    manifest, _ = read_manifest(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise VQCError(f"{path} is not a readable .vqc file (truncated or corrupt?): {error}") from None
+    if payload_sha256(tensors) != manifest["payload_sha256"]:
+        raise VQCError(f"{path} is corrupt or was tampered with: its payload does not match its sha256")
+    return tensors, manifest
+
+
+def _install_coded_layers(model: nn.Module, manifest: dict) -> None:
+    """Put an empty coded layer wherever the file has one, checking the model has that layer."""
+    for name, entry in manifest["layers"].items():
+        layout = CodeLayout.from_json(entry["layout"])
+        try:
+            current = model.get_submodule(name)
+        except AttributeError:
+            raise VQCError(f"the model has no layer {name!r} that the file codes: is it the same architecture?") from None
+        if not isinstance(current, tuple(LAYER_ARGS)) or dense_type_of(current).__name__ != entry["type"]:
+            raise VQCError(f"layer {name} is a {type(current).__name__} in the model but a {entry['type']} in the file")
+        if tuple(current.weight.shape) != layout.shape:
+            raise VQCError(f"shape mismatch at {name}: the model has {tuple(current.weight.shape)}, the file {layout.shape}")
+        code = CodedWeight.empty(layout)
+        code.recipe = entry["recipe"]
+        model.set_submodule(name, coded_from_args(entry["type"], entry["args"], code, entry["bias"]))
+
+
+def load(path: str | os.PathLike, like: nn.Module | None = None, device: str = "cpu") -> nn.Module:
+    """Rebuild a compressed model: into ``like`` (modified in place) or from the recorded source."""
+    tensors, manifest = read(path)
+    model = skeleton(manifest["source"]) if like is None else like
+    _install_coded_layers(model, manifest)
+    for alias, original in manifest["aliases"].items():
+        tensors[alias] = tensors[original]
+    try:
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()[-1].strip()
+        raise VQCError(f"the file does not fit the model: {first}") from None
+    if missing or unexpected:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise VQCError(f"the file does not fit the model ({what}): is it the same architecture?")
+    return model.to(device).eval()

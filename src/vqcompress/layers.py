@@ -1,0 +1,194 @@
+"""Drop-in coded layers: Linear, Conv1d, Conv2d and Embedding whose weight is a ``CodedWeight``.
+
+Each coded layer subclasses the torch layer it replaces (so ``isinstance`` checks, ``extra_repr``
+and the conv padding logic keep working) but holds no dense weight: ``weight`` is decoded on
+demand. Two forward paths compute the same function:
+
+- ``"decode"``: decode the weight, then the ordinary matmul / conv;
+- ``"lut"``: the lookup-table product. For each input segment x_b and codeword c the table
+  P[b, c] = <x_b, c> is computed once; an output is then a sum of table entries picked by codes.
+  Convolutions apply it to im2col patches.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .coded import CodedWeight
+from .errors import VQCError
+
+FORWARD_PATHS = ("decode", "lut")
+
+#: Constructor arguments of each supported torch layer, recorded in the file so that a coded
+#: layer can be rebuilt without the original model.
+LAYER_ARGS: dict[type[nn.Module], tuple[str, ...]] = {
+    nn.Linear: ("in_features", "out_features"),
+    nn.Conv1d: ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode"),
+    nn.Conv2d: ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode"),
+    nn.Embedding: ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"),
+}
+
+
+def lut_matmul(x: Tensor, code: CodedWeight, input_groups: int = 1) -> Tensor:
+    """y = x · Wᵀ through the lookup table, with W given by ``code``.
+
+    ``x`` is (batch, input_groups, cols): grouped convolutions split their rows into
+    ``input_groups`` contiguous blocks, block j reading input group j. Returns (batch, rows).
+    """
+    lay = code.layout
+    batch, dtype, device = x.shape[0], x.dtype, x.device
+    segments = x.reshape(batch, input_groups, lay.segments, lay.dim)
+    table = torch.einsum("bjsd,gkd->bjgsk", segments, code.codebook.to(dtype))
+    stored = torch.arange(lay.rows, device=device)
+    input_group = stored // (lay.rows // input_groups)
+    block = input_group * lay.groups + code.codebook_of_rows(stored)
+    seg = torch.arange(lay.segments, device=device)
+    index = (block[:, None] * lay.segments + seg) * lay.k + code.code_matrix()
+    picked = table.reshape(batch, -1)[:, index]  # (batch, rows, segments)
+    if lay.scale_group:
+        picked = picked * code.scale.to(dtype)[:, seg * lay.dim // lay.scale_group]
+    y = picked.sum(-1)
+    if lay.offset:
+        group_sums = x.reshape(batch, input_groups, -1, lay.scale_group).sum(-1)[:, input_group]
+        y = y + (group_sums * code.offset.to(dtype)).sum(-1)
+    if lay.permuted:
+        y = y[:, torch.argsort(code.perm.to(torch.int64))]
+    return y
+
+
+class CodedLayer:
+    """Mixin shared by the coded layers: the coded weight, its dense view and its forward path."""
+
+    weight_code: CodedWeight
+    forward_path: str = "decode"
+
+    @classmethod
+    def build(cls, args: dict, code: CodedWeight, bias: Tensor | None) -> CodedLayer:
+        """Make the layer from constructor ``args`` without ever allocating a dense weight."""
+        dense_type = next(t for t in LAYER_ARGS if issubclass(cls, t))
+        layer = cls.__new__(cls)
+        dense_type.__init__(layer, **args, device="meta", **({} if dense_type is nn.Embedding else {"bias": bias is not None}))
+        del layer._parameters["weight"]
+        if bias is not None:
+            layer.bias = nn.Parameter(bias)
+        layer.weight_code = code
+        return layer
+
+    @property
+    def weight(self) -> Tensor:
+        return self.weight_code.decode()
+
+    def set_forward_path(self, path: str) -> None:
+        if path not in FORWARD_PATHS:
+            raise VQCError(f"unknown forward path {path!r}: choose from {', '.join(FORWARD_PATHS)}")
+        self.forward_path = path
+
+
+class CodedLinear(CodedLayer, nn.Linear):
+    def forward(self, x: Tensor) -> Tensor:
+        if self.forward_path == "decode":
+            return F.linear(x, self.weight, self.bias)
+        y = lut_matmul(x.reshape(-1, 1, self.in_features), self.weight_code)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+class _CodedConv(CodedLayer):
+    """Lookup-table convolution: pad as torch does, im2col, then the grouped table product."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.forward_path == "decode":
+            return self._conv_forward(x, self.weight, self.bias)
+        mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+        x = F.pad(x, self._reversed_padding_repeated_twice, mode=mode)
+        patches, spatial = self._im2col(x)  # (batch, L, in_channels · kernel), output size
+        batch, positions = patches.shape[:2]
+        y = lut_matmul(patches.reshape(batch * positions, self.groups, -1), self.weight_code, self.groups)
+        y = y.reshape(batch, positions, self.out_channels).transpose(1, 2).reshape(batch, self.out_channels, *spatial)
+        return y if self.bias is None else y + self.bias.reshape(1, -1, *([1] * len(spatial)))
+
+
+class CodedConv2d(_CodedConv, nn.Conv2d):
+    def _im2col(self, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+        cols = F.unfold(x, self.kernel_size, dilation=self.dilation, stride=self.stride)
+        spatial = tuple(
+            (size - dil * (k - 1) - 1) // st + 1
+            for size, k, dil, st in zip(x.shape[2:], self.kernel_size, self.dilation, self.stride)
+        )
+        return cols.transpose(1, 2), spatial
+
+
+class CodedConv1d(_CodedConv, nn.Conv1d):
+    def _im2col(self, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+        (k,), (dil,), (st,) = self.kernel_size, self.dilation, self.stride
+        cols = F.unfold(x.unsqueeze(2), (1, k), dilation=(1, dil), stride=(1, st))
+        return cols.transpose(1, 2), ((x.shape[-1] - dil * (k - 1) - 1) // st + 1,)
+
+
+class CodedEmbedding(CodedLayer, nn.Embedding):
+    """Looks up rows by decoding only the rows asked for ("lut"), or the whole table ("decode")."""
+
+    forward_path = "lut"
+
+    def forward(self, ids: Tensor) -> Tensor:
+        if self.forward_path == "decode":
+            return F.embedding(ids, self.weight, self.padding_idx)
+        unique, inverse = torch.unique(ids, return_inverse=True)
+        return self.weight_code.decode_rows(unique)[inverse]
+
+
+CODED_TYPES: dict[type[nn.Module], type[CodedLayer]] = {
+    nn.Linear: CodedLinear,
+    nn.Conv1d: CodedConv1d,
+    nn.Conv2d: CodedConv2d,
+    nn.Embedding: CodedEmbedding,
+}
+
+
+def dense_type_of(module: nn.Module) -> type[nn.Module]:
+    """The torch layer type a (dense or coded) supported layer is."""
+    return next(t for t in LAYER_ARGS if isinstance(module, t))
+
+
+def layer_args(module: nn.Module) -> dict:
+    """The constructor arguments of a supported layer, JSON-ready."""
+    args = {name: getattr(module, name) for name in LAYER_ARGS[dense_type_of(module)]}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in args.items()}
+
+
+def coded_from_dense(module: nn.Module, code: CodedWeight) -> CodedLayer:
+    """Replace a dense layer by its coded twin, keeping its bias and settings."""
+    if isinstance(module, nn.Embedding) and module.max_norm is not None:
+        raise VQCError("an Embedding with max_norm rewrites its weight in place and cannot be coded")
+    if math.prod(code.layout.shape) != module.weight.numel():
+        raise VQCError(f"coded weight of shape {code.layout.shape} does not fit a weight of shape {tuple(module.weight.shape)}")
+    bias = getattr(module, "bias", None)
+    layer = CODED_TYPES[type(module)].build(layer_args(module), code, None if bias is None else bias.data)
+    layer.train(module.training)
+    return layer
+
+
+def coded_from_args(type_name: str, args: dict, code: CodedWeight, has_bias: bool) -> CodedLayer:
+    """Rebuild a coded layer from what the file records (the bias is filled by ``load_state_dict``)."""
+    by_name = {t.__name__: c for t, c in CODED_TYPES.items()}
+    if type_name not in by_name:
+        raise VQCError(f"unsupported coded layer type {type_name!r} in file")
+    args = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
+    bias = torch.zeros(args.get("out_features", args.get("out_channels", 0))) if has_bias else None
+    return by_name[type_name].build(args, code, bias)
+
+
+def iter_coded(model: nn.Module):
+    """(name, layer) for every coded layer in ``model``."""
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, CodedLayer))
+
+
+def set_forward_path(model: nn.Module, path: str) -> None:
+    """Switch every coded matmul/conv layer of ``model`` to ``path`` ("decode" or "lut")."""
+    for _, layer in iter_coded(model):
+        if not isinstance(layer, CodedEmbedding):
+            layer.set_forward_path(path)

