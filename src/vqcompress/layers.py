@@ -192,3 +192,22 @@ def set_forward_path(model: nn.Module, path: str) -> None:
     for _, layer in iter_coded(model):
         if not isinstance(layer, CodedEmbedding):
             layer.set_forward_path(path)
+
+
+def dense_from_coded(layer: CodedLayer) -> nn.Module:
+    """The plain torch layer with the decoded weight: what ``vqc decompress`` writes."""
+    args = {k: tuple(v) if isinstance(v, list) else v for k, v in layer_args(layer).items()}
+    dense_type = dense_type_of(layer)
+    bias = {} if dense_type is nn.Embedding else {"bias": layer.bias is not None}
+    dense = dense_type(**args, **bias, device="meta")
+    dense.weight = nn.Parameter(layer.weight_code.decode())
+    if getattr(layer, "bias", None) is not None:
+        dense.bias = nn.Parameter(layer.bias.detach().clone())
+    return dense
+
+
+def densify(model: nn.Module) -> nn.Module:
+    """Replace every coded layer of ``model`` (in place) by its decoded dense twin."""
+    for name, layer in list(iter_coded(model)):
+        model.set_submodule(name, dense_from_coded(layer).to(layer.weight_code.codes.device))
+    return model

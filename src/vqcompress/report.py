@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import os
+import re
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -85,6 +87,10 @@ class Report:
             "ratio_vs_fp32": 32 / self.model_bits_per_weight, "ratio_vs_fp16": 16 / self.model_bits_per_weight,
         }
 
+    def _dense_patterns(self) -> dict[str, int]:
+        """Uncompressed tensor names with layer numbers folded, so a 40-layer model lists in a screen."""
+        return dict(Counter(_fold_numbers(r.name) for r in self.dense))
+
     def __str__(self) -> str:
         lines = [f"{'layer':<48} {'method':<8} {'shape':<16} {'k':>6} {'d':>3} {'bits/w':>7}"]
         lines += [f"{r.name:<48} {r.method:<8} {'×'.join(map(str, r.shape)):<16} {r.k:>6} {r.dim:>3} {r.bits_per_weight:>7.3f}"
@@ -92,7 +98,8 @@ class Report:
         dense_params = self.parameters - self.coded_weights
         lines += [
             f"left uncompressed: {len(self.dense)} tensors, {dense_params:,} parameters, "
-            f"{sum(r.bits for r in self.dense) / 8 / 1024:.1f} KiB: " + ", ".join(r.name for r in self.dense),
+            f"{sum(r.bits for r in self.dense) / 8 / 1024:.1f} KiB (layer numbers folded into #):",
+            *[f"  {pattern} ×{count}" if count > 1 else f"  {pattern}" for pattern, count in self._dense_patterns().items()],
             f"coded layers : {len(self.coded)} layers, {self.coded_weights:,} weights, {self.coded_bits_per_weight:.3f} bits/weight",
             f"whole model  : {self.parameters:,} parameters, {self.total_bits / 8 / 2**20:.2f} MiB, "
             f"{self.model_bits_per_weight:.3f} bits/weight, {32 / self.model_bits_per_weight:.1f}× smaller than fp32, "
@@ -102,6 +109,10 @@ class Report:
             lines.append(f"file         : {self.file_bytes:,} bytes ({self.file_bytes * 8 / self.parameters:.3f} bits/weight "
                          "with the container's header)")
         return "\n".join(lines)
+
+
+def _fold_numbers(name: str) -> str:
+    return re.sub(r"\.\d+\.", ".#.", name)
 
 
 def _build(manifest: dict, shapes: dict[str, tuple[str, tuple[int, ...]]], file_bytes: int | None) -> Report:

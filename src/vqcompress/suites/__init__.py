@@ -1,1 +1,41 @@
-"""Quality suites: task metrics that say how much a compressed model has lost against its original."""
+"""Quality suites: task metrics that say how much a compressed model has lost against its original.
+
+``run_suite`` evaluates the compressed model and its uncompressed source in the same run, so the
+figures it prints side by side were both measured here and now.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..errors import VQCError
+
+SUITES = ("minilm",)
+
+
+def suite_for(source: dict) -> str:
+    """The default suite of a file's source model."""
+    if source.get("kind") == "bundled" and source.get("name") in SUITES:
+        return source["name"]
+    raise VQCError(f"no default quality suite for {source.get('name')!r}: choose one with --suite ({', '.join(SUITES)})")
+
+
+def run_suite(name: str | None, model: nn.Module, source: dict, device: str = "cpu") -> dict:
+    """Figures of ``model`` and of its fp32 source on suite ``name``, plus a printable ``table``."""
+    name = name or suite_for(source)
+    if name not in SUITES:
+        raise VQCError(f"unknown suite {name!r}: choose from {', '.join(SUITES)}")
+    from transformers import AutoTokenizer
+
+    from ..models import load_model, model_folder
+    from . import minilm
+
+    reference, _ = load_model("minilm")
+    tokenizer = AutoTokenizer.from_pretrained(str(model_folder(source)))
+    reference = reference.to(device)
+    compressed = minilm.evaluate(model, tokenizer, reference=reference, device=device)
+    dense = minilm.evaluate(reference, tokenizer, device=device)
+    rows = [f"{'metric':<12} {'fp32':>8} {'compressed':>11} {'ratio':>7}"]
+    rows += [f"{m:<12} {dense[m]:>8.3f} {compressed[m]:>11.3f} {compressed[m] / dense[m]:>7.3f}" for m in dense]
+    rows.append(f"{'cosine':<12} {1:>8.3f} {compressed['cosine']:>11.4f}   (embeddings vs fp32, held-out sentences)")
+    return {"suite": name, "fp32": dense, "compressed": compressed, "table": "\n".join(rows)}

@@ -62,7 +62,7 @@ def _word_pairs(name: str) -> tuple[list[str], list[str], list[float]]:
 
 
 def _held_out() -> list[str]:
-    """Movie-review sentences the model was not tuned on, without their
+    """Movie-review sentences, apart from the three benchmarks, without their
     fastText '__label__pos ' / '__label__neg ' prefix."""
     lines = _lines("pang_lee_polarity.cor")[:HELD_OUT_SENTENCES]
     return [line.split(" ", 1)[1].strip() for line in lines]

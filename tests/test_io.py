@@ -1,0 +1,148 @@
+"""The .vqc file: round trips bit for bit, and every kind of bad file fails with a clear VQCError."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import vqcompress as vqc
+from vqcompress import io
+from vqcompress.errors import VQCError
+from tests.conftest import TinyNet
+
+
+@pytest.fixture
+def saved(tmp_path, tiny, tiny_inputs):
+    model = vqc.compress(tiny, "kmeans", bits=2, progress=False)
+    path = vqc.save(model, tmp_path / "tiny.vqc")
+    with torch.no_grad():
+        expected = model(*tiny_inputs)
+    return path, expected
+
+
+def test_save_load_reproduces_outputs_bit_for_bit(saved, tiny_inputs):
+    path, expected = saved
+    torch.manual_seed(123)  # a skeleton with other random weights: everything must come from the file
+    model = vqc.load(path, like=TinyNet())
+    with torch.no_grad():
+        assert torch.equal(model(*tiny_inputs), expected)
+
+
+def test_same_inputs_same_seed_same_file(tmp_path, tiny_inputs):
+    files = []
+    for name in ("a.vqc", "b.vqc"):
+        torch.manual_seed(0)
+        files.append(vqc.save(vqc.compress(TinyNet(), "kmeans", bits=2, progress=False), tmp_path / name).read_bytes())
+    assert files[0] == files[1]
+
+
+def test_no_pickle_only_safetensors(saved):
+    path, _ = saved
+    with safe_open(str(path), framework="pt") as handle:
+        manifest = json.loads(handle.metadata()["vqcompress"])
+    assert manifest["format"] == "vqc" and manifest["format_version"] == io.FORMAT_VERSION
+    assert set(manifest["layers"]) == {"embed", "conv1", "conv2", "head"}
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(VQCError, match="no such file"):
+        vqc.load(tmp_path / "nope.vqc", like=TinyNet())
+
+
+def test_truncated_file(saved, tmp_path):
+    path, _ = saved
+    cut = tmp_path / "cut.vqc"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(VQCError, match="truncated or corrupt"):
+        vqc.load(cut, like=TinyNet())
+
+
+def test_tampered_payload(saved, tmp_path):
+    path, _ = saved
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF  # a byte of tensor data, header untouched
+    bad = tmp_path / "bad.vqc"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(VQCError, match="sha256"):
+        vqc.load(bad, like=TinyNet())
+
+
+def _rewrite_manifest(path, target, change) -> None:
+    with safe_open(str(path), framework="pt") as handle:
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+        manifest = json.loads(handle.metadata()["vqcompress"])
+    change(manifest)
+    save_file(tensors, str(target), metadata={"vqcompress": json.dumps(manifest)})
+
+
+def test_unknown_format_version(saved, tmp_path):
+    path, _ = saved
+    _rewrite_manifest(path, tmp_path / "v99.vqc", lambda m: m.update(format_version=99))
+    with pytest.raises(VQCError, match="format version 99"):
+        vqc.load(tmp_path / "v99.vqc", like=TinyNet())
+
+
+def test_plain_safetensors_is_not_vqc(tmp_path):
+    save_file({"x": torch.zeros(3)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(VQCError, match="not a .vqc file"):
+        vqc.load(tmp_path / "plain.safetensors", like=TinyNet())
+
+
+def test_header_garbage(tmp_path):
+    (tmp_path / "junk.vqc").write_bytes(struct.pack("<Q", 40) + b"{not json" + b"\0" * 40)
+    with pytest.raises(VQCError):
+        vqc.report(tmp_path / "junk.vqc")
+
+
+def test_shape_mismatch_on_load(saved):
+    path, _ = saved
+    other = TinyNet()
+    other.head = torch.nn.Linear(96, 64)
+    with pytest.raises(VQCError, match="shape mismatch at head"):
+        vqc.load(path, like=other)
+
+
+def test_missing_layer_on_load(saved):
+    path, _ = saved
+    other = TinyNet()
+    del other.conv2
+    with pytest.raises(VQCError, match="no layer 'conv2'"):
+        vqc.load(path, like=other)
+
+
+def test_plain_module_file_needs_like(saved):
+    path, _ = saved
+    with pytest.raises(VQCError, match="like="):
+        vqc.load(path)
+
+
+def test_interrupted_save_leaves_nothing(tmp_path, tiny, monkeypatch):
+    model = vqc.compress(tiny, "kmeans", bits=2, progress=False)
+
+    def explode(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(io, "save_file", explode)
+    with pytest.raises(KeyboardInterrupt):
+        vqc.save(model, tmp_path / "half.vqc")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tied_weights_are_stored_once(tmp_path, tiny_inputs):
+    model = TinyNet()
+    model.tied = torch.nn.Linear(64, 256, bias=False)
+    model.tied.weight = model.embed.weight  # tied like an LM head, left dense by this plan
+    compressed = vqc.compress(model, "kmeans", bits=2, plan=vqc.Plan(by_name={"embed|tied": None}), progress=False)
+    path = vqc.save(compressed, tmp_path / "tied.vqc")
+    with safe_open(str(path), framework="pt") as handle:
+        assert len([k for k in handle.keys() if k in ("embed.weight", "tied.weight")]) == 1
+    skeleton = TinyNet()
+    skeleton.tied = torch.nn.Linear(64, 256, bias=False)
+    loaded = vqc.load(path, like=skeleton)
+    assert torch.equal(loaded.tied.weight, compressed.embed.weight)
+    assert torch.equal(loaded.tied.weight, loaded.embed.weight)
