@@ -22,7 +22,6 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/vqc demo -o out/minilm-2bit.vqc
-	$(VENV)/bin/vqc eval out/minilm-2bit.vqc
 
 test: $(STAMP)
 	$(PY) -m pytest -q

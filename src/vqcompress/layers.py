@@ -44,7 +44,8 @@ def lut_matmul(x: Tensor, code: CodedWeight, input_groups: int = 1) -> Tensor:
     segments = x.reshape(batch, input_groups, lay.segments, lay.dim)
     table = torch.einsum("bjsd,gkd->bjgsk", segments, code.codebook.to(dtype))
     stored = torch.arange(lay.rows, device=device)
-    input_group = stored // (lay.rows // input_groups)
+    original = code.perm.to(device=device, dtype=torch.int64) if lay.permuted else stored
+    input_group = original // (lay.rows // input_groups)  # conv groups follow the original row order
     block = input_group * lay.groups + code.codebook_of_rows(stored)
     seg = torch.arange(lay.segments, device=device)
     index = (block[:, None] * lay.segments + seg) * lay.k + code.code_matrix()
@@ -209,5 +210,8 @@ def dense_from_coded(layer: CodedLayer) -> nn.Module:
 def densify(model: nn.Module) -> nn.Module:
     """Replace every coded layer of ``model`` (in place) by its decoded dense twin."""
     for name, layer in list(iter_coded(model)):
-        model.set_submodule(name, dense_from_coded(layer).to(layer.weight_code.codes.device))
+        dense = dense_from_coded(layer).to(layer.weight_code.codes.device)
+        if not name:  # the model is itself one coded layer
+            return dense
+        model.set_submodule(name, dense)
     return model

@@ -83,7 +83,7 @@ class KMeans:
         matrix = weight.reshape(layout.rows, layout.cols).float().cpu()
         scale = None
         if settings["scale"] == "row":
-            scale = matrix.pow(2).mean(1, keepdim=True).sqrt().clamp_min(1e-8).half().float()
+            scale = matrix.pow(2).mean(1, keepdim=True).sqrt().half().float().clamp_min(2**-24)  # > 0 in fp16
             matrix = matrix / scale
         blocks = matrix.reshape(layout.groups, -1, layout.dim).numpy()
         codebooks, codes = [], []

@@ -38,7 +38,7 @@ class RTN:
         levels = layout.k - 1
         groups = weight.reshape(layout.rows, -1, layout.scale_group)
         low, high = groups.amin(-1), groups.amax(-1)
-        scale = ((high - low) / levels).clamp_min(1e-8).half().float()  # fit with the stored precision
+        scale = ((high - low) / levels).half().float().clamp_min(2**-24)  # stored precision; > 0 in fp16
         offset = low.half().float()
         codes = ((groups - offset[..., None]) / scale[..., None]).round().clamp(0, levels)
         grid = torch.arange(layout.k, dtype=torch.float32)

@@ -1,0 +1,1 @@
+"""Benchmarks: vqcompress against its peers on real models, measured in one run (`make bench`)."""

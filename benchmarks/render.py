@@ -1,0 +1,172 @@
+"""docs/benchmarks.md and the rate–distortion plot, from benchmarks/results/minilm.json alone.
+
+    .venv/bin/python -m benchmarks.render     # re-render without re-measuring
+
+Rendering only reads the stored results, so the docs always show numbers that were measured
+together in one `make bench` run, never a mix of runs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULT = ROOT / "benchmarks" / "results" / "minilm.json"
+DOCS = ROOT / "docs"
+PLOT = "minilm_rate_distortion.png"
+SPEARMAN = ("lee", "wordsim353", "simlex999")
+NAMES = {"fp32": "fp32 (reference)", "kmeans": "vqcompress kmeans", "rtn": "vqcompress rtn",
+         "coremltools": "coremltools PTP", "hqq": "HQQ"}
+
+
+def line_name(row: dict) -> str:
+    """One plotted line per method, with kmeans' row scaling told apart from plain kmeans."""
+    scale = row["settings"].get("scale")
+    return NAMES[row["method"]] + (f" scale={scale}" if scale else "")
+
+
+def settings_text(row: dict) -> str:
+    parts = [f"{k}={v}" for k, v in row["settings"].items()]
+    granularity = row.get("details", {}).get("granularity")
+    return ", ".join(parts + ([granularity] if granularity else [])) or "—"
+
+
+def relative_spearman(row: dict, fp32: dict) -> float:
+    """Mean of the three Spearman figures, each as a fraction of fp32's: 1.0 = nothing lost."""
+    return sum(row[m] / fp32[m] for m in SPEARMAN) / len(SPEARMAN)
+
+
+def number(value: float | None, digits: int) -> str:
+    return "—" if value is None else f"{value:,.{digits}f}"
+
+
+def results_table(rows: list[dict]) -> list[str]:
+    lines = ["| method | settings | bits/w coded | bits/w model | file MiB | Lee | WordSim353 | SimLex999 "
+             "| cosine | compress s | peak MiB |",
+             "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for r in rows:
+        file_mib = None if r["file_bytes"] is None else r["file_bytes"] / 2**20
+        cells = [NAMES[r["method"]], settings_text(r), number(r["coded_bits_per_weight"], 3),
+                 number(r["model_bits_per_weight"], 3), number(file_mib, 2), number(r["lee"], 3),
+                 number(r["wordsim353"], 3), number(r["simlex999"], 3), number(r["cosine"], 4),
+                 number(r["compress_seconds"], 1), number(r["peak_memory_mib"], 0)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def timing_section(timing: dict) -> list[str]:
+    target, runs = timing["target"], timing["runs"]
+    limit_mib = target["peak_memory_bytes"] / 2**20
+    met = timing["median_seconds"] <= target["seconds"] and timing["max_peak_memory_mib"] <= limit_mib
+    lines = [f"Target: the whole command ≤ {target['seconds']} s (median of {len(runs)} runs) on "
+             f"{target['cores']} cores, peak memory ≤ {target['peak_memory_bytes'] / 1e9:g} GB "
+             f"({limit_mib:.0f} MiB). Measured on {timing['machine']['cores']} cores: "
+             f"**{'met' if met else 'not met'}**.", "",
+             f"`{timing['command']}` (model load and file write included; peak = the process's max RSS)", "",
+             "| run | seconds | peak MiB |", "|---|--:|--:|"]
+    lines += [f"| {i} | {r['seconds']:.1f} | {r['peak_memory_mib']:.0f} |" for i, r in enumerate(runs, 1)]
+    lines.append(f"| **median / max** | **{timing['median_seconds']:.1f}** | **{timing['max_peak_memory_mib']:.0f}** |")
+    return lines
+
+
+def machine_lines(result: dict) -> list[str]:
+    """Every distinct machine the rows and the timing report (one, unless something is wrong)."""
+    machines = {json.dumps(r["machine"], sort_keys=True) for r in [*result["rows"], result["timing"]]}
+    return [f"- {m['cpu']}, {m['cores']} cores, torch {m['torch']}, Python {m['python']}, {m['os']}"
+            for m in map(json.loads, sorted(machines))]
+
+
+def notes(rows: list[dict]) -> list[str]:
+    """How each method's bits were counted, with the layer counts this run measured."""
+    layers = {r["method"]: r["layers"] for r in rows}
+    parameters = rows[0]["parameters"]
+    return [
+        f"- **Whole-model bits/weight** divide every stored bit by all {parameters:,} parameters of the model, "
+        "so layers left dense (LayerNorms, biases, small tensors) count too. **Coded** counts only the compressed "
+        "layers and everything they store (codes, codebooks / LUTs, scales, offsets).",
+        f"- **vqcompress** ({layers['kmeans']} layers: word and position embeddings and every Linear): both figures "
+        "come from the written .vqc file (`vqc inspect`), which also stores every dense tensor; *file MiB* is that "
+        "file's size. Quality is measured on the model reloaded from the file (decoded to dense layers once: "
+        "the same weights). `rtn` is per-group round-to-nearest with an fp16 scale and offset per group "
+        "(b + 0.5 bits); `scale=row` divides each row by its fp16 RMS before k-means.",
+        f"- **coremltools PostTrainingPalettizer** ({layers['coremltools']} layers, the same as ours), data-free "
+        "k-means, one LUT per tensor (per_tensor): coded bits = n_bits per weight + the LUT's 2^n_bits fp16 entries, "
+        "read from the LUT coremltools attaches. It writes the palettized values back into fp32 weights; quality is "
+        "of those.",
+        f"- **HQQ** ({layers['hqq']} Linear layers; HQQ does not quantize embeddings, so the word embeddings, about "
+        "half of MiniLM's parameters, stay fp32 and dominate its whole-model figure): group 64 along the inputs, "
+        "scale and zero per group kept in fp32 (its compute dtype on CPU), so b + 1 bits coded.",
+        "- For the peers, whole-model bits/weight = (the peer's compressed bits + 32 × every parameter it left "
+        "dense) / all parameters; they write no file here, so *file MiB* is empty. fp32's file is the shipped "
+        "model.safetensors.",
+        "- **cosine**: mean cosine between the row's and fp32's sentence embeddings of 256 held-out sentences "
+        "(movie reviews). Lee, WordSim353, SimLex999: Spearman against human scores (suite `minilm`).",
+        "- **compress s**: the compression call only (for ours without writing the file). **peak MiB**: the "
+        "configuration's own process (fresh per row), its max RSS from start through compression and file "
+        "write, before the evaluation loads the fp32 reference; it includes loading the fp32 model.",
+    ]
+
+
+def markdown(result: dict) -> str:
+    rows = result["rows"]
+    lines = [
+        "# Benchmarks", "",
+        "Generated by `benchmarks/render.py` from `benchmarks/results/minilm.json`; do not edit by hand.", "",
+        "Regenerate (measure everything again, then render): `make bench`, i.e. `.venv/bin/python -m benchmarks.run`. "
+        "Re-render from the stored results only: `.venv/bin/python -m benchmarks.render`.", "",
+        "## minilm: all-MiniLM-L6-v2, the whole model including word embeddings", "",
+        f"Measured {result['started']}; the whole bench took {result['seconds'] / 60:.1f} min, each row in a fresh "
+        "process, one after another.", "",
+        *results_table(rows), "",
+        f"![rate–distortion on minilm]({PLOT})", "",
+        "### How the rows were counted", "", *notes(rows), "",
+        "### Timing: `vqc compress`, kmeans at 2 bits", "", *timing_section(result["timing"]), "",
+        "### Machine", "", *machine_lines(result), "",
+    ]
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    """Quality against whole-model bits per weight, one line per method, fp32 as the target."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    fp32 = next(r for r in rows if r["method"] == "fp32")
+    lines: dict[str, list[dict]] = {}
+    for row in rows:
+        lines.setdefault(line_name(row), []).append(row)
+    panels = [("cosine to fp32 embeddings", lambda r: r["cosine"]),
+              ("Spearman (mean of 3) relative to fp32", lambda r: relative_spearman(r, fp32))]
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for axis, (title, metric) in zip(axes, panels):
+        for name, members in lines.items():
+            members = sorted(members, key=lambda r: r["model_bits_per_weight"])
+            axis.plot([r["model_bits_per_weight"] for r in members], [metric(r) for r in members],
+                      marker="*" if name == NAMES["fp32"] else "o", markersize=12 if name == NAMES["fp32"] else 6,
+                      label=name)
+        axis.axhline(1.0, color="grey", linestyle=":", linewidth=1)
+        axis.set_xscale("log", base=2)
+        axis.set_xticks([1, 2, 4, 8, 16, 32], ["1", "2", "4", "8", "16", "32"])
+        axis.set_xlabel("whole-model bits per weight (log scale)")
+        axis.set_title(title)
+        axis.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=8)
+    figure.suptitle(f"all-MiniLM-L6-v2, whole model ({result['started'][:10]})")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main() -> None:
+    result = json.loads(RESULT.read_text())
+    DOCS.mkdir(exist_ok=True)
+    plot(result, DOCS / PLOT)
+    (DOCS / "benchmarks.md").write_text(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,273 @@
+"""CodedWeight and bit packing: exact round trips, hand-computed decodes, layout checks, storage counts."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vqcompress.coded import CodedWeight, CodeLayout, code_bits, pack_codes, unpack_codes
+from vqcompress.errors import VQCError
+
+FAST = settings(max_examples=80, deadline=None)
+
+
+# -- bit packing -----------------------------------------------------------------------------
+
+@st.composite
+def bits_and_codes(draw):
+    bits = draw(st.integers(1, 16))
+    codes = draw(st.lists(st.integers(0, (1 << bits) - 1), max_size=120))
+    return bits, codes
+
+
+def reference_pack(codes: list[int], bits: int) -> bytes:
+    """Independent LSB-first packing: code i occupies bits [i·bits, (i+1)·bits) of one big integer."""
+    value = 0
+    for i, code in enumerate(codes):
+        value |= code << (i * bits)
+    return value.to_bytes((len(codes) * bits + 7) // 8, "little")
+
+
+@FAST
+@given(bits_and_codes())
+def test_pack_unpack_round_trip(case):
+    bits, codes = case
+    packed = pack_codes(torch.tensor(codes, dtype=torch.int64), bits)
+    assert packed.dtype == torch.uint8
+    assert packed.numel() == math.ceil(len(codes) * bits / 8)
+    assert bytes(packed.tolist()) == reference_pack(codes, bits)
+    unpacked = unpack_codes(packed, bits, torch.arange(len(codes)))
+    assert unpacked.tolist() == codes
+
+
+@FAST
+@given(bits_and_codes(), st.data())
+def test_unpack_at_arbitrary_indices(case, data):
+    bits, codes = case
+    if not codes:
+        codes = [(1 << bits) - 1]
+    index = data.draw(st.lists(st.integers(0, len(codes) - 1), max_size=40))
+    packed = pack_codes(torch.tensor(codes), bits)
+    got = unpack_codes(packed, bits, torch.tensor(index, dtype=torch.int64))
+    assert got.tolist() == [codes[i] for i in index]
+
+
+def test_pack_known_bytes():
+    # 3-bit codes 1, 2, 7 → bits (LSB first) 100 010 111 → byte0 = 0b11010001, byte1 = 0b1
+    assert pack_codes(torch.tensor([1, 2, 7]), 3).tolist() == [0b11010001, 0b1]
+    assert pack_codes(torch.tensor([0xABCD]), 16).tolist() == [0xCD, 0xAB]
+
+
+@pytest.mark.parametrize("bits, codes", [(1, [2]), (3, [0, 8]), (8, [256]), (16, [1 << 16]), (4, [-1])])
+def test_pack_rejects_codes_that_do_not_fit(bits, codes):
+    with pytest.raises(ValueError):
+        pack_codes(torch.tensor(codes), bits)
+
+
+@pytest.mark.parametrize("bits", [0, 17, -1])
+def test_pack_rejects_bad_widths(bits):
+    with pytest.raises(ValueError):
+        pack_codes(torch.tensor([0]), bits)
+
+
+@pytest.mark.parametrize("k, expected", [(2, 1), (3, 2), (4, 2), (5, 3), (255, 8), (256, 8), (257, 9), (65535, 16), (65536, 16)])
+def test_code_bits_known(k, expected):
+    assert code_bits(k) == expected
+
+
+@FAST
+@given(st.integers(2, 1 << 16))
+def test_code_bits_is_ceil_log2(k):
+    assert code_bits(k) == (k - 1).bit_length()  # = ceil(log2 k), computed without floats
+    assert (1 << code_bits(k)) >= k > (1 << (code_bits(k) - 1))
+
+
+# -- decoding hand-built weights ---------------------------------------------------------------
+
+CODEBOOK = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+CODES = torch.tensor([[0, 1], [1, 1]])
+
+
+def test_decode_plain():
+    code = CodedWeight.encode(CodeLayout((2, 4), k=2, dim=2), CODEBOOK, CODES)
+    assert torch.equal(code.decode(), torch.tensor([[1.0, 2, 3, 4], [3, 4, 3, 4]]))
+
+
+def test_decode_with_scale_and_offset():
+    layout = CodeLayout((2, 4), k=2, dim=2, scale_group=2, offset=True)
+    scale = torch.tensor([[1.0, 2.0], [3.0, 0.5]])
+    offset = torch.tensor([[0.0, 1.0], [-1.0, 0.0]])
+    code = CodedWeight.encode(layout, CODEBOOK, CODES, scale, offset)
+    assert torch.equal(code.decode(), torch.tensor([[1.0, 2, 7, 9], [8, 11, 1.5, 2]]))
+
+
+def test_decode_with_row_scale_only():
+    layout = CodeLayout((2, 4), k=2, dim=2, scale_group=4)
+    code = CodedWeight.encode(layout, CODEBOOK, CODES, torch.tensor([2.0, -1.0]))
+    assert torch.equal(code.decode(), torch.tensor([[2.0, 4, 6, 8], [-3, -4, -3, -4]]))
+
+
+def test_decode_with_permutation():
+    layout = CodeLayout((2, 4), k=2, dim=2, scale_group=2, offset=True, permuted=True)
+    scale = torch.tensor([[1.0, 2.0], [3.0, 0.5]])
+    offset = torch.tensor([[0.0, 1.0], [-1.0, 0.0]])
+    code = CodedWeight.encode(layout, CODEBOOK, CODES, scale, offset, perm=torch.tensor([1, 0]))
+    # stored row r is original row perm[r]
+    assert torch.equal(code.decode(), torch.tensor([[8.0, 11, 1.5, 2], [1, 2, 7, 9]]))
+
+
+def test_decode_with_two_codebook_groups():
+    layout = CodeLayout((4, 2), k=2, dim=2, groups=2)
+    codebook = torch.tensor([[[1.0, 1.0], [2.0, 2.0]], [[10.0, 10.0], [20.0, 20.0]]])
+    codes = torch.tensor([[0], [1], [0], [1]])
+    code = CodedWeight.encode(layout, codebook, codes)
+    assert torch.equal(code.decode(), torch.tensor([[1.0, 1], [2, 2], [10, 10], [20, 20]]))
+    # groups follow the stored rows; the permutation then places them
+    layout = CodeLayout((4, 2), k=2, dim=2, groups=2, permuted=True)
+    code = CodedWeight.encode(layout, codebook, codes, perm=torch.tensor([2, 0, 3, 1]))
+    assert torch.equal(code.decode(), torch.tensor([[2.0, 2], [20, 20], [1, 1], [10, 10]]))
+
+
+def test_decode_conv_shape():
+    layout = CodeLayout((2, 1, 2, 2), k=2, dim=2)
+    code = CodedWeight.encode(layout, CODEBOOK, CODES)
+    assert code.decode().shape == (2, 1, 2, 2)
+    assert torch.equal(code.decode().reshape(2, 4), torch.tensor([[1.0, 2, 3, 4], [3, 4, 3, 4]]))
+
+
+@st.composite
+def random_codes(draw):
+    """A random valid layout and its tensors, with values exactly representable in fp16."""
+    groups = draw(st.integers(1, 3))
+    rows = groups * draw(st.integers(1, 4))
+    dim = draw(st.integers(1, 3))
+    segments = draw(st.integers(1, 4))
+    cols = dim * segments
+    k = draw(st.integers(2, max(2, min(9, rows * segments // groups))))
+    if rows * segments // groups < k:
+        rows, groups = rows * k, 1
+    divisors = [s * dim for s in range(1, segments + 1) if segments % s == 0]
+    scale_group = draw(st.sampled_from([None, *divisors]))
+    offset = scale_group is not None and draw(st.booleans())
+    permuted = draw(st.booleans())
+    layout = CodeLayout((rows, cols), k=k, dim=dim, groups=groups, scale_group=scale_group,
+                        offset=offset, permuted=permuted)
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
+    n_scales = cols // scale_group if scale_group else 0
+    codebook = torch.randint(-16, 17, (groups, k, dim), generator=gen) / 4
+    codes = torch.randint(0, k, (rows, segments), generator=gen)
+    scale = torch.randint(-8, 9, (rows, n_scales), generator=gen) / 2 if scale_group else None
+    off = torch.randint(-8, 9, (rows, n_scales), generator=gen) / 4 if offset else None
+    perm = torch.randperm(rows, generator=gen) if permuted else None
+    return layout, codebook, codes, scale, off, perm
+
+
+def reference_decode(layout, codebook, codes, scale, offset, perm):
+    rows, cols, dim = layout.rows, layout.cols, layout.dim
+    out = torch.zeros(rows, cols)
+    per_group = rows // layout.groups
+    for r in range(rows):
+        original = int(perm[r]) if perm is not None else r
+        for c in range(cols):
+            v = float(codebook[r // per_group, codes[r, c // dim], c % dim])
+            if scale is not None:
+                v = v * float(scale[r, c // layout.scale_group])
+            if offset is not None:
+                v = v + float(offset[r, c // layout.scale_group])
+            out[original, c] = v
+    return out
+
+
+@FAST
+@given(random_codes(), st.data())
+def test_decode_matches_reference(case, data):
+    layout, codebook, codes, scale, offset, perm = case
+    code = CodedWeight.encode(layout, codebook, codes, scale, offset, perm)
+    expected = reference_decode(*case)
+    assert torch.equal(code.decode(), expected)
+    rows = data.draw(st.lists(st.integers(0, layout.rows - 1), max_size=10))
+    index = torch.tensor(rows, dtype=torch.int64)
+    assert torch.equal(code.decode_rows(index), expected[index])
+
+
+@FAST
+@given(random_codes())
+def test_empty_has_same_buffers_and_loads(case):
+    layout = case[0]
+    code = CodedWeight.encode(layout, *case[1:])
+    shell = CodedWeight.empty(layout)
+    got = {n: (tuple(b.shape), b.dtype) for n, b in shell.named_buffers()}
+    want = {n: (tuple(b.shape), b.dtype) for n, b in code.named_buffers()}
+    assert got == want
+    shell.load_state_dict(code.state_dict())
+    assert torch.equal(shell.decode(), code.decode())
+    assert shell.nbits() == code.nbits()
+
+
+# -- storage cost ------------------------------------------------------------------------------
+
+@FAST
+@given(random_codes())
+def test_nbits_is_every_stored_byte(case):
+    code = CodedWeight.encode(case[0], *case[1:])
+    assert code.nbits() == 8 * sum(t.numel() * t.element_size() for t in code.state_dict().values())
+
+
+def test_nbits_hand_count():
+    layout = CodeLayout((64, 32), k=256, dim=4, groups=2, scale_group=32, permuted=True)
+    code = CodedWeight.encode(layout, torch.randn(2, 256, 4), torch.randint(0, 256, (64, 8)),
+                              torch.rand(64, 1), perm=torch.randperm(64))
+    codebook = 2 * 256 * 4 * 16   # fp16
+    codes = 64 * 8 * 8            # 512 codes of 8 bits
+    scales = 64 * 16              # one fp16 per row
+    perm = 64 * 32                # int32
+    assert code.nbits() == codebook + codes + scales + perm == 39936
+
+
+def test_nbits_hand_count_odd_width():
+    layout = CodeLayout((5, 6), k=8, dim=2)  # 15 codes × 3 bits = 45 bits → 6 bytes
+    code = CodedWeight.encode(layout, torch.randn(8, 2), torch.randint(0, 8, (5, 3)))
+    assert code.codes.numel() == 6
+    assert code.nbits() == 8 * 2 * 16 + 6 * 8
+
+
+# -- layout validation -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", [
+    CodeLayout((4, 6), k=2, dim=4),                       # d does not divide cols
+    CodeLayout((4, 8), k=9, dim=4),                       # 8 sub-vectors < k
+    CodeLayout((4, 8), k=5, dim=4, groups=2),             # 4 sub-vectors per group < k
+    CodeLayout((4, 8), k=2, dim=2, groups=3),             # groups do not divide rows
+    CodeLayout((64, 64), k=1, dim=1),                     # k < 2
+    CodeLayout((64, 64), k=0, dim=1),
+    CodeLayout((70000, 1), k=65537, dim=1),               # k > 2^16
+    CodeLayout((4, 6), k=2, dim=2, scale_group=3),        # scale group not a multiple of d
+    CodeLayout((4, 6), k=2, dim=2, scale_group=4),        # scale group does not divide cols
+    CodeLayout((8,), k=2, dim=1),                         # not a matrix
+], ids=str)
+def test_validate_rejects(layout):
+    with pytest.raises(VQCError):
+        layout.validate()
+    with pytest.raises(VQCError):
+        CodedWeight.empty(layout)
+
+
+@pytest.mark.parametrize("layout", [
+    CodeLayout((4, 8), k=8, dim=4),
+    CodeLayout((4, 8), k=4, dim=4, groups=2),
+    CodeLayout((64, 64), k=2, dim=1),
+    CodeLayout((70000, 1), k=65536, dim=1),
+    CodeLayout((4, 6), k=2, dim=2, scale_group=6),
+    CodeLayout((4, 3, 2, 2), k=4, dim=2, scale_group=4, offset=True, permuted=True),
+], ids=str)
+def test_validate_accepts(layout):
+    layout.validate()
+
+
+def test_layout_json_round_trip():
+    layout = CodeLayout((4, 3, 2, 2), k=4, dim=2, scale_group=4, offset=True, permuted=True)
+    assert CodeLayout.from_json(layout.to_json()) == layout
