@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 
 import vqcompress as vqc
@@ -46,11 +48,17 @@ def test_reload_is_bit_for_bit_and_lut_agrees(minilm_file, ids):
         assert torch.allclose(model(input_ids=ids).last_hidden_state, decoded, atol=1e-4)
 
 
-def test_decompressed_folder_loads_in_transformers(minilm_file, ids, tmp_path):
-    path, _ = minilm_file
-    out = tmp_path / "dense"
-    result = vqc_cli("decompress", str(path), "-o", str(out))
+@pytest.fixture(scope="module")
+def dense_folder(minilm_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dense") / "minilm-dense"
+    result = vqc_cli("decompress", str(minilm_file[0]), "-o", str(out))
     assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_decompressed_folder_loads_in_transformers(minilm_file, dense_folder, ids):
+    path, _ = minilm_file
+    out = dense_folder
     dense = AutoModel.from_pretrained(str(out)).eval()
     assert (out / "tokenizer.json").is_file()
     with torch.inference_mode():
@@ -67,3 +75,24 @@ def test_eval_runs_the_minilm_suite(minilm_file):
     figures = json.loads(result.stdout)
     assert abs(figures["fp32"]["lee"] - 0.508) < 0.01
     assert 0.3 < figures["compressed"]["cosine"] < 1.0
+
+
+def test_any_model_folder_compresses(dense_folder, tmp_path):
+    out = tmp_path / "folder-rtn.vqc"
+    result = vqc_cli("compress", str(dense_folder), "--method", "rtn", "--bits", "4", "-o", str(out), "--quiet", "--json")
+    assert result.returncode == 0, result.stderr
+    assert 4.4 < json.loads(result.stdout)["coded_bits_per_weight"] < 4.6  # 4 bits + 32 / 64 for scale and offset
+    assert vqc.load(out).vqc_source.kind == "folder"
+
+
+def test_nan_weights_refused_with_no_output(dense_folder, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(dense_folder, broken)
+    tensors = load_file(str(broken / "model.safetensors"))
+    name = next(n for n in tensors if n.endswith("intermediate.dense.weight"))
+    tensors[name][3, 5] = float("nan")
+    save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "never.vqc"
+    result = vqc_cli("compress", str(broken), "--bits", "2", "-o", str(out), "--quiet")
+    assert result.returncode == 2 and "NaN or Inf" in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()

@@ -152,6 +152,7 @@ class CodedWeight(nn.Module):
     @classmethod
     def empty(cls, layout: CodeLayout) -> CodedWeight:
         """A shell with buffers of the right shapes and dtypes, to be filled by ``load_state_dict``."""
+        layout.validate()  # before allocating anything from its numbers
         n_codes = layout.rows * layout.segments
         n_scales = layout.cols // layout.scale_group if layout.scale_group else 0
         sc_dtype = getattr(torch, layout.scale_dtype)
