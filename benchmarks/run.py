@@ -1,6 +1,6 @@
 """`make bench`: the minilm suite, every configuration in its own process, then the CLI timing.
 
-    .venv/bin/python -m benchmarks.run        # from the repository root; ~20 min on 2 cores
+    .venv/bin/python -m benchmarks.run        # from the repository root; ~10 min on 2 idle cores
 
 Each configuration (ours, the peers, fp32) runs in a fresh child process, so its peak memory is
 its own and not what an earlier run left behind. The results go to benchmarks/results/minilm.json
@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -63,8 +64,6 @@ def now() -> str:
 
 def peak_memory_mib() -> float:
     """This process's peak resident memory so far."""
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -111,7 +110,10 @@ def peer(compress):
 
 
 def compressors() -> dict:
-    """Built when called, in the child: the peers import torch, which the parent must not (module doc)."""
+    """Each compressor: (fp32 model, settings, path for a .vqc file) → (model to score, row fields).
+
+    Built when called, in the child: the peers import torch, which the parent must not (module doc).
+    """
     from . import peers
 
     return {"fp32": fp32, "kmeans": ours("kmeans"), "rtn": ours("rtn"),
@@ -199,6 +201,7 @@ def time_cli() -> dict:
 
 def write_json(path: Path, data: dict) -> None:
     """Atomically, so an interrupted bench never leaves a half-written result for render to read."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_suffix(".json.tmp")
     temp.write_text(json.dumps(data, indent=1) + "\n")
     os.replace(temp, path)

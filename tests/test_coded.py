@@ -239,8 +239,9 @@ def test_nbits_hand_count_odd_width():
 
 @pytest.mark.parametrize("layout", [
     CodeLayout((4, 6), k=2, dim=4),                       # d does not divide cols
-    CodeLayout((4, 8), k=9, dim=4),                       # 8 sub-vectors < k
-    CodeLayout((4, 8), k=5, dim=4, groups=2),             # 4 sub-vectors per group < k
+    CodeLayout((4, 8), k=2, dim=0),                       # d = 0
+    CodeLayout((4, 8), k=2, dim=1, scale_group=0),        # scale group = 0
+    CodeLayout((4, 8), k=2, dim=1, offset=True),          # offsets without scales
     CodeLayout((4, 8), k=2, dim=2, groups=3),             # groups do not divide rows
     CodeLayout((64, 64), k=1, dim=1),                     # k < 2
     CodeLayout((64, 64), k=0, dim=1),
@@ -271,3 +272,9 @@ def test_validate_accepts(layout):
 def test_layout_json_round_trip():
     layout = CodeLayout((4, 3, 2, 2), k=4, dim=2, scale_group=4, offset=True, permuted=True)
     assert CodeLayout.from_json(layout.to_json()) == layout
+
+
+def test_decode_no_rows():
+    layout = CodeLayout((2, 4), k=2, dim=2, scale_group=2, offset=True, permuted=True)
+    code = CodedWeight.encode(layout, CODEBOOK, CODES, torch.ones(2, 2), torch.zeros(2, 2), perm=torch.tensor([1, 0]))
+    assert code.decode_rows(torch.tensor([], dtype=torch.int64)).shape == (0, 4)

@@ -8,8 +8,25 @@ nearest-codeword assignment of every point.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import faiss
 import numpy as np
+
+
+#: Below this many point–centroid distances per iteration, one thread: OpenMP's start-up and
+#: spinning cost more than the work, and far more when the cores are shared.
+SMALL_FIT = 1 << 22
+
+
+@contextmanager
+def _threads(count: int):
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(count)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(previous)
 
 
 def kmeans_pp_seed(points: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -41,7 +58,8 @@ def kmeans(points: np.ndarray, k: int, seed: int = 0, iterations: int = 20,
     init = kmeans_pp_seed(seeding_sample, k, rng)
     engine = faiss.Kmeans(points.shape[1], k, niter=iterations, seed=seed,
                           max_points_per_centroid=max_points_per_centroid, min_points_per_centroid=1)
-    engine.train(points, init_centroids=init)
+    with _threads(1 if len(points) * k < SMALL_FIT else faiss.omp_get_max_threads()):
+        engine.train(points, init_centroids=init)
     return engine.centroids
 
 

@@ -96,17 +96,16 @@ class CodeLayout:
             raise VQCError(f"a coded weight needs ≥ 2 dimensions, got shape {self.shape}")
         if not 2 <= self.k <= 1 << MAX_CODE_BITS:
             raise VQCError(f"k = {self.k} is outside 2..{1 << MAX_CODE_BITS}")
+        if self.dim < 1 or self.groups < 1 or (self.scale_group is not None and self.scale_group < 1):
+            raise VQCError(f"d, groups and scale group must be positive, got {self.dim}, {self.groups}, {self.scale_group}")
+        if self.offset and self.scale_group is None:
+            raise VQCError("offsets need a scale group")
         if self.cols % self.dim:
             raise VQCError(f"sub-vector length d = {self.dim} does not divide the {self.cols} inputs of shape {self.shape}")
         if self.rows % self.groups:
             raise VQCError(f"{self.groups} codebook groups do not divide the {self.rows} rows")
         if self.scale_group is not None and (self.cols % self.scale_group or self.scale_group % self.dim):
             raise VQCError(f"scale group {self.scale_group} must divide {self.cols} inputs and be a multiple of d = {self.dim}")
-        if self.rows * self.segments // self.groups < self.k:
-            raise VQCError(
-                f"k = {self.k} codewords exceed the {self.rows * self.segments // self.groups} sub-vectors "
-                f"of each codebook group of shape {self.shape}: lower k or d"
-            )
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -139,6 +138,7 @@ class CodedWeight(nn.Module):
     def encode(cls, layout: CodeLayout, codebook: Tensor, codes: Tensor, scale: Tensor | None = None,
                offset: Tensor | None = None, perm: Tensor | None = None) -> CodedWeight:
         """Build from unpacked codes (rows × segments), casting tensors to their stored dtypes."""
+        layout.validate()
         cb_dtype, sc_dtype = getattr(torch, layout.codebook_dtype), getattr(torch, layout.scale_dtype)
         return cls(
             layout,
@@ -192,7 +192,7 @@ class CodedWeight(nn.Module):
         values = self.codebook.to(dtype)[self.codebook_of_rows(stored)[:, None], codes]
         values = values.reshape(len(stored), lay.cols)
         if lay.scale_group:
-            values = values.reshape(len(stored), -1, lay.scale_group) * self.scale[stored].to(dtype)[..., None]
+            values = values.reshape(len(stored), lay.cols // lay.scale_group, lay.scale_group) * self.scale[stored].to(dtype)[..., None]
             if lay.offset:
                 values = values + self.offset[stored].to(dtype)[..., None]
         return values.reshape(len(stored), lay.cols)

@@ -49,12 +49,12 @@ def lut_matmul(x: Tensor, code: CodedWeight, input_groups: int = 1) -> Tensor:
     block = input_group * lay.groups + code.codebook_of_rows(stored)
     seg = torch.arange(lay.segments, device=device)
     index = (block[:, None] * lay.segments + seg) * lay.k + code.code_matrix()
-    picked = table.reshape(batch, -1)[:, index]  # (batch, rows, segments)
+    picked = table.reshape(batch, math.prod(table.shape[1:]))[:, index]  # (batch, rows, segments)
     if lay.scale_group:
         picked = picked * code.scale.to(dtype)[:, seg * lay.dim // lay.scale_group]
     y = picked.sum(-1)
     if lay.offset:
-        group_sums = x.reshape(batch, input_groups, -1, lay.scale_group).sum(-1)[:, input_group]
+        group_sums = x.reshape(batch, input_groups, lay.cols // lay.scale_group, lay.scale_group).sum(-1)[:, input_group]
         y = y + (group_sums * code.offset.to(dtype)).sum(-1)
     if lay.permuted:
         y = y[:, torch.argsort(code.perm.to(torch.int64))]
@@ -108,7 +108,7 @@ class _CodedConv(CodedLayer):
         x = F.pad(x, self._reversed_padding_repeated_twice, mode=mode)
         patches, spatial = self._im2col(x)  # (batch, L, in_channels · kernel), output size
         batch, positions = patches.shape[:2]
-        y = lut_matmul(patches.reshape(batch * positions, self.groups, -1), self.weight_code, self.groups)
+        y = lut_matmul(patches.reshape(batch * positions, self.groups, self.weight_code.layout.cols), self.weight_code, self.groups)
         y = y.reshape(batch, positions, self.out_channels).transpose(1, 2).reshape(batch, self.out_channels, *spatial)
         return y if self.bias is None else y + self.bias.reshape(1, -1, *([1] * len(spatial)))
 

@@ -75,8 +75,14 @@ class KMeans:
 
     def layout(self, shape: tuple[int, ...], settings: dict) -> CodeLayout:
         cols = math.prod(shape[1:])
-        return CodeLayout(tuple(shape), k=settings["k"], dim=settings["dim"], groups=settings["groups"],
-                          scale_group=cols if settings["scale"] == "row" else None)
+        layout = CodeLayout(tuple(shape), k=settings["k"], dim=settings["dim"], groups=settings["groups"],
+                            scale_group=cols if settings["scale"] == "row" else None)
+        layout.validate()
+        points = layout.rows * layout.segments // layout.groups
+        if points < layout.k:
+            raise VQCError(f"k = {layout.k} codewords exceed the {points} sub-vectors of each codebook of shape "
+                           f"{layout.shape}: lower k or d")
+        return layout
 
     def fit(self, weight: Tensor, settings: dict, seed: int) -> CodedWeight:
         layout = self.layout(tuple(weight.shape), settings)

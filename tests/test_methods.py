@@ -1,0 +1,219 @@
+"""Methods: bit budgets map to codebooks, impossible budgets fail early, and the fits are faithful."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vqcompress.coded import CodedWeight
+from vqcompress.errors import VQCError
+from vqcompress.methods import get_method
+
+KMEANS, RTN = get_method("kmeans"), get_method("rtn")
+
+
+def dk(bits, shape=(64, 64), **options):
+    s = KMEANS.settings(shape, bits, options)
+    return s["dim"], s["k"]
+
+
+# -- kmeans budget mapping -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits, expected", [(1, (8, 256)), (2, (4, 256)), (3, (2, 64)), (4, (2, 256)),
+                                            (0.5, (16, 256)), (1.5, (4, 64)), (8, (1, 256)), (6, (1, 64))])
+def test_budget_mapping(bits, expected):
+    assert dk(bits) == expected
+    d, k = expected
+    assert KMEANS.layout((64, 64), KMEANS.settings((64, 64), bits, {})).bits / d == bits
+
+
+def test_budget_needs_d_dividing_the_inputs():
+    assert dk(2, shape=(64, 6)) == (3, 64)   # d = 4 does not divide 6
+    assert dk(1, shape=(64, 12)) == (6, 64)  # d = 8 does not divide 12
+    assert dk(2, shape=(8, 3, 3, 3)) == (3, 64)  # conv: inputs are 3·3·3 = 27
+
+
+def test_explicit_dim_and_k_override_the_budget():
+    assert dk(2, dim=3, k=100) == (3, 100)
+    assert dk(None, dim=2, k=16) == (2, 16)
+
+
+@pytest.mark.parametrize("bits, dim, expected_k", [(2, 3, 64), (1.5, 4, 64), (1, 16, 1 << 16), (0.25, 4, 2)])
+def test_only_dim_given(bits, dim, expected_k):
+    assert dk(bits, dim=dim) == (dim, expected_k)
+
+
+@pytest.mark.parametrize("bits, k, expected_dim", [(2, 16, 2), (1, 256, 8), (0.5, 4, 4)])
+def test_only_k_given(bits, k, expected_dim):
+    assert dk(bits, k=k) == (expected_dim, k)
+
+
+@pytest.mark.parametrize("bits, options", [
+    (0, {}), (-2, {}), (0.01, {}), (None, {}),
+    (0.3, {}),                    # d would have to be 10, which does not divide 64
+    (3, {"k": 256}),              # d = 8/3
+    (1, {"k": 100}),              # log2(100) is not whole
+    (0.3, {"dim": 4}),            # 1.2 bits per index
+    (2, {"dim": 9}),              # k = 2^18
+    (None, {"dim": 4}),
+    (0, {"k": 16}),
+])
+def test_impossible_budgets_raise(bits, options):
+    with pytest.raises(VQCError):
+        KMEANS.settings((64, 64), bits, options)
+
+
+def test_unknown_options_and_methods_raise():
+    with pytest.raises(VQCError, match="dims"):
+        KMEANS.settings((64, 64), 2, {"dims": 4})
+    with pytest.raises(VQCError, match="groupsize"):
+        RTN.settings((64, 64), 4, {"groupsize": 32})
+    with pytest.raises(VQCError):
+        KMEANS.settings((64, 64), 2, {"scale": "column"})
+    with pytest.raises(VQCError, match="nope"):
+        get_method("nope")
+
+
+# -- rtn -------------------------------------------------------------------------------------------
+
+@st.composite
+def rtn_cases(draw):
+    rows = draw(st.integers(2, 6))
+    group = draw(st.sampled_from([1, 2, 4, 8, 16]))
+    cols = group * draw(st.integers(1, 4))
+    # the layout check wants at least k = 2^bits weights per layer, even for rtn's fixed grid
+    bits = draw(st.integers(1, min(8, (rows * cols).bit_length() - 1)))
+    magnitude = draw(st.sampled_from([1e-3, 1.0, 30.0]))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
+    weight = torch.randn(rows, cols, generator=gen) * magnitude + draw(st.sampled_from([0.0, 2.0]))
+    if draw(st.booleans()):
+        weight[0] = draw(st.sampled_from([0.0, 0.3, -5.0]))  # a constant row: zero range
+    return weight, bits, group
+
+
+def assert_rtn_within_half_step(weight, bits, group):
+    code = RTN.fit(weight, RTN.settings(tuple(weight.shape), bits, {"group_size": group}), 0)
+    assert code.layout.bits == bits and code.layout.dim == 1
+    decoded = code.decode()
+    assert torch.isfinite(decoded).all()
+    scale = code.scale.float().repeat_interleave(group, 1)
+    group_max = weight.reshape(weight.shape[0], -1, group).abs().amax(-1).repeat_interleave(group, 1)
+    fp16 = 2**-10 * group_max + 1e-7  # stored scale and offset are fp16
+    assert ((decoded - weight).abs() <= scale / 2 + fp16).all()
+    codes = code.code_matrix()
+    assert codes.max() < 2**bits
+    return code
+
+
+@settings(max_examples=80, deadline=None)
+@given(rtn_cases())
+def test_rtn_error_within_half_a_step(case):
+    assert_rtn_within_half_step(*case)
+
+
+def test_rtn_zero_and_constant_groups():
+    weight = torch.randn(4, 32)
+    weight[0] = 0.0
+    weight[1, :16] = 0.25
+    weight[2] = 1e-9
+    code = assert_rtn_within_half_step(weight, 4, 16)
+    assert torch.equal(code.decode()[0], torch.zeros(32))
+
+
+def test_rtn_uses_the_whole_grid():
+    weight = torch.linspace(-1, 1, 64).reshape(1, 64)
+    code = RTN.fit(weight, RTN.settings((1, 64), 2, {"group_size": 64}), 0)
+    assert sorted(set(code.code_matrix().flatten().tolist())) == [0, 1, 2, 3]
+    assert code.decode()[0, 0] == pytest.approx(-1, abs=1e-3) and code.decode()[0, -1] == pytest.approx(1, abs=1e-3)
+
+
+@pytest.mark.parametrize("bits", [2.5, 0, 9, None, -1])
+def test_rtn_rejects_bad_bits(bits):
+    with pytest.raises(VQCError):
+        RTN.settings((64, 64), bits, {})
+
+
+@pytest.mark.parametrize("group", [7, 0, -4, 128])
+def test_rtn_rejects_group_sizes_that_do_not_divide(group):
+    with pytest.raises(VQCError):
+        RTN.settings((64, 64), 4, {"group_size": group})
+
+
+def test_rtn_storage_cost():
+    s = RTN.settings((16, 64), 3, {"group_size": 32})
+    code = RTN.fit(torch.randn(16, 64), s, 0)
+    # 3 bits per weight + fp16 scale and offset per 32 weights + the 8-entry codebook
+    assert code.nbits() == 16 * 64 * 3 + 16 * 2 * 2 * 16 + 8 * 16
+
+
+# -- kmeans fits -----------------------------------------------------------------------------------
+
+def kmeans_fit(weight, bits, seed=0, **options) -> CodedWeight:
+    s = KMEANS.settings(tuple(weight.shape), bits, options)
+    KMEANS.layout(tuple(weight.shape), s).validate()
+    return KMEANS.fit(weight, s, seed)
+
+
+def relative_error(code, weight):
+    return ((code.decode() - weight).norm() / weight.norm()).item()
+
+
+def test_more_bits_lower_error():
+    weight = torch.randn(128, 64, generator=torch.Generator().manual_seed(0))
+    errors = [relative_error(kmeans_fit(weight, bits), weight) for bits in (1, 2, 4)]
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 0.25
+
+
+def test_same_seed_same_codes():
+    weight = torch.randn(64, 32, generator=torch.Generator().manual_seed(1))
+    a, b = kmeans_fit(weight, 2, seed=5), kmeans_fit(weight, 2, seed=5)
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.codebook, b.codebook)
+
+
+def test_codes_are_nearest_stored_codewords():
+    weight = torch.randn(64, 32, generator=torch.Generator().manual_seed(2))
+    code = kmeans_fit(weight, None, dim=2, k=16)
+    points = weight.reshape(-1, 2)
+    distance = torch.cdist(points.double(), code.codebook[0].double())
+    chosen = distance.gather(1, code.code_matrix().reshape(-1, 1))[:, 0]
+    torch.testing.assert_close(chosen, distance.min(1).values, rtol=1e-5, atol=1e-6)
+
+
+def test_row_scale_and_groups():
+    gen = torch.Generator().manual_seed(3)
+    # rows of very different magnitude: a per-row scale lets one codebook serve them all
+    weight = torch.randn(64, 32, generator=gen) * torch.logspace(-2, 1, 64)[:, None]
+    plain = kmeans_fit(weight, None, dim=2, k=16)
+    scaled = kmeans_fit(weight, None, dim=2, k=16, scale="row")
+    row_error = lambda c: ((c.decode() - weight).norm(dim=1) / weight.norm(dim=1)).max().item()  # noqa: E731
+    assert row_error(scaled) < 0.5 < row_error(plain)
+    assert scaled.scale.shape == (64, 1) and scaled.scale.dtype == torch.float16
+    grouped = kmeans_fit(weight, None, dim=2, k=16, groups=4)
+    assert grouped.codebook.shape == (4, 16, 2)
+    assert relative_error(grouped, weight) < relative_error(plain, weight)
+
+
+def test_row_scale_with_a_zero_row():
+    weight = torch.randn(64, 32, generator=torch.Generator().manual_seed(4))
+    weight[5] = 0.0
+    code = kmeans_fit(weight, None, dim=2, k=16, scale="row")
+    decoded = code.decode()
+    assert torch.isfinite(decoded).all()
+    assert decoded[5].abs().max() < 1e-6
+
+
+@pytest.mark.parametrize(("shape", "options"), [((4, 8), {"dim": 4, "k": 9}), ((4, 8), {"dim": 4, "k": 5, "groups": 2})])
+def test_kmeans_refuses_more_codewords_than_sub_vectors(shape, options):
+    kmeans = get_method("kmeans")
+    with pytest.raises(VQCError, match="exceed"):
+        kmeans.layout(shape, kmeans.settings(shape, None, options))
+
+
+def test_rtn_fixed_grid_fits_small_layers():
+    rtn = get_method("rtn")
+    weight = torch.randn(16, 8)
+    code = rtn.fit(weight, rtn.settings((16, 8), 8, {"group_size": 8}), seed=0)
+    assert (code.decode() - weight).abs().max() < 0.02
