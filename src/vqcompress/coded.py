@@ -24,9 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .codebook import assign
 from .errors import VQCError
 
 MAX_CODE_BITS = 16
+TRAINABLE = ("codebook", "scale", "offset")  # what fine-tuning may change; codes change by reassignment
 
 
 def code_bits(k: int) -> int:
@@ -195,12 +197,54 @@ class CodedWeight(nn.Module):
             values = values.reshape(len(stored), lay.cols // lay.scale_group, lay.scale_group) * self.scale[stored].to(dtype)[..., None]
             if lay.offset:
                 values = values + self.offset[stored].to(dtype)[..., None]
-        return values.reshape(len(stored), lay.cols)
+        values = values.reshape(len(stored), lay.cols)
+        if "latent" in self._parameters:  # straight-through: quantized value, gradient to the latent
+            latent = self.latent.reshape(lay.rows, lay.cols)[rows].to(dtype)
+            values = values + latent - latent.detach()
+        return values
 
     def decode(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The dense weight in its original shape."""
         rows = torch.arange(self.layout.rows, device=self.codes.device)
         return self.decode_rows(rows, dtype).reshape(self.layout.shape)
+
+    # -- assignment and training ---------------------------------------------------------------
+
+    def reassign(self, weight: Tensor) -> None:
+        """Point every sub-vector at the codeword nearest to ``weight`` (original row order), under
+        the current codebooks, scales and offsets: the one assignment rule every method shares."""
+        lay = self.layout
+        stored = self.perm.to(torch.int64) if lay.permuted else slice(None)
+        matrix = weight.detach().reshape(lay.rows, lay.cols)[stored].float().cpu()
+        if lay.scale_group:
+            matrix = matrix.reshape(lay.rows, -1, lay.scale_group)
+            if lay.offset:
+                matrix = matrix - self.offset.detach().float().cpu()[..., None]
+            matrix = matrix / self.scale.detach().float().cpu()[..., None]
+        points = matrix.reshape(lay.groups, -1, lay.dim).numpy()
+        codebooks = self.codebook.detach().float().cpu().numpy()
+        codes = torch.cat([torch.from_numpy(assign(p, c)) for p, c in zip(points, codebooks)])
+        self.codes = pack_codes(codes, lay.bits).to(self.codes.device)
+
+    def start_training(self, learn_assignments: bool = False) -> None:
+        """Turn codebooks, scales and offsets into float32 parameters that gradients reach through
+        ``decode`` (a codeword gets the summed gradient of its sub-vectors). To learn assignments,
+        also keep a latent dense weight: the forward pass uses its quantized value and passes the
+        gradient straight through to it."""
+        for name in TRAINABLE:
+            if name in self._buffers:
+                self.register_parameter(name, nn.Parameter(self._buffers.pop(name).float()))
+        if learn_assignments:
+            self.latent = nn.Parameter(self.decode().detach())
+
+    def finish_training(self) -> None:
+        """Fix the final assignment and store everything back in its stored dtype."""
+        if "latent" in self._parameters:
+            self.reassign(self._parameters.pop("latent"))
+        for name in TRAINABLE:
+            if name in self._parameters:
+                dtype = getattr(torch, self.layout.codebook_dtype if name == "codebook" else self.layout.scale_dtype)
+                self.register_buffer(name, self._parameters.pop(name).detach().to(dtype))
 
     def nbits(self) -> int:
         """Exact storage cost: every byte of every buffer this weight keeps."""

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from ..codebook import assign, kmeans
+from ..codebook import kmeans
 from ..coded import CodedWeight, CodeLayout
 from ..errors import VQCError
 from . import register, reject_unknown
@@ -90,16 +91,15 @@ class KMeans:
         scale = None
         if settings["scale"] == "row":
             scale = matrix.pow(2).mean(1, keepdim=True).sqrt().half().float().clamp_min(2**-24)  # > 0 in fp16
-            matrix = matrix / scale
-        blocks = matrix.reshape(layout.groups, -1, layout.dim).numpy()
-        codebooks, codes = [], []
-        for block in blocks:
-            centroids = kmeans(block, layout.k, seed, settings["iterations"], settings["max_points_per_centroid"])
-            centroids = centroids.astype("float16").astype("float32")  # assign to what is stored
-            codebooks.append(torch.from_numpy(centroids))
-            codes.append(torch.from_numpy(assign(block, centroids)))
-        codes = torch.cat(codes).reshape(layout.rows, layout.segments)
-        return CodedWeight.encode(layout, torch.stack(codebooks), codes, scale)
+        normalised = matrix if scale is None else matrix / scale
+        codebooks = [
+            kmeans(block, layout.k, seed, settings["iterations"], settings["max_points_per_centroid"])
+            for block in normalised.reshape(layout.groups, -1, layout.dim).numpy()
+        ]
+        unassigned = torch.zeros(layout.rows, layout.segments, dtype=torch.int64)
+        code = CodedWeight.encode(layout, torch.from_numpy(np.stack(codebooks)), unassigned, scale)
+        code.reassign(matrix)  # against the stored (fp16) codebook, so decoding gives what was chosen
+        return code
 
 
 register(KMeans())
