@@ -5,7 +5,8 @@ rows (``groups``); optionally each row is first divided by its RMS (``scale="row
 fp16) so that rows of different magnitude share the codebook well.
 
 A bit budget picks (d, k): k = 2^(bits·d) with the longest d that keeps k ≤ 256 (a codebook that
-stays in cache and costs little to store) and divides the layer's inputs.
+stays in cache and costs little to store), divides the layer's inputs and leaves at least one
+sub-vector per codeword.
 """
 
 from __future__ import annotations
@@ -26,15 +27,18 @@ MAX_DIM = 16
 OPTIONS = {"dim", "k", "scale", "groups", "iterations", "max_points_per_centroid"}
 
 
-def dim_and_k_for_bits(bits: float, cols: int) -> tuple[int, int]:
-    """The longest sub-vector d ≤ 16 dividing ``cols`` with an integer index width bits·d and k ≤ 256."""
+def dim_and_k_for_bits(bits: float, shape: tuple[int, ...], groups: int = 1) -> tuple[int, int]:
+    """The longest sub-vector d ≤ 16 dividing the inputs with a whole index width bits·d and
+    k = 2^(bits·d) ≤ 256, and no more codewords than each codebook has sub-vectors."""
+    rows, cols = shape[0], math.prod(shape[1:])
     for dim in range(MAX_DIM, 0, -1):
-        width = bits * dim
-        if cols % dim == 0 and abs(width - round(width)) < 1e-9 and 1 <= round(width) <= math.log2(MAX_BUDGET_K):
-            return dim, 2 ** round(width)
+        width = round(bits * dim)
+        fits = cols % dim == 0 and 2**width <= rows * cols // dim // groups
+        if fits and abs(bits * dim - width) < 1e-9 and 1 <= width <= math.log2(MAX_BUDGET_K):
+            return dim, 2**width
     raise VQCError(
         f"no codebook with d ≤ {MAX_DIM} dividing {cols} inputs and k ≤ {MAX_BUDGET_K} gives {bits} bits per "
-        "weight: choose another --bits or set --dim and --k"
+        f"weight on shape {tuple(shape)}: choose another --bits or set --dim and --k"
     )
 
 
@@ -45,7 +49,7 @@ class KMeans:
         reject_unknown(options, OPTIONS, self.name)
         dim, k = options.get("dim"), options.get("k")
         if dim is None or k is None:
-            dim, k = self._complete_from_budget(bits, math.prod(shape[1:]), dim, k)
+            dim, k = self._complete_from_budget(bits, shape, int(options.get("groups", 1)), dim, k)
         scale = options.get("scale", "none")
         if scale not in ("none", "row"):
             raise VQCError(f"kmeans scale must be 'none' or 'row', got {scale!r}")
@@ -56,14 +60,15 @@ class KMeans:
         }
 
     @staticmethod
-    def _complete_from_budget(bits: float | None, cols: int, dim: int | None, k: int | None) -> tuple[int, int]:
+    def _complete_from_budget(bits: float | None, shape: tuple[int, ...], groups: int, dim: int | None,
+                              k: int | None) -> tuple[int, int]:
         """Fill whichever of d and k was not given so that log2(k) / d equals the budget."""
         if bits is None:
             raise VQCError("kmeans needs --bits, or both --dim and --k")
         if bits <= 0:
             raise VQCError(f"a bit budget must be positive, got {bits}")
         if dim is None and k is None:
-            return dim_and_k_for_bits(bits, cols)
+            return dim_and_k_for_bits(bits, shape, groups)
         if dim is None:
             dim = math.log2(int(k)) / bits
             if abs(dim - round(dim)) > 1e-9 or round(dim) < 1:

@@ -1,0 +1,153 @@
+"""The shared fine-tuning engine: distil a compressed student from its uncompressed teacher.
+
+What trains: every codebook, scale and offset of the coded layers (a codeword receives the
+summed gradient of the sub-vectors that use it), and every other parameter the student still
+has (norms, biases, small dense layers). With ``learn_assignments`` each coded layer also keeps
+a latent dense weight: the forward pass uses its quantized value, the gradient goes straight
+through to it, and every ``reassign_every`` steps each sub-vector moves to its nearest codeword.
+
+Batches come from ``batch_at(step)``, a pure function of the step, so an interrupted run resumed
+from its checkpoint sees the same data and ends with the same weights as an uninterrupted one.
+The student runs in eval mode (no dropout, frozen BatchNorm statistics) for the same reason.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .errors import VQCError
+from .layers import iter_coded
+
+
+@dataclass
+class Task:
+    """How to run a model on a batch, and how far a student's output is from its teacher's."""
+
+    forward: Callable[[nn.Module, Any], Tensor]
+    loss: Callable[[Tensor, Tensor, Any], Tensor]
+
+
+def classification_task(temperature: float = 2.0, label_weight: float = 0.5) -> Task:
+    """Batches are (inputs, labels or None): KL to the teacher's softened logits plus cross-entropy."""
+
+    def loss(student: Tensor, teacher: Tensor, batch: Any) -> Tensor:
+        distil = F.kl_div(F.log_softmax(student / temperature, -1), F.log_softmax(teacher / temperature, -1),
+                          reduction="batchmean", log_target=True) * temperature**2
+        labels = batch[1]
+        return distil if labels is None else (1 - label_weight) * distil + label_weight * F.cross_entropy(student, labels)
+
+    return Task(forward=lambda model, batch: model(batch[0]), loss=loss)
+
+
+def encoder_task() -> Task:
+    """Batches are tokenizer outputs: match the teacher's token states and its pooled embedding."""
+
+    def forward(model: nn.Module, batch: dict) -> Tensor:
+        return model(**batch).last_hidden_state
+
+    def loss(student: Tensor, teacher: Tensor, batch: dict) -> Tensor:
+        mask = batch["attention_mask"].unsqueeze(-1).to(student.dtype)
+        token_error = ((student - teacher) ** 2 * mask).sum() / (mask.sum() * student.shape[-1])
+        pooled = [(x * mask).sum(1) / mask.sum(1) for x in (student, teacher)]
+        return token_error / teacher.pow(2).mean() + (1 - F.cosine_similarity(*pooled, dim=-1)).mean()
+
+    return Task(forward=forward, loss=loss)
+
+
+def _learning_rate(base: float, step: int, steps: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to zero: a pure function of the step, so resume is exact."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def _save_checkpoint(path: Path, step: int, student: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Student state and optimizer moments as one safetensors file, written atomically (no pickle)."""
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
+    for index, state in optimizer.state_dict()["state"].items():
+        tensors.update({f"optimizer.{index}.{k}": torch.as_tensor(v).cpu().contiguous() for k, v in state.items()})
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(handle)
+    try:
+        save_file(tensors, temp, metadata={"step": str(step)})
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.remove(temp)
+
+
+def _load_checkpoint(path: Path, student: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Restore a checkpoint written by ``_save_checkpoint``; returns the step to continue from."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            step = int(handle.metadata()["step"])
+        tensors = load_file(str(path))
+    except Exception as error:  # any unreadable checkpoint is the same user-facing problem
+        raise VQCError(f"cannot resume from {path} ({error}): delete it to start over") from None
+    student.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+    return step
+
+
+def finetune(student: nn.Module, teacher: nn.Module, task: Task, batch_at: Callable[[int], Any], steps: int, *,
+             lr: float = 1e-3, learn_assignments: bool = False, reassign_every: int = 50,
+             checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 100,
+             progress: bool = True) -> nn.Module:
+    """Distil ``student`` (with coded layers) from ``teacher`` for ``steps`` steps; returns the student.
+
+    With ``checkpoint``, progress is saved there every ``checkpoint_every`` steps and a run that
+    finds the file resumes from it; the file is removed once training completes.
+    """
+    codes = [layer.weight_code for _, layer in iter_coded(student)]
+    if not codes:
+        raise VQCError("the model has no coded layer to fine-tune: compress it first")
+    if steps < 1:
+        raise VQCError(f"fine-tuning needs at least one step, got {steps}")
+    for code in codes:
+        code.start_training(learn_assignments)
+    teacher.eval()
+    student.eval().requires_grad_(True)
+    optimizer = torch.optim.Adam(student.parameters(), lr=lr)
+    checkpoint = Path(checkpoint) if checkpoint else None
+    start = _load_checkpoint(checkpoint, student, optimizer) if checkpoint and checkpoint.exists() else 0
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="fine-tune", unit="step", disable=not progress)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = _learning_rate(lr, step, steps, warmup=max(1, steps // 20))
+        batch = batch_at(step)
+        with torch.no_grad():
+            target = task.forward(teacher, batch)
+        loss = task.loss(task.forward(student, batch), target, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if learn_assignments and (step + 1) % reassign_every == 0:
+            for code in codes:
+                code.reassign(code.latent)
+        if checkpoint and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            _save_checkpoint(checkpoint, step + 1, student, optimizer)
+    for code in codes:
+        code.finish_training()
+    if checkpoint and checkpoint.exists():
+        checkpoint.unlink()
+    return student

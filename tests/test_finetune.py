@@ -1,0 +1,99 @@
+"""The fine-tuning engine: it lowers the distillation loss, learns assignments, and resumes exactly."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import vqcompress as vqc
+from vqcompress.errors import VQCError
+from vqcompress.finetune import classification_task, finetune
+from vqcompress.layers import iter_coded
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.LayerNorm(128), nn.Linear(128, 10)).eval()
+
+
+def batch_at(step: int) -> tuple[torch.Tensor, None]:
+    return torch.randn(32, 64, generator=torch.Generator().manual_seed(step)), None
+
+
+def distillation_loss(student: nn.Module, teacher: nn.Module) -> float:
+    task = classification_task()
+    with torch.no_grad():
+        return float(sum(task.loss(student(x), teacher(x), (x, None)) for x, _ in map(batch_at, range(1000, 1010))))
+
+
+def compressed(teacher: nn.Module) -> nn.Module:
+    return vqc.compress(copy.deepcopy(teacher), "kmeans", bits=1, plan=vqc.Plan(min_weights=0), progress=False)
+
+
+@pytest.mark.parametrize("learn_assignments", [False, True])
+def test_fine_tuning_lowers_the_loss_and_keeps_the_format(learn_assignments):
+    teacher = mlp()
+    student = compressed(teacher)
+    before = distillation_loss(student, teacher)
+    sizes = {n: layer.weight_code.nbits() for n, layer in iter_coded(student)}
+    finetune(student, teacher, classification_task(), batch_at, steps=60, lr=3e-3,
+             learn_assignments=learn_assignments, reassign_every=20, progress=False)
+    assert distillation_loss(student, teacher) < 0.8 * before
+    assert {n: layer.weight_code.nbits() for n, layer in iter_coded(student)} == sizes
+    assert all(layer.weight_code.codebook.dtype == torch.float16 for _, layer in iter_coded(student))
+
+
+def test_learned_assignments_move(tmp_path):
+    teacher = mlp()
+    student = compressed(teacher)
+    codes_before = [layer.weight_code.codes.clone() for _, layer in iter_coded(student)]
+    finetune(student, teacher, classification_task(), batch_at, steps=40, lr=3e-3, learn_assignments=True,
+             reassign_every=10, progress=False)
+    assert any(not torch.equal(a, layer.weight_code.codes) for a, (_, layer) in zip(codes_before, iter_coded(student)))
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
+    teacher = mlp()
+    whole = finetune(compressed(teacher), teacher, classification_task(), batch_at, steps=30, lr=3e-3,
+                     learn_assignments=True, reassign_every=7, progress=False)
+
+    checkpoint = tmp_path / "run.ckpt"
+    interrupted = compressed(teacher)
+    calls = {"n": 0}
+
+    def batch_then_interrupt(step: int):
+        calls["n"] += 1
+        if calls["n"] == 25:
+            raise KeyboardInterrupt
+        return batch_at(step)
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(interrupted, teacher, classification_task(), batch_then_interrupt, steps=30, lr=3e-3,
+                 learn_assignments=True, reassign_every=7, checkpoint=checkpoint, checkpoint_every=10, progress=False)
+    assert checkpoint.exists()
+    resumed = finetune(compressed(teacher), teacher, classification_task(), batch_at, steps=30, lr=3e-3,
+                       learn_assignments=True, reassign_every=7, checkpoint=checkpoint, checkpoint_every=10,
+                       progress=False)
+    assert not checkpoint.exists()
+    for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_needs_coded_layers_and_steps():
+    teacher = mlp()
+    with pytest.raises(VQCError, match="no coded layer"):
+        finetune(mlp(), teacher, classification_task(), batch_at, steps=5, progress=False)
+    with pytest.raises(VQCError, match="at least one step"):
+        finetune(compressed(teacher), teacher, classification_task(), batch_at, steps=0, progress=False)
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    teacher = mlp()
+    checkpoint = tmp_path / "bad.ckpt"
+    checkpoint.write_bytes(b"garbage")
+    with pytest.raises(VQCError, match="delete it"):
+        finetune(compressed(teacher), teacher, classification_task(), batch_at, steps=5, checkpoint=checkpoint,
+                 progress=False)
