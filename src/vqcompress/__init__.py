@@ -6,7 +6,14 @@
     print(vqc.report(model))
 """
 
+import os
+
 __version__ = "0.1.0"
+
+# OpenMP threads that spin while waiting (faiss's and torch's default) slow k-means several-fold
+# when the cores are shared; passive waiting costs nothing on an idle machine. Only takes effect
+# when set before torch and faiss start, as in the ``vqc`` command; a user's setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .coded import CodedWeight, CodeLayout  # noqa: E402
 from .compress import compress  # noqa: E402
