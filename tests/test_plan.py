@@ -131,8 +131,8 @@ def test_compress_refuses_non_finite_weights_before_any_work(net, bad):
 
 
 def test_compress_checks_every_budget_before_any_work(net):
-    with pytest.raises(VQCError, match="tiny"):  # d = 4 gives k = 256 > 128 sub-vectors of tiny
-        vqc.compress(net, "kmeans", bits=2, plan=Plan(by_name={"tiny": {"bits": 2}}), progress=False)
+    with pytest.raises(VQCError, match="tiny"):  # the last layer planned asks for 256 codewords > 128 sub-vectors
+        vqc.compress(net, "kmeans", bits=2, plan=Plan(by_name={"tiny": {"dim": 4, "k": 256}}), progress=False)
     assert not any(isinstance(m, CodedLayer) for m in net.modules())
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import os
 import zlib
 from dataclasses import dataclass
 
@@ -11,6 +13,7 @@ from tqdm.auto import tqdm
 
 from .coded import CodedWeight
 from .errors import VQCError
+from .finetune import TrainingData, finetune
 from .layers import coded_from_dense
 from .methods import Method, get_method
 from .plan import Plan
@@ -51,24 +54,45 @@ def fit_layer(job: Job, seed: int) -> CodedWeight:
     return code
 
 
-def compress(model: nn.Module, method: str = "kmeans", bits: float | None = None, calibration=None, *,
-             plan: Plan | None = None, seed: int = 0, progress: bool = True, **options) -> nn.Module:
+def compress(model: nn.Module, method: str = "kmeans", bits: float | None = None,
+             calibration: TrainingData | None = None, *, plan: Plan | None = None, seed: int = 0,
+             progress: bool = True, finetune_steps: int = 0, lr: float = 1e-3,
+             checkpoint: str | os.PathLike | None = None, **options) -> nn.Module:
     """Replace the planned layers of ``model`` (in place) by coded layers; returns the model
     (a new object only when ``model`` is itself a single layer).
 
-    Every layer's settings are resolved and checked before any fitting starts, so a bad budget
-    or a bad weight fails in a second, not after minutes of work.
+    With ``finetune_steps`` and ``calibration`` (a task and its batches), the compressed model is
+    then distilled from a copy of the original by the shared fine-tuning engine. Every layer's
+    settings are resolved and checked before any work starts, so a bad budget or a bad weight
+    fails in a second, not after minutes of work.
     """
-    if calibration is not None:
-        raise VQCError(f"{method} is data-free and does not use calibration data")
     jobs = [_job(name, module, spec) for name, module, spec in
             (plan or Plan()).resolve(model, {"method": method, "bits": bits, **options})]
     if not jobs:
         raise VQCError("the plan selects no layer to compress")
+    _check_training(jobs, calibration, finetune_steps)
+    teacher = copy.deepcopy(model).eval() if finetune_steps else None
     for job in tqdm(jobs, desc=f"{method}", unit="layer", disable=not progress):
         layer = coded_from_dense(job.module, fit_layer(job, seed)).to(job.module.weight.device)
         if job.name:
             model.set_submodule(job.name, layer)
         else:  # the model is itself one layer
             model = layer
+    if finetune_steps:
+        finetune(model, teacher, calibration.task, calibration.batch_at, finetune_steps, lr=lr,
+                 learn_assignments=any(job.method.learns_assignments for job in jobs),
+                 checkpoint=checkpoint, progress=progress)
     return model
+
+
+def _check_training(jobs: list[Job], calibration: TrainingData | None, finetune_steps: int) -> None:
+    """Training data and fine-tuning steps come together, and methods that train need both."""
+    trains = sorted({job.method.name for job in jobs if job.method.needs_training})
+    if finetune_steps < 0:
+        raise VQCError(f"finetune_steps must be ≥ 0, got {finetune_steps}")
+    if trains and not (calibration and finetune_steps):
+        raise VQCError(f"{', '.join(trains)} learns its codebooks in training: give training data and fine-tuning steps")
+    if finetune_steps and calibration is None:
+        raise VQCError("fine-tuning needs training data (calibration=TrainingData(task, batch_at))")
+    if calibration is not None and not finetune_steps:
+        raise VQCError("training data was given but no fine-tuning steps: the data-free methods do not use it")

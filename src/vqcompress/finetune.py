@@ -39,6 +39,14 @@ class Task:
     loss: Callable[[Tensor, Tensor, Any], Tensor]
 
 
+@dataclass
+class TrainingData:
+    """What fine-tuning needs from the user: a task and the batch for every step."""
+
+    task: Task
+    batch_at: Callable[[int], Any]
+
+
 def classification_task(temperature: float = 2.0, label_weight: float = 0.5) -> Task:
     """Batches are (inputs, labels or None): KL to the teacher's softened logits plus cross-entropy."""
 

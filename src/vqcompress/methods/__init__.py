@@ -16,6 +16,8 @@ from ..errors import VQCError
 
 class Method(Protocol):
     name: str
+    learns_assignments: bool  # fine-tuning may move sub-vectors to other codewords
+    needs_training: bool  # only meaningful with training data and fine-tuning steps
 
     def settings(self, shape: tuple[int, ...], bits: float | None, options: dict) -> dict:
         """Concrete settings for a weight of ``shape`` from a bit budget and explicit options.
@@ -51,4 +53,4 @@ def reject_unknown(options: dict, known: set[str], method: str) -> None:
         raise VQCError(f"{method} does not take option(s) {', '.join(sorted(unknown))}; it takes {', '.join(sorted(known))}")
 
 
-from . import kmeans, rtn  # noqa: E402,F401  (registers the built-in methods)
+from . import kmeans, rtn, vqdnn  # noqa: E402,F401  (registers the built-in methods)

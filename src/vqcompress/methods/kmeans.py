@@ -44,6 +44,8 @@ def dim_and_k_for_bits(bits: float, shape: tuple[int, ...], groups: int = 1) -> 
 
 class KMeans:
     name = "kmeans"
+    learns_assignments = False
+    needs_training = False
 
     def settings(self, shape: tuple[int, ...], bits: float | None, options: dict) -> dict:
         reject_unknown(options, OPTIONS, self.name)

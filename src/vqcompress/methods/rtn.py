@@ -19,6 +19,8 @@ DEFAULT_GROUP_SIZE = 64
 
 class RTN:
     name = "rtn"
+    learns_assignments = False
+    needs_training = False
 
     def settings(self, shape: tuple[int, ...], bits: float | None, options: dict) -> dict:
         reject_unknown(options, {"group_size"}, self.name)
