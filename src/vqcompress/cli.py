@@ -55,9 +55,9 @@ def _settings_summary(model) -> list[str]:
 
 @app.command()
 def compress(
-    model: str = typer.Argument(..., help="bundled model name (minilm) or a transformers model folder"),
+    model: str = typer.Argument(..., help="bundled model (minilm), zoo model (fashion-cnn, fashion-vit) or a transformers model folder"),
     output: Path = typer.Option(..., "-o", "--output", help="the .vqc file to write"),
-    method: str = typer.Option("kmeans", help="rtn or kmeans"),
+    method: str = typer.Option("kmeans", help="rtn, kmeans or vqdnn"),
     bits: Optional[float] = typer.Option(None, help="bit budget per weight; picks the method's settings"),
     dim: Optional[int] = typer.Option(None, help="kmeans: sub-vector length d (overrides the budget's)"),
     k: Optional[int] = typer.Option(None, help="kmeans: codewords per codebook (overrides the budget's)"),
@@ -66,6 +66,8 @@ def compress(
     group_size: Optional[int] = typer.Option(None, help="rtn: inputs per scale/offset group"),
     skip: list[str] = typer.Option([], help="regex of layer names to leave dense (repeatable)"),
     include: list[str] = typer.Option([], help="regex of layer names to code even when small (repeatable)"),
+    finetune_steps: int = typer.Option(0, help="distil from the original for N steps on the model's training data"),
+    lr: float = typer.Option(1e-3, help="fine-tuning learning rate"),
     seed: int = typer.Option(0, help="seed: same inputs and seed, same file"),
     device: str = typer.Option("cpu", help="cpu, or cuda when present"),
     json_out: bool = typer.Option(False, "--json", help="print a JSON result instead of the table"),
@@ -73,6 +75,7 @@ def compress(
 ) -> None:
     """Compress a model into a .vqc file and print its bit report."""
     from . import compress as compress_model, report, save
+    from .data import training_data
     from .models import load_model
     from .plan import Plan
 
@@ -82,8 +85,11 @@ def compress(
                {"dim": dim, "k": k, "scale": scale, "groups": groups, "group_size": group_size}.items() if value is not None}
     plan = Plan(by_name={**{pattern: {} for pattern in include}, **{pattern: None for pattern in skip}})
     _say(f"loading {model} …", quiet)
-    dense, source = load_model(model)
-    compressed = compress_model(dense.to(device), method, bits, plan=plan, seed=seed, progress=not quiet, **options)
+    dense, source = load_model(model, seed)
+    calibration = training_data(source.to_json(), seed) if finetune_steps else None
+    checkpoint = output.with_name(f".{output.name}.finetune") if finetune_steps else None  # resumed if found
+    compressed = compress_model(dense.to(device), method, bits, calibration, plan=plan, seed=seed, progress=not quiet,
+                                finetune_steps=finetune_steps, lr=lr, checkpoint=checkpoint, **options)
     save(compressed, output, source)
     seconds, result = time.perf_counter() - started, report(output)
     if json_out:
@@ -156,9 +162,24 @@ def decompress(file: Path, output: Path = typer.Option(..., "-o", "--output", he
 def demo(output: Path = typer.Option(DEMO_OUTPUT, "-o", "--output"), device: str = typer.Option("cpu")) -> None:
     """The main job on the bundled MiniLM: kmeans at 2 bits per weight, bit report, quality."""
     compress("minilm", output, method="kmeans", bits=2.0, dim=None, k=None, scale=None, groups=None,
-             group_size=None, skip=[], include=[], seed=0, device=device, json_out=False, quiet=False)
+             group_size=None, skip=[], include=[], finetune_steps=0, lr=1e-3, seed=0, device=device, json_out=False, quiet=False)
     typer.echo("")
     evaluate(output, suite="minilm", device=device, json_out=False)
+
+
+zoo = typer.Typer(help="The small models trained in the project (Fashion-MNIST).", no_args_is_help=True)
+app.add_typer(zoo, name="zoo")
+
+
+@zoo.command("train")
+def zoo_train(name: str, seed: int = typer.Option(0, help="training seed: same seed, same weights")) -> None:
+    """Train a zoo model deterministically on the CPU and cache it (minutes)."""
+    from .models.fashion import train
+
+    path = train(name, seed)
+    info = json.loads(path.with_suffix(".json").read_text())
+    typer.echo(f"{name}: test accuracy {100 * info['test_accuracy']:.2f}% after {info['epochs']} epochs "
+               f"in {info['seconds']:.0f} s; cached at {path}")
 
 
 def main() -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .atomic import write_atomically
 from .errors import VQCError
 from .layers import iter_coded
 
@@ -86,14 +86,7 @@ def _save_checkpoint(path: Path, step: int, student: nn.Module, optimizer: torch
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
     for index, state in optimizer.state_dict()["state"].items():
         tensors.update({f"optimizer.{index}.{k}": torch.as_tensor(v).cpu().contiguous() for k, v in state.items()})
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file(tensors, temp, metadata={"step": str(step)})
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.remove(temp)
+    write_atomically(path, lambda temp: save_file(tensors, temp, metadata={"step": str(step)}))
 
 
 def _load_checkpoint(path: Path, student: nn.Module, optimizer: torch.optim.Optimizer) -> int:

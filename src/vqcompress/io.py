@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -21,6 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import __version__
+from .atomic import write_atomically
 from .coded import CodedWeight, CodeLayout
 from .errors import VQCError
 from .layers import LAYER_ARGS, coded_from_args, dense_type_of, iter_coded, layer_args
@@ -75,19 +75,9 @@ def manifest_of(model: nn.Module, tensors: dict[str, torch.Tensor], aliases: dic
 
 def save(model: nn.Module, path: str | os.PathLike, source: Source | None = None) -> Path:
     """Write ``model`` to ``path`` atomically: a temp file beside it, renamed when complete."""
-    path = Path(path)
     tensors, aliases = model_tensors(model)
-    manifest = manifest_of(model, tensors, aliases, source)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file(tensors, temp, metadata={MANIFEST_KEY: json.dumps(manifest, sort_keys=True)})
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.remove(temp)
-    return path
+    metadata = {MANIFEST_KEY: json.dumps(manifest_of(model, tensors, aliases, source), sort_keys=True)}
+    return write_atomically(path, lambda temp: save_file(tensors, temp, metadata=metadata))
 
 
 def read_manifest(path: str | os.PathLike) -> tuple[dict, dict[str, tuple[str, tuple[int, ...]]]]:

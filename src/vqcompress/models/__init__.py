@@ -28,7 +28,7 @@ BUNDLED = {
 
 @dataclass
 class Source:
-    kind: str  # "bundled", "folder" or "module"
+    kind: str  # "bundled", "zoo", "folder" or "module"
     name: str
     architecture: str
     path: str | None = None
@@ -48,10 +48,10 @@ def bundled_path(name: str) -> Path:
         raise VQCError(f"the bundled model {name!r} is not installed: {install}") from None
 
 
-def folder_sha256(folder: Path) -> str:
-    """Identity of a model folder: sha256 over its weight files, in name order."""
+def files_sha256(files: list[Path]) -> str:
+    """Identity of a model: sha256 over its weight files, in the order given."""
     digest = hashlib.sha256()
-    for file in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+    for file in files:
         with open(file, "rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 24), b""):
                 digest.update(chunk)
@@ -64,20 +64,29 @@ def _transformers_class(architecture: str):
     return getattr(transformers, architecture, None) or transformers.AutoModel
 
 
-def load_model(name_or_path: str) -> tuple[nn.Module, Source]:
-    """A bundled name (``minilm``) or a transformers model folder, loaded in fp32 on the CPU."""
+def load_model(name_or_path: str, seed: int = 0) -> tuple[nn.Module, Source]:
+    """A bundled name (``minilm``), a zoo model trained here (``fashion-cnn``, trained on first use
+    with ``seed``), or a transformers model folder; loaded in fp32 on the CPU."""
+    from .fashion import ZOO, checkpoint_path, load_zoo_model
+
+    if name_or_path in ZOO:
+        model = load_zoo_model(name_or_path, seed)
+        source = Source("zoo", name_or_path, type(model).__name__, str(checkpoint_path(name_or_path, seed)),
+                        {"seed": seed}, files_sha256([checkpoint_path(name_or_path, seed)]))
+        model.vqc_source = source
+        return model, source
     if name_or_path in BUNDLED:
         folder, kind, name = bundled_path(name_or_path), "bundled", name_or_path
     else:
         folder, kind, name = Path(name_or_path), "folder", Path(name_or_path).name
         if not (folder / "config.json").is_file():
-            known = ", ".join(BUNDLED)
+            known = ", ".join([*BUNDLED, *ZOO])
             raise VQCError(f"{name_or_path} is neither a bundled model ({known}) nor a model folder with config.json")
     config = json.loads((folder / "config.json").read_text())
     architecture = (config.get("architectures") or ["AutoModel"])[0]
     model = _transformers_class(architecture).from_pretrained(str(folder), dtype=torch.float32)
     model.eval()
-    source = Source(kind, name, architecture, str(folder), model.config.to_dict(), folder_sha256(folder))
+    source = Source(kind, name, architecture, str(folder), model.config.to_dict(), files_sha256(sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))))
     model.vqc_source = source
     return model, source
 
@@ -93,6 +102,12 @@ def source_of(model: nn.Module) -> Source:
 
 def skeleton(source: dict) -> nn.Module:
     """An uninitialised model of the source's architecture, for loading a file without ``like=``."""
+    if source["kind"] == "zoo":
+        from .fashion import ZOO
+
+        model = ZOO[source["name"]].build().eval()
+        model.vqc_source = Source(**source)
+        return model
     if source["kind"] == "module" or not source.get("config"):
         raise VQCError(f"this file was made from a plain module ({source['name']}): load it with like=<a {source['name']}>")
     import transformers
@@ -108,5 +123,7 @@ def model_folder(source: dict) -> Path | None:
     """The source's model folder on this machine (tokenizer and friends live there), if present."""
     if source["kind"] == "bundled":
         return bundled_path(source["name"])
+    if source["kind"] == "zoo":
+        return None
     path = source.get("path")
     return Path(path) if path and Path(path).is_dir() else None

@@ -13,7 +13,6 @@ import gzip
 import json
 import math
 import os
-import tempfile
 import time
 import zlib
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..atomic import write_atomically
 from ..errors import VQCError
 
 DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -87,7 +87,7 @@ class FashionCNN(nn.Module):
     double as the resolution halves.
     """
 
-    def __init__(self, channels: tuple[int, int, int] = (32, 64, 128), hidden: int = 256, dropout: float = 0.3) -> None:
+    def __init__(self, channels: tuple[int, int, int] = (16, 32, 64), hidden: int = 256, dropout: float = 0.3) -> None:
         super().__init__()
         c1, c2, c3 = channels
         self.features = nn.Sequential(
@@ -137,9 +137,13 @@ class Block(nn.Module):
 
 
 class FashionViT(nn.Module):
-    """4×4 patches → 49 tokens, learned positions, pre-norm blocks, mean-pooled linear head."""
+    """7×7 patches → 16 tokens, learned positions, pre-norm blocks, mean-pooled linear head.
 
-    def __init__(self, dim: int = 64, depth: int = 4, heads: int = 4, mlp_ratio: int = 2, patch: int = 4) -> None:
+    7×7 rather than 4×4 patches: a third of the tokens trains about three times faster on a CPU,
+    which buys the depth (6 blocks) that a 10-epoch budget needs to pass 88%.
+    """
+
+    def __init__(self, dim: int = 64, depth: int = 6, heads: int = 4, mlp_ratio: int = 2, patch: int = 7) -> None:
         super().__init__()
         self.patch = nn.Conv2d(1, dim, patch, stride=patch)
         self.position = nn.Parameter(torch.randn(1, (28 // patch) ** 2, dim) * 0.02)
@@ -161,13 +165,14 @@ class Spec:
     batch_size: int
     lr: float
     weight_decay: float
+    target: float  # the test accuracy a trained model reaches (stated, and checked by the slow tests)
     label_smoothing: float = 0.0
     flip: bool = False  # random horizontal flips
 
 
 ZOO = {
-    "fashion-cnn": Spec(FashionCNN, epochs=5, batch_size=128, lr=3e-3, weight_decay=5e-4),
-    "fashion-vit": Spec(FashionViT, epochs=10, batch_size=128, lr=2e-3, weight_decay=0.05,
+    "fashion-cnn": Spec(FashionCNN, epochs=7, batch_size=128, lr=3e-3, weight_decay=5e-4, target=0.92),
+    "fashion-vit": Spec(FashionViT, epochs=10, batch_size=128, lr=2e-3, weight_decay=0.05, target=0.88,
                         label_smoothing=0.1, flip=True),
 }
 
@@ -183,8 +188,10 @@ def zoo_dir() -> Path:
     return Path(os.environ.get("VQC_CACHE") or Path.home() / ".cache" / "vqcompress") / "zoo"
 
 
-def checkpoint_path(name: str, seed: int = 0) -> Path:
-    return zoo_dir() / f"{name}-seed{seed}.safetensors"
+def checkpoint_path(name: str, seed: int = 0, epochs: int | None = None) -> Path:
+    """The cached checkpoint; a run with a non-standard epoch count is kept apart from the zoo model."""
+    suffix = "" if epochs in (None, _spec(name).epochs) else f"-{epochs}ep"
+    return zoo_dir() / f"{name}-seed{seed}{suffix}.safetensors"
 
 
 @torch.no_grad()
@@ -213,23 +220,11 @@ def _batches(images: torch.Tensor, labels: torch.Tensor, spec: Spec, generator: 
         yield batch, labels[index]
 
 
-def _save_atomic(write: Callable[[str], None], path: Path) -> None:
-    """Write through a temp file in the same folder and rename, so no half file is ever seen."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(handle)
-    try:
-        write(temp)
-        os.replace(temp, path)
-    except BaseException:
-        os.unlink(temp)
-        raise
-
-
 def train(name: str, seed: int = 0, progress: bool = True, epochs: int | None = None) -> Path:
     """Train zoo model ``name`` from ``seed`` on the CPU and cache it; the same seed gives the same weights.
 
-    ``epochs`` overrides the spec's (a short run checks determinism); the checkpoint's JSON records it.
+    ``epochs`` overrides the spec's (a short run checks determinism); such a run is saved under its own
+    name (``checkpoint_path``), so it never replaces the zoo model.
     """
     from tqdm import tqdm
 
@@ -261,12 +256,12 @@ def train(name: str, seed: int = 0, progress: bool = True, epochs: int | None = 
     finally:
         torch.use_deterministic_algorithms(deterministic)
     model.eval()
-    info = {"name": name, "seed": seed, "epochs": epochs, "accuracy": accuracy(model),
+    info = {"name": name, "seed": seed, "epochs": epochs, "test_accuracy": accuracy(model),
             "seconds": round(seconds, 1), "torch": torch.__version__}
-    path = checkpoint_path(name, seed)
+    path = checkpoint_path(name, seed, epochs)
     state = {key: value.contiguous() for key, value in model.state_dict().items()}
-    _save_atomic(lambda temp: save_file(state, temp, metadata={"info": json.dumps(info)}), path)
-    _save_atomic(lambda temp: Path(temp).write_text(json.dumps(info, indent=2) + "\n"), path.with_suffix(".json"))
+    write_atomically(path, lambda temp: save_file(state, temp, metadata={"info": json.dumps(info)}))
+    write_atomically(path.with_suffix(".json"), lambda temp: Path(temp).write_text(json.dumps(info, indent=2) + "\n"))
     return path
 
 

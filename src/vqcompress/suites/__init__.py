@@ -10,14 +10,30 @@ from torch import nn
 
 from ..errors import VQCError
 
-SUITES = ("minilm",)
+SUITES = ("minilm", "fashion-cnn", "fashion-vit")
 
 
 def suite_for(source: dict) -> str:
     """The default suite of a file's source model."""
-    if source.get("kind") == "bundled" and source.get("name") in SUITES:
+    if source.get("kind") in ("bundled", "zoo") and source.get("name") in SUITES:
         return source["name"]
     raise VQCError(f"no default quality suite for {source.get('name')!r}: choose one with --suite ({', '.join(SUITES)})")
+
+
+def _figures(name: str, model: nn.Module, reference: nn.Module, source: dict, device: str) -> tuple[dict, dict]:
+    """(compressed, fp32) figures of one suite."""
+    if name == "minilm":
+        from transformers import AutoTokenizer
+
+        from ..models import model_folder
+        from . import minilm
+
+        tokenizer = AutoTokenizer.from_pretrained(str(model_folder(source)))
+        return (minilm.evaluate(model, tokenizer, reference=reference, device=device),
+                minilm.evaluate(reference, tokenizer, device=device))
+    from . import fashion
+
+    return fashion.evaluate(model, device), fashion.evaluate(reference, device)
 
 
 def run_suite(name: str | None, model: nn.Module, source: dict, device: str = "cpu") -> dict:
@@ -25,17 +41,12 @@ def run_suite(name: str | None, model: nn.Module, source: dict, device: str = "c
     name = name or suite_for(source)
     if name not in SUITES:
         raise VQCError(f"unknown suite {name!r}: choose from {', '.join(SUITES)}")
-    from transformers import AutoTokenizer
+    from ..models import load_model
 
-    from ..models import load_model, model_folder
-    from . import minilm
-
-    reference, _ = load_model("minilm")
-    tokenizer = AutoTokenizer.from_pretrained(str(model_folder(source)))
-    reference = reference.to(device)
-    compressed = minilm.evaluate(model, tokenizer, reference=reference, device=device)
-    dense = minilm.evaluate(reference, tokenizer, device=device)
+    reference, _ = load_model(name, seed=(source.get("config") or {}).get("seed", 0))
+    compressed, dense = _figures(name, model, reference.to(device), source, device)
     rows = [f"{'metric':<12} {'fp32':>8} {'compressed':>11} {'ratio':>7}"]
     rows += [f"{m:<12} {dense[m]:>8.3f} {compressed[m]:>11.3f} {compressed[m] / dense[m]:>7.3f}" for m in dense]
-    rows.append(f"{'cosine':<12} {1:>8.3f} {compressed['cosine']:>11.4f}   (embeddings vs fp32, held-out sentences)")
+    if "cosine" in compressed:
+        rows.append(f"{'cosine':<12} {1:>8.3f} {compressed['cosine']:>11.4f}   (embeddings vs fp32, held-out sentences)")
     return {"suite": name, "fp32": dense, "compressed": compressed, "table": "\n".join(rows)}
