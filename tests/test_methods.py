@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -14,7 +16,7 @@ from vqcompress.methods import get_method
 KMEANS, RTN = get_method("kmeans"), get_method("rtn")
 
 
-def dk(bits, shape=(64, 64), **options):
+def dk(bits, shape=(1024, 1024), **options):
     s = KMEANS.settings(shape, bits, options)
     return s["dim"], s["k"]
 
@@ -26,13 +28,20 @@ def dk(bits, shape=(64, 64), **options):
 def test_budget_mapping(bits, expected):
     assert dk(bits) == expected
     d, k = expected
-    assert KMEANS.layout((64, 64), KMEANS.settings((64, 64), bits, {})).bits / d == bits
+    assert KMEANS.layout((1024, 1024), KMEANS.settings((1024, 1024), bits, {})).bits / d == bits
 
 
 def test_budget_needs_d_dividing_the_inputs():
-    assert dk(2, shape=(64, 6)) == (3, 64)   # d = 4 does not divide 6
-    assert dk(1, shape=(64, 12)) == (6, 64)  # d = 8 does not divide 12
-    assert dk(2, shape=(8, 3, 3, 3)) == (3, 64)  # conv: inputs are 3·3·3 = 27
+    assert dk(2, shape=(4096, 6)) == (3, 64)   # d = 4 does not divide 6
+    assert dk(1, shape=(4096, 12)) == (6, 64)  # d = 8 does not divide 12
+    assert dk(2, shape=(512, 3, 3, 3)) == (3, 64)  # conv: inputs are 3·3·3 = 27
+
+
+@pytest.mark.parametrize(("shape", "expected"), [((1024, 1024), (8, 256)), ((32, 144), (4, 16)), ((16, 9), (1, 2))])
+def test_budget_keeps_codebooks_under_a_quarter_of_the_index_bits(shape, expected):
+    assert dk(1, shape=shape) == expected
+    d, k = expected
+    assert 16 * k * d <= 0.25 * shape[0] * math.prod(shape[1:])
 
 
 def test_explicit_dim_and_k_override_the_budget():

@@ -238,9 +238,8 @@ class CodedWeight(nn.Module):
             self.latent = nn.Parameter(self.decode().detach())
 
     def finish_training(self) -> None:
-        """Fix the final assignment and store everything back in its stored dtype."""
-        if "latent" in self._parameters:
-            self.reassign(self._parameters.pop("latent"))
+        """Keep the current assignment, drop the latent weight, store everything in its stored dtype."""
+        self._parameters.pop("latent", None)
         for name in TRAINABLE:
             if name in self._parameters:
                 dtype = getattr(torch, self.layout.codebook_dtype if name == "codebook" else self.layout.scale_dtype)

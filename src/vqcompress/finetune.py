@@ -4,7 +4,8 @@ What trains: every codebook, scale and offset of the coded layers (a codeword re
 summed gradient of the sub-vectors that use it), and every other parameter the student still
 has (norms, biases, small dense layers). With ``learn_assignments`` each coded layer also keeps
 a latent dense weight: the forward pass uses its quantized value, the gradient goes straight
-through to it, and every ``reassign_every`` steps each sub-vector moves to its nearest codeword.
+through to it, and every ``reassign_every`` steps each sub-vector moves to its nearest codeword,
+until 80% of the steps; the last 20% tune the codebooks to that fixed assignment.
 
 Batches come from ``batch_at(step)``, a pure function of the step, so an interrupted run resumed
 from its checkpoint sees the same data and ends with the same weights as an uninterrupted one.
@@ -29,6 +30,11 @@ from tqdm.auto import tqdm
 from .atomic import write_atomically
 from .errors import VQCError
 from .layers import iter_coded
+
+
+#: Assignments stop moving after this share of the steps, so the codebooks, scales and norms
+#: adapt to the final assignment during the rest.
+FREEZE_AT = 0.8
 
 
 @dataclass
@@ -110,7 +116,7 @@ def _load_checkpoint(path: Path, student: nn.Module, optimizer: torch.optim.Opti
 
 
 def finetune(student: nn.Module, teacher: nn.Module, task: Task, batch_at: Callable[[int], Any], steps: int, *,
-             lr: float = 1e-3, learn_assignments: bool = False, reassign_every: int = 50,
+             lr: float = 1e-3, learn_assignments: bool = False, reassign_every: int = 25,
              checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 100,
              progress: bool = True) -> nn.Module:
     """Distil ``student`` (with coded layers) from ``teacher`` for ``steps`` steps; returns the student.
@@ -142,7 +148,7 @@ def finetune(student: nn.Module, teacher: nn.Module, task: Task, batch_at: Calla
         loss.backward()
         optimizer.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
-        if learn_assignments and (step + 1) % reassign_every == 0:
+        if learn_assignments and (step + 1) % reassign_every == 0 and step < FREEZE_AT * steps:
             for code in codes:
                 code.reassign(code.latent)
         if checkpoint and (step + 1) % checkpoint_every == 0 and step + 1 < steps:

@@ -5,8 +5,8 @@ rows (``groups``); optionally each row is first divided by its RMS (``scale="row
 fp16) so that rows of different magnitude share the codebook well.
 
 A bit budget picks (d, k): k = 2^(bits·d) with the longest d that keeps k ≤ 256 (a codebook that
-stays in cache and costs little to store), divides the layer's inputs and leaves at least one
-sub-vector per codeword.
+stays in cache and costs little to store), divides the layer's inputs, leaves at least one
+sub-vector per codeword, and whose codebooks cost at most a quarter of the index bits.
 """
 
 from __future__ import annotations
@@ -24,16 +24,20 @@ from . import register, reject_unknown
 
 MAX_BUDGET_K = 256
 MAX_DIM = 16
+MAX_CODEBOOK_SHARE = 0.25  # of the index bits: beyond that a shorter d buys more than it loses
 OPTIONS = {"dim", "k", "scale", "groups", "iterations", "max_points_per_centroid"}
 
 
 def dim_and_k_for_bits(bits: float, shape: tuple[int, ...], groups: int = 1) -> tuple[int, int]:
     """The longest sub-vector d ≤ 16 dividing the inputs with a whole index width bits·d and
-    k = 2^(bits·d) ≤ 256, and no more codewords than each codebook has sub-vectors."""
+    k = 2^(bits·d) ≤ 256, no more codewords than each codebook has sub-vectors, and fp16
+    codebooks costing at most a quarter of the index bits (small layers get shorter d)."""
     rows, cols = shape[0], math.prod(shape[1:])
     for dim in range(MAX_DIM, 0, -1):
         width = round(bits * dim)
-        fits = cols % dim == 0 and 2**width <= rows * cols // dim // groups
+        codebook_bits = 16 * 2**width * dim * groups
+        fits = (cols % dim == 0 and 2**width <= rows * cols // dim // groups
+                and codebook_bits <= MAX_CODEBOOK_SHARE * bits * rows * cols)
         if fits and abs(bits * dim - width) < 1e-9 and 1 <= width <= math.log2(MAX_BUDGET_K):
             return dim, 2**width
     raise VQCError(
