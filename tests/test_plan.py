@@ -9,6 +9,7 @@ from torch import nn
 import vqcompress as vqc
 from vqcompress import Plan, VQCError
 from vqcompress.layers import CodedEmbedding, CodedLayer, CodedLinear
+from vqcompress.methods.kmeans import dim_and_k_for_bits
 
 
 class Net(nn.Module):
@@ -111,7 +112,8 @@ def test_compress_follows_the_plan(net):
     coded = {name for name, m in model.named_modules() if isinstance(m, CodedLayer)}
     assert coded == {"block.0", "block.2", "conv", "tiny"}
     assert model.block[0].weight_code.recipe["method"] == "kmeans"
-    assert (model.block[0].weight_code.layout.dim, model.block[0].weight_code.layout.k) == (4, 256)
+    layout = model.block[0].weight_code.layout
+    assert (layout.dim, layout.k) == dim_and_k_for_bits(2, (128, 64))  # the budget rule picks (d, k)
     assert model.block[2].weight_code.recipe == {"method": "rtn", "bits": 4, "group_size": 32}
     assert model.block[2].weight_code.layout.scale_group == 32
     assert model.tiny.weight_code.layout.k == 16
