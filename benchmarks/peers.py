@@ -1,13 +1,15 @@
-"""Peer compressors (coremltools palettization, HQQ) applied in place to a torch model.
+"""Peer compressors (coremltools palettization, post-training and DKM; HQQ) applied in place to a torch model.
 
 Benchmarks compare vqcompress with these tools at matched bits per weight, so each
 wrapper measures what the peer really stores (indices, LUTs, scales, zeros) from the
 objects it leaves in the model, instead of trusting the nominal bit width.
 """
 
+import copy
 import math
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -149,4 +151,65 @@ def hqq_quantize(
         "meta_dtype": str(layers[names[0]].meta["scale"].dtype),
         "layers": names,
     }
+    return PeerResult(model, bits / n_weights, bits, n_weights, seconds, settings)
+
+
+def dkm_palettize(
+    model: nn.Module,
+    n_bits: int,
+    steps: int,
+    batches: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+    lr: float = 1e-3,
+    cluster_dim: int = 1,
+    layer_names: list[str] | None = None,
+) -> PeerResult:
+    """Palettize Linear and Conv2d weights with coremltools' DKM, learned in a short training run.
+
+    DKM is training-time: the model trains for ``steps`` Adam steps on ``batches(step)``
+    (images, labels) with the loss our fine-tuning uses (distillation from a frozen copy of
+    the model plus cross-entropy), the learning rate decaying to zero by cosine. One LUT per
+    tensor (per_tensor), kept in fp16 (lut_dtype="f16") and counted at that width.
+    """
+    from coremltools.optimize.torch.palettization import (
+        DKMPalettizer,
+        DKMPalettizerConfig,
+        ModuleDKMPalettizerConfig,
+    )
+    from vqcompress.finetune import classification_task
+
+    names = layer_names if layer_names is not None else default_layers(model, (nn.Linear, nn.Conv2d))
+    layer_config = ModuleDKMPalettizerConfig(n_bits=n_bits, cluster_dim=cluster_dim, weight_threshold=0,
+                                             lut_dtype="f16")
+    config = DKMPalettizerConfig(module_name_configs={re.escape(n): layer_config for n in names})
+    teacher = copy.deepcopy(model).eval()
+    loss_of = classification_task().loss
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    palettizer = DKMPalettizer(model, config)
+    model = palettizer.prepare(inplace=True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    model.train()
+    for step in range(steps):
+        batch = batches(step)
+        with torch.no_grad():
+            target = teacher(batch[0])
+        loss = loss_of(model(batch[0]), target, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        palettizer.step()
+    model = palettizer.finalize(inplace=True).eval()
+    seconds = time.perf_counter() - start
+
+    modules = {n: model.get_submodule(n) for n in names}
+    done = [n for n, m in modules.items() if LUT_BUFFER in dict(m.named_buffers())]
+    if not done:
+        raise ValueError(f"coremltools DKM palettized none of {names}")
+    bits = sum(coreml_layer_bits(modules[n]) for n in done)
+    n_weights = sum(modules[n].weight.numel() for n in done)
+    settings = {"peer": "coremltools-dkm", "n_bits": n_bits, "cluster_dim": cluster_dim, "granularity": "per_tensor",
+                "steps": steps, "lr": lr, "lut_entry_bits": LUT_ENTRY_BITS, "layers": done,
+                "skipped": [n for n in names if n not in done]}
     return PeerResult(model, bits / n_weights, bits, n_weights, seconds, settings)

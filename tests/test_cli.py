@@ -32,7 +32,7 @@ def tiny_file(tmp_path_factory):
 @pytest.mark.parametrize(("args", "message"), [
     (["--method", "nope", "--bits", "2"], "unknown method 'nope'"),
     (["--bits", "0"], "bit budget must be positive"),
-    (["--bits", "0.01"], "gives 0.01 bits per weight"),
+    (["--bits", "0.01"], "fits 0.01 bits per weight"),
     (["--dim", "5", "--k", "16"], "d = 5 does not divide"),
     (["--dim", "4", "--k", "65536"], "exceed"),
     (["--method", "rtn", "--bits", "2.5"], "whole number of bits"),

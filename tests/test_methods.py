@@ -44,6 +44,17 @@ def test_budget_keeps_codebooks_under_a_quarter_of_the_index_bits(shape, expecte
     assert 16 * k * d <= 0.25 * shape[0] * math.prod(shape[1:])
 
 
+@pytest.mark.parametrize(("bits", "shape", "expected"), [
+    (0.3, (64, 64), (4, 2)),           # no whole index width: 0.25 bits is the closest below
+    (1.9, (1024, 1024), (4, 128)),     # 1.75 bits: k ≤ 256 rules out d = 5
+    (1.5, (16, 1, 3, 3), (1, 2)),      # 9 inputs: no d gives 1.5 bits exactly
+])
+def test_budget_is_a_ceiling(bits, shape, expected):
+    assert dk(bits, shape=shape) == expected
+    d, k = expected
+    assert math.log2(k) / d <= bits
+
+
 def test_explicit_dim_and_k_override_the_budget():
     assert dk(2, dim=3, k=100) == (3, 100)
     assert dk(None, dim=2, k=16) == (2, 16)
@@ -61,7 +72,6 @@ def test_only_k_given(bits, k, expected_dim):
 
 @pytest.mark.parametrize("bits, options", [
     (0, {}), (-2, {}), (0.01, {}), (None, {}),
-    (0.3, {}),                    # d would have to be 10, which does not divide 64
     (3, {"k": 256}),              # d = 8/3
     (1, {"k": 100}),              # log2(100) is not whole
     (0.3, {"dim": 4}),            # 1.2 bits per index

@@ -4,9 +4,10 @@ Sub-vectors of length d along the inputs; one codebook per layer or one per bloc
 rows (``groups``); optionally each row is first divided by its RMS (``scale="row"``, stored in
 fp16) so that rows of different magnitude share the codebook well.
 
-A bit budget picks (d, k): k = 2^(bits·d) with the longest d that keeps k ≤ 256 (a codebook that
-stays in cache and costs little to store), divides the layer's inputs, leaves at least one
-sub-vector per codeword, and whose codebooks cost at most a quarter of the index bits.
+A bit budget is a ceiling on the index bits per weight: it picks the (d, k = 2^width) with
+width/d closest to it from below (the longest such d), with k ≤ 256 (a codebook that stays in
+cache and costs little to store), d dividing the layer's inputs, at least one sub-vector per
+codeword, and codebooks costing at most a quarter of the index bits.
 """
 
 from __future__ import annotations
@@ -29,21 +30,28 @@ OPTIONS = {"dim", "k", "scale", "groups", "iterations", "max_points_per_centroid
 
 
 def dim_and_k_for_bits(bits: float, shape: tuple[int, ...], groups: int = 1) -> tuple[int, int]:
-    """The longest sub-vector d ≤ 16 dividing the inputs with a whole index width bits·d and
-    k = 2^(bits·d) ≤ 256, no more codewords than each codebook has sub-vectors, and fp16
-    codebooks costing at most a quarter of the index bits (small layers get shorter d)."""
+    """The (d, k = 2^width) whose index bits width/d come closest to ``bits`` without passing it.
+
+    The budget is a ceiling, so a layer whose inputs no exact d divides (a 3×3 conv on one
+    channel has 9) still gets the best layout under it. Candidates: d ≤ 16 dividing the inputs,
+    k ≤ 256, no more codewords than each codebook has sub-vectors, and fp16 codebooks costing at
+    most a quarter of the index bits (small layers get shorter d); ties go to the longer d.
+    """
     rows, cols = shape[0], math.prod(shape[1:])
-    for dim in range(MAX_DIM, 0, -1):
-        width = round(bits * dim)
+    candidates = []
+    for dim in range(1, MAX_DIM + 1):
+        width = min(math.floor(bits * dim + 1e-9), int(math.log2(MAX_BUDGET_K)))
         codebook_bits = 16 * 2**width * dim * groups
-        fits = (cols % dim == 0 and 2**width <= rows * cols // dim // groups
-                and codebook_bits <= MAX_CODEBOOK_SHARE * bits * rows * cols)
-        if fits and abs(bits * dim - width) < 1e-9 and 1 <= width <= math.log2(MAX_BUDGET_K):
-            return dim, 2**width
-    raise VQCError(
-        f"no codebook with d ≤ {MAX_DIM} dividing {cols} inputs and k ≤ {MAX_BUDGET_K} gives {bits} bits per "
-        f"weight on shape {tuple(shape)}: choose another --bits or set --dim and --k"
-    )
+        if (width >= 1 and cols % dim == 0 and 2**width <= rows * cols // dim // groups
+                and codebook_bits <= MAX_CODEBOOK_SHARE * bits * rows * cols):
+            candidates.append((width / dim, dim, width))
+    if not candidates:
+        raise VQCError(
+            f"no codebook with d ≤ {MAX_DIM} dividing {cols} inputs and k ≤ {MAX_BUDGET_K} fits {bits} bits per "
+            f"weight on shape {tuple(shape)}: choose another --bits or set --dim and --k"
+        )
+    _, dim, width = max(candidates)
+    return dim, 2**width
 
 
 class KMeans:
