@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup demo test test-slow bench bench-fashion clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,9 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+bench-fashion: $(STAMP)
+	$(PY) -m benchmarks.fashion
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run

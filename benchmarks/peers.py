@@ -162,6 +162,7 @@ def dkm_palettize(
     lr: float = 1e-3,
     cluster_dim: int = 1,
     layer_names: list[str] | None = None,
+    overrides: dict[str, tuple[int, int]] | None = None,
 ) -> PeerResult:
     """Palettize Linear and Conv2d weights with coremltools' DKM, learned in a short training run.
 
@@ -169,6 +170,7 @@ def dkm_palettize(
     (images, labels) with the loss our fine-tuning uses (distillation from a frozen copy of
     the model plus cross-entropy), the learning rate decaying to zero by cosine. One LUT per
     tensor (per_tensor), kept in fp16 (lut_dtype="f16") and counted at that width.
+    ``overrides`` gives chosen layers their own (n_bits, cluster_dim).
     """
     from coremltools.optimize.torch.palettization import (
         DKMPalettizer,
@@ -178,9 +180,10 @@ def dkm_palettize(
     from vqcompress.finetune import classification_task
 
     names = layer_names if layer_names is not None else default_layers(model, (nn.Linear, nn.Conv2d))
-    layer_config = ModuleDKMPalettizerConfig(n_bits=n_bits, cluster_dim=cluster_dim, weight_threshold=0,
-                                             lut_dtype="f16")
-    config = DKMPalettizerConfig(module_name_configs={re.escape(n): layer_config for n in names})
+    settings = {n: (overrides or {}).get(n, (n_bits, cluster_dim)) for n in names}
+    config = DKMPalettizerConfig(module_name_configs={
+        re.escape(n): ModuleDKMPalettizerConfig(n_bits=b, cluster_dim=c, weight_threshold=0, lut_dtype="f16")
+        for n, (b, c) in settings.items()})
     teacher = copy.deepcopy(model).eval()
     loss_of = classification_task().loss
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""docs/benchmarks.md and the rate–distortion plot, from benchmarks/results/minilm.json alone.
+"""docs/benchmarks.md and the rate–distortion plot, from benchmarks/results/{minilm,fashion}.json alone.
 
     .venv/bin/python -m benchmarks.render     # re-render without re-measuring
 
@@ -13,6 +13,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT = ROOT / "benchmarks" / "results" / "minilm.json"
+FASHION = ROOT / "benchmarks" / "results" / "fashion.json"
+FASHION_TARGETS = {"≤ 1.6": 0.5, "≤ 1.0": 1.5}  # points of accuracy a budget may lose against fp32
 DOCS = ROOT / "docs"
 PLOT = "minilm_rate_distortion.png"
 SPEARMAN = ("lee", "wordsim353", "simlex999")
@@ -22,8 +24,8 @@ NAMES = {"fp32": "fp32 (reference)", "kmeans": "vqcompress kmeans", "rtn": "vqco
 
 def line_name(row: dict) -> str:
     """One plotted line per method, with kmeans' row scaling told apart from plain kmeans."""
-    scale = row["settings"].get("scale")
-    return NAMES[row["method"]] + (f" scale={scale}" if scale else "")
+    scale, steps = row["settings"].get("scale"), row["settings"].get("finetune_steps")
+    return NAMES[row["method"]] + (f" scale={scale}" if scale else "") + (" + fine-tuning" if steps else "")
 
 
 def settings_text(row: dict) -> str:
@@ -96,7 +98,9 @@ def notes(rows: list[dict]) -> list[str]:
         "come from the written .vqc file (`vqc inspect`), which also stores every dense tensor; *file MiB* is that "
         "file's size. Quality is measured on the model reloaded from the file (decoded to dense layers once: "
         "the same weights). `rtn` is per-group round-to-nearest with an fp16 scale and offset per group "
-        "(b + 0.5 bits); `scale=row` divides each row by its fp16 RMS before k-means.",
+        "(b + 0.5 bits); `scale=row` divides each row by its fp16 RMS before k-means; `finetune_steps` adds the "
+        "fine-tuning engine (distillation from fp32 on Lee background sentences, batches of 32; codebooks, norms and "
+        "biases train, assignments stay), its time included in *compress s*.",
         f"- **coremltools PostTrainingPalettizer** ({layers['coremltools']} layers, the same as ours), data-free "
         "k-means, one LUT per tensor (per_tensor): coded bits = n_bits per weight + the LUT's 2^n_bits fp16 entries, "
         "read from the LUT coremltools attaches. It writes the palettized values back into fp32 weights; quality is "
@@ -116,6 +120,93 @@ def notes(rows: list[dict]) -> list[str]:
     ]
 
 
+def fashion_accuracy(result: dict) -> list[str]:
+    rows = result["rows"]
+    fp32 = {r["model"]: r["accuracy"] for r in rows if r["method"] == "fp32"}
+    lines = ["| model | budget | method | steps | bits/w coded | bits/w model | accuracy % | vs fp32 | seconds |",
+             "|---|---|---|--:|--:|--:|--:|--:|--:|"]
+    for r in rows:
+        delta = r["accuracy"] - fp32[r["model"]]
+        lines.append(f"| {r['model']} | {r['budget']} | {r['method']} | {r['steps']} | {r['coded_bits_per_weight']:.3f} "
+                     f"| {r['model_bits_per_weight']:.3f} | {r['accuracy']:.2f} | {delta:+.2f} | "
+                     f"{number(r.get('seconds'), 0)} |")
+    lines += ["", "Targets (accuracy within the stated points of fp32, every Conv2d and Linear coded, coded bits/w "
+              "within the budget):", ""]
+    for model in fp32:
+        for budget, points in FASHION_TARGETS.items():
+            ours = [r for r in rows if r["model"] == model and r["budget"] == budget and r["method"] != "coremltools-dkm"]
+            best = max(ours, key=lambda r: r["accuracy"])
+            limit = float(budget.split()[-1])
+            met = best["accuracy"] >= fp32[model] - points and best["coded_bits_per_weight"] <= limit
+            lines.append(f"- {model} at {budget} bits/w: best is {best['method']} ({best['steps']} steps), "
+                         f"{best['accuracy']:.2f}% at {best['coded_bits_per_weight']:.3f} bits/w against fp32 "
+                         f"{fp32[model]:.2f}% (allowed loss {points} points): **{'met' if met else 'not met'}**.")
+    return lines
+
+
+def fashion_resume(resume: dict) -> list[str]:
+    scores, stop = resume["accuracy"], resume["interrupted"]
+    return [f"`{resume['command']}` run once uninterrupted, and once interrupted by SIGINT after its first "
+            f"checkpoint (exit code {stop['exit_code']}, output file written: {stop['file_written']}, checkpoint kept: "
+            f"{stop['checkpoint_kept']}) and then run again: accuracy {scores['uninterrupted']:.2f}% uninterrupted, "
+            f"{scores['resumed']:.2f}% resumed; the two files are "
+            f"**{'identical (same sha256)' if resume['same_file'] else 'different'}**."]
+
+
+def fashion_flops(rows: list[dict]) -> list[str]:
+    lines = ["| model | layer | shape | k | d | batch | dense mult | LUT mult | mult ratio | dense adds | LUT adds "
+             "| dense ms | decode ms | LUT ms |", "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['layer']} | {'×'.join(map(str, r['shape']))} | {r['k']} | {r['dim']} "
+                     f"| {r['batch']} | {r['dense_multiplies']:,} | {r['lut_multiplies']:,} | {r['multiply_ratio']:.2f} "
+                     f"| {r['dense_adds']:,} | {r['lut_adds']:,} | {r['dense_ms']:.3f} | {r['decode_ms']:.3f} "
+                     f"| {r['lut_ms']:.3f} |")
+    return lines
+
+
+def step_cost(result: dict) -> str:
+    """Seconds per training step of DKM against vqdnn, from this run's own rows."""
+    def per_step(method: str) -> float:
+        rows = [r for r in result["rows"] if r["method"] == method and r["model"] == "fashion-cnn"]
+        return sum(r["seconds"] for r in rows) / sum(r["steps"] for r in rows)
+
+    dkm, ours = per_step("coremltools-dkm"), per_step("vqdnn")
+    return f"on fashion-cnn a DKM step took {dkm:.2f} s, a vqdnn step {ours:.3f} s: {dkm / ours:.0f}×"
+
+
+def measured_on(result: dict, part: str) -> list[str]:
+    """A part re-measured apart from the rest says when."""
+    when = result.get("measured", {}).get(part)
+    return ["", f"(This part measured {when}, apart from the accuracy table.)"] if when and when != result["started"] else []
+
+
+def fashion_markdown(result: dict) -> list[str]:
+    m = result["machine"]
+    return [
+        "## fashion-cnn and fashion-vit: every Conv2d and Linear coded", "",
+        f"Measured {result['started']} by `make bench-fashion` (`benchmarks/fashion.py`); it took "
+        f"{result['seconds'] / 60:.0f} min on {m['cpu']}, {m['cores']} cores, torch {m['torch']}.", "",
+        f"Every Conv2d and Linear is coded. The first and the last layer ({', '.join(' / '.join(v) for v in result['edge_layers'].values())}; "
+        "under 1.5% of the weights) get 4-bit scalar codebooks (d = 1, k = 16), counted; the others take the budget's "
+        "index bits (1.5 for ≤ 1.6, 0.875 for ≤ 1.0) through the budget rule. *bits/w coded* counts every stored bit "
+        "of all coded layers (codes, codebooks, scales) over their weights, read from the written .vqc file; accuracy "
+        "is of the model reloaded from that file, on the 10,000 test images. Fine-tuning: "
+        f"{result['steps']} steps of 128 training images, distillation from fp32 plus cross-entropy, learning rates "
+        f"{result['lr']}; per-model options {result['model_options']}. coremltools DKMPalettizer: the same layers, the "
+        f"same 4-bit first and last layers, data and loss, {result['dkm_steps']} steps ({step_cost(result)}; one fp16 "
+        "LUT per tensor; n_bits 3 with cluster_dim 2 for ≤ 1.6, n_bits 1 for "
+        "≤ 1.0).", "",
+        *fashion_accuracy(result), "",
+        "### Resume", "", *fashion_resume(result["resume"]), *measured_on(result, "resume"), "",
+        "### FLOPs and time per layer: dense vs lookup table", "",
+        "Analytic multiplies and adds of one call (`vqcompress.flops`), beside the measured median time "
+        f"of one call on real test-image activations: the dense layer, the coded layer's decode path (decode, then "
+        "the dense product) and its lookup-table path. Layouts of kmeans at ≤ 1.6 bits/w. The lookup table saves "
+        "multiplies only where k·d is small against the output rows; times are as measured, whichever path wins.", "",
+        *fashion_flops(result["flops"]), "",
+    ]
+
+
 def markdown(result: dict) -> str:
     rows = result["rows"]
     lines = [
@@ -132,6 +223,8 @@ def markdown(result: dict) -> str:
         "### Timing: `vqc compress`, kmeans at 2 bits", "", *timing_section(result["timing"]), "",
         "### Machine", "", *machine_lines(result), "",
     ]
+    if FASHION.exists():
+        lines += fashion_markdown(json.loads(FASHION.read_text()))
     return "\n".join(lines)
 
 

@@ -96,3 +96,17 @@ def test_more_bits_lower_the_weight_error():
 def test_default_layers_skip_small_ones():
     model = nn.Sequential(nn.Linear(SIDE, SIDE), nn.Linear(SIDE, 2), nn.Embedding(100, 64))
     assert peers.default_layers(model, (nn.Linear, nn.Embedding)) == ["0", "2"]
+
+
+def test_dkm_trains_and_counts_each_layers_own_lut():
+    """DKM palettizes after its training steps; an override gives one layer its own width, counted as such."""
+    def batches(step: int):
+        generator = torch.Generator().manual_seed(step)
+        return torch.randn(16, SIDE, generator=generator), torch.randint(0, SIDE, (16,), generator=generator)
+
+    result = peers.dkm_palettize(make_model(), 1, steps=2, batches=batches, overrides={"2": (4, 1)})
+    check_forward(result.model)
+    expected = SIDE * SIDE * 1 + 2 * 16 + SIDE * SIDE * 4 + 16 * 16
+    assert result.settings["layers"] == ["0", "2"]
+    assert (result.compressed_bits, result.n_weights) == (expected, N_WEIGHTS)
+    assert result.model[0].weight.detach().unique().numel() <= 2

@@ -226,16 +226,17 @@ class CodedWeight(nn.Module):
         codes = torch.cat([torch.from_numpy(assign(p, c)) for p, c in zip(points, codebooks)])
         self.codes = pack_codes(codes, lay.bits).to(self.codes.device)
 
-    def start_training(self, learn_assignments: bool = False) -> None:
+    def start_training(self, latent: Tensor | None = None) -> None:
         """Turn codebooks, scales and offsets into float32 parameters that gradients reach through
         ``decode`` (a codeword gets the summed gradient of its sub-vectors). To learn assignments,
-        also keep a latent dense weight: the forward pass uses its quantized value and passes the
+        pass a ``latent`` dense weight (best the original one, which still knows where each
+        sub-vector lies inside its cell): the forward pass uses its quantized value and passes the
         gradient straight through to it."""
         for name in TRAINABLE:
             if name in self._buffers:
                 self.register_parameter(name, nn.Parameter(self._buffers.pop(name).float()))
-        if learn_assignments:
-            self.latent = nn.Parameter(self.decode().detach())
+        if latent is not None:
+            self.latent = nn.Parameter(latent.detach().float().reshape(self.layout.shape).clone())
 
     def finish_training(self) -> None:
         """Keep the current assignment, drop the latent weight, store everything in its stored dtype."""

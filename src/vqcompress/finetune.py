@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +116,30 @@ def _load_checkpoint(path: Path, student: nn.Module, optimizer: torch.optim.Opti
     return step
 
 
+@contextmanager
+def _deterministic_algorithms():
+    """Same seed, same weights: CPU convolution gradients otherwise vary from run to run.
+    (``warn_only``: on CUDA an op with no deterministic kernel warns rather than stops.)"""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def _original_weight(teacher: nn.Module, name: str, layer: nn.Module) -> Tensor:
+    """The teacher's dense weight of a coded layer: where its latent weight starts. A teacher
+    that is itself coded there (or lacks the layer) gives the decoded weight instead."""
+    try:
+        original = getattr(teacher.get_submodule(name), "weight", None)
+    except AttributeError:
+        original = None
+    if isinstance(original, Tensor) and tuple(original.shape) == layer.weight_code.layout.shape:
+        return original.detach()
+    return layer.weight_code.decode().detach()
+
+
 def finetune(student: nn.Module, teacher: nn.Module, task: Task, batch_at: Callable[[int], Any], steps: int, *,
              lr: float = 1e-3, learn_assignments: bool = False, reassign_every: int = 25,
              checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 100,
@@ -124,35 +149,37 @@ def finetune(student: nn.Module, teacher: nn.Module, task: Task, batch_at: Calla
     With ``checkpoint``, progress is saved there every ``checkpoint_every`` steps and a run that
     finds the file resumes from it; the file is removed once training completes.
     """
-    codes = [layer.weight_code for _, layer in iter_coded(student)]
-    if not codes:
+    coded = list(iter_coded(student))
+    if not coded:
         raise VQCError("the model has no coded layer to fine-tune: compress it first")
     if steps < 1:
         raise VQCError(f"fine-tuning needs at least one step, got {steps}")
-    for code in codes:
-        code.start_training(learn_assignments)
+    codes = [layer.weight_code for _, layer in coded]
+    for name, layer in coded:
+        layer.weight_code.start_training(_original_weight(teacher, name, layer) if learn_assignments else None)
     teacher.eval()
     student.eval().requires_grad_(True)
     optimizer = torch.optim.Adam(student.parameters(), lr=lr)
     checkpoint = Path(checkpoint) if checkpoint else None
     start = _load_checkpoint(checkpoint, student, optimizer) if checkpoint and checkpoint.exists() else 0
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="fine-tune", unit="step", disable=not progress)
-    for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(lr, step, steps, warmup=max(1, steps // 20))
-        batch = batch_at(step)
-        with torch.no_grad():
-            target = task.forward(teacher, batch)
-        loss = task.loss(task.forward(student, batch), target, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if learn_assignments and (step + 1) % reassign_every == 0 and step < FREEZE_AT * steps:
-            for code in codes:
-                code.reassign(code.latent)
-        if checkpoint and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
-            _save_checkpoint(checkpoint, step + 1, student, optimizer)
+    with _deterministic_algorithms():
+        for step in bar:
+            for group in optimizer.param_groups:
+                group["lr"] = _learning_rate(lr, step, steps, warmup=max(1, steps // 20))
+            batch = batch_at(step)
+            with torch.no_grad():
+                target = task.forward(teacher, batch)
+            loss = task.loss(task.forward(student, batch), target, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if learn_assignments and (step + 1) % reassign_every == 0 and step < FREEZE_AT * steps:
+                for code in codes:
+                    code.reassign(code.latent)
+            if checkpoint and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+                _save_checkpoint(checkpoint, step + 1, student, optimizer)
     for code in codes:
         code.finish_training()
     if checkpoint and checkpoint.exists():

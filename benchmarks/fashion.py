@@ -1,0 +1,266 @@
+"""`make bench-fashion`: the fashion-cnn and fashion-vit suites, the resume check, and the FLOP/time table.
+
+    .venv/bin/python -m benchmarks.fashion          # from the repository root; ~50 min on 2 idle cores
+
+Accuracy: every Conv2d and Linear of each zoo model is coded (the first and the last layer, a
+tiny share of the weights, at 4 bits, as quantization papers keep them at 8), at two budgets
+(≤ 1.6 and ≤ 1.0 bits per weight over all those layers, everything counted), by kmeans alone,
+kmeans + the fine-tuning engine, vqdnn, and coremltools' DKMPalettizer with the same layers,
+the same steps and the same loss. Ours are scored on the model reloaded from its .vqc file.
+
+Resume: `vqc compress … --finetune-steps` interrupted by SIGINT, run again, compared with an
+uninterrupted run (file sha256 and accuracy). FLOPs: every coded layer, dense vs lookup table,
+beside measured times of the dense layer, the decode path and the lookup-table path.
+Results go to benchmarks/results/fashion.json; benchmarks/render.py puts them into docs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .run import CORES, ROOT, machine, now, write_json
+
+RESULTS = ROOT / "benchmarks" / "results" / "fashion.json"
+MODELS = {"fashion-cnn": ("features.0.0", "head.5"), "fashion-vit": ("patch", "head")}  # (first, last) layer
+EDGE_SPEC = {"dim": 1, "k": 16}  # the first and last layer: 4-bit scalar codebooks
+BUDGETS = {"≤ 1.6": {"bits": 1.5, "dkm": (3, 2)}, "≤ 1.0": {"bits": 0.875, "dkm": (1, 1)}}  # dkm: (n_bits, cluster_dim)
+# Per-row fp16 scales pay in the CNN (BatchNorm renormalises every output channel, so each row's
+# own error is what counts; 0.005 bits/w on its big Linear) but cost 0.25 bits/w on the ViT's 64-input rows.
+MODEL_OPTIONS = {"fashion-cnn": {"scale": "row"}, "fashion-vit": {}}
+STEPS = 1000
+DKM_STEPS = 200  # DKM's soft assignment costs ~1.5 s a step on the CNN here (ours: ~0.07 s)
+LR = {"kmeans": 1e-4, "vqdnn": 1e-4, "dkm": 1e-4}
+BATCHES = (1, 8, 64)
+REPEATS = 15
+RESUME_STEPS = 300
+
+
+def plan_for(model_name: str):
+    from vqcompress.plan import Plan
+
+    first, last = MODELS[model_name]
+    return Plan(by_name={".*": {}, **{f"{name}": dict(EDGE_SPEC) for name in (first, last)}})
+
+
+def run_ours(model_name: str, method: str, bits: float, steps: int) -> dict:
+    """Compress with vqcompress, write the file, reload it, score it."""
+    import vqcompress as vqc
+    from vqcompress.data import fashion_training_data
+    from vqcompress.models import load_model
+    from vqcompress.models.fashion import accuracy
+
+    model, _ = load_model(model_name)
+    start = time.perf_counter()
+    vqc.compress(model, method, bits=bits, plan=plan_for(model_name), progress=False, finetune_steps=steps,
+                 calibration=fashion_training_data(0) if steps else None, lr=LR[method], **MODEL_OPTIONS[model_name])
+    seconds = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as workdir:
+        path = Path(workdir) / "model.vqc"
+        vqc.save(model, path)
+        report = vqc.report(path)
+        reloaded = vqc.load(path, like=load_model(model_name)[0])
+    per_layer = {r.name: round(r.bits_per_weight, 3) for r in report.coded}
+    return {"coded_bits_per_weight": report.coded_bits_per_weight, "model_bits_per_weight": report.model_bits_per_weight,
+            "file_bytes": report.file_bytes, "layers": len(report.coded), "layer_bits": per_layer,
+            "accuracy": 100 * accuracy(reloaded), "seconds": seconds}
+
+
+def run_dkm(model_name: str, n_bits: int, cluster_dim: int, steps: int) -> dict:
+    """coremltools DKM on the same layers (first and last at 4-bit scalar LUTs), same data and loss."""
+    from torch import nn
+    from vqcompress.data import fashion_training_data
+    from vqcompress.models import load_model
+    from vqcompress.models.fashion import accuracy
+
+    from . import peers
+
+    model, _ = load_model(model_name)
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    edges = {name: (4, 1) for name in MODELS[model_name]}
+    data = fashion_training_data(0)
+    result = peers.dkm_palettize(model, n_bits, steps, data.batch_at, lr=LR["dkm"], cluster_dim=cluster_dim,
+                                 layer_names=names, overrides=edges)
+    parameters = sum(p.numel() for p in result.model.parameters())
+    return {"coded_bits_per_weight": result.bits_per_weight,
+            "model_bits_per_weight": (result.compressed_bits + 32 * (parameters - result.n_weights)) / parameters,
+            "file_bytes": None, "layers": len(result.settings["layers"]), "skipped": result.settings["skipped"],
+            "accuracy": 100 * accuracy(result.model), "seconds": result.seconds}
+
+
+def accuracy_rows() -> list[dict]:
+    from vqcompress.models import load_model
+    from vqcompress.models.fashion import accuracy
+
+    rows = []
+    for model_name in MODELS:
+        model, _ = load_model(model_name)
+        rows.append({"model": model_name, "budget": "fp32", "method": "fp32", "steps": 0, "accuracy": 100 * accuracy(model),
+                     "coded_bits_per_weight": 32.0, "model_bits_per_weight": 32.0,
+                     "parameters": sum(p.numel() for p in model.parameters())})
+        for budget, setting in BUDGETS.items():
+            runs = [("kmeans", 0), ("kmeans", STEPS), ("vqdnn", STEPS)]
+            for method, steps in runs:
+                row = run_ours(model_name, method, setting["bits"], steps)
+                rows.append({"model": model_name, "budget": budget, "method": method, "steps": steps,
+                             "bits": setting["bits"], **row})
+                log(rows[-1])
+            n_bits, cluster_dim = setting["dkm"]
+            rows.append({"model": model_name, "budget": budget, "method": "coremltools-dkm", "steps": DKM_STEPS,
+                         "n_bits": n_bits, "cluster_dim": cluster_dim,
+                         **run_dkm(model_name, n_bits, cluster_dim, DKM_STEPS)})
+            log(rows[-1])
+    return rows
+
+
+def log(row: dict) -> None:
+    print(f"{row['model']:<12} {row['budget']:<6} {row['method']:<16} steps {row['steps']:>5}  "
+          f"{row['coded_bits_per_weight']:.3f} bits/w  acc {row['accuracy']:.2f}", file=sys.stderr, flush=True)
+
+
+# --- resume: a real interrupted CLI run ---------------------------------------------------------
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def resume_check() -> dict:
+    """Run `vqc compress fashion-cnn --method vqdnn` uninterrupted; then again, SIGINT once its
+    first checkpoint exists, and once more to resume. Same seed: same file and accuracy expected."""
+    vqc = str(Path(sys.executable).with_name("vqc"))
+    with tempfile.TemporaryDirectory() as workdir:
+        whole, resumed = Path(workdir) / "whole.vqc", Path(workdir) / "resumed.vqc"
+        argv = [vqc, "compress", "fashion-cnn", "--method", "vqdnn", "--bits", "1.5", "--finetune-steps",
+                str(RESUME_STEPS), "--quiet"]
+        subprocess.run([*argv, "-o", str(whole)], check=True, capture_output=True)
+        checkpoint = resumed.with_name(f".{resumed.name}.finetune")
+        process = subprocess.Popen([*argv, "-o", str(resumed)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        while not checkpoint.exists() and process.poll() is None:
+            time.sleep(0.2)
+        process.send_signal(signal.SIGINT)
+        interrupted = {"exit_code": process.wait(), "message": process.stderr.read().decode().strip()[-300:],
+                       "file_written": resumed.exists(), "checkpoint_kept": checkpoint.exists()}
+        subprocess.run([*argv, "-o", str(resumed)], check=True, capture_output=True)
+        scores = {name: _file_accuracy(path) for name, path in (("uninterrupted", whole), ("resumed", resumed))}
+        return {"command": " ".join(["vqc", *argv[1:], "-o", "OUT.vqc"]), "interrupted": interrupted,
+                "same_file": sha256(whole) == sha256(resumed), "accuracy": scores}
+
+
+def _file_accuracy(path: Path) -> float:
+    import vqcompress as vqc
+    from vqcompress.models.fashion import accuracy
+
+    return 100 * accuracy(vqc.load(path))
+
+
+# --- FLOPs and measured time per layer ----------------------------------------------------------
+
+def layer_inputs(model, names: list[str], batch: int):
+    """What each named layer sees when the model runs on ``batch`` test images."""
+    import torch
+    from vqcompress.models.fashion import load_split
+
+    images, _ = load_split("test")
+    inputs = {}
+    hooks = [model.get_submodule(n).register_forward_pre_hook(lambda m, args, n=n: inputs.__setitem__(n, args[0]))
+             for n in names]
+    with torch.no_grad():
+        model(images[:batch])
+    for hook in hooks:
+        hook.remove()
+    return inputs
+
+
+def median_seconds(call, repeats: int = REPEATS) -> float:
+    import torch
+
+    with torch.no_grad():
+        call()  # warm-up
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def positions(layer, x) -> int:
+    """Input vectors one call multiplies: tokens for a Linear, output pixels for a convolution."""
+    from vqcompress.layers import CodedLinear
+
+    if isinstance(layer, CodedLinear):
+        return x.numel() // x.shape[-1]
+    out = layer(x)
+    return x.shape[0] * out.shape[-1] * out.shape[-2]
+
+
+def flop_rows() -> list[dict]:
+    """Every coded layer at the ≤ 1.6 budget (kmeans: the layout is what counts), batch 1, 8, 64."""
+    import copy
+
+    import vqcompress as vqc
+    from vqcompress.flops import layer_flops
+    from vqcompress.layers import iter_coded
+    from vqcompress.models import load_model
+
+    rows = []
+    for model_name in MODELS:
+        dense, _ = load_model(model_name)
+        coded = vqc.compress(copy.deepcopy(dense), "kmeans", bits=BUDGETS["≤ 1.6"]["bits"], plan=plan_for(model_name),
+                             progress=False)
+        layers = dict(iter_coded(coded))
+        for batch in BATCHES:
+            inputs = layer_inputs(dense, list(layers), batch)
+            for name, layer in layers.items():
+                x, lay = inputs[name], layer.weight_code.layout
+                flops = layer_flops(layer, positions(layer, x))
+                times = {"dense": median_seconds(lambda: dense.get_submodule(name)(x))}
+                for path in ("decode", "lut"):
+                    layer.set_forward_path(path)
+                    times[path] = median_seconds(lambda: layer(x))
+                rows.append({"model": model_name, "layer": name, "batch": batch, "shape": list(lay.shape),
+                             "k": lay.k, "dim": lay.dim, **flops.to_json(),
+                             **{f"{p}_ms": 1000 * s for p, s in times.items()}})
+        print(f"{model_name}: FLOPs and times of {len(layers)} layers", file=sys.stderr, flush=True)
+    return rows
+
+
+PARTS = {"flops": flop_rows, "resume": resume_check, "rows": accuracy_rows}
+
+
+def main() -> None:
+    import argparse
+    import json
+
+    import torch
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=sorted(PARTS), help="re-measure one part, keep the others from the last run")
+    args = parser.parse_args()
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:CORES])
+    torch.set_num_threads(CORES)
+    result = json.loads(RESULTS.read_text()) if args.only else {}
+    start = time.perf_counter()
+    result.update({"suite": "fashion", "machine": machine(), "steps": STEPS, "dkm_steps": DKM_STEPS, "lr": LR,
+                   "model_options": MODEL_OPTIONS, "budgets": BUDGETS, "edge_spec": EDGE_SPEC, "edge_layers": MODELS})
+    for part in [args.only] if args.only else PARTS:
+        result.setdefault("measured", {})[part] = now()
+        result[part] = PARTS[part]()
+    result.setdefault("started", result["measured"][min(result["measured"], key=result["measured"].get)])
+    earlier = result.get("seconds", 0) if args.only else 0  # a re-measured part adds to the run it joins
+    result["seconds"] = earlier + time.perf_counter() - start
+    write_json(RESULTS, result)
+    from . import render
+
+    render.main()
+
+
+if __name__ == "__main__":
+    main()
