@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 
 import pytest
+import torch
+from torch import nn
 
 import vqcompress as vqc
 from vqcompress.errors import VQCError
@@ -36,9 +38,82 @@ def test_vqdnn_and_finetuned_kmeans_beat_plain_kmeans():
     plain = vqc.compress(copy.deepcopy(teacher), "kmeans", bits=1, plan=EVERY_LAYER, progress=False)
     tuned = vqc.compress(copy.deepcopy(teacher), "kmeans", bits=1, calibration=DATA, finetune_steps=60, lr=3e-3,
                          plan=EVERY_LAYER, progress=False)
-    learned = vqc.compress(copy.deepcopy(teacher), "vqdnn", bits=1, calibration=DATA, finetune_steps=60, lr=3e-3,
+    learned = vqc.compress(copy.deepcopy(teacher), "vqdnn", bits=1, calibration=DATA, finetune_steps=60, lr=1e-3,
                            plan=EVERY_LAYER, progress=False)
     assert distillation_loss(tuned, teacher) < distillation_loss(plain, teacher)
     assert distillation_loss(learned, teacher) < distillation_loss(plain, teacher)
     assert vqc.report(learned).coded_bits == vqc.report(plain).coded_bits
     assert {layer.weight_code.recipe["method"] for _, layer in iter_coded(learned)} == {"vqdnn"}
+
+
+# -- shared codebooks (VQ-DNN's group number) ------------------------------------------------------
+
+def deep_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    layers = [nn.Linear(64, 64) for _ in range(4)]
+    for i, layer in enumerate(layers):  # layers of different magnitude: what the per-layer gain is for
+        layer.weight.data *= 2.0**i
+    return nn.Sequential(*layers).eval()
+
+
+def codebooks_of(model: nn.Module) -> list[torch.Tensor]:
+    return [layer.weight_code.codebook for _, layer in iter_coded(model)]
+
+
+def test_one_shared_codebook_is_one_tensor_counted_once(tmp_path):
+    model = vqc.compress(deep_mlp(), "kmeans", bits=2, shared=1, plan=EVERY_LAYER, progress=False)
+    books = codebooks_of(model)
+    assert len(books) == 4 and all(book is books[0] for book in books)
+    d, k = books[0].shape[-1], books[0].shape[-2]
+    assert (d, k) == (4, 256)  # not charged to one layer, the budget rule may take the longest d
+    codes_bits = 4 * 64 * 64 // d * 8
+    expected = codes_bits + 16 * k * d + 4 * 16  # the codes, one fp16 codebook, four fp16 gains
+    assert vqc.report(model).coded_bits == expected
+    path = tmp_path / "shared.vqc"
+    vqc.save(model, path)
+    assert vqc.report(path).coded_bits == expected
+    loaded = vqc.load(path, like=deep_mlp())
+    assert all(book is codebooks_of(loaded)[0] for book in codebooks_of(loaded))
+    x = torch.randn(5, 64)
+    assert torch.equal(loaded(x), model(x))
+
+
+def test_shared_codebook_serves_layers_of_any_magnitude():
+    """Every layer's relative error stays moderate although their scales differ 8-fold."""
+    dense = deep_mlp()
+    model = vqc.compress(copy.deepcopy(dense), "kmeans", bits=2, shared=1, plan=EVERY_LAYER, progress=False)
+    for (name, layer), original in zip(iter_coded(model), dense):
+        error = (layer.weight_code.decode() - original.weight).norm() / original.weight.norm()
+        assert error < 0.5, name
+
+
+def test_lookup_table_equals_decode_with_a_gain():
+    model = vqc.compress(deep_mlp(), "kmeans", bits=2, shared=1, scale="row", plan=EVERY_LAYER, progress=False)
+    x = torch.randn(7, 64)
+    with torch.no_grad():
+        decoded = model(x)
+        vqc.set_forward_path(model, "lut")
+        assert torch.allclose(model(x), decoded, rtol=1e-4, atol=1e-4)
+
+
+def test_group_number_cuts_layers_into_runs():
+    model = vqc.compress(deep_mlp(), "kmeans", bits=2, shared=2, plan=EVERY_LAYER, progress=False)
+    books = codebooks_of(model)
+    assert books[0] is books[1] and books[2] is books[3] and books[1] is not books[2]
+
+
+def test_fine_tuning_trains_the_shared_codebook_as_one():
+    teacher = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+    plan = vqc.Plan(by_name={"0|2": {}}, min_weights=10**9)  # the two 64 × 64 layers
+    before = vqc.compress(copy.deepcopy(teacher), "kmeans", bits=2, shared=1, plan=plan, progress=False)
+    student = vqc.compress(copy.deepcopy(teacher), "vqdnn", bits=2, shared=1, calibration=DATA, finetune_steps=5,
+                           plan=plan, progress=False)
+    books = codebooks_of(student)
+    assert len(books) == 2 and books[0] is books[1] and books[0].dtype == torch.float16
+    assert not torch.equal(books[0], codebooks_of(before)[0])  # it trained
+
+
+@pytest.mark.parametrize("options", [{"shared": -1}, {"shared": 1, "groups": 2}])
+def test_bad_shared_options_are_refused(options):
+    with pytest.raises(VQCError, match="shared"):
+        vqc.compress(deep_mlp(), "kmeans", bits=2, plan=EVERY_LAYER, progress=False, **options)

@@ -64,6 +64,9 @@ def compress(
     scale: Optional[str] = typer.Option(None, help="kmeans: 'row' divides each row by its RMS first"),
     groups: Optional[int] = typer.Option(None, help="kmeans: codebooks per layer (blocks of rows)"),
     group_size: Optional[int] = typer.Option(None, help="rtn: inputs per scale/offset group"),
+    shared_codebooks: Optional[int] = typer.Option(
+        None, help="kmeans/vqdnn: N codebooks per sub-vector layout for the whole model, each shared by a run of "
+                   "layers with a per-layer gain (VQ-DNN's group number)"),
     skip: list[str] = typer.Option([], help="regex of layer names to leave dense (repeatable)"),
     include: list[str] = typer.Option([], help="regex of layer names to code even when small (repeatable)"),
     finetune_steps: int = typer.Option(0, help="distil from the original for N steps on the model's training data"),
@@ -82,7 +85,8 @@ def compress(
     device = _device(device)
     started = time.perf_counter()
     options = {key: value for key, value in
-               {"dim": dim, "k": k, "scale": scale, "groups": groups, "group_size": group_size}.items() if value is not None}
+               {"dim": dim, "k": k, "scale": scale, "groups": groups, "group_size": group_size,
+                "shared": shared_codebooks}.items() if value is not None}
     plan = Plan(by_name={**{pattern: {} for pattern in include}, **{pattern: None for pattern in skip}})
     _say(f"loading {model} …", quiet)
     dense, source = load_model(model, seed)
@@ -162,7 +166,7 @@ def decompress(file: Path, output: Path = typer.Option(..., "-o", "--output", he
 def demo(output: Path = typer.Option(DEMO_OUTPUT, "-o", "--output"), device: str = typer.Option("cpu")) -> None:
     """The main job on the bundled MiniLM: kmeans at 2 bits per weight, bit report, quality."""
     compress("minilm", output, method="kmeans", bits=2.0, dim=None, k=None, scale=None, groups=None,
-             group_size=None, skip=[], include=[], finetune_steps=0, lr=1e-3, seed=0, device=device, json_out=False, quiet=False)
+             group_size=None, shared_codebooks=None, skip=[], include=[], finetune_steps=0, lr=1e-3, seed=0, device=device, json_out=False, quiet=False)
     typer.echo("")
     evaluate(output, suite="minilm", device=device, json_out=False)
 

@@ -8,7 +8,10 @@ stored as the index of a codeword, bit-packed at ``ceil(log2 k)`` bits. On top o
 - ``groups`` codebooks, each serving a contiguous block of rows (1 = one codebook per layer);
 - optional scales (and offsets), one per row and block of ``scale_group`` inputs:
   ``w = codeword · scale + offset``; per-row scale is ``scale_group == cols``;
-- an optional row permutation: stored row ``r`` is original row ``perm[r]``.
+- an optional row permutation: stored row ``r`` is original row ``perm[r]``;
+- an optional per-layer ``gain`` (one fp16 number multiplying the whole weight), so that layers
+  of different magnitude can share one codebook: the same codebook tensor held by several coded
+  weights is stored once in the file and trained as one parameter.
 
 A later factor form (Z · C) can be added as another ``decode`` source without touching the
 layers, the file or the report, since they only use ``decode``, ``codes`` and the buffers.
@@ -28,7 +31,7 @@ from .codebook import assign
 from .errors import VQCError
 
 MAX_CODE_BITS = 16
-TRAINABLE = ("codebook", "scale", "offset")  # what fine-tuning may change; codes change by reassignment
+TRAINABLE = ("codebook", "scale", "offset", "gain")  # what fine-tuning may change; codes change by reassignment
 
 
 def code_bits(k: int) -> int:
@@ -72,6 +75,7 @@ class CodeLayout:
     scale_group: int | None = None
     offset: bool = False
     permuted: bool = False
+    gain: bool = False
     codebook_dtype: str = "float16"
     scale_dtype: str = "float16"
 
@@ -124,31 +128,37 @@ class CodedWeight(nn.Module):
     ``state_dict`` round trips with no extra code.
     """
 
-    def __init__(self, layout: CodeLayout, codebook: Tensor, codes: Tensor,
-                 scale: Tensor | None = None, offset: Tensor | None = None, perm: Tensor | None = None):
+    def __init__(self, layout: CodeLayout, codebook: Tensor, codes: Tensor, scale: Tensor | None = None,
+                 offset: Tensor | None = None, perm: Tensor | None = None, gain: Tensor | None = None):
         super().__init__()
         layout.validate()
         self.layout = layout
         self.recipe: dict = {}  # the method and settings that made it, for the file manifest
         self.register_buffer("codebook", codebook)
         self.register_buffer("codes", codes)
-        for name, value in (("scale", scale), ("offset", offset), ("perm", perm)):
+        for name, value in (("scale", scale), ("offset", offset), ("perm", perm), ("gain", gain)):
             if value is not None:
                 self.register_buffer(name, value)
 
     @classmethod
     def encode(cls, layout: CodeLayout, codebook: Tensor, codes: Tensor, scale: Tensor | None = None,
-               offset: Tensor | None = None, perm: Tensor | None = None) -> CodedWeight:
-        """Build from unpacked codes (rows × segments), casting tensors to their stored dtypes."""
+               offset: Tensor | None = None, perm: Tensor | None = None, gain: Tensor | None = None) -> CodedWeight:
+        """Build from unpacked codes (rows × segments), casting tensors to their stored dtypes.
+        A ``codebook`` already of shape (groups, k, d) in the stored dtype is kept, the very object,
+        so several weights can share it."""
         layout.validate()
         cb_dtype, sc_dtype = getattr(torch, layout.codebook_dtype), getattr(torch, layout.scale_dtype)
+        stored_shape = (layout.groups, layout.k, layout.dim)
+        if codebook.shape != stored_shape or codebook.dtype != cb_dtype or not codebook.is_contiguous():
+            codebook = codebook.reshape(stored_shape).to(cb_dtype).contiguous()
         return cls(
             layout,
-            codebook.reshape(layout.groups, layout.k, layout.dim).to(cb_dtype).contiguous(),
+            codebook,
             pack_codes(codes, layout.bits),
             None if scale is None else scale.reshape(layout.rows, -1).to(sc_dtype).contiguous(),
             None if offset is None else offset.reshape(layout.rows, -1).to(sc_dtype).contiguous(),
             None if perm is None else perm.to(torch.int32),
+            None if gain is None else gain.reshape(1).to(sc_dtype),
         )
 
     @classmethod
@@ -165,6 +175,7 @@ class CodedWeight(nn.Module):
             torch.zeros(layout.rows, n_scales, dtype=sc_dtype) if layout.scale_group else None,
             torch.zeros(layout.rows, n_scales, dtype=sc_dtype) if layout.offset else None,
             torch.arange(layout.rows, dtype=torch.int32) if layout.permuted else None,
+            torch.ones(1, dtype=sc_dtype) if layout.gain else None,
         )
 
     # -- reading ---------------------------------------------------------------------------
@@ -198,6 +209,8 @@ class CodedWeight(nn.Module):
             if lay.offset:
                 values = values + self.offset[stored].to(dtype)[..., None]
         values = values.reshape(len(stored), lay.cols)
+        if lay.gain:
+            values = values * self.gain.to(dtype)
         if "latent" in self._parameters:  # straight-through: quantized value, gradient to the latent
             latent = self.latent.reshape(lay.rows, lay.cols)[rows].to(dtype)
             values = values + latent - latent.detach()
@@ -216,6 +229,8 @@ class CodedWeight(nn.Module):
         lay = self.layout
         stored = self.perm.to(torch.int64) if lay.permuted else slice(None)
         matrix = weight.detach().reshape(lay.rows, lay.cols)[stored].float().cpu()
+        if lay.gain:
+            matrix = matrix / self.gain.detach().float().cpu()
         if lay.scale_group:
             matrix = matrix.reshape(lay.rows, -1, lay.scale_group)
             if lay.offset:
@@ -226,25 +241,35 @@ class CodedWeight(nn.Module):
         codes = torch.cat([torch.from_numpy(assign(p, c)) for p, c in zip(points, codebooks)])
         self.codes = pack_codes(codes, lay.bits).to(self.codes.device)
 
-    def start_training(self, latent: Tensor | None = None) -> None:
-        """Turn codebooks, scales and offsets into float32 parameters that gradients reach through
-        ``decode`` (a codeword gets the summed gradient of its sub-vectors). To learn assignments,
-        pass a ``latent`` dense weight (best the original one, which still knows where each
-        sub-vector lies inside its cell): the forward pass uses its quantized value and passes the
-        gradient straight through to it."""
+    def start_training(self, latent: Tensor | None = None, shared: dict[int, tuple] | None = None) -> None:
+        """Turn codebooks, scales, offsets and gains into float32 parameters that gradients reach
+        through ``decode`` (a codeword gets the summed gradient of its sub-vectors). To learn
+        assignments, pass a ``latent`` dense weight (best the original one, which still knows where
+        each sub-vector lies inside its cell): the forward pass uses its quantized value and passes
+        the gradient straight through to it. Give every weight of a model the same ``shared`` dict,
+        so that a codebook several weights hold becomes one parameter."""
+        shared = {} if shared is None else shared
         for name in TRAINABLE:
             if name in self._buffers:
-                self.register_parameter(name, nn.Parameter(self._buffers.pop(name).float()))
+                buffer = self._buffers.pop(name)
+                if id(buffer) not in shared:  # the pair keeps the key alive, so its id cannot be reused
+                    shared[id(buffer)] = (buffer, nn.Parameter(buffer.float()))
+                self.register_parameter(name, shared[id(buffer)][1])
         if latent is not None:
             self.latent = nn.Parameter(latent.detach().float().reshape(self.layout.shape).clone())
 
-    def finish_training(self) -> None:
-        """Keep the current assignment, drop the latent weight, store everything in its stored dtype."""
+    def finish_training(self, shared: dict[int, tuple] | None = None) -> None:
+        """Keep the current assignment, drop the latent weight, store everything in its stored
+        dtype (a parameter several weights hold stays one tensor, given the same ``shared``)."""
+        shared = {} if shared is None else shared
         self._parameters.pop("latent", None)
         for name in TRAINABLE:
             if name in self._parameters:
+                parameter = self._parameters.pop(name)
                 dtype = getattr(torch, self.layout.codebook_dtype if name == "codebook" else self.layout.scale_dtype)
-                self.register_buffer(name, self._parameters.pop(name).detach().to(dtype))
+                if id(parameter) not in shared:
+                    shared[id(parameter)] = (parameter, parameter.detach().to(dtype))
+                self.register_buffer(name, shared[id(parameter)][1])
 
     def nbits(self) -> int:
         """Exact storage cost: every byte of every buffer this weight keeps."""

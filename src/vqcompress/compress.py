@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import zlib
 from dataclasses import dataclass
@@ -54,6 +55,48 @@ def fit_layer(job: Job, seed: int) -> CodedWeight:
     return code
 
 
+def fit_run(run: list[Job], seed: int) -> list[CodedWeight]:
+    """The coded weights of a run of layers: one layer alone, or several sharing one codebook."""
+    if len(run) == 1 and not run[0].settings.get("shared"):
+        return [fit_layer(run[0], seed)]
+    first = run[0]
+    codes = first.method.fit_shared([job.module.weight.detach().float() for job in run], first.settings,
+                                    _layer_seed(seed, first.name))
+    for code in codes:
+        code.recipe = {"method": first.method.name, **first.settings}
+    return codes
+
+
+def shared_runs(jobs: list[Job]) -> list[list[Job]]:
+    """Jobs in runs that share a codebook. Layers with ``shared = N`` and the same settings (same
+    d, k, scale) are cut, in model order, into at most N runs of about equal weight count (VQ-DNN's
+    "group number"); every other layer is a run of its own."""
+    alike: dict[str, list[Job]] = {}
+    runs: list[list[Job]] = []
+    for job in jobs:
+        if job.settings.get("shared"):
+            key = json.dumps([job.method.name, job.settings], sort_keys=True)
+            if key not in alike:
+                alike[key] = []
+                runs.append(alike[key])  # a placeholder, cut below, keeping model order
+            alike[key].append(job)
+        else:
+            runs.append([job])
+    return [piece for run in runs for piece in _cut(run, run[0].settings.get("shared") or 1)]
+
+
+def _cut(jobs: list[Job], pieces: int) -> list[list[Job]]:
+    """Contiguous runs of about equal weight count, at most ``pieces`` of them."""
+    sizes = [job.module.weight.numel() for job in jobs]
+    total, runs, done = sum(sizes), [[]], 0
+    for job, size in zip(jobs, sizes):
+        if runs[-1] and done >= total * len(runs) / pieces:
+            runs.append([])
+        runs[-1].append(job)
+        done += size
+    return runs
+
+
 def compress(model: nn.Module, method: str = "kmeans", bits: float | None = None,
              calibration: TrainingData | None = None, *, plan: Plan | None = None, seed: int = 0,
              progress: bool = True, finetune_steps: int = 0, lr: float = 1e-3,
@@ -72,12 +115,20 @@ def compress(model: nn.Module, method: str = "kmeans", bits: float | None = None
         raise VQCError("the plan selects no layer to compress")
     _check_training(jobs, calibration, finetune_steps)
     teacher = copy.deepcopy(model).eval() if finetune_steps else None
-    for job in tqdm(jobs, desc=f"{method}", unit="layer", disable=not progress):
-        layer = coded_from_dense(job.module, fit_layer(job, seed)).to(job.module.weight.device)
-        if job.name:
-            model.set_submodule(job.name, layer)
-        else:  # the model is itself one layer
-            model = layer
+    bar = tqdm(total=len(jobs), desc=f"{method}", unit="layer", disable=not progress)
+    for run in shared_runs(jobs):
+        codes = [code.to(run[0].module.weight.device) for code in fit_run(run, seed)]
+        if run[0].settings.get("shared"):  # moved one by one, a shared codebook became copies: one tensor again
+            for code in codes[1:]:
+                code.codebook = codes[0].codebook
+        for job, code in zip(run, codes):
+            layer = coded_from_dense(job.module, code)
+            if job.name:
+                model.set_submodule(job.name, layer)
+            else:  # the model is itself one layer
+                model = layer
+        bar.update(len(run))
+    bar.close()
     if finetune_steps:
         finetune(model, teacher, calibration.task, calibration.batch_at, finetune_steps, lr=lr,
                  learn_assignments=any(job.method.learns_assignments for job in jobs),

@@ -155,8 +155,9 @@ def finetune(student: nn.Module, teacher: nn.Module, task: Task, batch_at: Calla
     if steps < 1:
         raise VQCError(f"fine-tuning needs at least one step, got {steps}")
     codes = [layer.weight_code for _, layer in coded]
+    shared: dict[int, tuple] = {}  # a codebook held by several layers trains as one parameter
     for name, layer in coded:
-        layer.weight_code.start_training(_original_weight(teacher, name, layer) if learn_assignments else None)
+        layer.weight_code.start_training(_original_weight(teacher, name, layer) if learn_assignments else None, shared)
     teacher.eval()
     student.eval().requires_grad_(True)
     optimizer = torch.optim.Adam(student.parameters(), lr=lr)
@@ -180,8 +181,9 @@ def finetune(student: nn.Module, teacher: nn.Module, task: Task, batch_at: Calla
                     code.reassign(code.latent)
             if checkpoint and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
                 _save_checkpoint(checkpoint, step + 1, student, optimizer)
+    shared.clear()
     for code in codes:
-        code.finish_training()
+        code.finish_training(shared)
     if checkpoint and checkpoint.exists():
         checkpoint.unlink()
     return student

@@ -58,4 +58,6 @@ def layer_flops(layer: CodedLayer, positions: int) -> Flops:
         if lay.offset:  # input sums per group, then one multiply-add per row and group
             lut_add += _input_groups(layer) * groups * (lay.scale_group - 1) + m * groups
             lut_mul += m * groups
+    if lay.gain:  # one multiply per output
+        lut_mul += m
     return Flops(positions * m * n, positions * m * (n - 1), positions * lut_mul, positions * lut_add)

@@ -150,4 +150,16 @@ def load(path: str | os.PathLike, like: nn.Module | None = None, device: str = "
     if missing or unexpected:
         what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
         raise VQCError(f"the file does not fit the model ({what}): is it the same architecture?")
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    _tie_shared_buffers(model, manifest["aliases"])  # after the move, which copies each layer's buffers apart
+    return model
+
+
+def _tie_shared_buffers(model: nn.Module, aliases: dict[str, str]) -> None:
+    """A buffer stored once for several layers (a shared codebook) becomes one tensor again, as it
+    was when saved; ``load_state_dict`` alone would leave each layer a copy."""
+    for alias, original in aliases.items():
+        owner, _, attribute = alias.rpartition(".")
+        module = model.get_submodule(owner)
+        if attribute in module._buffers:
+            module._buffers[attribute] = model.get_buffer(original)

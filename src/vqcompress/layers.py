@@ -56,6 +56,8 @@ def lut_matmul(x: Tensor, code: CodedWeight, input_groups: int = 1) -> Tensor:
     if lay.offset:
         group_sums = x.reshape(batch, input_groups, lay.cols // lay.scale_group, lay.scale_group).sum(-1)[:, input_group]
         y = y + (group_sums * code.offset.to(dtype)).sum(-1)
+    if lay.gain:
+        y = y * code.gain.to(dtype)
     if lay.permuted:
         y = y[:, torch.argsort(code.perm.to(torch.int64))]
     return y

@@ -26,16 +26,18 @@ from . import register, reject_unknown
 MAX_BUDGET_K = 256
 MAX_DIM = 16
 MAX_CODEBOOK_SHARE = 0.25  # of the index bits: beyond that a shorter d buys more than it loses
-OPTIONS = {"dim", "k", "scale", "groups", "iterations", "max_points_per_centroid"}
+OPTIONS = {"dim", "k", "scale", "groups", "iterations", "max_points_per_centroid", "shared"}
 
 
-def dim_and_k_for_bits(bits: float, shape: tuple[int, ...], groups: int = 1) -> tuple[int, int]:
+def dim_and_k_for_bits(bits: float, shape: tuple[int, ...], groups: int = 1,
+                       codebook_share: float = MAX_CODEBOOK_SHARE) -> tuple[int, int]:
     """The (d, k = 2^width) whose index bits width/d come closest to ``bits`` without passing it.
 
     The budget is a ceiling, so a layer whose inputs no exact d divides (a 3×3 conv on one
     channel has 9) still gets the best layout under it. Candidates: d ≤ 16 dividing the inputs,
     k ≤ 256, no more codewords than each codebook has sub-vectors, and fp16 codebooks costing at
-    most a quarter of the index bits (small layers get shorter d); ties go to the longer d.
+    most ``codebook_share`` of the index bits (small layers get shorter d; a codebook shared by
+    many layers is not charged to one); ties go to the longer d.
     """
     rows, cols = shape[0], math.prod(shape[1:])
     candidates = []
@@ -43,7 +45,7 @@ def dim_and_k_for_bits(bits: float, shape: tuple[int, ...], groups: int = 1) -> 
         width = min(math.floor(bits * dim + 1e-9), int(math.log2(MAX_BUDGET_K)))
         codebook_bits = 16 * 2**width * dim * groups
         if (width >= 1 and cols % dim == 0 and 2**width <= rows * cols // dim // groups
-                and codebook_bits <= MAX_CODEBOOK_SHARE * bits * rows * cols):
+                and codebook_bits <= codebook_share * bits * rows * cols):
             candidates.append((width / dim, dim, width))
     if not candidates:
         raise VQCError(
@@ -62,27 +64,31 @@ class KMeans:
     def settings(self, shape: tuple[int, ...], bits: float | None, options: dict) -> dict:
         reject_unknown(options, OPTIONS, self.name)
         dim, k = options.get("dim"), options.get("k")
+        shared = int(options.get("shared") or 0)
+        if shared < 0 or (shared and int(options.get("groups", 1)) != 1):
+            raise VQCError(f"shared codebooks must be a count ≥ 1 and go with one codebook per layer, got {shared}")
         if dim is None or k is None:
-            dim, k = self._complete_from_budget(bits, shape, int(options.get("groups", 1)), dim, k)
+            dim, k = self._complete_from_budget(bits, shape, int(options.get("groups", 1)), dim, k,
+                                                math.inf if shared else MAX_CODEBOOK_SHARE)
         scale = options.get("scale", "none")
         if scale not in ("none", "row"):
             raise VQCError(f"kmeans scale must be 'none' or 'row', got {scale!r}")
         return {
             "dim": int(dim), "k": int(k), "scale": scale, "groups": int(options.get("groups", 1)),
             "iterations": int(options.get("iterations", 20)),
-            "max_points_per_centroid": int(options.get("max_points_per_centroid", 256)),
+            "max_points_per_centroid": int(options.get("max_points_per_centroid", 256)), "shared": shared,
         }
 
     @staticmethod
     def _complete_from_budget(bits: float | None, shape: tuple[int, ...], groups: int, dim: int | None,
-                              k: int | None) -> tuple[int, int]:
+                              k: int | None, codebook_share: float) -> tuple[int, int]:
         """Fill whichever of d and k was not given so that log2(k) / d equals the budget."""
         if bits is None:
             raise VQCError("kmeans needs --bits, or both --dim and --k")
         if bits <= 0:
             raise VQCError(f"a bit budget must be positive, got {bits}")
         if dim is None and k is None:
-            return dim_and_k_for_bits(bits, shape, groups)
+            return dim_and_k_for_bits(bits, shape, groups, codebook_share)
         if dim is None:
             dim = math.log2(int(k)) / bits
             if abs(dim - round(dim)) > 1e-9 or round(dim) < 1:
@@ -96,10 +102,10 @@ class KMeans:
     def layout(self, shape: tuple[int, ...], settings: dict) -> CodeLayout:
         cols = math.prod(shape[1:])
         layout = CodeLayout(tuple(shape), k=settings["k"], dim=settings["dim"], groups=settings["groups"],
-                            scale_group=cols if settings["scale"] == "row" else None)
+                            scale_group=cols if settings["scale"] == "row" else None, gain=bool(settings["shared"]))
         layout.validate()
         points = layout.rows * layout.segments // layout.groups
-        if points < layout.k:
+        if points < layout.k and not settings["shared"]:  # a shared codebook is fitted on every layer's points
             raise VQCError(f"k = {layout.k} codewords exceed the {points} sub-vectors of each codebook of shape "
                            f"{layout.shape}: lower k or d")
         return layout
@@ -107,18 +113,46 @@ class KMeans:
     def fit(self, weight: Tensor, settings: dict, seed: int) -> CodedWeight:
         layout = self.layout(tuple(weight.shape), settings)
         matrix = weight.reshape(layout.rows, layout.cols).float().cpu()
-        scale = None
-        if settings["scale"] == "row":
-            scale = matrix.pow(2).mean(1, keepdim=True).sqrt().half().float().clamp_min(2**-24)  # > 0 in fp16
+        scale = _row_rms(matrix) if settings["scale"] == "row" else None
         normalised = matrix if scale is None else matrix / scale
         codebooks = [
             kmeans(block, layout.k, seed, settings["iterations"], settings["max_points_per_centroid"])
             for block in normalised.reshape(layout.groups, -1, layout.dim).numpy()
         ]
-        unassigned = torch.zeros(layout.rows, layout.segments, dtype=torch.int64)
-        code = CodedWeight.encode(layout, torch.from_numpy(np.stack(codebooks)), unassigned, scale)
-        code.reassign(matrix)  # against the stored (fp16) codebook, so decoding gives what was chosen
-        return code
+        return _encode(layout, torch.from_numpy(np.stack(codebooks)), matrix, scale)
+
+    def fit_shared(self, weights: list[Tensor], settings: dict, seed: int) -> list[CodedWeight]:
+        """One codebook for several layers (VQ-DNN's global codebook): each layer is divided by
+        its RMS (its gain, stored in fp16) and, with ``scale="row"``, each row by its own; the
+        codebook is fitted on the sub-vectors of all of them and held by each, one tensor."""
+        layouts = [self.layout(tuple(w.shape), settings) for w in weights]
+        matrices = [w.reshape(lay.rows, lay.cols).float().cpu() for w, lay in zip(weights, layouts)]
+        gains = [_rms(matrix) for matrix in matrices]
+        scales = [_row_rms(m / g) if settings["scale"] == "row" else None for m, g in zip(matrices, gains)]
+        points = np.concatenate([(m / g / (1 if s is None else s)).reshape(-1, settings["dim"]).numpy()
+                                 for m, g, s in zip(matrices, gains, scales)])
+        codebook = kmeans(points, settings["k"], seed, settings["iterations"], settings["max_points_per_centroid"])
+        stored = torch.from_numpy(codebook).reshape(1, settings["k"], settings["dim"]).half()  # one tensor for all
+        return [_encode(lay, stored, m, s, g) for lay, m, s, g in zip(layouts, matrices, scales, gains)]
+
+
+def _rms(values: Tensor) -> Tensor:
+    """Root mean square, rounded to fp16 as stored and kept > 0 there."""
+    return values.pow(2).mean().sqrt().half().float().clamp_min(2**-24)
+
+
+def _row_rms(matrix: Tensor) -> Tensor:
+    return matrix.pow(2).mean(1, keepdim=True).sqrt().half().float().clamp_min(2**-24)
+
+
+def _encode(layout: CodeLayout, codebook: Tensor, matrix: Tensor, scale: Tensor | None,
+            gain: Tensor | None = None) -> CodedWeight:
+    """The coded weight, its codes assigned against the stored (fp16) codebook, scales and gain,
+    so decoding gives what was chosen."""
+    unassigned = torch.zeros(layout.rows, layout.segments, dtype=torch.int64)
+    code = CodedWeight.encode(layout, codebook, unassigned, scale, gain=gain)
+    code.reassign(matrix)
+    return code
 
 
 register(KMeans())
