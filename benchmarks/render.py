@@ -171,7 +171,7 @@ def step_cost(result: dict) -> str:
         return sum(r["seconds"] for r in rows) / sum(r["steps"] for r in rows)
 
     dkm, ours = per_step("coremltools-dkm"), per_step("vqdnn")
-    return f"on fashion-cnn a DKM step took {dkm:.2f} s, a vqdnn step {ours:.3f} s: {dkm / ours:.0f}×"
+    return f"on fashion-cnn a DKM step took {dkm:.3f} s, a vqdnn step {ours:.3f} s, on the machine below"
 
 
 def measured_on(result: dict, part: str) -> list[str]:
@@ -181,30 +181,39 @@ def measured_on(result: dict, part: str) -> list[str]:
 
 
 def fashion_markdown(result: dict) -> list[str]:
-    m = result["machine"]
+    budgets = "; ".join(f"{model}: " + ", ".join(f"{b['bits']} index bits and DKM n_bits {b['dkm'][0]} × cluster_dim "
+                                               f"{b['dkm'][1]} for {name}" for name, b in per_model.items())
+                        for model, per_model in result["budgets"].items())
     return [
         "## fashion-cnn and fashion-vit: every Conv2d and Linear coded", "",
-        f"Measured {result['started']} by `make bench-fashion` (`benchmarks/fashion.py`); it took "
-        f"{result['seconds'] / 60:.0f} min on {m['cpu']}, {m['cores']} cores, torch {m['torch']}.", "",
+        f"Measured by `make bench-fashion` (`benchmarks/fashion.py`), {result['started']} to "
+        f"{max(result['measured'].values())}.", "",
         f"Every Conv2d and Linear is coded. The first and the last layer ({', '.join(' / '.join(v) for v in result['edge_layers'].values())}; "
-        "under 1.5% of the weights) get 4-bit scalar codebooks (d = 1, k = 16), counted; the others take the budget's "
-        "index bits (1.5 for ≤ 1.6, 0.875 for ≤ 1.0) through the budget rule. *bits/w coded* counts every stored bit "
-        "of all coded layers (codes, codebooks, scales) over their weights, read from the written .vqc file; accuracy "
-        "is of the model reloaded from that file, on the 10,000 test images. Fine-tuning: "
+        "under 2% of the weights) get 4-bit scalar codebooks (d = 1, k = 16), counted; the others take the budget's "
+        f"index bits through the budget rule ({budgets}). *bits/w coded* counts every stored bit of all coded layers "
+        "(codes, codebooks, scales, gains) over their weights, read from the written .vqc file; accuracy is of the "
+        "model reloaded from that file, on the 10,000 test images. Fine-tuning: "
         f"{result['steps']} steps of 128 training images, distillation from fp32 plus cross-entropy, learning rates "
-        f"{result['lr']}; per-model options {result['model_options']}. coremltools DKMPalettizer: the same layers, the "
-        f"same 4-bit first and last layers, data and loss, {result['dkm_steps']} steps ({step_cost(result)}; one fp16 "
-        "LUT per tensor; n_bits 3 with cluster_dim 2 for ≤ 1.6, n_bits 1 for "
-        "≤ 1.0).", "",
+        f"{result['lr']}; per-model options {result['model_options']} (`shared`: one codebook for all layers of a "
+        "layout, with a per-layer gain). coremltools DKMPalettizer: the same layers, the same 4-bit first and last "
+        f"layers, data and loss, {result['dkm_steps']} steps ({step_cost(result)}), one fp16 LUT per tensor.", "",
         *fashion_accuracy(result), "",
+        f"Accuracy rows ran on: {rows_machines(result['rows'])}.", "",
         "### Resume", "", *fashion_resume(result["resume"]), *measured_on(result, "resume"), "",
         "### FLOPs and time per layer: dense vs lookup table", "",
         "Analytic multiplies and adds of one call (`vqcompress.flops`), beside the measured median time "
-        f"of one call on real test-image activations: the dense layer, the coded layer's decode path (decode, then "
-        "the dense product) and its lookup-table path. Layouts of kmeans at ≤ 1.6 bits/w. The lookup table saves "
-        "multiplies only where k·d is small against the output rows; times are as measured, whichever path wins.", "",
+        f"of one call on real test-image activations on {result['machine']['cpu']} ({result['machine']['cores']} "
+        "cores): the dense layer, the coded layer's decode path (decode, then the dense product) and its "
+        "lookup-table path. Layouts of kmeans at ≤ 1.6 bits/w. The lookup table saves multiplies only where "
+        "k·d is small against the output rows; times are as measured, whichever path wins.", "",
         *fashion_flops(result["flops"]), "",
     ]
+
+
+def rows_machines(rows: list[dict]) -> str:
+    seen = {f"{r['machine']['cpu']}" + (f" with an {r['gpu']} (training on {r['device']})" if r.get("gpu") else "")
+            for r in rows}
+    return "; ".join(sorted(seen))
 
 
 def markdown(result: dict) -> str:

@@ -117,3 +117,20 @@ def test_fine_tuning_trains_the_shared_codebook_as_one():
 def test_bad_shared_options_are_refused(options):
     with pytest.raises(VQCError, match="shared"):
         vqc.compress(deep_mlp(), "kmeans", bits=2, plan=EVERY_LAYER, progress=False, **options)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+def test_compress_and_fine_tune_on_cuda(tmp_path):
+    """A model on the GPU is compressed and fine-tuned there; its file loads back on CPU, the same."""
+    teacher = deep_mlp().to("cuda")
+    data = TrainingData(classification_task(), lambda step: tuple(t if t is None else t.to("cuda")
+                                                                  for t in batch_at(step)))
+    student = vqc.compress(copy.deepcopy(teacher), "vqdnn", bits=2, shared=1, calibration=data, finetune_steps=5,
+                           plan=EVERY_LAYER, progress=False)
+    assert all(t.device.type == "cuda" for t in student.state_dict().values())
+    books = codebooks_of(student)
+    assert all(book is books[0] for book in books)
+    vqc.save(student, tmp_path / "gpu.vqc")
+    on_cpu = vqc.load(tmp_path / "gpu.vqc", like=deep_mlp())
+    x = torch.randn(4, 64)
+    torch.testing.assert_close(on_cpu(x), student(x.to("cuda")).cpu(), rtol=1e-4, atol=1e-4)

@@ -31,7 +31,7 @@ def ids() -> torch.Tensor:
 def test_two_bits_whole_model_measured_from_the_file(minilm_file):
     path, result = minilm_file
     assert result["settings"] == ["39 layer(s): method=kmeans, dim=4, k=256, scale=none, groups=1, iterations=20, "
-                                  "max_points_per_centroid=256"]
+                                  "max_points_per_centroid=256, shared=0"]
     assert result["parameters"] == 22_713_216
     assert path.stat().st_size * 8 / result["parameters"] <= 2.1
     assert abs(result["total_bytes"] / path.stat().st_size - 1) < 0.01

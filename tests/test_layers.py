@@ -274,3 +274,19 @@ def test_empty_batch(kind):
         expected = dense(empty).shape
         for path in ("decode", "lut"):
             assert run(layer, empty, path).shape == expected, path
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+
+
+@needs_cuda
+@pytest.mark.parametrize("kind", ALL_CASES + HANDBUILT)
+def test_on_cuda_both_paths_give_the_cpu_output(kind):
+    dense, code, x = make(kind)
+    layer = coded_from_dense(dense, code)
+    on_cpu = run(layer, x, "decode")
+    layer = layer.to("cuda")
+    assert all(b.device.type == "cuda" for b in layer.buffers())
+    for path in ("decode", "lut"):
+        out = run(layer, x.to("cuda"), path)
+        torch.testing.assert_close(out.cpu(), on_cpu, rtol=0, atol=1e-4 * on_cpu.abs().max().item())
