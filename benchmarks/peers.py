@@ -59,6 +59,15 @@ def coreml_layer_bits(module: nn.Module) -> int:
     return module.weight.numel() // cluster_dim * index_bits + lut.numel() * LUT_ENTRY_BITS
 
 
+def palettized(model: nn.Module, names: list[str]) -> tuple[list[str], int, int]:
+    """The layers coremltools really palettized (it skips some silently), their stored bits and weights."""
+    modules = {n: model.get_submodule(n) for n in names}
+    done = [n for n, m in modules.items() if LUT_BUFFER in dict(m.named_buffers())]
+    if not done:
+        raise ValueError(f"coremltools palettized none of {names}; see its warnings for why")
+    return done, sum(coreml_layer_bits(modules[n]) for n in done), sum(modules[n].weight.numel() for n in done)
+
+
 def coreml_palettize(
     model: nn.Module,
     n_bits: int,
@@ -92,12 +101,7 @@ def coreml_palettize(
     PostTrainingPalettizer(model, config).compress(inplace=True)
     seconds = time.perf_counter() - start
 
-    modules = {n: model.get_submodule(n) for n in names}
-    done = [n for n, m in modules.items() if LUT_BUFFER in dict(m.named_buffers())]
-    if not done:
-        raise ValueError(f"coremltools compressed none of {names}; see its warnings for why")
-    bits = sum(coreml_layer_bits(modules[n]) for n in done)
-    n_weights = sum(modules[n].weight.numel() for n in done)
+    done, bits, n_weights = palettized(model, names)
     settings = {
         "peer": "coremltools-ptp",
         "n_bits": n_bits,
@@ -206,12 +210,7 @@ def dkm_palettize(
     model = palettizer.finalize(inplace=True).eval()
     seconds = time.perf_counter() - start
 
-    modules = {n: model.get_submodule(n) for n in names}
-    done = [n for n, m in modules.items() if LUT_BUFFER in dict(m.named_buffers())]
-    if not done:
-        raise ValueError(f"coremltools DKM palettized none of {names}")
-    bits = sum(coreml_layer_bits(modules[n]) for n in done)
-    n_weights = sum(modules[n].weight.numel() for n in done)
+    done, bits, n_weights = palettized(model, names)
     settings = {"peer": "coremltools-dkm", "n_bits": n_bits, "cluster_dim": cluster_dim, "granularity": "per_tensor",
                 "steps": steps, "lr": lr, "lut_entry_bits": LUT_ENTRY_BITS, "layers": done,
                 "skipped": [n for n in names if n not in done]}

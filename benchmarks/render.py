@@ -86,6 +86,13 @@ def machine_lines(result: dict) -> list[str]:
             for m in map(json.loads, sorted(machines))]
 
 
+def finetune_note(rows: list[dict]) -> str:
+    if not any(r["settings"].get("finetune_steps") for r in rows):
+        return ""
+    return (" `finetune_steps` adds the fine-tuning engine (distillation from fp32 on Lee background sentences, "
+            "batches of 32; codebooks, norms and biases train, assignments stay), its time included in *compress s*.")
+
+
 def notes(rows: list[dict]) -> list[str]:
     """How each method's bits were counted, with the layer counts this run measured."""
     layers = {r["method"]: r["layers"] for r in rows}
@@ -98,9 +105,7 @@ def notes(rows: list[dict]) -> list[str]:
         "come from the written .vqc file (`vqc inspect`), which also stores every dense tensor; *file MiB* is that "
         "file's size. Quality is measured on the model reloaded from the file (decoded to dense layers once: "
         "the same weights). `rtn` is per-group round-to-nearest with an fp16 scale and offset per group "
-        "(b + 0.5 bits); `scale=row` divides each row by its fp16 RMS before k-means; `finetune_steps` adds the "
-        "fine-tuning engine (distillation from fp32 on Lee background sentences, batches of 32; codebooks, norms and "
-        "biases train, assignments stay), its time included in *compress s*.",
+        "(b + 0.5 bits); `scale=row` divides each row by its fp16 RMS before k-means." + finetune_note(rows),
         f"- **coremltools PostTrainingPalettizer** ({layers['coremltools']} layers, the same as ours), data-free "
         "k-means, one LUT per tensor (per_tensor): coded bits = n_bits per weight + the LUT's 2^n_bits fp16 entries, "
         "read from the LUT coremltools attaches. It writes the palettized values back into fp32 weights; quality is "

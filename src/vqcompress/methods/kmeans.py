@@ -113,7 +113,7 @@ class KMeans:
     def fit(self, weight: Tensor, settings: dict, seed: int) -> CodedWeight:
         layout = self.layout(tuple(weight.shape), settings)
         matrix = weight.reshape(layout.rows, layout.cols).float().cpu()
-        scale = _row_rms(matrix) if settings["scale"] == "row" else None
+        scale = _rms(matrix, rows=True) if settings["scale"] == "row" else None
         normalised = matrix if scale is None else matrix / scale
         codebooks = [
             kmeans(block, layout.k, seed, settings["iterations"], settings["max_points_per_centroid"])
@@ -128,7 +128,7 @@ class KMeans:
         layouts = [self.layout(tuple(w.shape), settings) for w in weights]
         matrices = [w.reshape(lay.rows, lay.cols).float().cpu() for w, lay in zip(weights, layouts)]
         gains = [_rms(matrix) for matrix in matrices]
-        scales = [_row_rms(m / g) if settings["scale"] == "row" else None for m, g in zip(matrices, gains)]
+        scales = [_rms(m / g, rows=True) if settings["scale"] == "row" else None for m, g in zip(matrices, gains)]
         points = np.concatenate([(m / g / (1 if s is None else s)).reshape(-1, settings["dim"]).numpy()
                                  for m, g, s in zip(matrices, gains, scales)])
         codebook = kmeans(points, settings["k"], seed, settings["iterations"], settings["max_points_per_centroid"])
@@ -136,13 +136,10 @@ class KMeans:
         return [_encode(lay, stored, m, s, g) for lay, m, s, g in zip(layouts, matrices, scales, gains)]
 
 
-def _rms(values: Tensor) -> Tensor:
-    """Root mean square, rounded to fp16 as stored and kept > 0 there."""
-    return values.pow(2).mean().sqrt().half().float().clamp_min(2**-24)
-
-
-def _row_rms(matrix: Tensor) -> Tensor:
-    return matrix.pow(2).mean(1, keepdim=True).sqrt().half().float().clamp_min(2**-24)
+def _rms(values: Tensor, rows: bool = False) -> Tensor:
+    """Root mean square (of each row, or of all), rounded to fp16 as stored and kept > 0 there."""
+    squares = values.pow(2)
+    return (squares.mean(1, keepdim=True) if rows else squares.mean()).sqrt().half().float().clamp_min(2**-24)
 
 
 def _encode(layout: CodeLayout, codebook: Tensor, matrix: Tensor, scale: Tensor | None,
