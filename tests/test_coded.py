@@ -278,3 +278,33 @@ def test_decode_no_rows():
     layout = CodeLayout((2, 4), k=2, dim=2, scale_group=2, offset=True, permuted=True)
     code = CodedWeight.encode(layout, CODEBOOK, CODES, torch.ones(2, 2), torch.zeros(2, 2), perm=torch.tensor([1, 0]))
     assert code.decode_rows(torch.tensor([], dtype=torch.int64)).shape == (0, 4)
+
+
+def trained_code(temperature: float) -> tuple[CodedWeight, torch.Tensor]:
+    """A weight with two codebook groups, scales, offsets, a permutation and a gain, training with a latent."""
+    gen = torch.Generator().manual_seed(0)
+    layout = CodeLayout((8, 12), k=5, dim=3, groups=2, scale_group=6, offset=True, permuted=True, gain=True)
+    code = CodedWeight.encode(layout, torch.randn(2, 5, 3, generator=gen), torch.randint(0, 5, (8, 4), generator=gen),
+                              torch.rand(8, 2, generator=gen) + 0.5, torch.randn(8, 2, generator=gen) / 4,
+                              torch.randperm(8, generator=gen), torch.tensor([1.5]))
+    latent = torch.randn(8, 12, generator=gen)
+    code.start_training(latent)
+    code.temperature = temperature
+    return code, latent
+
+
+def test_cold_soft_assignment_is_the_nearest_codeword():
+    code, latent = trained_code(temperature=1e-4)
+    soft = code.decode().detach()
+    code.reassign(latent)
+    code.temperature = None
+    assert torch.allclose(soft, code.decode().detach(), atol=1e-5)
+    assert not torch.allclose(soft, latent, atol=1e-2)  # it is the quantized weight, not the latent one
+
+
+def test_warm_soft_assignment_trains_latent_and_codebook():
+    code, latent = trained_code(temperature=1.0)
+    code.decode().square().sum().backward()
+    assert code.latent.grad.abs().sum() > 0 and code.codebook.grad.abs().sum() > 0
+    code.temperature = 1e-4
+    assert not torch.allclose(code.decode(), trained_code(1.0)[0].decode())  # warm mixes, cold picks

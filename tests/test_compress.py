@@ -18,18 +18,19 @@ DATA = TrainingData(classification_task(), batch_at)
 EVERY_LAYER = vqc.Plan(min_weights=0)
 
 
-@pytest.mark.parametrize(("method", "calibration", "steps", "message"), [
-    ("vqdnn", None, 0, "learns its codebooks in training"),
-    ("vqdnn", DATA, 0, "learns its codebooks in training"),
-    ("kmeans", None, 10, "needs training data"),
-    ("kmeans", DATA, 0, "no fine-tuning steps"),
-    ("kmeans", DATA, -1, "≥ 0"),
+@pytest.mark.parametrize(("method", "calibration", "steps", "options", "message"), [
+    ("vqdnn", None, 0, {}, "learns its codebooks in training"),
+    ("vqdnn", DATA, 0, {}, "learns its codebooks in training"),
+    ("kmeans", None, 10, {}, "needs training data"),
+    ("kmeans", DATA, 0, {}, "no fine-tuning steps"),
+    ("kmeans", DATA, -1, {}, "≥ 0"),
+    ("vqdnn", DATA, 10, {"assignments": "annealed"}, "assignments must be one of"),
 ])
-def test_training_arguments_are_checked_before_work(method, calibration, steps, message):
+def test_training_arguments_are_checked_before_work(method, calibration, steps, options, message):
     model = mlp()
     with pytest.raises(VQCError, match=message):
         vqc.compress(model, method, bits=1, calibration=calibration, finetune_steps=steps, plan=EVERY_LAYER,
-                     progress=False)
+                     progress=False, **options)
     assert not list(iter_coded(model))
 
 

@@ -35,26 +35,48 @@ def compressed(teacher: nn.Module) -> nn.Module:
     return vqc.compress(copy.deepcopy(teacher), "kmeans", bits=1, plan=plan, progress=False)
 
 
-@pytest.mark.parametrize("learn_assignments", [False, True])
-def test_fine_tuning_lowers_the_loss_and_keeps_the_format(learn_assignments):
+@pytest.mark.parametrize("learn_assignments, assignments", [(False, "ste"), (True, "ste"), (True, "soft")])
+def test_fine_tuning_lowers_the_loss_and_keeps_the_format(learn_assignments, assignments):
     teacher = mlp()
     student = compressed(teacher)
     before = distillation_loss(student, teacher)
     sizes = {n: layer.weight_code.nbits() for n, layer in iter_coded(student)}
     finetune(student, teacher, classification_task(), batch_at, steps=100, lr=3e-3,
-             learn_assignments=learn_assignments, reassign_every=20, progress=False)
+             learn_assignments=learn_assignments, assignments=assignments, reassign_every=20, progress=False)
     assert distillation_loss(student, teacher) < 0.8 * before
     assert {n: layer.weight_code.nbits() for n, layer in iter_coded(student)} == sizes
-    assert all(layer.weight_code.codebook.dtype == torch.float16 for _, layer in iter_coded(student))
+    codes = [layer.weight_code for _, layer in iter_coded(student)]
+    assert all(code.codebook.dtype == torch.float16 and code.temperature is None for code in codes)
+    assert not any("latent" in code._parameters for code in codes)
 
 
-def test_learned_assignments_move(tmp_path):
+@pytest.mark.parametrize("assignments", ["ste", "soft"])
+def test_learned_assignments_move(assignments):
     teacher = mlp()
     student = compressed(teacher)
     codes_before = [layer.weight_code.codes.clone() for _, layer in iter_coded(student)]
     finetune(student, teacher, classification_task(), batch_at, steps=40, lr=3e-3, learn_assignments=True,
-             reassign_every=10, progress=False)
+             assignments=assignments, reassign_every=10, progress=False)
     assert any(not torch.equal(a, layer.weight_code.codes) for a, (_, layer) in zip(codes_before, iter_coded(student)))
+
+
+def test_soft_assignments_anneal_then_freeze():
+    """The temperature falls step by step to the freeze (80% of the steps), then the codes stay put."""
+    teacher = mlp()
+    student = compressed(teacher)
+    code = next(iter_coded(student))[1].weight_code
+    seen = []
+
+    def batches(step: int):
+        seen.append((code.temperature, code.codes.clone()))
+        return batch_at(step)
+
+    finetune(student, teacher, classification_task(), batches, steps=20, lr=3e-3, learn_assignments=True,
+             assignments="soft", progress=False)
+    temperatures = [t for t, _ in seen]
+    assert all(t is not None for t in temperatures[:16]) and all(t is None for t in temperatures[16:])
+    assert temperatures[0] == 1.0 and all(a > b for a, b in zip(temperatures[:15], temperatures[1:16]))
+    assert all(torch.equal(codes, seen[16][1]) for _, codes in seen[16:]) and torch.equal(code.codes, seen[16][1])
 
 
 def test_latent_weights_start_from_the_teachers_dense_weights():
@@ -74,10 +96,11 @@ def test_latent_weights_start_from_the_teachers_dense_weights():
         assert torch.equal(latent, teacher.get_submodule(name).weight.detach())
 
 
-def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
+@pytest.mark.parametrize("assignments", ["ste", "soft"])
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path, assignments):
     teacher = mlp()
     whole = finetune(compressed(teacher), teacher, classification_task(), batch_at, steps=30, lr=3e-3,
-                     learn_assignments=True, reassign_every=7, progress=False)
+                     learn_assignments=True, assignments=assignments, reassign_every=7, progress=False)
 
     checkpoint = tmp_path / "run.ckpt"
     interrupted = compressed(teacher)
@@ -91,10 +114,10 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         finetune(interrupted, teacher, classification_task(), batch_then_interrupt, steps=30, lr=3e-3,
-                 learn_assignments=True, reassign_every=7, checkpoint=checkpoint, checkpoint_every=10, progress=False)
+                 learn_assignments=True, assignments=assignments, reassign_every=7, checkpoint=checkpoint, checkpoint_every=10, progress=False)
     assert checkpoint.exists()
     resumed = finetune(compressed(teacher), teacher, classification_task(), batch_at, steps=30, lr=3e-3,
-                       learn_assignments=True, reassign_every=7, checkpoint=checkpoint, checkpoint_every=10,
+                       learn_assignments=True, assignments=assignments, reassign_every=7, checkpoint=checkpoint, checkpoint_every=10,
                        progress=False)
     assert not checkpoint.exists()
     for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
@@ -107,6 +130,8 @@ def test_needs_coded_layers_and_steps():
         finetune(mlp(), teacher, classification_task(), batch_at, steps=5, progress=False)
     with pytest.raises(VQCError, match="at least one step"):
         finetune(compressed(teacher), teacher, classification_task(), batch_at, steps=0, progress=False)
+    with pytest.raises(VQCError, match="assignments must be one of ste, soft"):
+        finetune(compressed(teacher), teacher, classification_task(), batch_at, steps=5, assignments="hard", progress=False)
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):

@@ -71,6 +71,8 @@ def compress(
     include: list[str] = typer.Option([], help="regex of layer names to code even when small (repeatable)"),
     finetune_steps: int = typer.Option(0, help="distil from the original for N steps on the model's training data"),
     lr: float = typer.Option(1e-3, help="fine-tuning learning rate"),
+    assignments: str = typer.Option("ste", help="vqdnn: how assignments train: 'ste' (straight-through, periodic "
+                                                "nearest-codeword refresh) or 'soft' (annealed temperature)"),
     seed: int = typer.Option(0, help="seed: same inputs and seed, same file"),
     device: str = typer.Option("cpu", help="cpu, or cuda when present"),
     json_out: bool = typer.Option(False, "--json", help="print a JSON result instead of the table"),
@@ -93,7 +95,8 @@ def compress(
     calibration = training_data(source.to_json(), seed) if finetune_steps else None
     checkpoint = output.with_name(f".{output.name}.finetune") if finetune_steps else None  # resumed if found
     compressed = compress_model(dense.to(device), method, bits, calibration, plan=plan, seed=seed, progress=not quiet,
-                                finetune_steps=finetune_steps, lr=lr, checkpoint=checkpoint, **options)
+                                finetune_steps=finetune_steps, lr=lr, assignments=assignments, checkpoint=checkpoint,
+                                **options)
     save(compressed, output, source)
     seconds, result = time.perf_counter() - started, report(output)
     if json_out:
@@ -166,7 +169,8 @@ def decompress(file: Path, output: Path = typer.Option(..., "-o", "--output", he
 def demo(output: Path = typer.Option(DEMO_OUTPUT, "-o", "--output"), device: str = typer.Option("cpu")) -> None:
     """The main job on the bundled MiniLM: kmeans at 2 bits per weight, bit report, quality."""
     compress("minilm", output, method="kmeans", bits=2.0, dim=None, k=None, scale=None, groups=None,
-             group_size=None, shared_codebooks=None, skip=[], include=[], finetune_steps=0, lr=1e-3, seed=0, device=device, json_out=False, quiet=False)
+             group_size=None, shared_codebooks=None, skip=[], include=[], finetune_steps=0, lr=1e-3,
+             assignments="ste", seed=0, device=device, json_out=False, quiet=False)
     typer.echo("")
     evaluate(output, suite="minilm", device=device, json_out=False)
 

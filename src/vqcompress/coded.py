@@ -134,6 +134,7 @@ class CodedWeight(nn.Module):
         layout.validate()
         self.layout = layout
         self.recipe: dict = {}  # the method and settings that made it, for the file manifest
+        self.temperature: float | None = None  # set while assignments train soft (see ``finetune``)
         self.register_buffer("codebook", codebook)
         self.register_buffer("codes", codes)
         for name, value in (("scale", scale), ("offset", offset), ("perm", perm), ("gain", gain)):
@@ -201,8 +202,11 @@ class CodedWeight(nn.Module):
         """Dense (len(rows), cols) slice for original rows: the embedding lookup path."""
         lay = self.layout
         stored = self.stored_rows_of(rows.to(torch.int64))
-        codes = self.code_matrix(stored)
-        values = self.codebook.to(dtype)[self.codebook_of_rows(stored)[:, None], codes]
+        soft = self.temperature is not None and "latent" in self._parameters
+        if soft:
+            values = self._soft_codewords(rows, stored, dtype)
+        else:
+            values = self.codebook.to(dtype)[self.codebook_of_rows(stored)[:, None], self.code_matrix(stored)]
         values = values.reshape(len(stored), lay.cols)
         if lay.scale_group:
             values = values.reshape(len(stored), lay.cols // lay.scale_group, lay.scale_group) * self.scale[stored].to(dtype)[..., None]
@@ -211,7 +215,7 @@ class CodedWeight(nn.Module):
         values = values.reshape(len(stored), lay.cols)
         if lay.gain:
             values = values * self.gain.to(dtype)
-        if "latent" in self._parameters:  # straight-through: quantized value, gradient to the latent
+        if "latent" in self._parameters and not soft:  # straight-through: quantized value, gradient to the latent
             latent = self.latent.reshape(lay.rows, lay.cols)[rows].to(dtype)
             values = values + latent - latent.detach()
         return values
@@ -227,19 +231,40 @@ class CodedWeight(nn.Module):
         """Point every sub-vector at the codeword nearest to ``weight`` (original row order), under
         the current codebooks, scales and offsets: the one assignment rule every method shares."""
         lay = self.layout
-        stored = self.perm.to(torch.int64) if lay.permuted else slice(None)
-        matrix = weight.detach().reshape(lay.rows, lay.cols)[stored].float().cpu()
-        if lay.gain:
-            matrix = matrix / self.gain.detach().float().cpu()
-        if lay.scale_group:
-            matrix = matrix.reshape(lay.rows, -1, lay.scale_group)
-            if lay.offset:
-                matrix = matrix - self.offset.detach().float().cpu()[..., None]
-            matrix = matrix / self.scale.detach().float().cpu()[..., None]
-        points = matrix.reshape(lay.groups, -1, lay.dim).numpy()
+        stored = torch.arange(lay.rows, device=self.codes.device)
+        original = self.perm.to(torch.int64) if lay.permuted else stored
+        matrix = self._in_codeword_units(weight.detach().reshape(lay.rows, lay.cols)[original].float(), stored)
+        points = matrix.reshape(lay.groups, -1, lay.dim).cpu().numpy()
         codebooks = self.codebook.detach().float().cpu().numpy()
         codes = torch.cat([torch.from_numpy(assign(p, c)) for p, c in zip(points, codebooks)])
         self.codes = pack_codes(codes, lay.bits).to(self.codes.device)
+
+    def _in_codeword_units(self, matrix: Tensor, stored: Tensor) -> Tensor:
+        """Dense rows (of the given stored rows) with gain, offsets and scales undone: the units
+        the codewords are in. Those factors are taken as constants, not differentiated."""
+        lay = self.layout
+        if lay.gain:
+            matrix = matrix / self.gain.detach().to(matrix)
+        if lay.scale_group:
+            matrix = matrix.reshape(len(stored), -1, lay.scale_group)
+            if lay.offset:
+                matrix = matrix - self.offset.detach()[stored].to(matrix)[..., None]
+            matrix = matrix / self.scale.detach()[stored].to(matrix)[..., None]
+        return matrix.reshape(len(stored), lay.cols)
+
+    def _soft_codewords(self, rows: Tensor, stored: Tensor, dtype: torch.dtype) -> Tensor:
+        """Soft assignment (differentiable k-means): each sub-vector of the latent weight becomes the
+        softmax mixture of its codebook's codewords, weighted by -distance² / temperature. The
+        temperature is relative to the mean squared distance to the nearest codeword, so one
+        schedule suits every layer; as it falls to 0 the mixture becomes the nearest codeword."""
+        lay = self.layout
+        latent = self.latent.reshape(lay.rows, lay.cols)[rows].to(dtype)
+        points = self._in_codeword_units(latent, stored).reshape(len(stored), lay.segments, lay.dim)
+        codebooks = self.codebook.to(dtype)[self.codebook_of_rows(stored)]  # (rows, k, d)
+        distances = torch.cdist(points, codebooks).square()  # (rows, segments, k)
+        unit = distances.detach().min(-1).values.mean().clamp_min(torch.finfo(dtype).tiny)
+        weights = torch.softmax(-distances / (self.temperature * unit), dim=-1)
+        return weights @ codebooks
 
     def start_training(self, latent: Tensor | None = None, shared: dict[int, tuple] | None = None) -> None:
         """Turn codebooks, scales, offsets and gains into float32 parameters that gradients reach

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .coded import CodedWeight
 from .errors import VQCError
-from .finetune import TrainingData, finetune
+from .finetune import TrainingData, check_assignments, finetune
 from .layers import coded_from_dense
 from .methods import Method, get_method
 from .plan import Plan
@@ -100,12 +100,13 @@ def _cut(jobs: list[Job], pieces: int) -> list[list[Job]]:
 def compress(model: nn.Module, method: str = "kmeans", bits: float | None = None,
              calibration: TrainingData | None = None, *, plan: Plan | None = None, seed: int = 0,
              progress: bool = True, finetune_steps: int = 0, lr: float = 1e-3,
-             checkpoint: str | os.PathLike | None = None, **options) -> nn.Module:
+             assignments: str = "ste", checkpoint: str | os.PathLike | None = None, **options) -> nn.Module:
     """Replace the planned layers of ``model`` (in place) by coded layers; returns the model
     (a new object only when ``model`` is itself a single layer).
 
     With ``finetune_steps`` and ``calibration`` (a task and its batches), the compressed model is
-    then distilled from a copy of the original by the shared fine-tuning engine. Every layer's
+    then distilled from a copy of the original by the shared fine-tuning engine (methods that learn
+    assignments do so by ``assignments``: "ste" or "soft", see ``finetune``). Every layer's
     settings are resolved and checked before any work starts, so a bad budget or a bad weight
     fails in a second, not after minutes of work.
     """
@@ -114,6 +115,7 @@ def compress(model: nn.Module, method: str = "kmeans", bits: float | None = None
     if not jobs:
         raise VQCError("the plan selects no layer to compress")
     _check_training(jobs, calibration, finetune_steps)
+    check_assignments(assignments)
     teacher = copy.deepcopy(model).eval() if finetune_steps else None
     bar = tqdm(total=len(jobs), desc=f"{method}", unit="layer", disable=not progress)
     for run in shared_runs(jobs):
@@ -131,7 +133,7 @@ def compress(model: nn.Module, method: str = "kmeans", bits: float | None = None
     bar.close()
     if finetune_steps:
         finetune(model, teacher, calibration.task, calibration.batch_at, finetune_steps, lr=lr,
-                 learn_assignments=any(job.method.learns_assignments for job in jobs),
+                 learn_assignments=any(job.method.learns_assignments for job in jobs), assignments=assignments,
                  checkpoint=checkpoint, progress=progress)
     return model
 

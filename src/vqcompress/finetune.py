@@ -5,7 +5,10 @@ summed gradient of the sub-vectors that use it), and every other parameter the s
 has (norms, biases, small dense layers). With ``learn_assignments`` each coded layer also keeps
 a latent dense weight: the forward pass uses its quantized value, the gradient goes straight
 through to it, and every ``reassign_every`` steps each sub-vector moves to its nearest codeword,
-until 80% of the steps; the last 20% tune the codebooks to that fixed assignment.
+until 80% of the steps; the last 20% tune the codebooks to that fixed assignment. With
+``assignments="soft"`` the sub-vectors are instead soft mixtures of codewords (differentiable
+k-means) whose temperature anneals geometrically from ``SOFT_TEMPERATURES[0]`` to
+``SOFT_TEMPERATURES[1]``, and become their nearest codeword at 80% of the steps.
 
 Batches come from ``batch_at(step)``, a pure function of the step, so an interrupted run resumed
 from its checkpoint sees the same data and ends with the same weights as an uninterrupted one.
@@ -36,6 +39,11 @@ from .layers import iter_coded
 #: Assignments stop moving after this share of the steps, so the codebooks, scales and norms
 #: adapt to the final assignment during the rest.
 FREEZE_AT = 0.8
+#: Soft assignments: temperature at the first step and just before the freeze, in units of the
+#: layer's mean squared distance to the nearest codeword (1: a sub-vector midway between two
+#: codewords mixes them almost evenly; 0.01: practically the nearest one).
+SOFT_TEMPERATURES = (1.0, 0.01)
+ASSIGNMENTS = ("ste", "soft")
 
 
 @dataclass
@@ -140,8 +148,28 @@ def _original_weight(teacher: nn.Module, name: str, layer: nn.Module) -> Tensor:
     return layer.weight_code.decode().detach()
 
 
+def check_assignments(assignments: str) -> None:
+    """Refuse an unknown way of learning assignments before any work starts."""
+    if assignments not in ASSIGNMENTS:
+        raise VQCError(f"assignments must be one of {', '.join(ASSIGNMENTS)}, got {assignments!r}")
+
+
+def _anneal(codes: list, step: int, steps: int) -> None:
+    """Soft assignments: set this step's temperature, a pure function of the step (so resume is
+    exact); from the freeze on, fix each sub-vector to its nearest codeword, once."""
+    freeze = FREEZE_AT * steps
+    for code in codes:
+        if step < freeze:
+            first, last = SOFT_TEMPERATURES
+            code.temperature = first * (last / first) ** (step / freeze)
+        elif code.temperature is not None:
+            with torch.no_grad():
+                code.reassign(code.latent)
+            code.temperature = None
+
+
 def finetune(student: nn.Module, teacher: nn.Module, task: Task, batch_at: Callable[[int], Any], steps: int, *,
-             lr: float = 1e-3, learn_assignments: bool = False, reassign_every: int = 25,
+             lr: float = 1e-3, learn_assignments: bool = False, assignments: str = "ste", reassign_every: int = 25,
              checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 100,
              progress: bool = True) -> nn.Module:
     """Distil ``student`` (with coded layers) from ``teacher`` for ``steps`` steps; returns the student.
@@ -154,6 +182,8 @@ def finetune(student: nn.Module, teacher: nn.Module, task: Task, batch_at: Calla
         raise VQCError("the model has no coded layer to fine-tune: compress it first")
     if steps < 1:
         raise VQCError(f"fine-tuning needs at least one step, got {steps}")
+    check_assignments(assignments)
+    soft = learn_assignments and assignments == "soft"
     codes = [layer.weight_code for _, layer in coded]
     shared: dict[int, tuple] = {}  # a codebook held by several layers trains as one parameter
     for name, layer in coded:
@@ -168,6 +198,8 @@ def finetune(student: nn.Module, teacher: nn.Module, task: Task, batch_at: Calla
         for step in bar:
             for group in optimizer.param_groups:
                 group["lr"] = _learning_rate(lr, step, steps, warmup=max(1, steps // 20))
+            if soft:
+                _anneal(codes, step, steps)
             batch = batch_at(step)
             with torch.no_grad():
                 target = task.forward(teacher, batch)
@@ -176,14 +208,15 @@ def finetune(student: nn.Module, teacher: nn.Module, task: Task, batch_at: Calla
             loss.backward()
             optimizer.step()
             bar.set_postfix(loss=f"{loss.item():.4f}")
-            if learn_assignments and (step + 1) % reassign_every == 0 and step < FREEZE_AT * steps:
+            if learn_assignments and not soft and (step + 1) % reassign_every == 0 and step < FREEZE_AT * steps:
                 for code in codes:
                     code.reassign(code.latent)
             if checkpoint and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
                 _save_checkpoint(checkpoint, step + 1, student, optimizer)
-    shared.clear()
+    _anneal(codes, steps, steps)  # a run too short to reach the freeze still ends with hard codes
+    finished: dict[int, tuple] = {}  # the shared codebook parameter back to one stored tensor
     for code in codes:
-        code.finish_training(shared)
+        code.finish_training(finished)
     if checkpoint and checkpoint.exists():
         checkpoint.unlink()
     return student
