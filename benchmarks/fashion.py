@@ -75,7 +75,7 @@ def run_fp32(model_name: str, device: str) -> dict:
             "model_bits_per_weight": 32.0, "parameters": sum(p.numel() for p in model.parameters())}
 
 
-def run_ours(model_name: str, method: str, bits: float, steps: int, device: str) -> dict:
+def run_ours(model_name: str, method: str, bits: float, steps: int, device: str, assignments: str = "ste") -> dict:
     """Compress with vqcompress, write the file, reload it (on CPU), score it."""
     import vqcompress as vqc
     from vqcompress.models import load_model
@@ -84,7 +84,8 @@ def run_ours(model_name: str, method: str, bits: float, steps: int, device: str)
     model, _ = load_model(model_name)
     start = time.perf_counter()
     vqc.compress(model.to(device), method, bits=bits, plan=plan_for(model_name), progress=False, finetune_steps=steps,
-                 calibration=training_batches(device) if steps else None, lr=LR[method], **MODEL_OPTIONS[model_name])
+                 calibration=training_batches(device) if steps else None, lr=LR[method], assignments=assignments,
+                 **MODEL_OPTIONS[model_name])
     seconds = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as workdir:
         path = Path(workdir) / "model.vqc"
@@ -124,6 +125,8 @@ def accuracy_configs() -> list[dict]:
         for budget, setting in budgets.items():
             configs += [{"model": model_name, "budget": budget, "method": method, "steps": steps, "bits": setting["bits"]}
                         for method, steps in (("kmeans", 0), ("kmeans", STEPS), ("vqdnn", STEPS))]
+            configs.append({"model": model_name, "budget": budget, "method": "vqdnn", "steps": STEPS,
+                            "bits": setting["bits"], "assignments": "soft"})
             n_bits, cluster_dim = setting["dkm"]
             configs.append({"model": model_name, "budget": budget, "method": "coremltools-dkm", "steps": DKM_STEPS,
                             "n_bits": n_bits, "cluster_dim": cluster_dim})
@@ -141,13 +144,19 @@ def measure(config: dict, device: str) -> dict:
     elif method == "coremltools-dkm":
         row = run_dkm(model, config["n_bits"], config["cluster_dim"], steps, device)
     else:
-        row = run_ours(model, method, config["bits"], steps, device)
+        row = run_ours(model, method, config["bits"], steps, device, config.get("assignments", "ste"))
     gpu = torch.cuda.get_device_name() if device.startswith("cuda") else None
     return {**config, **row, "device": device, "gpu": gpu, "machine": machine(), "date": now()}
 
 
-def accuracy_rows(device: str = "cpu", jobs: int = 1) -> list[dict]:
-    """Every configuration in a fresh process, ``jobs`` at a time (where a GPU has room for several)."""
+def same_config(row: dict, config: dict) -> bool:
+    """``row`` measured ``config`` (rows from before soft assignments existed have no such key)."""
+    return all(row.get(key) == value for key, value in config.items()) and row.get("assignments") == config.get("assignments")
+
+
+def accuracy_rows(device: str = "cpu", jobs: int = 1, earlier: list[dict] | None = None) -> list[dict]:
+    """Every configuration in a fresh process, ``jobs`` at a time (where a GPU has room for several).
+    Configurations with a row in ``earlier`` keep it instead (a new configuration joins a run)."""
     from concurrent.futures import ThreadPoolExecutor
 
     def child(config: dict) -> dict:
@@ -159,8 +168,11 @@ def accuracy_rows(device: str = "cpu", jobs: int = 1) -> list[dict]:
         log(row)
         return row
 
+    def row_for(config: dict) -> dict:
+        return next((row for row in earlier or [] if same_config(row, config)), None) or child(config)
+
     with ThreadPoolExecutor(jobs) as pool:
-        return list(pool.map(child, accuracy_configs()))
+        return list(pool.map(row_for, accuracy_configs()))
 
 
 def log(row: dict) -> None:
@@ -287,6 +299,8 @@ def main() -> None:
     parser.add_argument("--only", choices=PARTS, help="re-measure one part, keep the others from the last run")
     parser.add_argument("--device", default="cpu", help="where the accuracy runs train (cuda when there is one)")
     parser.add_argument("--jobs", type=int, default=1, help="accuracy runs at a time, each its own process")
+    parser.add_argument("--missing", action="store_true", help="with --only rows: measure only configurations "
+                        "that have no row in the last run yet")
     parser.add_argument("--one", metavar="CONFIG_JSON", help="measure one accuracy configuration (internal)")
     args = parser.parse_args()
     if args.one:
@@ -299,13 +313,15 @@ def main() -> None:
     start = time.perf_counter()
     result.update({"suite": "fashion", "machine": machine(), "steps": STEPS, "dkm_steps": DKM_STEPS, "lr": LR,
                    "model_options": MODEL_OPTIONS, "budgets": BUDGETS, "edge_spec": EDGE_SPEC, "edge_layers": MODELS})
-    measure_part = {"flops": flop_rows, "resume": resume_check, "rows": lambda: accuracy_rows(args.device, args.jobs)}
+    earlier = result.get("rows") if args.missing else None
+    measure_part = {"flops": flop_rows, "resume": resume_check,
+                    "rows": lambda: accuracy_rows(args.device, args.jobs, earlier)}
     for part in [args.only] if args.only else PARTS:
         result.setdefault("measured", {})[part] = now()
         result[part] = measure_part[part]()
     result.setdefault("started", min(result["measured"].values()))
-    earlier = result.get("seconds", 0) if args.only else 0  # a re-measured part adds to the run it joins
-    result["seconds"] = earlier + time.perf_counter() - start
+    before = result.get("seconds", 0) if args.only else 0  # a re-measured part adds to the run it joins
+    result["seconds"] = before + time.perf_counter() - start
     write_json(RESULTS, result)
     from . import render
 

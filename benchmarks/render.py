@@ -125,16 +125,21 @@ def notes(rows: list[dict]) -> list[str]:
     ]
 
 
+def fashion_method(row: dict) -> str:
+    """The method, and how it learned assignments where it did so by soft assignment."""
+    return row["method"] + (" (soft assignments)" if row.get("assignments") == "soft" else "")
+
+
 def fashion_accuracy(result: dict) -> list[str]:
     rows = result["rows"]
     fp32 = {r["model"]: r["accuracy"] for r in rows if r["method"] == "fp32"}
-    lines = ["| model | budget | method | steps | bits/w coded | bits/w model | accuracy % | vs fp32 | seconds |",
-             "|---|---|---|--:|--:|--:|--:|--:|--:|"]
+    lines = ["| model | budget | method | steps | bits/w coded | bits/w model | accuracy % | vs fp32 | seconds | ran on |",
+             "|---|---|---|--:|--:|--:|--:|--:|--:|---|"]
     for r in rows:
         delta = r["accuracy"] - fp32[r["model"]]
-        lines.append(f"| {r['model']} | {r['budget']} | {r['method']} | {r['steps']} | {r['coded_bits_per_weight']:.3f} "
+        lines.append(f"| {r['model']} | {r['budget']} | {fashion_method(r)} | {r['steps']} | {r['coded_bits_per_weight']:.3f} "
                      f"| {r['model_bits_per_weight']:.3f} | {r['accuracy']:.2f} | {delta:+.2f} | "
-                     f"{number(r.get('seconds'), 0)} |")
+                     f"{number(r.get('seconds'), 0)} | {r.get('gpu') or 'CPU'} |")
     lines += ["", "Targets (accuracy within the stated points of fp32, every Conv2d and Linear coded, coded bits/w "
               "within the budget):", ""]
     for model in fp32:
@@ -143,7 +148,7 @@ def fashion_accuracy(result: dict) -> list[str]:
             best = max(ours, key=lambda r: r["accuracy"])
             limit = float(budget.split()[-1])
             met = best["accuracy"] >= fp32[model] - points and best["coded_bits_per_weight"] <= limit
-            lines.append(f"- {model} at {budget} bits/w: best is {best['method']} ({best['steps']} steps), "
+            lines.append(f"- {model} at {budget} bits/w: best is {fashion_method(best)} ({best['steps']} steps), "
                          f"{best['accuracy']:.2f}% at {best['coded_bits_per_weight']:.3f} bits/w against fp32 "
                          f"{fp32[model]:.2f}% (allowed loss {points} points): **{'met' if met else 'not met'}**.")
     return lines
@@ -172,7 +177,8 @@ def fashion_flops(rows: list[dict]) -> list[str]:
 def step_cost(result: dict) -> str:
     """Seconds per training step of DKM against vqdnn, from this run's own rows."""
     def per_step(method: str) -> float:
-        rows = [r for r in result["rows"] if r["method"] == method and r["model"] == "fashion-cnn"]
+        rows = [r for r in result["rows"] if r["method"] == method and r["model"] == "fashion-cnn"
+                and not r.get("assignments")]
         return sum(r["seconds"] for r in rows) / sum(r["steps"] for r in rows)
 
     dkm, ours = per_step("coremltools-dkm"), per_step("vqdnn")

@@ -261,9 +261,11 @@ class CodedWeight(nn.Module):
         latent = self.latent.reshape(lay.rows, lay.cols)[rows].to(dtype)
         points = self._in_codeword_units(latent, stored).reshape(len(stored), lay.segments, lay.dim)
         codebooks = self.codebook.to(dtype)[self.codebook_of_rows(stored)]  # (rows, k, d)
-        distances = torch.cdist(points, codebooks).square()  # (rows, segments, k)
-        unit = distances.detach().min(-1).values.mean().clamp_min(torch.finfo(dtype).tiny)
-        weights = torch.softmax(-distances / (self.temperature * unit), dim=-1)
+        # |p - c|² less |p|², which is the same for every codeword of a segment: softmax ignores it
+        partial = torch.baddbmm(codebooks.square().sum(-1)[:, None, :], points, codebooks.transpose(1, 2), alpha=-2)
+        with torch.no_grad():
+            unit = (points.square().sum(-1) + partial.min(-1).values).mean().clamp_min(torch.finfo(dtype).tiny)
+        weights = torch.softmax(partial / (-self.temperature * unit), dim=-1)
         return weights @ codebooks
 
     def start_training(self, latent: Tensor | None = None, shared: dict[int, tuple] | None = None) -> None:
