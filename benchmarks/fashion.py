@@ -24,7 +24,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .run import CORES, ROOT, machine, now, write_json
@@ -146,7 +148,7 @@ def measure(config: dict, device: str) -> dict:
     else:
         row = run_ours(model, method, config["bits"], steps, device, config.get("assignments", "ste"))
     gpu = torch.cuda.get_device_name() if device.startswith("cuda") else None
-    return {**config, **row, "device": device, "gpu": gpu, "machine": machine(), "date": now()}
+    return {**config, **row, "zoo": zoo_build(model), "device": device, "gpu": gpu, "machine": machine(), "date": now()}
 
 
 def same_config(row: dict, config: dict) -> bool:
@@ -154,25 +156,40 @@ def same_config(row: dict, config: dict) -> bool:
     return all(row.get(key) == value for key, value in config.items()) and row.get("assignments") == config.get("assignments")
 
 
-def accuracy_rows(device: str = "cpu", jobs: int = 1, earlier: list[dict] | None = None) -> list[dict]:
-    """Every configuration in a fresh process, ``jobs`` at a time (where a GPU has room for several).
-    Configurations with a row in ``earlier`` keep it instead (a new configuration joins a run)."""
+def zoo_build(model_name: str) -> str | None:
+    """The zoo checkpoint's sha256 (12 hex digits; None before it is trained). One seed trains the
+    same weights on one CPU family, but another rounds differently: rows say which build they measured."""
+    from vqcompress.models.fashion import checkpoint_path
+
+    path = checkpoint_path(model_name, 0)
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12] if path.exists() else None
+
+
+def accuracy_rows(configs: list[dict], device: str = "cpu", jobs: int = 1, earlier: list[dict] | None = None,
+                  keep: Callable[[list[dict]], None] = lambda rows: None) -> list[dict]:
+    """Each configuration in a fresh process, ``jobs`` at a time (where a GPU has room for several).
+    Rows in ``earlier`` stay; a configuration with a row there for the zoo build at hand is not
+    measured again. ``keep`` gets all rows after each new one, so an interrupt loses one row at most."""
     from concurrent.futures import ThreadPoolExecutor
 
-    def child(config: dict) -> dict:
+    rows, lock = list(earlier or []), threading.Lock()
+    builds = {config["model"]: zoo_build(config["model"]) for config in configs}
+    todo = [c for c in configs if not any(same_config(r, c) and r.get("zoo") == builds[c["model"]] for r in rows)]
+
+    def child(config: dict) -> None:
         argv = [sys.executable, "-m", "benchmarks.fashion", "--one", json.dumps(config), "--device", device]
         done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"{config} failed:\n{done.stderr[-3000:]}")
         row = json.loads(done.stdout.strip().splitlines()[-1])
         log(row)
-        return row
-
-    def row_for(config: dict) -> dict:
-        return next((row for row in earlier or [] if same_config(row, config)), None) or child(config)
+        with lock:
+            rows.append(row)
+            keep(rows)
 
     with ThreadPoolExecutor(jobs) as pool:
-        return list(pool.map(row_for, accuracy_configs()))
+        list(pool.map(child, todo))
+    return rows
 
 
 def log(row: dict) -> None:
@@ -290,6 +307,11 @@ def flop_rows() -> list[dict]:
 PARTS = ("flops", "resume", "rows")
 
 
+def selected(models: list[str] | None, budgets: list[str] | None) -> list[dict]:
+    """The accuracy configurations of the given models and budgets (all where none are given)."""
+    return [c for c in accuracy_configs() if (not models or c["model"] in models) and (not budgets or c["budget"] in budgets)]
+
+
 def main() -> None:
     import argparse
 
@@ -299,8 +321,10 @@ def main() -> None:
     parser.add_argument("--only", choices=PARTS, help="re-measure one part, keep the others from the last run")
     parser.add_argument("--device", default="cpu", help="where the accuracy runs train (cuda when there is one)")
     parser.add_argument("--jobs", type=int, default=1, help="accuracy runs at a time, each its own process")
-    parser.add_argument("--missing", action="store_true", help="with --only rows: measure only configurations "
-                        "that have no row in the last run yet")
+    parser.add_argument("--missing", action="store_true", help="with --only rows: keep the last run's rows and "
+                        "measure only configurations without one for the zoo build at hand")
+    parser.add_argument("--model", action="append", help="accuracy rows of this model only (repeatable)")
+    parser.add_argument("--budget", action="append", help="accuracy rows of this budget only, e.g. fp32 or '≤ 1.6'")
     parser.add_argument("--one", metavar="CONFIG_JSON", help="measure one accuracy configuration (internal)")
     args = parser.parse_args()
     if args.one:
@@ -311,12 +335,16 @@ def main() -> None:
     torch.set_num_threads(CORES)
     result = json.loads(RESULTS.read_text()) if args.only and RESULTS.exists() else {}
     start = time.perf_counter()
-    result.update({"suite": "fashion", "machine": machine(), "steps": STEPS, "dkm_steps": DKM_STEPS, "lr": LR,
+    parts = [args.only] if args.only else PARTS
+    if "flops" in parts:  # the machine the times were measured on; accuracy rows name their own
+        result["machine"] = machine()
+    result.update({"suite": "fashion", "steps": STEPS, "dkm_steps": DKM_STEPS, "lr": LR,
                    "model_options": MODEL_OPTIONS, "budgets": BUDGETS, "edge_spec": EDGE_SPEC, "edge_layers": MODELS})
     earlier = result.get("rows") if args.missing else None
     measure_part = {"flops": flop_rows, "resume": resume_check,
-                    "rows": lambda: accuracy_rows(args.device, args.jobs, earlier)}
-    for part in [args.only] if args.only else PARTS:
+                    "rows": lambda: accuracy_rows(selected(args.model, args.budget), args.device, args.jobs, earlier,
+                                                  keep=lambda rows: write_json(RESULTS, {**result, "rows": rows}))}
+    for part in parts:
         result.setdefault("measured", {})[part] = now()
         result[part] = measure_part[part]()
     result.setdefault("started", min(result["measured"].values()))

@@ -130,27 +130,36 @@ def fashion_method(row: dict) -> str:
     return row["method"] + (" (soft assignments)" if row.get("assignments") == "soft" else "")
 
 
+def zoo_label(row: dict) -> str:
+    return row.get("zoo") or "earlier"
+
+
 def fashion_accuracy(result: dict) -> list[str]:
+    """Every row against the fp32 accuracy of the same zoo build, and the targets per build."""
     rows = result["rows"]
-    fp32 = {r["model"]: r["accuracy"] for r in rows if r["method"] == "fp32"}
-    lines = ["| model | budget | method | steps | bits/w coded | bits/w model | accuracy % | vs fp32 | seconds | ran on |",
-             "|---|---|---|--:|--:|--:|--:|--:|--:|---|"]
+    fp32 = {(r["model"], zoo_label(r)): r["accuracy"] for r in rows if r["method"] == "fp32"}
+    lines = ["| model | zoo build | budget | method | steps | bits/w coded | bits/w model | accuracy % | vs fp32 | seconds "
+             "| ran on |", "|---|---|---|---|--:|--:|--:|--:|--:|--:|---|"]
     for r in rows:
-        delta = r["accuracy"] - fp32[r["model"]]
-        lines.append(f"| {r['model']} | {r['budget']} | {fashion_method(r)} | {r['steps']} | {r['coded_bits_per_weight']:.3f} "
-                     f"| {r['model_bits_per_weight']:.3f} | {r['accuracy']:.2f} | {delta:+.2f} | "
-                     f"{number(r.get('seconds'), 0)} | {r.get('gpu') or 'CPU'} |")
-    lines += ["", "Targets (accuracy within the stated points of fp32, every Conv2d and Linear coded, coded bits/w "
-              "within the budget):", ""]
-    for model in fp32:
+        delta = r["accuracy"] - fp32[r["model"], zoo_label(r)]
+        lines.append(f"| {r['model']} | {zoo_label(r)} | {r['budget']} | {fashion_method(r)} | {r['steps']} "
+                     f"| {r['coded_bits_per_weight']:.3f} | {r['model_bits_per_weight']:.3f} | {r['accuracy']:.2f} "
+                     f"| {delta:+.2f} | {number(r.get('seconds'), 0)} | {r.get('gpu') or 'CPU'} |")
+    lines += ["", "Targets (accuracy within the stated points of the same build's fp32, every Conv2d and Linear "
+              "coded, coded bits/w within the budget):", ""]
+    for model, build in fp32:
         for budget, points in FASHION_TARGETS.items():
-            ours = [r for r in rows if r["model"] == model and r["budget"] == budget and r["method"] != "coremltools-dkm"]
+            ours = [r for r in rows if (r["model"], zoo_label(r), r["budget"]) == (model, build, budget)
+                    and r["method"] != "coremltools-dkm"]
+            if not ours:
+                continue
             best = max(ours, key=lambda r: r["accuracy"])
-            limit = float(budget.split()[-1])
-            met = best["accuracy"] >= fp32[model] - points and best["coded_bits_per_weight"] <= limit
-            lines.append(f"- {model} at {budget} bits/w: best is {fashion_method(best)} ({best['steps']} steps), "
-                         f"{best['accuracy']:.2f}% at {best['coded_bits_per_weight']:.3f} bits/w against fp32 "
-                         f"{fp32[model]:.2f}% (allowed loss {points} points): **{'met' if met else 'not met'}**.")
+            limit, reference = float(budget.split()[-1]), fp32[model, build]
+            met = best["accuracy"] >= reference - points and best["coded_bits_per_weight"] <= limit
+            lines.append(f"- {model} (build {build}) at {budget} bits/w: best is {fashion_method(best)} "
+                         f"({best['steps']} steps), {best['accuracy']:.2f}% at {best['coded_bits_per_weight']:.3f} "
+                         f"bits/w against fp32 {reference:.2f}% (allowed loss {points} points): "
+                         f"**{'met' if met else 'not met'}**.")
     return lines
 
 
@@ -175,14 +184,20 @@ def fashion_flops(rows: list[dict]) -> list[str]:
 
 
 def step_cost(result: dict) -> str:
-    """Seconds per training step of DKM against vqdnn, from this run's own rows."""
-    def per_step(method: str) -> float:
-        rows = [r for r in result["rows"] if r["method"] == method and r["model"] == "fashion-cnn"
-                and not r.get("assignments")]
+    """Seconds per training step of DKM against vqdnn on fashion-cnn, per machine that ran both."""
+    def per_step(rows: list[dict]) -> float:
         return sum(r["seconds"] for r in rows) / sum(r["steps"] for r in rows)
 
-    dkm, ours = per_step("coremltools-dkm"), per_step("vqdnn")
-    return f"on fashion-cnn a DKM step took {dkm:.3f} s, a vqdnn step {ours:.3f} s, on the machine below"
+    costs = []
+    for where in sorted({r.get("gpu") or "CPU" for r in result["rows"]}):
+        rows = [r for r in result["rows"] if (r.get("gpu") or "CPU") == where and r["model"] == "fashion-cnn"]
+        dkm = [r for r in rows if r["method"] == "coremltools-dkm"]
+        ours = [r for r in rows if r["method"] == "vqdnn" and not r.get("assignments")]
+        soft = [r for r in rows if r["method"] == "vqdnn" and r.get("assignments") == "soft"]
+        if dkm and ours:
+            costs.append(f"on fashion-cnn on the {where} a DKM step took {per_step(dkm):.3f} s, a vqdnn step "
+                         f"{per_step(ours):.3f} s" + (f" (soft assignments {per_step(soft):.3f} s)" if soft else ""))
+    return "; ".join(costs)
 
 
 def measured_on(result: dict, part: str) -> list[str]:
@@ -208,6 +223,10 @@ def fashion_markdown(result: dict) -> list[str]:
         f"{result['lr']}; per-model options {result['model_options']} (`shared`: one codebook for all layers of a "
         "layout, with a per-layer gain). coremltools DKMPalettizer: the same layers, the same 4-bit first and last "
         f"layers, data and loss, {result['dkm_steps']} steps ({step_cost(result)}), one fp16 LUT per tensor.", "",
+        "*zoo build* is the first 12 hex digits of the zoo checkpoint's sha256, and every row is compared with "
+        "the fp32 row of its own build: `vqc zoo train` gives the same weights for the same seed on one machine, "
+        "but a CPU of another family rounds differently and trains a slightly different model. *earlier* marks "
+        "rows of a build trained in an earlier session, before rows recorded their build.", "",
         *fashion_accuracy(result), "",
         f"Accuracy rows ran on: {rows_machines(result['rows'])}.", "",
         "### Resume", "", *fashion_resume(result["resume"]), *measured_on(result, "resume"), "",
