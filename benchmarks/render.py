@@ -134,17 +134,26 @@ def zoo_label(row: dict) -> str:
     return row.get("zoo") or "earlier"
 
 
+def fashion_order(row: dict) -> tuple:
+    """Model, then build (the earlier one first), then budget, then method as the configurations list them."""
+    budgets = ["fp32", *FASHION_TARGETS]
+    methods = ["fp32", "kmeans", "vqdnn", "vqdnn (soft assignments)", "coremltools-dkm"]
+    return (row["model"], row.get("zoo") is not None, zoo_label(row), budgets.index(row["budget"]),
+            methods.index(fashion_method(row)), row["steps"])
+
+
 def fashion_accuracy(result: dict) -> list[str]:
     """Every row against the fp32 accuracy of the same zoo build, and the targets per build."""
-    rows = result["rows"]
+    rows = sorted(result["rows"], key=fashion_order)
     fp32 = {(r["model"], zoo_label(r)): r["accuracy"] for r in rows if r["method"] == "fp32"}
     lines = ["| model | zoo build | budget | method | steps | bits/w coded | bits/w model | accuracy % | vs fp32 | seconds "
              "| ran on |", "|---|---|---|---|--:|--:|--:|--:|--:|--:|---|"]
     for r in rows:
-        delta = r["accuracy"] - fp32[r["model"], zoo_label(r)]
+        reference = fp32.get((r["model"], zoo_label(r)))  # a run cut short may not have it yet
+        delta = "—" if reference is None else f"{r['accuracy'] - reference:+.2f}"
         lines.append(f"| {r['model']} | {zoo_label(r)} | {r['budget']} | {fashion_method(r)} | {r['steps']} "
                      f"| {r['coded_bits_per_weight']:.3f} | {r['model_bits_per_weight']:.3f} | {r['accuracy']:.2f} "
-                     f"| {delta:+.2f} | {number(r.get('seconds'), 0)} | {r.get('gpu') or 'CPU'} |")
+                     f"| {delta} | {number(r.get('seconds'), 0)} | {r.get('gpu') or 'CPU'} |")
     lines += ["", "Targets (accuracy within the stated points of the same build's fp32, every Conv2d and Linear "
               "coded, coded bits/w within the budget):", ""]
     for model, build in fp32:
