@@ -213,7 +213,8 @@ def finetune(student: nn.Module, teacher: nn.Module, task: Task, batch_at: Calla
                     code.reassign(code.latent)
             if checkpoint and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
                 _save_checkpoint(checkpoint, step + 1, student, optimizer)
-    _anneal(codes, steps, steps)  # a run too short to reach the freeze still ends with hard codes
+    if soft:  # a run too short to reach the freeze still ends with hard codes
+        _anneal(codes, steps, steps)
     finished: dict[int, tuple] = {}  # the shared codebook parameter back to one stored tensor
     for code in codes:
         code.finish_training(finished)
