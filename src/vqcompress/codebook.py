@@ -11,6 +11,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import faiss
+import torch
 import numpy as np
 
 
@@ -48,18 +49,21 @@ def kmeans_pp_seed(points: np.ndarray, k: int, rng: np.random.Generator) -> np.n
 
 
 def kmeans(points: np.ndarray, k: int, seed: int = 0, iterations: int = 20,
-           max_points_per_centroid: int = 256) -> np.ndarray:
-    """Train ``k`` centroids on (n, d) float32 ``points``; deterministic for a given seed."""
+           max_points_per_centroid: int = 256, weights: np.ndarray | None = None) -> np.ndarray:
+    """Train ``k`` centroids on (n, d) float32 ``points`` (each with its ``weight`` in the
+    objective, if given); deterministic for a given seed."""
     rng = np.random.default_rng(seed)
     points = np.ascontiguousarray(points, dtype=np.float32)
     if len(points) > k * max_points_per_centroid:
-        points = points[np.sort(rng.choice(len(points), k * max_points_per_centroid, replace=False))]
+        keep = np.sort(rng.choice(len(points), k * max_points_per_centroid, replace=False))
+        points, weights = points[keep], None if weights is None else weights[keep]
     seeding_sample = points[rng.choice(len(points), min(len(points), 32 * k), replace=False)]
     init = kmeans_pp_seed(seeding_sample, k, rng)
     engine = faiss.Kmeans(points.shape[1], k, niter=iterations, seed=seed,
                           max_points_per_centroid=max_points_per_centroid, min_points_per_centroid=1)
     with _threads(1 if len(points) * k < SMALL_FIT else faiss.omp_get_max_threads()):
-        engine.train(points, init_centroids=init)
+        engine.train(points, None if weights is None else np.ascontiguousarray(weights, dtype=np.float32),
+                     init_centroids=init)
     return engine.centroids
 
 
@@ -69,3 +73,16 @@ def assign(points: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     index.add(np.ascontiguousarray(centroids, dtype=np.float32))
     _, nearest = index.search(np.ascontiguousarray(points, dtype=np.float32), 1)
     return nearest[:, 0]
+
+
+def _weighted_distances(points: torch.Tensor, weights: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Σ_j w_ij (x_ij − c_j)² for every point i and centroid c, less Σ_j w_ij x_ij² (the same for
+    every centroid of a point, so it changes no argmin): two matrix products."""
+    return weights @ centroids.square().T - 2 * (weights * points) @ centroids.T
+
+
+def weighted_assign(points: torch.Tensor, weights: torch.Tensor, centroids: torch.Tensor,
+                    chunk: int = 1 << 16) -> torch.Tensor:
+    """Index of the nearest centroid of each point under its own per-coordinate weights."""
+    return torch.cat([_weighted_distances(points[i:i + chunk], weights[i:i + chunk], centroids).argmin(1)
+                      for i in range(0, len(points), chunk)])

@@ -8,7 +8,8 @@ stored as the index of a codeword, bit-packed at ``ceil(log2 k)`` bits. On top o
 - ``groups`` codebooks, each serving a contiguous block of rows (1 = one codebook per layer);
 - optional scales (and offsets), one per row and block of ``scale_group`` inputs:
   ``w = codeword · scale + offset``; per-row scale is ``scale_group == cols``;
-- an optional row permutation: stored row ``r`` is original row ``perm[r]``;
+- an optional row permutation: stored row ``r`` is original row ``perm[r]``, bit-packed at
+  ``ceil(log2 rows)`` bits per row;
 - an optional per-layer ``gain`` (one fp16 number multiplying the whole weight), so that layers
   of different magnitude can share one codebook: the same codebook tensor held by several coded
   weights is stored once in the file and trained as one parameter.
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .codebook import assign
+from .codebook import assign, weighted_assign
 from .errors import VQCError
 
 MAX_CODE_BITS = 16
@@ -158,7 +159,7 @@ class CodedWeight(nn.Module):
             pack_codes(codes, layout.bits),
             None if scale is None else scale.reshape(layout.rows, -1).to(sc_dtype).contiguous(),
             None if offset is None else offset.reshape(layout.rows, -1).to(sc_dtype).contiguous(),
-            None if perm is None else perm.to(torch.int32),
+            None if perm is None else pack_codes(perm, code_bits(layout.rows)),
             None if gain is None else gain.reshape(1).to(sc_dtype),
         )
 
@@ -175,7 +176,7 @@ class CodedWeight(nn.Module):
             torch.zeros((n_codes * layout.bits + 7) // 8, dtype=torch.uint8),
             torch.zeros(layout.rows, n_scales, dtype=sc_dtype) if layout.scale_group else None,
             torch.zeros(layout.rows, n_scales, dtype=sc_dtype) if layout.offset else None,
-            torch.arange(layout.rows, dtype=torch.int32) if layout.permuted else None,
+            pack_codes(torch.arange(layout.rows), code_bits(layout.rows)) if layout.permuted else None,
             torch.ones(1, dtype=sc_dtype) if layout.gain else None,
         )
 
@@ -192,11 +193,16 @@ class CodedWeight(nn.Module):
         """Which codebook group each stored row uses."""
         return stored_rows // (self.layout.rows // self.layout.groups)
 
+    def permutation(self) -> Tensor:
+        """The original row number of every stored row (int64; the identity when not permuted)."""
+        rows = torch.arange(self.layout.rows, device=self.codes.device)
+        return unpack_codes(self.perm, code_bits(self.layout.rows), rows) if self.layout.permuted else rows
+
     def stored_rows_of(self, rows: Tensor) -> Tensor:
         """Map original row numbers to stored row numbers (undo the permutation)."""
         if not self.layout.permuted:
             return rows
-        return torch.argsort(self.perm.to(torch.int64))[rows]
+        return torch.argsort(self.permutation())[rows]
 
     def decode_rows(self, rows: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
         """Dense (len(rows), cols) slice for original rows: the embedding lookup path."""
@@ -227,17 +233,34 @@ class CodedWeight(nn.Module):
 
     # -- assignment and training ---------------------------------------------------------------
 
-    def reassign(self, weight: Tensor) -> None:
+    def reassign(self, weight: Tensor, importance: Tensor | None = None) -> None:
         """Point every sub-vector at the codeword nearest to ``weight`` (original row order), under
-        the current codebooks, scales and offsets: the one assignment rule every method shares."""
+        the current codebooks, scales and offsets: the one assignment rule every method shares.
+        With ``importance`` (broadcastable to the weight matrix, original row order) the distance
+        weighs each weight's error by it: an activation-aware assignment."""
         lay = self.layout
         stored = torch.arange(lay.rows, device=self.codes.device)
-        original = self.perm.to(torch.int64) if lay.permuted else stored
+        original = self.permutation()
         matrix = self._in_codeword_units(weight.detach().reshape(lay.rows, lay.cols)[original].float(), stored)
-        points = matrix.reshape(lay.groups, -1, lay.dim).cpu().numpy()
-        codebooks = self.codebook.detach().float().cpu().numpy()
-        codes = torch.cat([torch.from_numpy(assign(p, c)) for p, c in zip(points, codebooks)])
+        if importance is None:
+            points = matrix.reshape(lay.groups, -1, lay.dim).cpu().numpy()
+            codebooks = self.codebook.detach().float().cpu().numpy()
+            codes = torch.cat([torch.from_numpy(assign(p, c)) for p, c in zip(points, codebooks)])
+        else:
+            weights = importance.to(matrix).expand(lay.rows, lay.cols)[original] * self.unit(stored).square()
+            codes = torch.cat([weighted_assign(p, w, c.float()) for p, w, c in zip(
+                matrix.reshape(lay.groups, -1, lay.dim), weights.reshape(lay.groups, -1, lay.dim), self.codebook.detach())])
         self.codes = pack_codes(codes, lay.bits).to(self.codes.device)
+
+    def unit(self, stored: Tensor) -> Tensor:
+        """Size of one codeword unit at each weight of the given stored rows (gain × scale): an
+        error of e in codeword units is an error of e × unit in the weight."""
+        lay = self.layout
+        unit = torch.ones(len(stored), lay.cols, device=self.codes.device)
+        if lay.scale_group:
+            scale = self.scale.detach()[stored].float()[..., None]
+            unit = (unit.reshape(len(stored), -1, lay.scale_group) * scale).reshape(len(stored), lay.cols)
+        return unit * self.gain.detach().float() if lay.gain else unit
 
     def _in_codeword_units(self, matrix: Tensor, stored: Tensor) -> Tensor:
         """Dense rows (of the given stored rows) with gain, offsets and scales undone: the units

@@ -6,18 +6,25 @@ import copy
 import json
 import os
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .calibrate import Blocks, InputStatistics, capturing, find_blocks
 from .coded import CodedWeight
 from .errors import VQCError
 from .finetune import TrainingData, check_assignments, finetune
 from .layers import coded_from_dense
 from .methods import Method, get_method
 from .plan import Plan
+
+
+#: Ridge added to every layer's input statistics, as a share of the mean input energy: inputs
+#: that calibration barely excites keep part of their weight (inputs elsewhere may excite them).
+DAMPING = float(os.environ.get("VQC_DAMPING", "0.01"))
 
 
 @dataclass
@@ -49,19 +56,31 @@ def _layer_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**31
 
 
-def fit_layer(job: Job, seed: int) -> CodedWeight:
-    code = job.method.fit(job.module.weight.detach().float(), job.settings, _layer_seed(seed, job.name))
+def _fitting_statistics(job: Job, inputs: InputStatistics | None) -> InputStatistics | None:
+    """What a layer is fitted to: its input statistics, damped by ``DAMPING``; centred when the
+    layer has a bias, which then absorbs the mean error."""
+    if inputs is None:
+        return None
+    return (inputs.centred() if getattr(job.module, "bias", None) is not None else inputs).damped(DAMPING)
+
+
+def fit_layer(job: Job, seed: int, inputs: InputStatistics | None = None) -> CodedWeight:
+    code = job.method.fit(job.module.weight.detach().float(), job.settings, _layer_seed(seed, job.name),
+                          _fitting_statistics(job, inputs))
     code.recipe = {"method": job.method.name, **job.settings}
     return code
 
 
-def fit_run(run: list[Job], seed: int) -> list[CodedWeight]:
-    """The coded weights of a run of layers: one layer alone, or several sharing one codebook."""
+def fit_run(run: list[Job], seed: int, statistics: dict[str, InputStatistics] | None = None) -> list[CodedWeight]:
+    """The coded weights of a run of layers: one layer alone, or several sharing one codebook;
+    each weighted by its layer's calibration ``statistics`` where there are some."""
+    statistics = statistics or {}
     if len(run) == 1 and not run[0].settings.get("shared"):
-        return [fit_layer(run[0], seed)]
+        return [fit_layer(run[0], seed, statistics.get(run[0].name))]
     first = run[0]
     codes = first.method.fit_shared([job.module.weight.detach().float() for job in run], first.settings,
-                                    _layer_seed(seed, first.name))
+                                    _layer_seed(seed, first.name),
+                                    [_fitting_statistics(job, statistics.get(job.name)) for job in run])
     for code in codes:
         code.recipe = {"method": first.method.name, **first.settings}
     return codes
@@ -104,7 +123,9 @@ def compress(model: nn.Module, method: str = "kmeans", bits: float | None = None
     """Replace the planned layers of ``model`` (in place) by coded layers; returns the model
     (a new object only when ``model`` is itself a single layer).
 
-    With ``finetune_steps`` and ``calibration`` (a task and its batches), the compressed model is
+    With ``calibration`` (a task and its batches), every layer is fitted to the statistics of its
+    inputs on the first ``calibration.calibration_batches`` batches, block by block where the model
+    has repeated blocks (see ``_fit_calibrated``). With ``finetune_steps`` too, the compressed model is
     then distilled from a copy of the original by the shared fine-tuning engine (methods that learn
     assignments do so by ``assignments``: "ste" or "soft", see ``finetune``). Every layer's
     settings are resolved and checked before any work starts, so a bad budget or a bad weight
@@ -118,18 +139,10 @@ def compress(model: nn.Module, method: str = "kmeans", bits: float | None = None
     check_assignments(assignments)
     teacher = copy.deepcopy(model).eval() if finetune_steps else None
     bar = tqdm(total=len(jobs), desc=f"{method}", unit="layer", disable=not progress)
-    for run in shared_runs(jobs):
-        codes = [code.to(run[0].module.weight.device) for code in fit_run(run, seed)]
-        if run[0].settings.get("shared"):  # moved one by one, a shared codebook became copies: one tensor again
-            for code in codes[1:]:
-                code.codebook = codes[0].codebook
-        for job, code in zip(run, codes):
-            layer = coded_from_dense(job.module, code)
-            if job.name:
-                model.set_submodule(job.name, layer)
-            else:  # the model is itself one layer
-                model = layer
-        bar.update(len(run))
+    if calibration is None:
+        model = _fit_runs(model, shared_runs(jobs), seed, bar)
+    else:
+        model = _fit_calibrated(model, jobs, calibration, seed, bar)
     bar.close()
     if finetune_steps:
         finetune(model, teacher, calibration.task, calibration.batch_at, finetune_steps, lr=lr,
@@ -138,8 +151,81 @@ def compress(model: nn.Module, method: str = "kmeans", bits: float | None = None
     return model
 
 
+def _fit_runs(model: nn.Module, runs: list[list[Job]], seed: int, bar: tqdm,
+              statistics: dict[str, InputStatistics] | None = None) -> nn.Module:
+    """Fit each run of layers and swap the coded layers into ``model``."""
+    for run in runs:
+        codes = [code.to(run[0].module.weight.device) for code in fit_run(run, seed, statistics)]
+        if run[0].settings.get("shared"):  # moved one by one, a shared codebook became copies: one tensor again
+            for code in codes[1:]:
+                code.codebook = codes[0].codebook
+        for job, code in zip(run, codes):
+            layer = coded_from_dense(job.module, code)
+            correct_bias(layer, job.module.weight, (statistics or {}).get(job.name))
+            if job.name:
+                model.set_submodule(job.name, layer)
+            else:  # the model is itself one layer
+                model = layer
+        bar.update(len(run))
+    return model
+
+
+def correct_bias(layer: nn.Module, weight: torch.Tensor, inputs: InputStatistics | None) -> None:
+    """Add the mean output error (W − Ŵ) μ to the layer's bias (bias correction): on the
+    calibration inputs the coded layer's mean output is then the original's."""
+    if inputs is None or inputs.mean is None or getattr(layer, "bias", None) is None:
+        return
+    with torch.no_grad():
+        difference = weight.detach().float().reshape(len(layer.bias), -1) - layer.weight_code.decode().reshape(len(layer.bias), -1)
+        layer.bias += (difference @ inputs.mean).to(layer.bias.dtype)
+
+
+def _fit_calibrated(model: nn.Module, jobs: list[Job], data: TrainingData, seed: int, bar: tqdm) -> nn.Module:
+    """Fit every layer on the statistics of its inputs. A model with repeated blocks is done block
+    by block: layers before the blocks first, then each block on inputs that went through the
+    blocks already compressed (one block's activations in memory), then the layers after them."""
+    batches = [data.batch_at(i) for i in range(data.calibration_batches)]
+
+    def statistics_of(stage: list[Job], run: Callable[[], object]) -> dict[str, InputStatistics]:
+        with capturing({job.name: job.module for job in stage}) as collected, torch.no_grad():
+            run()
+            return collected()
+
+    def run_model() -> None:
+        for batch in batches:
+            data.task.forward(model, batch)
+
+    found = find_blocks(model) if all(job.name for job in jobs) else None
+    if found is None or any(job.settings.get("shared") for job in jobs):
+        return _fit_runs(model, shared_runs(jobs), seed, bar, statistics_of(jobs, run_model))
+    before, per_block, after = _stages(model, jobs, found[0], len(found[1]))
+    blocks = Blocks(model, data.task.forward, batches)
+    inputs: list = []
+    model = _fit_runs(model, [[job] for job in before], seed, bar, statistics_of(before, lambda: inputs.extend(blocks.first_inputs())))
+    if before:  # the first block sees what the compressed layers before it give
+        inputs = blocks.first_inputs()
+    for block, stage in zip(found[1], per_block):
+        model = _fit_runs(model, [[job] for job in stage], seed, bar, statistics_of(stage, lambda: Blocks.run(block, inputs)))
+        inputs = Blocks.run(block, inputs)
+    return _fit_runs(model, [[job] for job in after], seed, bar, statistics_of(after, run_model))
+
+
+def _stages(model: nn.Module, jobs: list[Job], prefix: str, count: int) -> tuple[list[Job], list[list[Job]], list[Job]]:
+    """Jobs before the blocks, in each block, and after them (model order)."""
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    first = order[f"{prefix}.0"]
+    per_block: list[list[Job]] = [[] for _ in range(count)]
+    before, after = [], []
+    for job in jobs:
+        if job.name.startswith(prefix + "."):
+            per_block[int(job.name[len(prefix) + 1:].split(".")[0])].append(job)
+        else:
+            (before if order[job.name] < first else after).append(job)
+    return before, per_block, after
+
+
 def _check_training(jobs: list[Job], calibration: TrainingData | None, finetune_steps: int) -> None:
-    """Training data and fine-tuning steps come together, and methods that train need both."""
+    """Methods that train need training data and fine-tuning steps; fine-tuning needs data."""
     trains = sorted({job.method.name for job in jobs if job.method.needs_training})
     if finetune_steps < 0:
         raise VQCError(f"finetune_steps must be ≥ 0, got {finetune_steps}")
@@ -147,5 +233,3 @@ def _check_training(jobs: list[Job], calibration: TrainingData | None, finetune_
         raise VQCError(f"{', '.join(trains)} learns its codebooks in training: give training data and fine-tuning steps")
     if finetune_steps and calibration is None:
         raise VQCError("fine-tuning needs training data (calibration=TrainingData(task, batch_at))")
-    if calibration is not None and not finetune_steps:
-        raise VQCError("training data was given but no fine-tuning steps: the data-free methods do not use it")

@@ -1,26 +1,38 @@
-"""Training data for fine-tuning, chosen by the source model: a task and a batch for every step.
+"""Calibration and training data, chosen by the source model: a task and a batch for every step.
 
 - zoo models (``fashion-cnn``, ``fashion-vit``): Fashion-MNIST training images with labels;
-- ``minilm``: sentences of ``lee_background.cor`` (news; the evaluation uses other texts).
+- ``minilm`` (an encoder): sentences, by default of ``lee_background.cor`` (news; the
+  evaluation uses other texts);
+- a causal LM (``gemma-270m``): windows of ``WINDOW`` tokens of running text, by default of the
+  shortened English Wikipedia dump in gensim's test data (the perplexity suite reads
+  ``lee_background.cor``, so calibration and evaluation never share text).
 
+Text comes from a named corpus (``CORPORA``) or a UTF-8 text file (``--calib FILE``).
 ``batch_at(step)`` depends only on the step and the seed (a fixed shuffle per epoch), so a
-resumed fine-tuning run sees exactly the batches an uninterrupted one would.
+resumed run sees exactly the batches an uninterrupted one would; calibration statistics use the
+first ``calibration_batches`` batches, which together hold the ``samples`` asked for.
 """
 
 from __future__ import annotations
 
+import bz2
+import math
 import re
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 
 from .errors import VQCError
-from .finetune import TrainingData, classification_task, encoder_task
+from .finetune import TrainingData, causal_lm_task, classification_task, encoder_task
+
+WINDOW = 512  # tokens per causal-LM sample
+DEFAULT_SAMPLES = {"encoder": 256, "causal": 64, "images": 1024}
 
 
 def _epoch_order(size: int, seed: int, batch_size: int):
     """step → the indices of that step's batch: a new seeded permutation every epoch, last partial batch dropped."""
-    per_epoch = size // batch_size
+    per_epoch = max(1, size // batch_size)
 
     @lru_cache(maxsize=2)
     def permutation(epoch: int) -> torch.Tensor:
@@ -33,42 +45,137 @@ def _epoch_order(size: int, seed: int, batch_size: int):
     return indices
 
 
-def fashion_training_data(seed: int = 0, batch_size: int = 128) -> TrainingData:
-    from .models.fashion import load_split
-
-    images, labels = load_split("train")
-    order = _epoch_order(len(images), seed, batch_size)
-    return TrainingData(classification_task(), lambda step: (images[order(step)], labels[order(step)]))
-
-
-def training_sentences() -> list[str]:
-    """Sentences of the Lee background corpus, at least five words each."""
-    from .suites.minilm import ENCODING, data_dir
-
-    text = (data_dir() / "lee_background.cor").read_text(encoding=ENCODING)
+def _sentences(text: str) -> list[str]:
+    """Sentences of at least five words."""
     return [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if len(s.split()) >= 5]
 
 
-def text_training_data(tokenizer, seed: int = 0, batch_size: int = 32, max_tokens: int = 128) -> TrainingData:
-    sentences = training_sentences()
-    order = _epoch_order(len(sentences), seed, batch_size)
+def _wiki_text() -> str:
+    """Running text of gensim's shortened English Wikipedia dump: XML and wiki markup stripped."""
+    from .suites.minilm import data_dir
+
+    path = next(data_dir().glob("enwiki-latest-pages-articles1.xml-*-shortened.bz2"))
+    xml = bz2.decompress(path.read_bytes()).decode("utf-8", errors="replace")
+    pages = re.findall(r"<text[^>]*>(.*?)</text>", xml, flags=re.S)
+    text = "\n".join(pages)
+    for pattern, replacement in ((r"\{\{.*?\}\}", ""), (r"&lt;.*?&gt;", ""), (r"\[\[(?:[^|\]]*\|)?([^\]]*)\]\]", r"\1"),
+                                 (r"&[a-z]+;", " "), (r"'{2,}", ""), (r"=+[^=\n]*=+", ""), (r"[ \t]+", " ")):
+        text = re.sub(pattern, replacement, text, flags=re.S)
+    return text
+
+
+def _lee_background() -> str:
+    from .suites.minilm import ENCODING, data_dir
+
+    return (data_dir() / "lee_background.cor").read_text(encoding=ENCODING)
+
+
+CORPORA = {"lee-background": _lee_background, "wiki": _wiki_text}
+
+
+def calibration_text(calib: str) -> str:
+    """The text of a named corpus or of a UTF-8 text file; an empty one is refused."""
+    if calib in CORPORA:
+        text = CORPORA[calib]()
+    else:
+        path = Path(calib)
+        if not path.is_file():
+            raise VQCError(f"calibration data {calib!r} is neither a file nor a corpus ({', '.join(CORPORA)})")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError) as error:
+            raise VQCError(f"cannot read calibration file {calib} as UTF-8 text ({error})") from None
+    if not text.strip():
+        raise VQCError(f"calibration data {calib!r} holds no text")
+    return text
+
+
+def training_sentences(calib: str = "lee-background") -> list[str]:
+    """Sentences of ``calib``: a corpus split at sentence ends, or a file's non-empty lines."""
+    text = calibration_text(calib)
+    sentences = _sentences(text) if calib in CORPORA else [line.strip() for line in text.splitlines() if line.strip()]
+    return sentences
+
+
+def _enough(available: int, samples: int | None, what: str, calib: str) -> int:
+    """The pool size: all that are available unless fewer are asked for (more is refused)."""
+    if samples is not None and samples < 1:
+        raise VQCError(f"--calib-samples must be ≥ 1, got {samples}")
+    if available == 0:
+        raise VQCError(f"calibration data {calib!r} gives no {what}")
+    if samples is not None and samples > available:
+        raise VQCError(f"calibration data {calib!r} gives {available} {what}, fewer than the {samples} asked for")
+    return available if samples is None else samples
+
+
+def _calibration_batches(size: int, samples: int | None, kind: str, batch_size: int) -> int:
+    """Batches that hold the calibration samples: all ``samples`` asked for, else the kind's default
+    (fine-tuning still draws from the whole pool)."""
+    return math.ceil(min(size, samples or DEFAULT_SAMPLES[kind]) / batch_size)
+
+
+def fashion_training_data(seed: int = 0, batch_size: int = 128, samples: int | None = None) -> TrainingData:
+    from .models.fashion import load_split
+
+    images, labels = load_split("train")
+    size = _enough(len(images), samples, "images", "fashion")
+    order = _epoch_order(size, seed, batch_size)
+    return TrainingData(classification_task(), lambda step: (images[order(step)], labels[order(step)]),
+                        calibration_batches=_calibration_batches(size, samples, "images", batch_size))
+
+
+def text_training_data(tokenizer, seed: int = 0, batch_size: int = 32, max_tokens: int = 128,
+                       calib: str = "lee-background", samples: int | None = None) -> TrainingData:
+    """Sentence batches for an encoder; with ``samples``, a fixed pool of that many sentences."""
+    sentences = training_sentences(calib)
+    if not any(tokenizer(sentences[:64], add_special_tokens=False)["input_ids"]):
+        raise VQCError(f"calibration data {calib!r} tokenizes to nothing")
+    size = _enough(len(sentences), samples, "sentences", calib)
+    pool = sentences if samples is None else [sentences[i] for i in _epoch_order(len(sentences), seed, size)(0).tolist()]
+    order = _epoch_order(size, seed, min(batch_size, size))
 
     def batch_at(step: int) -> dict:
-        texts = [sentences[i] for i in order(step).tolist()]
+        texts = [pool[i] for i in order(step).tolist()]
         return dict(tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt"))
 
-    return TrainingData(encoder_task(), batch_at)
+    return TrainingData(encoder_task(), batch_at,
+                        calibration_batches=_calibration_batches(size, samples, "encoder", min(batch_size, size)))
 
 
-def training_data(source: dict, seed: int = 0) -> TrainingData:
-    """The fine-tuning data that suits a model from ``source`` (see the module docstring)."""
+def causal_lm_data(tokenizer, seed: int = 0, batch_size: int = 4, calib: str = "wiki",
+                   samples: int | None = None) -> TrainingData:
+    """Windows of ``WINDOW`` tokens of running text for a causal LM (each starts with BOS when
+    the tokenizer adds one)."""
+    ids = tokenizer(calibration_text(calib), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    if not len(ids):
+        raise VQCError(f"calibration data {calib!r} tokenizes to nothing")
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    step = WINDOW - len(bos)
+    windows = [torch.cat([torch.tensor(bos, dtype=ids.dtype), ids[i:i + step]]) for i in range(0, len(ids) - step + 1, step)]
+    size = _enough(len(windows), samples, f"windows of {WINDOW} tokens", calib)
+    pool = torch.stack(windows)[:size]
+    order = _epoch_order(size, seed, min(batch_size, size))
+    return TrainingData(causal_lm_task(), lambda s: {"input_ids": pool[order(s)]},
+                        calibration_batches=math.ceil(size / min(batch_size, size)))
+
+
+def training_data(source: dict, seed: int = 0, calib: str | None = None, samples: int | None = None) -> TrainingData:
+    """The calibration / fine-tuning data that suits a model from ``source`` (see the module
+    docstring): ``calib`` a corpus name or text file (default: the model's own), ``samples``
+    how many sentences, windows or images."""
     if source["kind"] == "zoo":
-        return fashion_training_data(seed)
-    if source["kind"] == "bundled" and source["name"] == "minilm":
-        from transformers import AutoTokenizer
+        if calib not in (None, "fashion"):
+            raise VQCError(f"{source['name']} calibrates on Fashion-MNIST images only (--calib fashion), not {calib!r}")
+        return fashion_training_data(seed, samples=samples)
+    from .models import model_folder
 
-        from .models import model_folder
+    folder = model_folder(source) if source["kind"] in ("bundled", "folder") else None
+    if folder is None:
+        raise VQCError(f"no calibration or fine-tuning data is known for {source['name']!r}: use the Python API with "
+                       "calibration=TrainingData(task, batch_at)")
+    from transformers import AutoTokenizer
 
-        return text_training_data(AutoTokenizer.from_pretrained(str(model_folder(source))), seed)
-    raise VQCError(f"no fine-tuning data is known for {source['name']!r}: use the Python API with "
-                   "calibration=TrainingData(task, batch_at)")
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    if source.get("architecture", "").endswith("ForCausalLM"):
+        return causal_lm_data(tokenizer, seed, calib=calib or "wiki", samples=samples or DEFAULT_SAMPLES["causal"])
+    return text_training_data(tokenizer, seed, calib=calib or "lee-background", samples=samples)

@@ -60,6 +60,7 @@ class TrainingData:
 
     task: Task
     batch_at: Callable[[int], Any]
+    calibration_batches: int = 8  # the first batches, which calibration statistics are taken on
 
 
 def classification_task(temperature: float = 2.0, label_weight: float = 0.5) -> Task:
@@ -85,6 +86,22 @@ def encoder_task() -> Task:
         token_error = ((student - teacher) ** 2 * mask).sum() / (mask.sum() * student.shape[-1])
         pooled = [(x * mask).sum(1) / mask.sum(1) for x in (student, teacher)]
         return token_error / teacher.pow(2).mean() + (1 - F.cosine_similarity(*pooled, dim=-1)).mean()
+
+    return Task(forward=forward, loss=loss)
+
+
+def causal_lm_task(temperature: float = 1.0) -> Task:
+    """Batches are {"input_ids": …}: KL divergence of the student's next-token distributions from
+    the teacher's, over every position."""
+
+    def forward(model: nn.Module, batch: dict) -> Tensor:
+        return model(**batch).logits
+
+    def loss(student: Tensor, teacher: Tensor, batch: dict) -> Tensor:
+        vocab = student.shape[-1]
+        return F.kl_div(F.log_softmax(student.reshape(-1, vocab) / temperature, -1),
+                        F.log_softmax(teacher.reshape(-1, vocab) / temperature, -1),
+                        reduction="batchmean", log_target=True) * temperature**2
 
     return Task(forward=forward, loss=loss)
 

@@ -39,7 +39,7 @@ def _table_pairs(layer: CodedLayer) -> int:
     lay = layer.weight_code.layout
     input_groups = _input_groups(layer)
     rows = torch.arange(lay.rows)
-    original = layer.weight_code.perm.long() if lay.permuted else rows
+    original = layer.weight_code.permutation()
     pairs = (original // (lay.rows // input_groups)) * lay.groups + rows // (lay.rows // lay.groups)
     return len(torch.unique(pairs))
 

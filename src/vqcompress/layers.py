@@ -44,7 +44,7 @@ def lut_matmul(x: Tensor, code: CodedWeight, input_groups: int = 1) -> Tensor:
     segments = x.reshape(batch, input_groups, lay.segments, lay.dim)
     table = torch.einsum("bjsd,gkd->bjgsk", segments, code.codebook.to(dtype))
     stored = torch.arange(lay.rows, device=device)
-    original = code.perm.to(device=device, dtype=torch.int64) if lay.permuted else stored
+    original = code.permutation()
     input_group = original // (lay.rows // input_groups)  # conv groups follow the original row order
     block = input_group * lay.groups + code.codebook_of_rows(stored)
     seg = torch.arange(lay.segments, device=device)
@@ -59,7 +59,7 @@ def lut_matmul(x: Tensor, code: CodedWeight, input_groups: int = 1) -> Tensor:
     if lay.gain:
         y = y * code.gain.to(dtype)
     if lay.permuted:
-        y = y[:, torch.argsort(code.perm.to(torch.int64))]
+        y = y[:, torch.argsort(original)]
     return y
 
 

@@ -10,6 +10,7 @@ from typing import Protocol
 
 from torch import Tensor
 
+from ..calibrate import InputStatistics
 from ..coded import CodedWeight, CodeLayout
 from ..errors import VQCError
 
@@ -28,8 +29,9 @@ class Method(Protocol):
     def layout(self, shape: tuple[int, ...], settings: dict) -> CodeLayout:
         """The layout ``fit`` will produce, so every layer can be checked before work starts."""
 
-    def fit(self, weight: Tensor, settings: dict, seed: int) -> CodedWeight:
-        """Find the coded weight for a dense ``weight`` (rows × cols, float32)."""
+    def fit(self, weight: Tensor, settings: dict, seed: int, inputs: InputStatistics | None = None) -> CodedWeight:
+        """Find the coded weight for a dense ``weight`` (rows × cols, float32); with the layer's
+        calibration ``inputs``, minimise the error where the inputs put it."""
 
 
 METHODS: dict[str, Method] = {}
@@ -53,4 +55,4 @@ def reject_unknown(options: dict, known: set[str], method: str) -> None:
         raise VQCError(f"{method} does not take option(s) {', '.join(sorted(unknown))}; it takes {', '.join(sorted(known))}")
 
 
-from . import kmeans, rtn, vqdnn  # noqa: E402,F401  (registers the built-in methods)
+from . import jlcm, kmeans, rtn, vqdnn  # noqa: E402,F401  (registers the built-in methods)

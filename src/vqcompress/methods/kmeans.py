@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..calibrate import InputStatistics
 from ..codebook import kmeans
 from ..coded import CodedWeight, CodeLayout
 from ..errors import VQCError
@@ -110,18 +111,17 @@ class KMeans:
                            f"{layout.shape}: lower k or d")
         return layout
 
-    def fit(self, weight: Tensor, settings: dict, seed: int) -> CodedWeight:
+    def fit(self, weight: Tensor, settings: dict, seed: int, inputs: InputStatistics | None = None) -> CodedWeight:
         layout = self.layout(tuple(weight.shape), settings)
         matrix = weight.reshape(layout.rows, layout.cols).float().cpu()
         scale = _rms(matrix, rows=True) if settings["scale"] == "row" else None
         normalised = matrix if scale is None else matrix / scale
-        codebooks = [
-            kmeans(block, layout.k, seed, settings["iterations"], settings["max_points_per_centroid"])
-            for block in normalised.reshape(layout.groups, -1, layout.dim).numpy()
-        ]
-        return _encode(layout, torch.from_numpy(np.stack(codebooks)), matrix, scale)
+        importance = None if inputs is None else inputs.importance().cpu()
+        codebook = _codebooks(normalised, importance, 1 if scale is None else scale, layout.groups, settings, seed)
+        return _encode(layout, codebook, matrix, scale, importance=importance)
 
-    def fit_shared(self, weights: list[Tensor], settings: dict, seed: int) -> list[CodedWeight]:
+    def fit_shared(self, weights: list[Tensor], settings: dict, seed: int,
+                   inputs: list[InputStatistics | None] | None = None) -> list[CodedWeight]:
         """One codebook for several layers (VQ-DNN's global codebook): each layer is divided by
         its RMS (its gain, stored in fp16) and, with ``scale="row"``, each row by its own; the
         codebook is fitted on the sub-vectors of all of them and held by each, one tensor."""
@@ -129,11 +129,31 @@ class KMeans:
         matrices = [w.reshape(lay.rows, lay.cols).float().cpu() for w, lay in zip(weights, layouts)]
         gains = [_rms(matrix) for matrix in matrices]
         scales = [_rms(m / g, rows=True) if settings["scale"] == "row" else None for m, g in zip(matrices, gains)]
-        points = np.concatenate([(m / g / (1 if s is None else s)).reshape(-1, settings["dim"]).numpy()
-                                 for m, g, s in zip(matrices, gains, scales)])
-        codebook = kmeans(points, settings["k"], seed, settings["iterations"], settings["max_points_per_centroid"])
-        stored = torch.from_numpy(codebook).reshape(1, settings["k"], settings["dim"]).half()  # one tensor for all
-        return [_encode(lay, stored, m, s, g) for lay, m, s, g in zip(layouts, matrices, scales, gains)]
+        units = [g * (1 if s is None else s) for g, s in zip(gains, scales)]
+        importances = [None if stats is None else stats.importance().cpu() for stats in (inputs or [None] * len(weights))]
+        if any(i is None for i in importances):
+            importances = [None] * len(weights)  # weigh all layers or none
+        points = torch.cat([(m / u).reshape(-1, settings["dim"]) for m, u in zip(matrices, units)])
+        weighting = None if importances[0] is None else torch.cat(
+            [(i * u.square()).expand(m.shape).reshape(-1, settings["dim"]) for m, i, u in zip(matrices, importances, units)])
+        codebook = _codebooks(points, weighting, 1, 1, settings, seed)  # one tensor for all
+        return [_encode(lay, codebook, m, s, g, i) for lay, m, s, g, i in zip(layouts, matrices, scales, gains, importances)]
+
+
+def _codebooks(normalised: Tensor, importance: Tensor | None, unit: Tensor | float, groups: int, settings: dict,
+               seed: int) -> Tensor:
+    """(groups, k, d) fp16 codebooks by k-means on the sub-vectors of ``normalised`` (each group a
+    contiguous block of rows). With ``importance``, each sub-vector weighs by the mean of
+    importance × ``unit``² over its weights: the error counted is the one in the weight, where
+    the inputs put it (the exact per-weight weighting then chooses the codes)."""
+    dim, k = settings["dim"], settings["k"]
+    blocks = normalised.reshape(groups, -1, dim).numpy()
+    if importance is None:
+        weights = [None] * groups
+    else:
+        weights = (importance * torch.as_tensor(unit).square()).expand(normalised.shape).reshape(groups, -1, dim).mean(-1).numpy()
+    books = [kmeans(b, k, seed, settings["iterations"], settings["max_points_per_centroid"], w) for b, w in zip(blocks, weights)]
+    return torch.from_numpy(np.stack(books)).half()
 
 
 def _rms(values: Tensor, rows: bool = False) -> Tensor:
@@ -143,12 +163,12 @@ def _rms(values: Tensor, rows: bool = False) -> Tensor:
 
 
 def _encode(layout: CodeLayout, codebook: Tensor, matrix: Tensor, scale: Tensor | None,
-            gain: Tensor | None = None) -> CodedWeight:
-    """The coded weight, its codes assigned against the stored (fp16) codebook, scales and gain,
-    so decoding gives what was chosen."""
+            gain: Tensor | None = None, importance: Tensor | None = None) -> CodedWeight:
+    """The coded weight, its codes assigned against the stored (fp16) codebook, scales and gain
+    (weighted by ``importance`` when given), so decoding gives what was chosen."""
     unassigned = torch.zeros(layout.rows, layout.segments, dtype=torch.int64)
     code = CodedWeight.encode(layout, codebook, unassigned, scale, gain=gain)
-    code.reassign(matrix)
+    code.reassign(matrix, importance)
     return code
 
 

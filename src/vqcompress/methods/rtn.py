@@ -35,7 +35,8 @@ class RTN:
     def layout(self, shape: tuple[int, ...], settings: dict) -> CodeLayout:
         return CodeLayout(tuple(shape), k=2 ** settings["bits"], dim=1, scale_group=settings["group_size"], offset=True)
 
-    def fit(self, weight: Tensor, settings: dict, seed: int) -> CodedWeight:
+    def fit(self, weight: Tensor, settings: dict, seed: int, inputs=None) -> CodedWeight:
+        """A fixed grid per group: the inputs do not change it."""
         layout = self.layout(tuple(weight.shape), settings)
         levels = layout.k - 1
         groups = weight.reshape(layout.rows, -1, layout.scale_group)

