@@ -1,4 +1,5 @@
-"""Peer compressors (coremltools palettization, post-training and DKM; HQQ) applied in place to a torch model.
+"""Peer compressors (coremltools palettization: post-training, sensitivity-weighted SKM and DKM; HQQ)
+applied in place to a torch model.
 
 Benchmarks compare vqcompress with these tools at matched bits per weight, so each
 wrapper measures what the peer really stores (indices, LUTs, scales, zeros) from the
@@ -8,9 +9,12 @@ objects it leaves in the model, instead of trusting the nominal bit width.
 import copy
 import math
 import re
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -113,6 +117,141 @@ def coreml_palettize(
         "skipped": [n for n in names if n not in done],
     }
     return PeerResult(model, bits / n_weights, bits, n_weights, seconds, settings)
+
+
+def output_fisher_loss(forward: Callable[[nn.Module, Any], torch.Tensor], seed: int = 0
+                       ) -> Callable[[nn.Module, Any], torch.Tensor]:
+    """A loss for SKM's sensitivities: squared error of the outputs to themselves plus Gaussian noise.
+
+    SKM weighs each weight by the sum over calibration samples of its squared loss gradient
+    (a diagonal Fisher). A distillation loss to the fp32 model's own output, taken at the fp32
+    weights, is zero with a zero gradient, so every sensitivity would tie and SKM would fall back to
+    plain k-means. Instead the target is the model's output plus unit Gaussian noise ε (masked at
+    padding when the sample has an ``attention_mask``): the gradient is -Jᵀε, whose square has
+    expectation diag(JᵀJ), the Gauss-Newton diagonal, which is the Hessian of the squared-error
+    distillation loss at the fp32 weights (the Fisher of a Gaussian output model). The noise is
+    drawn from a generator seeded once, so a run is repeatable.
+    """
+    generator = torch.Generator().manual_seed(seed)
+
+    def loss_fn(model: nn.Module, sample: Any) -> torch.Tensor:
+        output = forward(model, sample)
+        noise = torch.randn(output.shape, generator=generator, dtype=output.dtype)
+        if isinstance(sample, dict) and "attention_mask" in sample:
+            mask = sample["attention_mask"].to(output.dtype)
+            noise = noise * mask.reshape(*mask.shape, *(1,) * (output.dim() - mask.dim()))
+        return 0.5 * (output - (output.detach() + noise)).pow(2).sum()
+
+    return loss_fn
+
+
+def sentence_samples(batches: Iterable[dict]) -> list[dict]:
+    """Tokenizer batches split into one-sentence samples, padding dropped.
+
+    SKM squares the gradient of each sample it is given, so one sentence a sample sums the
+    squares of per-sentence gradients (an empirical Fisher) instead of squaring batch sums.
+    """
+    samples = []
+    for batch in batches:
+        for row in range(batch["attention_mask"].shape[0]):
+            length = int(batch["attention_mask"][row].nonzero().max()) + 1
+            samples.append({k: v[row:row + 1, :length] for k, v in batch.items()})
+    return samples
+
+
+def skm_palettize(
+    model: nn.Module,
+    n_bits: int,
+    samples: list,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    cluster_dim: int = 1,
+    group_size: int | None = None,
+    layer_names: list[str] | None = None,
+) -> PeerResult:
+    """Palettize Linear and Embedding weights with coremltools' SKMPalettizer (SqueezeLLM's
+    sensitivity-weighted k-means): weights with a larger squared gradient of ``loss_fn`` over
+    ``samples`` pull the centroids harder.
+
+    Layers, LUT layout (one fp16 LUT per tensor, or one per ``group_size`` output channels) and
+    the bit count are those of :func:`coreml_palettize`; the per-channel scales SKM can add
+    (``enable_per_channel_scale``) are left off, so nothing beyond LUT and indices is stored.
+    """
+    from coremltools.optimize.torch.palettization import (
+        ModuleSKMPalettizerConfig,
+        SKMPalettizer,
+        SKMPalettizerConfig,
+    )
+
+    names = layer_names if layer_names is not None else default_layers(model, (nn.Linear, nn.Embedding))
+    granularity = "per_tensor" if group_size is None else "per_grouped_channel"
+    layer_config = ModuleSKMPalettizerConfig(
+        n_bits=n_bits, granularity=granularity, group_size=group_size, cluster_dim=cluster_dim
+    )
+    config = SKMPalettizerConfig(
+        module_name_configs={re.escape(n): layer_config for n in names}, calibration_nsamples=len(samples)
+    )
+    # SKM reads .grad of every parameter that requires one, so only the weights it palettizes do
+    # (an unused one, such as a pooler's, would have none); the flags are put back afterwards.
+    trainable = {p: p.requires_grad for p in model.parameters()}
+    model.eval().requires_grad_(False)
+    for name in names:
+        model.get_submodule(name).weight.requires_grad_(True)
+    weights = [model.get_submodule(n).weight for n in names]
+
+    def loss_reaching_every_weight(module: nn.Module, sample: Any) -> torch.Tensor:
+        # A weight the loss does not reach (MiniLM's pooler, when the loss reads the token states)
+        # would have no .grad, which SKM cannot take; a zero term gives it zero gradients, hence
+        # all-equal sensitivities: plain k-means for that layer, reported as "unweighted".
+        return loss_fn(module, sample) + 0 * sum(w.reshape(-1)[0] for w in weights)
+
+    torch.manual_seed(0)
+    np.random.seed(0)
+    start = time.perf_counter()
+    palettizer = SKMPalettizer(model, config)
+    with tempfile.TemporaryDirectory() as folder:
+        path = str(Path(folder) / "sensitivity.pt")
+        sensitivity = palettizer.compute_sensitivity(samples, loss_reaching_every_weight, sensitivity_path=path)
+        palettizer.compress(sensitivity_path=path, inplace=True)
+    seconds = time.perf_counter() - start
+    model.zero_grad(set_to_none=True)
+    for parameter, flag in trainable.items():
+        parameter.requires_grad_(flag)
+    unweighted = [n for n in names if bool((sensitivity[f"{n}.weight"] == 1).all())]
+
+    done, bits, n_weights = palettized(model, names)
+    settings = {
+        "peer": "coremltools-skm",
+        "n_bits": n_bits,
+        "cluster_dim": cluster_dim,
+        "granularity": granularity,
+        "group_size": group_size,
+        "calibration_samples": len(samples),
+        "lut_entry_bits": LUT_ENTRY_BITS,
+        "unweighted": unweighted,
+        "layers": done,
+        "skipped": [n for n in names if n not in done],
+    }
+    return PeerResult(model, bits / n_weights, bits, n_weights, seconds, settings)
+
+
+def skm_palettize_calibrated(
+    model: nn.Module, n_bits: int, cluster_dim: int = 1, group_size: int | None = None
+) -> PeerResult:
+    """:func:`skm_palettize` on the calibration data vqcompress uses for this model.
+
+    For an encoder (MiniLM) that is the first ``calibration_batches`` batches of Lee background
+    sentences (256 sentences), fed one sentence a sample; the loss is :func:`output_fisher_loss`
+    on the task's forward (the last hidden state).
+    """
+    from vqcompress.data import training_data
+    from vqcompress.models import source_of
+
+    data = training_data(source_of(model).to_json())
+    batches = [data.batch_at(i) for i in range(data.calibration_batches)]
+    samples = sentence_samples(batches) if isinstance(batches[0], dict) else batches
+    result = skm_palettize(model, n_bits, samples, output_fisher_loss(data.task.forward), cluster_dim, group_size)
+    result.settings["loss"] = "output_fisher"
+    return result
 
 
 def hqq_layer_bits(layer: nn.Module) -> int:

@@ -19,13 +19,17 @@ DOCS = ROOT / "docs"
 PLOT = "minilm_rate_distortion.png"
 SPEARMAN = ("lee", "wordsim353", "simlex999")
 NAMES = {"fp32": "fp32 (reference)", "kmeans": "vqcompress kmeans", "rtn": "vqcompress rtn",
-         "coremltools": "coremltools PTP", "hqq": "HQQ"}
+         "jlcm": "vqcompress jlcm", "coremltools": "coremltools PTP", "coremltools-skm": "coremltools SKM",
+         "hqq": "HQQ"}
 
 
 def line_name(row: dict) -> str:
     """One plotted line per method, with kmeans' row scaling told apart from plain kmeans."""
-    scale, steps = row["settings"].get("scale"), row["settings"].get("finetune_steps")
-    return NAMES[row["method"]] + (f" scale={scale}" if scale else "") + (" + fine-tuning" if steps else "")
+    settings = row["settings"]
+    scale, steps, calibrated = settings.get("scale"), settings.get("finetune_steps"), settings.get("calib")
+    extras = {key: settings[key] for key in ("gradient", "grouping") if key in settings}
+    return (NAMES[row["method"]] + (f" scale={scale}" if scale else "") + (" calibrated" if calibrated else "")
+            + "".join(f" {k}={v}" for k, v in extras.items()) + (" + fine-tuning" if steps else ""))
 
 
 def settings_text(row: dict) -> str:

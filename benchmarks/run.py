@@ -1,6 +1,9 @@
 """`make bench`: the minilm suite, every configuration in its own process, then the CLI timing.
 
-    .venv/bin/python -m benchmarks.run        # from the repository root; ~10 min on 2 idle cores
+    .venv/bin/python -m benchmarks.run        # from the repository root; the first 18 rows took ~10 min
+                                              # on 2 idle cores, the calibrated ones add minutes each
+    .venv/bin/python -m benchmarks.run --only jlcm --only "hqq nbits=2"   # rerun matching rows, keep the rest
+    .venv/bin/python -m benchmarks.run --list # the configurations' labels, which --only matches
 
 Each configuration (ours, the peers, fp32) runs in a fresh child process, so its peak memory is
 its own and not what an earlier run left behind. The results go to benchmarks/results/minilm.json
@@ -34,9 +37,18 @@ RESULTS = ROOT / "benchmarks" / "results" / "minilm.json"
 CORES = 2  # the budget the project's timings are stated for; the whole bench is pinned to it
 GROUP_SIZE = 64  # rtn's default group, and HQQ's here so the two are alike
 FINETUNE_STEPS = 300  # kmeans + the fine-tuning engine: distillation on Lee background sentences
+# HQQ's group for the matched-budget rows: the largest that divides every Linear's inputs (384 and
+# 1536). HQQ keeps an fp32 scale and zero per group, so it costs nbits + 64/384 bits/w (2.167 at 2
+# bits), and 3-bit codes pack ten to 32 bits (3.2 bits/w before the scales: 3.389 in all).
+HQQ_MATCHED_GROUP = 384
+# Settings keys the bench reads itself and does not pass on to vqcompress.compress.
+BENCH_KEYS = ("calib",)
 
 # coremltools at its default per_tensor granularity: one LUT per layer, the same 39 layers as ours.
 # per_grouped_channel with small groups is left out: it took 70 s a configuration at 4 bits.
+# Calibrated rows (jlcm, and "calib": True) take `bits` as the whole model's average and allocate it
+# per layer on the calibration sentences; coremltools-skm weighs its k-means by sensitivities taken
+# on the same sentences (benchmarks/peers.py, skm_palettize_calibrated).
 CONFIGS = [
     {"method": "fp32", "settings": {}},
     *({"method": "kmeans", "settings": {"bits": b}} for b in (1, 2, 3, 4)),
@@ -45,6 +57,13 @@ CONFIGS = [
     *({"method": "rtn", "settings": {"bits": b, "group_size": GROUP_SIZE}} for b in (2, 3, 4)),
     *({"method": "coremltools", "settings": {"n_bits": b}} for b in (1, 2, 3, 4)),
     *({"method": "hqq", "settings": {"nbits": b, "group_size": GROUP_SIZE}} for b in (1, 2, 3, 4)),
+    *({"method": "jlcm", "settings": {"bits": b}} for b in (2.1, 3.1)),
+    {"method": "jlcm", "settings": {"bits": 2.1, "gradient": "soft"}},
+    {"method": "jlcm", "settings": {"bits": 2.1, "gradient": "ste"}},
+    {"method": "jlcm", "settings": {"bits": 2.1, "grouping": "none"}},
+    *({"method": "kmeans", "settings": {"bits": b, "scale": "row", "calib": True}} for b in (2.1, 3.1)),
+    *({"method": "coremltools-skm", "settings": {"n_bits": b}} for b in (2, 3)),
+    *({"method": "hqq", "settings": {"nbits": b, "group_size": HQQ_MATCHED_GROUP}} for b in (2, 3)),
 ]
 
 TIMED_COMMAND = ["compress", "minilm", "--method", "kmeans", "--bits", "2", "--quiet"]
@@ -80,6 +99,15 @@ def fp32(model, settings: dict, path: Path):
                    "compress_seconds": None, "layers": 0, "parameters": sum(p.numel() for p in model.parameters())}
 
 
+def compress_options(method: str, settings: dict) -> tuple[dict, bool]:
+    """The keyword arguments for vqcompress.compress (the bench's own keys dropped) and whether the
+    run is calibrated: always for jlcm, which learns on data; with fine-tuning steps; or where the
+    settings ask for it with ``"calib": True`` (calibrated fit and per-layer allocation, no training)."""
+    options = {k: v for k, v in settings.items() if k not in BENCH_KEYS}
+    calibrated = method == "jlcm" or bool(settings.get("calib")) or bool(settings.get("finetune_steps"))
+    return options, calibrated
+
+
 def ours(method: str):
     """A vqcompress method: compress, write the .vqc file, and take the bits from that file."""
     def run(model, settings: dict, path: Path):
@@ -88,9 +116,9 @@ def ours(method: str):
         from vqcompress.models import source_of
 
         start = time.perf_counter()
-        steps = settings.get("finetune_steps", 0)
-        calibration = training_data(source_of(model).to_json()) if steps else None
-        vqc.compress(model, method, progress=False, calibration=calibration, **settings)
+        options, calibrated = compress_options(method, settings)
+        calibration = training_data(source_of(model).to_json()) if calibrated else None
+        vqc.compress(model, method, progress=False, calibration=calibration, **options)
         seconds = time.perf_counter() - start
         vqc.save(model, path)
         report = vqc.report(path)
@@ -122,8 +150,9 @@ def compressors() -> dict:
     """
     from . import peers
 
-    return {"fp32": fp32, "kmeans": ours("kmeans"), "rtn": ours("rtn"),
-            "coremltools": peer(peers.coreml_palettize), "hqq": peer(peers.hqq_quantize)}
+    return {"fp32": fp32, "kmeans": ours("kmeans"), "rtn": ours("rtn"), "jlcm": ours("jlcm"),
+            "coremltools": peer(peers.coreml_palettize), "hqq": peer(peers.hqq_quantize),
+            "coremltools-skm": peer(peers.skm_palettize_calibrated)}
 
 
 def measure(config: dict) -> dict:
@@ -188,6 +217,26 @@ def label(config: dict) -> str:
     return " ".join([config["method"], *(f"{k}={v}" for k, v in config["settings"].items())])
 
 
+def selected(configs: list[dict], patterns: list[str]) -> list[dict]:
+    """The configurations whose label holds any of ``patterns`` (exact substrings)."""
+    return [c for c in configs if any(p in label(c) for p in patterns)]
+
+
+def same_config(row: dict, config: dict) -> bool:
+    return row["method"] == config["method"] and row["settings"] == config["settings"]
+
+
+def merge_rows(earlier: list[dict], new: list[dict], configs: list[dict]) -> list[dict]:
+    """``earlier`` rows with ``new`` ones put in place of those of the same configuration.
+
+    Rows come in the order of ``configs``; earlier rows of configurations no longer listed are kept,
+    after them, in their own order.
+    """
+    pool = [*new, *(r for r in earlier if not any(same_config(r, n) for n in new))]
+    ordered = [r for c in configs for r in pool if same_config(r, c)]
+    return ordered + [r for r in pool if not any(same_config(r, c) for c in configs)]
+
+
 def time_cli() -> dict:
     """The "Done means" check: the whole `vqc compress` command, model load and file write included."""
     vqc = Path(sys.executable).with_name("vqc")
@@ -213,20 +262,50 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(temp, path)
 
 
+def rerun(patterns: list[str]) -> None:
+    """Measure the configurations matching ``patterns`` and merge their rows into the last results,
+    written after each row so an interrupt loses one row at most; the CLI timing is kept."""
+    configs = selected(CONFIGS, patterns)
+    if not configs:
+        raise SystemExit(f"no configuration matches {patterns}; see --list")
+    if not RESULTS.exists():
+        raise SystemExit(f"{RESULTS.relative_to(ROOT)} does not exist yet: run the whole bench first")
+    result = json.loads(RESULTS.read_text())
+    for config in configs:
+        result["rows"] = merge_rows(result["rows"], [run_config(config)], CONFIGS)
+        result["updated"] = now()
+        write_json(RESULTS, result)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--one", metavar="CONFIG_JSON", help="measure one configuration and print its row (internal)")
+    parser.add_argument("--only", metavar="LABEL_SUBSTRING", action="append",
+                        help="measure only the configurations whose label (see --list) contains this text "
+                             "(repeatable) and merge their rows into the existing results, keeping the others "
+                             "and the CLI timing")
+    parser.add_argument("--list", action="store_true", help="print the configurations' labels and exit")
+    parser.add_argument("--no-render", action="store_true", help="write the results JSON only, not the docs")
     args = parser.parse_args()
     if args.one:
         print(json.dumps(measure(json.loads(args.one))))
         return
+    if args.list:
+        print("\n".join(label(c) for c in CONFIGS))
+        return
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:CORES])  # children inherit the pinning
+    if args.only:
+        rerun(args.only)
+        if not args.no_render:
+            render.main()
+        return
     started, start = now(), time.perf_counter()
     rows = [run_config(config) for config in CONFIGS]
     timing = time_cli()
     write_json(RESULTS, {"suite": "minilm", "model": "sentence-transformers/all-MiniLM-L6-v2", "started": started,
                          "seconds": time.perf_counter() - start, "rows": rows, "timing": timing})
-    render.main()
+    if not args.no_render:
+        render.main()
 
 
 if __name__ == "__main__":

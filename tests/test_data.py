@@ -36,3 +36,41 @@ def test_text_batches():
 def test_unknown_source_has_no_data():
     with pytest.raises(VQCError, match="calibration=TrainingData"):
         training_data({"kind": "module", "name": "Net"})
+
+
+@pytest.fixture(scope="module")
+def minilm_tokenizer():
+    return AutoTokenizer.from_pretrained(str(bundled_path("minilm")))
+
+
+@pytest.mark.parametrize(("content", "samples", "message"), [
+    (None, None, "neither a file nor a corpus"),
+    ("", None, "holds no text"),
+    ("   \n\n  ", None, "holds no text"),
+    ("\u200b\u200b\n", None, "tokenizes to nothing"),
+    ("one line of text\nand another\n", 5, "gives 2 sentences, fewer than the 5 asked for"),
+    ("one line\n", 0, "must be ≥ 1"),
+])
+def test_bad_calibration_text_is_refused(tmp_path, minilm_tokenizer, content, samples, message):
+    path = tmp_path / "calib.txt"
+    if content is not None:
+        path.write_text(content, encoding="utf-8")
+    with pytest.raises(VQCError, match=message):
+        text_training_data(minilm_tokenizer, calib=str(path), samples=samples)
+
+
+def test_calibration_from_a_file_uses_exactly_the_samples_asked_for(tmp_path, minilm_tokenizer):
+    path = tmp_path / "calib.txt"
+    path.write_text("\n".join(f"sentence number {i} about nothing much" for i in range(50)), encoding="utf-8")
+    data = text_training_data(minilm_tokenizer, calib=str(path), samples=40, batch_size=16)
+    assert data.calibration_batches == 4  # batches of 10: every sample once
+    seen = {tuple(row.tolist()) for step in range(4) for row in data.batch_at(step)["input_ids"]}
+    assert len(seen) == 40
+
+
+def test_causal_windows_have_the_window_length(minilm_tokenizer):
+    from vqcompress.data import WINDOW, causal_lm_data
+
+    data = causal_lm_data(minilm_tokenizer, calib="lee-background", samples=4, batch_size=2)
+    batch = data.batch_at(0)["input_ids"]
+    assert batch.shape == (2, WINDOW) and data.calibration_batches == 2

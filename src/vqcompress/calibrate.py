@@ -88,19 +88,20 @@ class _Accumulator:
 
 
 def _matmul_inputs(module: nn.Module, x: Tensor) -> Tensor:
-    """The rows the layer's weight matrix multiplies: features for a Linear, im2col patches (the
-    input groups stacked) for a convolution."""
+    """The rows the layer's weight matrix multiplies: features for a Linear, im2col patches for a
+    convolution (the input groups stacked, so a grouped convolution's statistics are the mean
+    over its groups: exact for one group, an approximation for several)."""
     if isinstance(module, nn.Linear):
         return x.reshape(-1, module.in_features)
-    if isinstance(module, nn.Conv1d):
-        x = x.unsqueeze(2)
-        kernel, dilation, stride, padding = ((1, *module.kernel_size), (1, *module.dilation), (1, *module.stride),
-                                             (0, *module.padding))
-    else:
-        kernel, dilation, stride, padding = module.kernel_size, module.dilation, module.stride, module.padding
+    padding = module.padding
     if isinstance(padding, str) or module.padding_mode != "zeros":
-        x = F.pad(x, module._reversed_padding_repeated_twice, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
-        padding = 0
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        x, padding = F.pad(x, module._reversed_padding_repeated_twice, mode=mode), (0,) * len(module.kernel_size)
+    if isinstance(module, nn.Conv1d):
+        x, kernel, dilation, stride, padding = (x.unsqueeze(2), (1, *module.kernel_size), (1, *module.dilation),
+                                                (1, *module.stride), (0, *padding))
+    else:
+        kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
     patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # (batch, C·k, L)
     per_group = patches.shape[1] // module.groups
     return patches.reshape(patches.shape[0], module.groups, per_group, -1).permute(0, 1, 3, 2).reshape(-1, per_group)

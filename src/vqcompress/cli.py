@@ -57,7 +57,7 @@ def _settings_summary(model) -> list[str]:
 def compress(
     model: str = typer.Argument(..., help="bundled model (minilm), zoo model (fashion-cnn, fashion-vit) or a transformers model folder"),
     output: Path = typer.Option(..., "-o", "--output", help="the .vqc file to write"),
-    method: str = typer.Option("kmeans", help="rtn, kmeans or vqdnn"),
+    method: str = typer.Option("kmeans", help="rtn, kmeans, vqdnn or jlcm"),
     bits: Optional[float] = typer.Option(None, help="bit budget per weight; picks the method's settings"),
     dim: Optional[int] = typer.Option(None, help="kmeans: sub-vector length d (overrides the budget's)"),
     k: Optional[int] = typer.Option(None, help="kmeans: codewords per codebook (overrides the budget's)"),
@@ -67,6 +67,14 @@ def compress(
     shared_codebooks: Optional[int] = typer.Option(
         None, help="kmeans/vqdnn: N codebooks per sub-vector layout for the whole model, each shared by a run of "
                    "layers with a per-layer gain (VQ-DNN's group number)"),
+    option: list[str] = typer.Option([], "--option", "-O", help="a method option as KEY=VALUE (repeatable), e.g. "
+                                     "jlcm's gradient=proximal|soft|ste, grouping=stats|none, steps=100"),
+    calib: Optional[str] = typer.Option(None, help="calibration data: a corpus (lee-background, wiki, fashion) or a "
+                                                   "UTF-8 text file; fits every layer to its inputs (default for jlcm: "
+                                                   "the model's own corpus)"),
+    calib_samples: Optional[int] = typer.Option(None, help="calibration sentences, token windows or images"),
+    per_layer_bits: bool = typer.Option(False, help="with calibration: --bits is every layer's own ceiling instead "
+                                                    "of the whole model's average"),
     skip: list[str] = typer.Option([], help="regex of layer names to leave dense (repeatable)"),
     include: list[str] = typer.Option([], help="regex of layer names to code even when small (repeatable)"),
     finetune_steps: int = typer.Option(0, help="distil from the original for N steps on the model's training data"),
@@ -88,23 +96,42 @@ def compress(
     started = time.perf_counter()
     options = {key: value for key, value in
                {"dim": dim, "k": k, "scale": scale, "groups": groups, "group_size": group_size,
-                "shared": shared_codebooks}.items() if value is not None}
+                "shared": shared_codebooks}.items() if value is not None} | _key_values(option)
     plan = Plan(by_name={**{pattern: {} for pattern in include}, **{pattern: None for pattern in skip}})
     _say(f"loading {model} …", quiet)
     dense, source = load_model(model, seed)
-    calibration = training_data(source.to_json(), seed) if finetune_steps else None
+    calibrated = finetune_steps or calib or calib_samples or method == "jlcm"
+    calibration = training_data(source.to_json(), seed, calib, calib_samples) if calibrated else None
     checkpoint = output.with_name(f".{output.name}.finetune") if finetune_steps else None  # resumed if found
     compressed = compress_model(dense.to(device), method, bits, calibration, plan=plan, seed=seed, progress=not quiet,
                                 finetune_steps=finetune_steps, lr=lr, assignments=assignments, checkpoint=checkpoint,
-                                **options)
+                                allocation=not per_layer_bits, **options)
     save(compressed, output, source)
     seconds, result = time.perf_counter() - started, report(output)
     if json_out:
         typer.echo(json.dumps({"output": str(output), "seconds": seconds, "peak_memory_mib": _peak_memory_mib(),
                                "settings": _settings_summary(compressed), **result.to_json()}, indent=1))
         return
-    typer.echo("\n".join([*_settings_summary(compressed), str(result)]))
+    allocation = [getattr(compressed, "vqc_allocation", "")] if hasattr(compressed, "vqc_allocation") else []
+    typer.echo("\n".join([*allocation, *_settings_summary(compressed), str(result)]))
     typer.echo(f"wrote {output} in {seconds:.1f} s (peak memory {_peak_memory_mib():.0f} MiB)")
+
+
+def _key_values(pairs: list[str]) -> dict:
+    """KEY=VALUE options, numbers as numbers."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise VQCError(f"--option takes KEY=VALUE, got {pair!r}")
+        for kind in (int, float):
+            try:
+                value = kind(value)
+                break
+            except ValueError:
+                pass
+        options[key] = value
+    return options
 
 
 @app.command()
@@ -169,8 +196,9 @@ def decompress(file: Path, output: Path = typer.Option(..., "-o", "--output", he
 def demo(output: Path = typer.Option(DEMO_OUTPUT, "-o", "--output"), device: str = typer.Option("cpu")) -> None:
     """The main job on the bundled MiniLM: kmeans at 2 bits per weight, bit report, quality."""
     compress("minilm", output, method="kmeans", bits=2.0, dim=None, k=None, scale=None, groups=None,
-             group_size=None, shared_codebooks=None, skip=[], include=[], finetune_steps=0, lr=1e-3,
-             assignments="ste", seed=0, device=device, json_out=False, quiet=False)
+             group_size=None, shared_codebooks=None, option=[], calib=None, calib_samples=None, per_layer_bits=False,
+             skip=[], include=[], finetune_steps=0, lr=1e-3, assignments="ste", seed=0, device=device,
+             json_out=False, quiet=False)
     typer.echo("")
     evaluate(output, suite="minilm", device=device, json_out=False)
 

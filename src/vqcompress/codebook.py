@@ -1,7 +1,8 @@
 """Codebook learning: k-means on faiss, with the details mature engines get right.
 
 k-means++ seeding (on 32 points per centroid: enough to place seeds, cheap), faiss's Lloyd
-iterations on a bounded subsample (at most ``max_points_per_centroid`` points per centroid;
+iterations on a bounded subsample (at most ``max_points_per_centroid`` points per centroid, plus
+the k points of largest norm, so outlier weights keep codewords;
 faiss splits a populous cluster to refill an empty one), a fixed seed, then exact
 nearest-codeword assignment of every point.
 """
@@ -55,16 +56,24 @@ def kmeans(points: np.ndarray, k: int, seed: int = 0, iterations: int = 20,
     rng = np.random.default_rng(seed)
     points = np.ascontiguousarray(points, dtype=np.float32)
     if len(points) > k * max_points_per_centroid:
-        keep = np.sort(rng.choice(len(points), k * max_points_per_centroid, replace=False))
+        keep = _subsample(points, weights, k, k * max_points_per_centroid, rng)
         points, weights = points[keep], None if weights is None else weights[keep]
-    seeding_sample = points[rng.choice(len(points), min(len(points), 32 * k), replace=False)]
+    seeding_sample = points[_subsample(points, weights, k, 32 * k, rng)] if len(points) > 32 * k else points
     init = kmeans_pp_seed(seeding_sample, k, rng)
-    engine = faiss.Kmeans(points.shape[1], k, niter=iterations, seed=seed,
-                          max_points_per_centroid=max_points_per_centroid, min_points_per_centroid=1)
+    engine = faiss.Kmeans(points.shape[1], k, niter=iterations, seed=seed,  # already subsampled: faiss keeps all
+                          max_points_per_centroid=len(points) // k + 1, min_points_per_centroid=1)
     with _threads(1 if len(points) * k < SMALL_FIT else faiss.omp_get_max_threads()):
         engine.train(points, None if weights is None else np.ascontiguousarray(weights, dtype=np.float32),
                      init_centroids=init)
     return engine.centroids
+
+
+def _subsample(points: np.ndarray, weights: np.ndarray | None, k: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Sorted indices of a random sample of ``size`` points plus the ``k`` of largest (weighted)
+    norm: a sample alone drops the rare outlier weights, whose error then dwarfs all the rest."""
+    energy = (points * points).sum(1) * (1 if weights is None else weights)
+    extremes = np.argpartition(-energy, k)[:k]
+    return np.union1d(rng.choice(len(points), size, replace=False), extremes)
 
 
 def assign(points: np.ndarray, centroids: np.ndarray) -> np.ndarray:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .allocate import allocate, describe, sensitivities
 from .calibrate import Blocks, InputStatistics, capturing, find_blocks
 from .coded import CodedWeight
 from .errors import VQCError
@@ -33,6 +34,7 @@ class Job:
     module: nn.Module
     method: Method
     settings: dict
+    options: dict  # what the user asked for (no method, no bits): the allocator's starting point
 
 
 def _job(name: str, module: nn.Module, spec: dict) -> Job:
@@ -48,7 +50,7 @@ def _job(name: str, module: nn.Module, spec: dict) -> Job:
         method.layout(tuple(weight.shape), settings).validate()
     except VQCError as error:
         raise VQCError(f"{name}: {error}") from None
-    return Job(name, module, method, settings)
+    return Job(name, module, method, settings, spec)
 
 
 def _layer_seed(seed: int, name: str) -> int:
@@ -119,13 +121,16 @@ def _cut(jobs: list[Job], pieces: int) -> list[list[Job]]:
 def compress(model: nn.Module, method: str = "kmeans", bits: float | None = None,
              calibration: TrainingData | None = None, *, plan: Plan | None = None, seed: int = 0,
              progress: bool = True, finetune_steps: int = 0, lr: float = 1e-3,
-             assignments: str = "ste", checkpoint: str | os.PathLike | None = None, **options) -> nn.Module:
+             assignments: str = "ste", checkpoint: str | os.PathLike | None = None, allocation: bool = True,
+             **options) -> nn.Module:
     """Replace the planned layers of ``model`` (in place) by coded layers; returns the model
     (a new object only when ``model`` is itself a single layer).
 
     With ``calibration`` (a task and its batches), every layer is fitted to the statistics of its
     inputs on the first ``calibration.calibration_batches`` batches, block by block where the model
-    has repeated blocks (see ``_fit_calibrated``). With ``finetune_steps`` too, the compressed model is
+    has repeated blocks (see ``_fit_calibrated``), and ``bits`` is the whole model's average:
+    ``allocate`` gives each layer its share by measured sensitivity (``allocation=False``: every
+    layer gets ``bits`` as its own ceiling, as without calibration). With ``finetune_steps`` too, the compressed model is
     then distilled from a copy of the original by the shared fine-tuning engine (methods that learn
     assignments do so by ``assignments``: "ste" or "soft", see ``finetune``). Every layer's
     settings are resolved and checked before any work starts, so a bad budget or a bad weight
@@ -138,6 +143,8 @@ def compress(model: nn.Module, method: str = "kmeans", bits: float | None = None
     _check_training(jobs, calibration, finetune_steps)
     check_assignments(assignments)
     teacher = copy.deepcopy(model).eval() if finetune_steps else None
+    if calibration is not None and bits is not None and allocation:
+        _allocate(model, jobs, calibration, bits, seed)
     bar = tqdm(total=len(jobs), desc=f"{method}", unit="layer", disable=not progress)
     if calibration is None:
         model = _fit_runs(model, shared_runs(jobs), seed, bar)
@@ -149,6 +156,28 @@ def compress(model: nn.Module, method: str = "kmeans", bits: float | None = None
                  learn_assignments=any(job.method.learns_assignments for job in jobs), assignments=assignments,
                  checkpoint=checkpoint, progress=progress)
     return model
+
+
+def _allocate(model: nn.Module, jobs: list[Job], data: TrainingData, bits: float, seed: int) -> None:
+    """Give each job the settings of its share of the model's bit budget (``allocate``), measured
+    on the statistics of one pass of the uncompressed model; the table is kept in
+    ``model.vqc_allocation``."""
+    with capturing({job.name: job.module for job in jobs}) as collected, torch.no_grad():
+        for i in range(data.calibration_batches):
+            data.task.forward(model, data.batch_at(i))
+        statistics = collected()
+    statistics = {job.name: _fitting_statistics(job, statistics.get(job.name)) for job in jobs}
+    probe = [data.batch_at(i) for i in range(min(2, data.calibration_batches))]
+    with torch.no_grad():
+        targets = [data.task.forward(model, batch) for batch in probe]
+
+    def loss() -> float:
+        return sum(float(data.task.loss(data.task.forward(model, b), t, b)) for b, t in zip(probe, targets)) / len(probe)
+
+    chosen = allocate(model, jobs, statistics, bits, seed, sensitivities(jobs, statistics, loss, seed))
+    for job, option in zip(jobs, chosen):
+        job.settings = option.settings
+    model.vqc_allocation = describe(jobs, chosen)
 
 
 def _fit_runs(model: nn.Module, runs: list[list[Job]], seed: int, bar: tqdm,

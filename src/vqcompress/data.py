@@ -10,13 +10,13 @@
 Text comes from a named corpus (``CORPORA``) or a UTF-8 text file (``--calib FILE``).
 ``batch_at(step)`` depends only on the step and the seed (a fixed shuffle per epoch), so a
 resumed run sees exactly the batches an uninterrupted one would; calibration statistics use the
-first ``calibration_batches`` batches, which together hold the ``samples`` asked for.
+first ``calibration_batches`` batches, which together hold the ``samples`` asked for (the batch
+size is then the largest divisor of that count up to the usual one).
 """
 
 from __future__ import annotations
 
 import bz2
-import math
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -108,10 +108,16 @@ def _enough(available: int, samples: int | None, what: str, calib: str) -> int:
     return available if samples is None else samples
 
 
+def _batch_size(size: int, samples: int | None, batch_size: int) -> int:
+    """With a pool of exactly ``samples``, the largest batch size up to ``batch_size`` that divides
+    it, so the calibration batches hold every sample once."""
+    return batch_size if samples is None else max(b for b in range(1, min(batch_size, size) + 1) if size % b == 0)
+
+
 def _calibration_batches(size: int, samples: int | None, kind: str, batch_size: int) -> int:
     """Batches that hold the calibration samples: all ``samples`` asked for, else the kind's default
     (fine-tuning still draws from the whole pool)."""
-    return math.ceil(min(size, samples or DEFAULT_SAMPLES[kind]) / batch_size)
+    return max(1, min(size, samples or DEFAULT_SAMPLES[kind]) // batch_size)
 
 
 def fashion_training_data(seed: int = 0, batch_size: int = 128, samples: int | None = None) -> TrainingData:
@@ -119,6 +125,7 @@ def fashion_training_data(seed: int = 0, batch_size: int = 128, samples: int | N
 
     images, labels = load_split("train")
     size = _enough(len(images), samples, "images", "fashion")
+    batch_size = _batch_size(size, samples, batch_size)
     order = _epoch_order(size, seed, batch_size)
     return TrainingData(classification_task(), lambda step: (images[order(step)], labels[order(step)]),
                         calibration_batches=_calibration_batches(size, samples, "images", batch_size))
@@ -132,14 +139,15 @@ def text_training_data(tokenizer, seed: int = 0, batch_size: int = 32, max_token
         raise VQCError(f"calibration data {calib!r} tokenizes to nothing")
     size = _enough(len(sentences), samples, "sentences", calib)
     pool = sentences if samples is None else [sentences[i] for i in _epoch_order(len(sentences), seed, size)(0).tolist()]
-    order = _epoch_order(size, seed, min(batch_size, size))
+    batch_size = _batch_size(size, samples, batch_size)
+    order = _epoch_order(size, seed, batch_size)
 
     def batch_at(step: int) -> dict:
         texts = [pool[i] for i in order(step).tolist()]
         return dict(tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt"))
 
     return TrainingData(encoder_task(), batch_at,
-                        calibration_batches=_calibration_batches(size, samples, "encoder", min(batch_size, size)))
+                        calibration_batches=_calibration_batches(size, samples, "encoder", batch_size))
 
 
 def causal_lm_data(tokenizer, seed: int = 0, batch_size: int = 4, calib: str = "wiki",
@@ -154,9 +162,9 @@ def causal_lm_data(tokenizer, seed: int = 0, batch_size: int = 4, calib: str = "
     windows = [torch.cat([torch.tensor(bos, dtype=ids.dtype), ids[i:i + step]]) for i in range(0, len(ids) - step + 1, step)]
     size = _enough(len(windows), samples, f"windows of {WINDOW} tokens", calib)
     pool = torch.stack(windows)[:size]
-    order = _epoch_order(size, seed, min(batch_size, size))
-    return TrainingData(causal_lm_task(), lambda s: {"input_ids": pool[order(s)]},
-                        calibration_batches=math.ceil(size / min(batch_size, size)))
+    batch_size = _batch_size(size, size, batch_size)
+    order = _epoch_order(size, seed, batch_size)
+    return TrainingData(causal_lm_task(), lambda s: {"input_ids": pool[order(s)]}, calibration_batches=size // batch_size)
 
 
 def training_data(source: dict, seed: int = 0, calib: str | None = None, samples: int | None = None) -> TrainingData:

@@ -1,8 +1,7 @@
 """``jlcm``: jointly learnable codebooks and mappings, fitted to the layer's calibration inputs.
 
 1. **Grouping.** Rows whose weight distributions are alike share a codebook: each row is
-   described by its log RMS (unless rows get their own scale) and quantiles of its values over
-   its RMS; rows are sorted along the first principal component of those statistics and cut
+   described by quantiles of its values (over its RMS when rows get their own scale); rows are sorted along the first principal component of those statistics and cut
    into ``groups`` equal contiguous groups. The permutation is stored bit-packed
    (⌈log2 rows⌉ bits per row, counted); which codebook a row uses follows from its position,
    so no per-weight codebook index is stored. ``grouping="none"`` keeps the rows in place.
@@ -37,6 +36,7 @@ from .kmeans import KMeans, _codebooks, _rms
 
 OPTIONS = {"dim", "k", "groups", "scale", "grouping", "gradient", "steps", "lr", "candidates"}
 GRADIENTS = ("proximal", "soft", "ste")
+DEFAULT_GROUPS = 4  # codebooks per layer unless asked: the most of 1 … 4 that divides the rows
 TUNE_HARD = 0.2  # share of the steps spent on codebooks and scales with the mapping fixed
 TEMPERATURES = (1.0, 0.02)  # τ at the first step and at the switch to the hard mapping
 
@@ -48,7 +48,7 @@ class JLCM:
 
     def settings(self, shape: tuple[int, ...], bits: float | None, options: dict) -> dict:
         reject_unknown(options, OPTIONS, self.name)
-        groups = int(options.get("groups", 4))
+        groups = int(options.get("groups", max(g for g in range(1, DEFAULT_GROUPS + 1) if shape[0] % g == 0)))
         if groups < 1 or shape[0] % groups:
             raise VQCError(f"jlcm groups = {groups} must divide the {shape[0]} rows")
         base = KMeans().settings(shape, bits, {key: options[key] for key in ("dim", "k") if key in options}
@@ -58,11 +58,11 @@ class JLCM:
             raise VQCError(f"jlcm gradient must be one of {', '.join(GRADIENTS)}, got {gradient!r}")
         if grouping not in ("stats", "none"):
             raise VQCError(f"jlcm grouping must be 'stats' or 'none', got {grouping!r}")
-        steps, candidates = int(options.get("steps", 100)), int(options.get("candidates", 8))
+        steps, candidates = int(options.get("steps", 50)), int(options.get("candidates", 4))
         if steps < 0 or candidates < 1:
             raise VQCError(f"jlcm steps must be ≥ 0 and candidates ≥ 1, got {steps} and {candidates}")
         return {"dim": base["dim"], "k": base["k"], "groups": groups, "scale": base["scale"], "grouping": grouping,
-                "gradient": gradient, "steps": steps, "lr": float(options.get("lr", 1e-2)),
+                "gradient": gradient, "steps": steps, "lr": float(options.get("lr", 2e-2)),
                 "candidates": min(candidates, base["k"])}
 
     def layout(self, shape: tuple[int, ...], settings: dict) -> CodeLayout:
@@ -94,15 +94,15 @@ class JLCM:
 
 def group_rows(matrix: Tensor, groups: int, by_magnitude: bool) -> Tensor:
     """Row order that makes rows of alike distribution contiguous: sorted along the first
-    principal component of (log RMS,) quantiles of row / RMS. Returns original row numbers."""
-    rms = matrix.square().mean(1, keepdim=True).sqrt().clamp_min(1e-12)
-    levels = torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95], device=matrix.device)
-    features = torch.quantile(matrix / rms, levels, dim=1).T
-    if by_magnitude:
-        features = torch.cat([rms.log(), features], 1)
-    features = (features - features.mean(0)) / features.std(0).clamp_min(1e-12)
+    principal component of each row's quantiles (of the row itself when its group's codebook
+    must cover its magnitude, of the row over its RMS when rows are scaled). Returns original
+    row numbers."""
+    levels = torch.tensor([0.02, 0.1, 0.25, 0.5, 0.75, 0.9, 0.98], device=matrix.device)
+    rows = matrix if by_magnitude else matrix / matrix.square().mean(1, keepdim=True).sqrt().clamp_min(1e-12)
+    features = torch.quantile(rows, levels, dim=1).T
+    features = features - features.mean(0)
     direction = torch.linalg.svd(features, full_matrices=False).Vh[0]
-    direction = direction * direction[0].sign()  # the SVD's sign is arbitrary: fix it, same file every run
+    direction = direction * direction[-1].sign()  # the SVD's sign is arbitrary: fix it, same file every run
     return torch.argsort(features @ direction, stable=True)
 
 
@@ -169,6 +169,8 @@ def learn(rows: Tensor, stats: InputStatistics, layout: CodeLayout, codebook: Te
     first, last = TEMPERATURES
     for step in range(steps):
         temperature = first * (last / first) ** (step / max(1, switch))
+        for group in optimizer.param_groups:  # cosine decay: the last, hard steps settle
+            group["lr"] = settings["lr"] * 0.5 * (1 + math.cos(math.pi * step / steps))
         loss = stats.error(decoded(step >= switch, temperature) - rows) / reference
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

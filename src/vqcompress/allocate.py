@@ -1,0 +1,154 @@
+"""A bit budget is the model's average: sensitive layers get more bits, robust ones fewer.
+
+For every layer and every index budget in ``LEVELS`` the method's own settings give a layout
+whose exact storage (codes, codebooks, scales, permutation) is known before any fitting; a
+quick input-weighted k-means on a sample of the layer's rows measures its output error on the
+calibration data, relative to the layer's output energy. The choice minimises the summed
+relative error under the budget: every layer starts at its cheapest level and the upgrade with
+the largest error drop per extra bit is taken while the budget allows (the greedy Lagrangian
+walk along each layer's lower convex hull). Everything else the file stores (norms, biases,
+layers left dense) is charged to the budget first, so ``--bits 2`` means 2 bits per weight for
+the whole model as the report counts it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .calibrate import InputStatistics
+from .coded import CodedWeight
+from .errors import VQCError
+from .io import model_tensors
+
+LEVELS = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0)
+NOISE = 0.03  # relative weight noise that probes a layer's sensitivity: small, so the response is quadratic
+SAMPLE_ROWS = 1024  # rows the sensitivity fit sees: enough for a stable error ratio, fast
+
+
+@dataclass
+class Option:
+    """One way to code a layer: its settings, exact stored bits and measured relative error."""
+
+    settings: dict
+    bits: int
+    error: float
+
+
+def sensitivities(jobs: list, statistics: dict[str, InputStatistics], loss: Callable[[], float],
+                  seed: int = 0) -> list[float]:
+    """How much the model's output loss grows per unit of each layer's relative output error:
+    each weight in turn gets a small relative noise, ``loss()`` measures the model's distance to
+    its uncompressed outputs, and the ratio to the noise's relative output error is the layer's
+    gain. A layer's relative error then counts in proportion to what it does to the output."""
+    gains = []
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for job in jobs:
+            weight = job.module.weight
+            noise = NOISE * weight * torch.randn(weight.shape, generator=generator).to(weight)
+            stats = statistics.get(job.name) or InputStatistics(gram=torch.eye(weight[0].numel(), device=weight.device))
+            flat, flat_noise = weight.reshape(len(weight), -1), noise.reshape(len(weight), -1)
+            relative = float(stats.error(flat_noise) / stats.error(flat).clamp_min(1e-30))
+            weight.add_(noise)
+            try:
+                gains.append(loss() / max(relative, 1e-30))
+            finally:
+                weight.sub_(noise)
+    return gains
+
+
+def allocate(model: nn.Module, jobs: list, statistics: dict[str, InputStatistics], bits: float, seed: int = 0,
+             gains: list[float] | None = None) -> list[Option]:
+    """The option each job gets so that the model averages at most ``bits`` per weight, minimising
+    the sum of relative errors times each layer's gain (``sensitivities``; 1 each by default)."""
+    tensors, _ = model_tensors(model)
+    coded_names = {job.name + ".weight" for job in jobs}
+    parameters = sum(t.numel() for t in tensors.values() if t.is_floating_point())
+    fixed = sum(t.numel() * t.element_size() * 8 for n, t in tensors.items() if n not in coded_names)
+    available = bits * parameters - fixed
+    options = [_options(job, statistics.get(job.name), seed, gain) for job, gain in zip(jobs, gains or [1.0] * len(jobs))]
+    chosen = [0] * len(jobs)
+    spent = sum(o[0].bits for o in options)
+    if spent > available:
+        raise VQCError(f"{bits} bits per weight cannot hold this model: its cheapest coding takes "
+                       f"{(spent + fixed) / parameters:.3f} (layers left dense included)")
+    while True:
+        best = None
+        for i, layer_options in enumerate(options):
+            current = layer_options[chosen[i]]
+            for j in range(chosen[i] + 1, len(layer_options)):
+                extra = layer_options[j].bits - current.bits
+                gain = (current.error - layer_options[j].error) / extra
+                if spent + extra <= available and (best is None or gain > best[0]):
+                    best = (gain, i, j, extra)
+        if best is None or best[0] <= 0:
+            return [layer_options[c] for layer_options, c in zip(options, chosen)]
+        _, i, j, extra = best
+        chosen[i], spent = j, spent + extra
+
+
+def _options(job, inputs: InputStatistics | None, seed: int, gain: float) -> list[Option]:
+    """The job's options by level, cheapest first, each dearer one strictly better (the hull)."""
+    shape = tuple(job.module.weight.shape)
+    found = []
+    for level in LEVELS:
+        try:
+            settings = job.method.settings(shape, level, job.options)
+            layout = job.method.layout(shape, settings)
+        except VQCError:
+            continue
+        if any(o.settings == settings for o in found):
+            continue
+        found.append(Option(settings, CodedWeight.empty(layout).nbits(), gain * _measure(job, inputs, settings, seed)))
+    if not found:
+        raise VQCError(f"{job.name}: no bit level in {LEVELS} fits shape {shape}")
+    found.sort(key=lambda o: o.bits)
+    hull = [found[0]]
+    for option in found[1:]:
+        if option.error < hull[-1].error:
+            hull.append(option)
+    return hull
+
+
+def _measure(job, inputs: InputStatistics | None, settings: dict, seed: int) -> float:
+    """Relative output error of a quick weighted k-means at these settings, on sampled rows."""
+    from .methods.kmeans import KMeans
+
+    weight = job.module.weight.detach().float().reshape(job.module.weight.shape[0], -1)
+    stats = inputs or InputStatistics(gram=torch.eye(weight.shape[1]))
+    rows = _sample_rows(weight, stats, seed)
+    sample = InputStatistics(gram=stats.gram) if stats.gram is not None else InputStatistics(row_weight=stats.row_weight[rows])
+    quick = {"dim": settings["dim"], "k": min(settings["k"], len(rows) * weight.shape[1] // settings["dim"]),
+             "scale": settings.get("scale", "none"), "groups": 1, "iterations": 4, "max_points_per_centroid": 64,
+             "shared": 0}
+    if quick["scale"] not in ("none", "row"):
+        quick["scale"] = "none"
+    code = KMeans().fit(weight[rows], quick, seed, sample)
+    difference = code.decode().reshape(len(rows), -1) - weight[rows]
+    return float(sample.error(difference) / sample.error(weight[rows]).clamp_min(1e-30))
+
+
+def _sample_rows(weight: torch.Tensor, stats: InputStatistics, seed: int) -> torch.Tensor:
+    """Rows the sensitivity fit uses: all of a small layer; of an embedding its most used rows
+    (where its error lands); of any other layer an even random sample."""
+    rows = weight.shape[0]
+    if rows <= SAMPLE_ROWS:
+        return torch.arange(rows)
+    if stats.gram is None:
+        return stats.row_weight.topk(SAMPLE_ROWS).indices.sort().values
+    return torch.randperm(rows, generator=torch.Generator().manual_seed(seed))[:SAMPLE_ROWS].sort().values
+
+
+def describe(jobs: list, options: list[Option]) -> str:
+    """The allocation as a table: each layer's bits per weight and share of the coded bits."""
+    total = sum(o.bits for o in options)
+    lines = [f"{'layer':<48} {'bits/w':>7} {'share':>6} {'weighted error':>14}"]
+    for job, option in zip(jobs, options):
+        weights = math.prod(job.module.weight.shape)
+        lines.append(f"{job.name:<48} {option.bits / weights:>7.3f} {100 * option.bits / total:>5.1f}% {option.error:>14.3g}")
+    return "\n".join(lines)

@@ -1,0 +1,56 @@
+"""The model-average bit budget: allocation by measured sensitivity, within the budget, counted as the report counts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import BertConfig, BertModel
+
+import vqcompress as vqc
+from vqcompress.errors import VQCError
+from vqcompress.finetune import TrainingData, encoder_task
+
+
+def tiny_bert() -> BertModel:
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=128, max_position_embeddings=32)
+    model = BertModel(config).eval()
+    with torch.no_grad():  # one layer far more sensitive than the rest: its output is scaled up
+        model.encoder.layer[1].output.dense.weight.mul_(8)
+    return model
+
+
+def text_batches(seed: int = 0) -> TrainingData:
+    def batch_at(step: int) -> dict:
+        g = torch.Generator().manual_seed(seed * 1000 + step)
+        return {"input_ids": torch.randint(0, 300, (8, 12), generator=g), "attention_mask": torch.ones(8, 12, dtype=torch.long)}
+
+    return TrainingData(encoder_task(), batch_at, calibration_batches=2)
+
+
+PLAN = vqc.Plan(min_weights=2048)
+
+
+@pytest.mark.parametrize("bits", [2.0, 3.0])
+def test_the_whole_model_averages_at_most_the_budget(bits):
+    model = vqc.compress(tiny_bert(), "kmeans", bits, text_batches(), plan=PLAN, progress=False, scale="row")
+    result = vqc.report(model)
+    assert bits - 0.25 < result.model_bits_per_weight <= bits
+    per_layer = {row.name: row.bits_per_weight for row in result.coded}
+    assert len(set(round(b, 2) for b in per_layer.values())) > 1  # layers got different shares
+    assert "share" in model.vqc_allocation
+
+
+def test_without_allocation_every_layer_gets_the_budget_as_its_ceiling():
+    model = vqc.compress(tiny_bert(), "kmeans", 2, text_batches(), plan=PLAN, progress=False, allocation=False)
+    assert all(row.dim * 2 == row.k.bit_length() - 1 or row.bits_per_weight < 2.6 for row in vqc.report(model).coded)
+    assert not hasattr(model, "vqc_allocation")
+
+
+def test_an_impossible_budget_fails_before_any_layer_is_coded():
+    model = tiny_bert()
+    with pytest.raises(VQCError, match="cannot hold this model"):
+        vqc.compress(model, "kmeans", 0.5, text_batches(), plan=PLAN, progress=False)
+    assert not any(type(m).__name__.startswith("Coded") for m in model.modules())

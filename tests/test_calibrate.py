@@ -1,0 +1,87 @@
+"""Calibration: statistics that predict a layer's output error exactly, and blocks run one at a time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import BertConfig, BertModel
+
+from vqcompress.calibrate import Blocks, InputStatistics, capturing, find_blocks
+
+
+def _captured(module: nn.Module, *inputs: torch.Tensor) -> InputStatistics:
+    with capturing({"m": module}) as collected, torch.no_grad():
+        for x in inputs:
+            module(x)
+        return collected()["m"]
+
+
+def test_linear_statistics_give_the_output_error():
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 8, bias=False)
+    x = torch.randn(3, 5, 16) * torch.linspace(0.1, 3, 16)
+    stats = _captured(layer, x[:2], x[2:])
+    delta = torch.randn(8, 16)
+    truth = (x.reshape(-1, 16) @ delta.T).square().sum(1).mean()
+    assert stats.error(delta) == pytest.approx(float(truth), rel=1e-4)
+    assert torch.allclose(stats.mean, x.reshape(-1, 16).mean(0), atol=1e-6)
+    assert torch.allclose(stats.importance(), stats.gram.diagonal()[None])
+
+
+@pytest.mark.parametrize("conv", [nn.Conv2d(4, 6, 3, padding=1, bias=False),
+                                  nn.Conv2d(3, 5, (3, 2), stride=2, bias=False),
+                                  nn.Conv1d(4, 4, 3, padding="same", bias=False)])
+def test_convolution_statistics_give_the_output_error(conv):
+    torch.manual_seed(0)
+    x = torch.randn(2, conv.in_channels, *([7, 6] if isinstance(conv, nn.Conv2d) else [9]))
+    stats = _captured(conv, x)
+    delta = torch.randn_like(conv.weight)
+    out = conv._conv_forward(x, delta, None)
+    positions = out.numel() // out.shape[1]
+    truth = out.square().sum() / positions
+    assert stats.error(delta.reshape(delta.shape[0], -1)) == pytest.approx(float(truth), rel=1e-4)
+
+
+def test_embedding_statistics_count_lookups():
+    embedding = nn.Embedding(10, 4)
+    stats = _captured(embedding, torch.tensor([[1, 1, 3], [1, 9, 3]]))
+    assert stats.row_weight.tolist() == pytest.approx([0, 3 / 6, 0, 2 / 6, 0, 0, 0, 0, 0, 1 / 6])
+    delta = torch.ones(10, 4)
+    assert stats.error(delta) == pytest.approx(4.0)  # each lookup's output moves by 4 (squared)
+
+
+def test_centred_statistics_leave_the_error_a_bias_cannot_absorb():
+    torch.manual_seed(0)
+    x = torch.randn(1000, 6) + torch.tensor([5.0, 0, 0, 0, 0, -2])
+    stats = _captured(nn.Linear(6, 3), x)
+    delta = torch.randn(3, 6)
+    residual = (x - x.mean(0)) @ delta.T
+    assert stats.centred().error(delta) == pytest.approx(float(residual.square().sum(1).mean()), rel=1e-3)
+    damped = stats.damped(0.5)
+    assert torch.allclose(damped.gram - stats.gram, 0.5 * stats.gram.diagonal().mean() * torch.eye(6))
+
+
+@pytest.fixture(scope="module")
+def bert():
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=16)
+    return BertModel(config).eval()
+
+
+def test_blocks_run_one_at_a_time_give_the_model_output(bert):
+    assert find_blocks(bert)[0] == "encoder.layer"
+    batches = [{"input_ids": torch.randint(0, 50, (2, 7)), "attention_mask": torch.tensor([[1] * 7, [1] * 5 + [0] * 2])}]
+    blocks = Blocks(bert, lambda model, batch: model(**batch).last_hidden_state, batches)
+    inputs = blocks.first_inputs()
+    for block in blocks.blocks:
+        inputs = Blocks.run(block, inputs)
+    with torch.no_grad():
+        expected = bert(**batches[0]).last_hidden_state
+    assert torch.allclose(inputs[0][0][0], expected, atol=1e-5)
+
+
+def test_a_model_without_repeated_blocks_has_none():
+    assert find_blocks(nn.Sequential(nn.Linear(2, 2), nn.ReLU())) is None
