@@ -25,7 +25,7 @@ from .coded import CodedWeight
 from .errors import VQCError
 from .io import model_tensors
 
-LEVELS = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0)
+LEVELS = (1.0, 1.5, 2.0, 3.0, 4.0)
 NOISE = 0.03  # relative weight noise that probes a layer's sensitivity: small, so the response is quadratic
 SAMPLE_ROWS = 1024  # rows the sensitivity fit sees: enough for a stable error ratio, fast
 
@@ -124,7 +124,7 @@ def _measure(job, inputs: InputStatistics | None, settings: dict, seed: int) -> 
     rows = _sample_rows(weight, stats, seed)
     sample = InputStatistics(gram=stats.gram) if stats.gram is not None else InputStatistics(row_weight=stats.row_weight[rows])
     quick = {"dim": settings["dim"], "k": min(settings["k"], len(rows) * weight.shape[1] // settings["dim"]),
-             "scale": settings.get("scale", "none"), "groups": 1, "iterations": 4, "max_points_per_centroid": 64,
+             "scale": settings.get("scale", "none"), "groups": 1, "iterations": 3, "max_points_per_centroid": 64,
              "shared": 0}
     if quick["scale"] not in ("none", "row"):
         quick["scale"] = "none"

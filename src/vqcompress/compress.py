@@ -167,7 +167,7 @@ def _allocate(model: nn.Module, jobs: list[Job], data: TrainingData, bits: float
             data.task.forward(model, data.batch_at(i))
         statistics = collected()
     statistics = {job.name: _fitting_statistics(job, statistics.get(job.name)) for job in jobs}
-    probe = [data.batch_at(i) for i in range(min(2, data.calibration_batches))]
+    probe = [data.batch_at(0)]
     with torch.no_grad():
         targets = [data.task.forward(model, batch) for batch in probe]
 

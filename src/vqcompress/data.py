@@ -27,7 +27,7 @@ from .errors import VQCError
 from .finetune import TrainingData, causal_lm_task, classification_task, encoder_task
 
 WINDOW = 512  # tokens per causal-LM sample
-DEFAULT_SAMPLES = {"encoder": 256, "causal": 64, "images": 1024}
+DEFAULT_SAMPLES = {"encoder": 128, "causal": 64, "images": 1024}
 
 
 def _epoch_order(size: int, seed: int, batch_size: int):

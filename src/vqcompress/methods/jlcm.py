@@ -18,7 +18,8 @@
    candidates), so assignments move between neighbouring codewords; ``ste`` uses the hard
    (argmax) codeword in the forward pass and the plain gradient in the backward one.
 
-Without calibration inputs the error is unweighted (G = I).
+Without calibration inputs the error is unweighted (G = I). An embedding's error is diagonal
+(each row counts by how often it is looked up): its weighted k-means start is kept as it is.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class JLCM:
             raise VQCError(f"jlcm gradient must be one of {', '.join(GRADIENTS)}, got {gradient!r}")
         if grouping not in ("stats", "none"):
             raise VQCError(f"jlcm grouping must be 'stats' or 'none', got {grouping!r}")
-        steps, candidates = int(options.get("steps", 50)), int(options.get("candidates", 4))
+        steps, candidates = int(options.get("steps", 40)), int(options.get("candidates", 4))
         if steps < 0 or candidates < 1:
             raise VQCError(f"jlcm steps must be ≥ 0 and candidates ≥ 1, got {steps} and {candidates}")
         return {"dim": base["dim"], "k": base["k"], "groups": groups, "scale": base["scale"], "grouping": grouping,
@@ -88,6 +89,8 @@ class JLCM:
         importance = stats.importance().expand(rows.shape)
         codebook = _codebooks(normalised.cpu(), importance.cpu(), 1 if scale is None else scale.cpu(), layout.groups,
                               {**settings, "iterations": 12, "max_points_per_centroid": 128}, seed).to(rows.device)
+        if stats.gram is None:  # an embedding: each row's error is its own, which weighted k-means already minimises
+            settings = {**settings, "steps": 0}
         codes, codebook, scale = learn(rows, stats, layout, codebook.float(), scale, settings)
         return CodedWeight.encode(layout, codebook, codes, scale, perm=perm)
 
@@ -132,6 +135,23 @@ class _Mixture(torch.autograd.Function):
         return grad_logits, p[..., None] * grad[..., None, :], None, None
 
 
+def _nearest(points: Tensor, weights: Tensor, codebook: Tensor, group_of_row: Tensor, n: int,
+             chunk: int = 1 << 24) -> tuple[Tensor, Tensor]:
+    """Each sub-vector's ``n`` nearest codewords under its weighted distance, and how much farther
+    each is than the nearest; rows in chunks of about ``chunk`` distances (memory stays small)."""
+    step = max(1, chunk // (points.shape[1] * codebook.shape[1]))
+    indices, gaps = [], []
+    with torch.no_grad():
+        for start in range(0, len(points), step):
+            p, w = points[start:start + step], weights[start:start + step]
+            books = codebook[group_of_row[start:start + step]]  # (rows, k, d)
+            distance = torch.einsum("rsd,rkd->rsk", w, books.square()) - 2 * torch.einsum("rsd,rkd->rsk", w * p, books)
+            nearest = distance.topk(n, dim=-1, largest=False)
+            indices.append(nearest.indices)
+            gaps.append(nearest.values - nearest.values[..., :1])
+    return torch.cat(indices), torch.cat(gaps)
+
+
 def learn(rows: Tensor, stats: InputStatistics, layout: CodeLayout, codebook: Tensor, scale: Tensor | None,
           settings: dict) -> tuple[Tensor, Tensor, Tensor | None]:
     """Jointly learn codebooks, scales and mappings on the output error; returns (codes, codebook,
@@ -142,13 +162,8 @@ def learn(rows: Tensor, stats: InputStatistics, layout: CodeLayout, codebook: Te
     group_of_row = torch.arange(layout.rows, device=rows.device) // per_group
     points = (rows / unit).reshape(layout.rows, layout.segments, dim)
     weights = (stats.importance().expand_as(rows) * unit.square()).reshape(layout.rows, layout.segments, dim)
-    with torch.no_grad():  # each sub-vector's n nearest codewords under the weighted distance
-        books = codebook[group_of_row]  # (rows, k, d)
-        distance = torch.einsum("rsd,rkd->rsk", weights, books.square()) - 2 * torch.einsum("rsd,rkd->rsk", weights * points, books)
-        nearest = distance.topk(n, dim=-1, largest=False)
-        candidates = nearest.indices  # (rows, segments, n)
-        spread = (nearest.values - nearest.values[..., :1]).mean().clamp_min(1e-20)
-        logits = -(nearest.values - nearest.values[..., :1]) / spread
+    candidates, gaps = _nearest(points, weights, codebook, group_of_row, n)  # (rows, segments, n) each
+    logits = -gaps / gaps.mean().clamp_min(1e-20)
     codebook = codebook.clone().requires_grad_(True)
     logits = logits.requires_grad_(True)
     log_scale = None if scale is None else scale.log().clone().requires_grad_(True)
