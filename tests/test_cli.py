@@ -37,12 +37,25 @@ def tiny_file(tmp_path_factory):
     (["--dim", "4", "--k", "65536"], "exceed"),
     (["--method", "rtn", "--bits", "2.5"], "whole number of bits"),
     (["--bits", "2", "--include", "embeddings\\.LayerNorm"], "is a LayerNorm, which cannot be coded"),
+    (["--method", "jlcm", "--bits", "2", "--calib", "no-such-file.txt"], "neither a file nor a corpus"),
+    (["--method", "jlcm", "--bits", "2", "--calib-samples", "100000"], "fewer than the 100000 asked for"),
+    (["--method", "jlcm", "--bits", "2", "-O", "gradient=newton"], "gradient must be one of"),
+    (["--method", "jlcm", "--bits", "2", "-O", "steps"], "KEY=VALUE"),
 ])
 def test_bad_input_fails_before_work(tmp_path, args, message):
     out = tmp_path / "out.vqc"
     result = vqc_cli("compress", "minilm", "-o", str(out), "--quiet", *args)
     assert_clean_failure(result, message)
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_empty_calibration_file_fails_before_work(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("", encoding="utf-8")
+    out = tmp_path / "out.vqc"
+    result = vqc_cli("compress", "minilm", "-o", str(out), "--method", "jlcm", "--bits", "2", "--calib", str(empty))
+    assert_clean_failure(result, "holds no text")
+    assert not out.exists()
 
 
 def test_not_a_model(tmp_path):

@@ -22,7 +22,6 @@ EVERY_LAYER = vqc.Plan(min_weights=0)
     ("vqdnn", None, 0, {}, "learns its codebooks in training"),
     ("vqdnn", DATA, 0, {}, "learns its codebooks in training"),
     ("kmeans", None, 10, {}, "needs training data"),
-    ("kmeans", DATA, 0, {}, "no fine-tuning steps"),
     ("kmeans", DATA, -1, {}, "≥ 0"),
     ("vqdnn", DATA, 10, {"assignments": "annealed"}, "assignments must be one of"),
 ])
@@ -135,3 +134,47 @@ def test_compress_and_fine_tune_on_cuda(tmp_path):
     on_cpu = vqc.load(tmp_path / "gpu.vqc", like=deep_mlp())
     x = torch.randn(4, 64)
     torch.testing.assert_close(on_cpu(x), student(x.to("cuda")).cpu(), rtol=1e-4, atol=1e-4)
+
+
+def test_calibrated_fitting_beats_data_free_fitting_on_the_model_output():
+    from tests.test_allocate import PLAN, text_batches, tiny_bert
+
+    data = text_batches()
+    reference = tiny_bert()
+    batch = data.batch_at(0)
+    with torch.no_grad():
+        target = reference(**batch).last_hidden_state
+    errors = []
+    for calibration in (None, data):
+        model = vqc.compress(tiny_bert(), "kmeans", 2, calibration, plan=PLAN, progress=False, allocation=False,
+                             scale="row")
+        with torch.no_grad():
+            errors.append(float((model(**batch).last_hidden_state - target).square().mean()))
+    assert errors[1] < errors[0]
+
+
+def test_bias_correction_keeps_the_mean_output_on_the_calibration_data():
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Linear(64, 64))
+    x = torch.randn(512, 64) + 3.0  # inputs far from zero mean: the mean error is large
+
+    data = TrainingData(classification_task(), lambda step: (x, None), calibration_batches=1)
+    with torch.no_grad():
+        expected = layer(x).mean(0)
+    coded = vqc.compress(copy.deepcopy(layer), "kmeans", 1, data, plan=EVERY_LAYER, progress=False, allocation=False)
+    uncorrected = vqc.compress(copy.deepcopy(layer), "kmeans", 1, plan=EVERY_LAYER, progress=False)
+    with torch.no_grad():
+        assert torch.allclose(coded(x).mean(0), expected, atol=1e-3)
+        assert not torch.allclose(uncorrected(x).mean(0), expected, atol=1e-2)
+
+
+def test_jlcm_compresses_a_model_block_by_block_and_round_trips(tmp_path):
+    from tests.test_allocate import PLAN, text_batches, tiny_bert
+
+    model = vqc.compress(tiny_bert(), "jlcm", 3, text_batches(), plan=PLAN, progress=False, steps=5)
+    assert vqc.report(model).model_bits_per_weight <= 3
+    path = vqc.save(model, tmp_path / "m.vqc")
+    loaded = vqc.load(path, like=tiny_bert())
+    batch = text_batches().batch_at(0)
+    with torch.no_grad():
+        assert torch.allclose(loaded(**batch).last_hidden_state, model(**batch).last_hidden_state, atol=1e-5)

@@ -148,14 +148,23 @@ class Blocks:
         self.model, self.forward, self.batches = model, forward, list(batches)
 
     def first_inputs(self) -> list[tuple[tuple, dict]]:
-        """What the first block receives for every batch (the model runs only up to it)."""
-        inputs = []
+        """What the first block receives for every batch (hidden states first); also records, in
+        ``self.extras``, the other arguments every block receives, which may differ by block (a
+        decoder passes sliding-window and full-attention layers their own masks and rotary
+        tables). The model runs to its end once, without the blocks' work past the arguments."""
+        inputs: list[tuple[tuple, dict]] = []
+        self.extras: list[list[tuple[tuple, dict]]] = [[] for _ in self.blocks]
 
-        def catch(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            inputs.append((args, kwargs))
-            raise _Stop
+        def recorder(index: int):
+            def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+                self.extras[index].append((args[1:], kwargs))
+                if index == 0:
+                    inputs.append((args, kwargs))
+                if index == len(self.blocks) - 1:
+                    raise _Stop
+            return record
 
-        handle = self.blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
+        handles = [block.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, block in enumerate(self.blocks)]
         try:
             with torch.no_grad():
                 for batch in self.batches:
@@ -164,17 +173,18 @@ class Blocks:
                     except _Stop:
                         pass
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
         return inputs
 
-    @staticmethod
-    def run(block: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
-        """Run ``block`` on every captured input; returns the next block's inputs (its hidden
-        states first, the other arguments as they were)."""
-        outputs = []
+    def run(self, index: int, inputs: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
+        """Run block ``index`` on every captured input (with that block's own other arguments);
+        returns the next block's inputs."""
+        block, outputs = self.blocks[index], []
         with torch.no_grad():
-            for args, kwargs in inputs:
-                result = block(*args, **kwargs)
+            for (args, kwargs), (extra_args, extra_kwargs) in zip(inputs, self.extras[index]):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                result = block(hidden, *extra_args, **{k: v for k, v in extra_kwargs.items() if k != "hidden_states"})
                 hidden = result[0] if isinstance(result, (tuple, list)) else result
-                outputs.append(((hidden, *args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": hidden}))
+                outputs.append(((hidden,), {}))
         return outputs

@@ -233,9 +233,9 @@ def _fit_calibrated(model: nn.Module, jobs: list[Job], data: TrainingData, seed:
     model = _fit_runs(model, [[job] for job in before], seed, bar, statistics_of(before, lambda: inputs.extend(blocks.first_inputs())))
     if before:  # the first block sees what the compressed layers before it give
         inputs = blocks.first_inputs()
-    for block, stage in zip(found[1], per_block):
-        model = _fit_runs(model, [[job] for job in stage], seed, bar, statistics_of(stage, lambda: Blocks.run(block, inputs)))
-        inputs = Blocks.run(block, inputs)
+    for index, stage in enumerate(per_block):
+        model = _fit_runs(model, [[job] for job in stage], seed, bar, statistics_of(stage, lambda: blocks.run(index, inputs)))
+        inputs = blocks.run(index, inputs)
     return _fit_runs(model, [[job] for job in after], seed, bar, statistics_of(after, run_model))
 
 

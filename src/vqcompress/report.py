@@ -92,9 +92,9 @@ class Report:
         return dict(Counter(_fold_numbers(r.name) for r in self.dense))
 
     def __str__(self) -> str:
-        lines = [f"{'layer':<48} {'method':<8} {'shape':<16} {'k':>6} {'d':>3} {'bits/w':>7}"]
-        lines += [f"{r.name:<48} {r.method:<8} {'×'.join(map(str, r.shape)):<16} {r.k:>6} {r.dim:>3} {r.bits_per_weight:>7.3f}"
-                  for r in self.coded]
+        lines = [f"{'layer':<48} {'method':<8} {'shape':<16} {'k':>6} {'d':>3} {'bits/w':>7} {'share':>6}"]
+        lines += [f"{r.name:<48} {r.method:<8} {'×'.join(map(str, r.shape)):<16} {r.k:>6} {r.dim:>3} {r.bits_per_weight:>7.3f} "
+                  f"{100 * r.bits / max(1, self.total_bits):>5.1f}%" for r in self.coded]
         dense_params = self.parameters - self.coded_weights
         lines += [
             f"left uncompressed: {len(self.dense)} tensors, {dense_params:,} parameters, "
