@@ -213,7 +213,7 @@ def resume_check() -> dict:
         argv = [vqc, "compress", "fashion-cnn", "--method", "vqdnn", "--bits", "1.5", "--finetune-steps",
                 str(RESUME_STEPS), "--quiet"]
         subprocess.run([*argv, "-o", str(whole)], check=True, capture_output=True)
-        checkpoint = resumed.with_name(f".{resumed.name}.finetune")
+        checkpoint = resumed.with_name(f".{resumed.name}.partial.finetune")
         process = subprocess.Popen([*argv, "-o", str(resumed)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         while not checkpoint.exists() and process.poll() is None:
             time.sleep(0.2)

@@ -178,3 +178,31 @@ def test_jlcm_compresses_a_model_block_by_block_and_round_trips(tmp_path):
     batch = text_batches().batch_at(0)
     with torch.no_grad():
         assert torch.allclose(loaded(**batch).last_hidden_state, model(**batch).last_hidden_state, atol=1e-5)
+
+
+def test_an_interrupted_calibrated_compression_resumes_to_the_same_file(tmp_path, monkeypatch):
+    import importlib
+
+    from tests.test_allocate import PLAN, text_batches, tiny_bert
+
+    whole = vqc.save(vqc.compress(tiny_bert(), "jlcm", 3, text_batches(), plan=PLAN, progress=False, steps=3),
+                     tmp_path / "whole.vqc")
+    checkpoint = tmp_path / "partial.vqc"
+    compress_module = importlib.import_module("vqcompress.compress")  # the package's name is the function
+    real_fit_runs, calls = compress_module._fit_runs, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # the embeddings and block 0 are done and saved: stop in block 1
+            raise KeyboardInterrupt
+        return real_fit_runs(*args, **kwargs)
+
+    monkeypatch.setattr(compress_module, "_fit_runs", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        vqc.compress(tiny_bert(), "jlcm", 3, text_batches(), plan=PLAN, progress=False, steps=3, checkpoint=checkpoint)
+    assert checkpoint.exists()
+    monkeypatch.setattr(compress_module, "_fit_runs", real_fit_runs)
+    resumed = vqc.compress(tiny_bert(), "jlcm", 3, text_batches(), plan=PLAN, progress=False, steps=3,
+                           checkpoint=checkpoint)
+    assert not checkpoint.exists()
+    assert vqc.save(resumed, tmp_path / "resumed.vqc").read_bytes() == whole.read_bytes()

@@ -102,7 +102,7 @@ def compress(
     dense, source = load_model(model, seed)
     calibrated = finetune_steps or calib or calib_samples or method == "jlcm"
     calibration = training_data(source.to_json(), seed, calib, calib_samples) if calibrated else None
-    checkpoint = output.with_name(f".{output.name}.finetune") if finetune_steps else None  # resumed if found
+    checkpoint = output.with_name(f".{output.name}.partial")  # work so far, resumed from if found
     compressed = compress_model(dense.to(device), method, bits, calibration, plan=plan, seed=seed, progress=not quiet,
                                 finetune_steps=finetune_steps, lr=lr, assignments=assignments, checkpoint=checkpoint,
                                 allocation=not per_layer_bits, **options)

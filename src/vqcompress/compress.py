@@ -8,6 +8,7 @@ import os
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -16,9 +17,10 @@ from tqdm.auto import tqdm
 from .allocate import allocate, describe, sensitivities
 from .calibrate import Blocks, InputStatistics, capturing, find_blocks
 from .coded import CodedWeight
+from .io import load, save
 from .errors import VQCError
 from .finetune import TrainingData, check_assignments, finetune
-from .layers import coded_from_dense
+from .layers import coded_from_dense, iter_coded
 from .methods import Method, get_method
 from .plan import Plan
 
@@ -146,15 +148,18 @@ def compress(model: nn.Module, method: str = "kmeans", bits: float | None = None
     if calibration is not None and bits is not None and allocation:
         _allocate(model, jobs, calibration, bits, seed)
     bar = tqdm(total=len(jobs), desc=f"{method}", unit="layer", disable=not progress)
+    checkpoint = Path(checkpoint) if checkpoint else None
     if calibration is None:
         model = _fit_runs(model, shared_runs(jobs), seed, bar)
     else:
-        model = _fit_calibrated(model, jobs, calibration, seed, bar)
+        model = _fit_calibrated(model, jobs, calibration, seed, bar, checkpoint)
     bar.close()
     if finetune_steps:
         finetune(model, teacher, calibration.task, calibration.batch_at, finetune_steps, lr=lr,
                  learn_assignments=any(job.method.learns_assignments for job in jobs), assignments=assignments,
-                 checkpoint=checkpoint, progress=progress)
+                 checkpoint=checkpoint and checkpoint.with_name(checkpoint.name + ".finetune"), progress=progress)
+    if checkpoint is not None and checkpoint.exists():
+        checkpoint.unlink()
     return model
 
 
@@ -209,16 +214,32 @@ def correct_bias(layer: nn.Module, weight: torch.Tensor, inputs: InputStatistics
         layer.bias += (difference @ inputs.mean).to(layer.bias.dtype)
 
 
-def _fit_calibrated(model: nn.Module, jobs: list[Job], data: TrainingData, seed: int, bar: tqdm) -> nn.Module:
+def _fit_calibrated(model: nn.Module, jobs: list[Job], data: TrainingData, seed: int, bar: tqdm,
+                    checkpoint: Path | None = None) -> nn.Module:
     """Fit every layer on the statistics of its inputs. A model with repeated blocks is done block
     by block: layers before the blocks first, then each block on inputs that went through the
-    blocks already compressed (one block's activations in memory), then the layers after them."""
+    blocks already compressed (one block's activations in memory), then the layers after them.
+    With ``checkpoint``, the model so far is saved there (a .vqc file) after every stage, and a
+    run that finds the file starts from it: the layers it holds are not fitted again, and the
+    result is the same file as an uninterrupted run's."""
     batches = [data.batch_at(i) for i in range(data.calibration_batches)]
+    done: set[str] = set()
+    if checkpoint is not None and checkpoint.exists():
+        model = load(checkpoint, like=model, device=str(next(model.parameters()).device))
+        done = {name for name, _ in iter_coded(model)}
+        bar.update(len(done))
 
-    def statistics_of(stage: list[Job], run: Callable[[], object]) -> dict[str, InputStatistics]:
+    def fit_stage(stage: list[Job], run: Callable[[], object]) -> nn.Module:
+        stage = [job for job in stage if job.name not in done]
+        if not stage:
+            return model
         with capturing({job.name: job.module for job in stage}) as collected, torch.no_grad():
             run()
-            return collected()
+            statistics = collected()
+        fitted = _fit_runs(model, shared_runs(stage), seed, bar, statistics)
+        if checkpoint is not None:
+            save(fitted, checkpoint)
+        return fitted
 
     def run_model() -> None:
         for batch in batches:
@@ -226,17 +247,15 @@ def _fit_calibrated(model: nn.Module, jobs: list[Job], data: TrainingData, seed:
 
     found = find_blocks(model) if all(job.name for job in jobs) else None
     if found is None or any(job.settings.get("shared") for job in jobs):
-        return _fit_runs(model, shared_runs(jobs), seed, bar, statistics_of(jobs, run_model))
+        return fit_stage(jobs, run_model)
     before, per_block, after = _stages(model, jobs, found[0], len(found[1]))
     blocks = Blocks(model, data.task.forward, batches)
-    inputs: list = []
-    model = _fit_runs(model, [[job] for job in before], seed, bar, statistics_of(before, lambda: inputs.extend(blocks.first_inputs())))
-    if before:  # the first block sees what the compressed layers before it give
-        inputs = blocks.first_inputs()
+    model = fit_stage(before, blocks.first_inputs)
+    inputs = blocks.first_inputs()  # the first block sees what the compressed layers before it give
     for index, stage in enumerate(per_block):
-        model = _fit_runs(model, [[job] for job in stage], seed, bar, statistics_of(stage, lambda: blocks.run(index, inputs)))
+        model = fit_stage(stage, lambda: blocks.run(index, inputs))
         inputs = blocks.run(index, inputs)
-    return _fit_runs(model, [[job] for job in after], seed, bar, statistics_of(after, run_model))
+    return fit_stage(after, run_model)
 
 
 def _stages(model: nn.Module, jobs: list[Job], prefix: str, count: int) -> tuple[list[Job], list[list[Job]], list[Job]]:
