@@ -100,12 +100,12 @@ def compress(
     plan = Plan(by_name={**{pattern: {} for pattern in include}, **{pattern: None for pattern in skip}})
     _say(f"loading {model} …", quiet)
     dense, source = load_model(model, seed)
-    calibrated = finetune_steps or calib or calib_samples or method == "jlcm"
-    calibration = training_data(source.to_json(), seed, calib, calib_samples) if calibrated else None
+    calibrate = bool(calib or calib_samples or method == "jlcm")
+    calibration = training_data(source.to_json(), seed, calib, calib_samples) if calibrate or finetune_steps else None
     checkpoint = output.with_name(f".{output.name}.partial")  # work so far, resumed from if found
     compressed = compress_model(dense.to(device), method, bits, calibration, plan=plan, seed=seed, progress=not quiet,
                                 finetune_steps=finetune_steps, lr=lr, assignments=assignments, checkpoint=checkpoint,
-                                allocation=not per_layer_bits, **options)
+                                allocation=not per_layer_bits, calibrate=calibrate, **options)
     save(compressed, output, source)
     seconds, result = time.perf_counter() - started, report(output)
     if json_out:

@@ -124,12 +124,12 @@ def compress(model: nn.Module, method: str = "kmeans", bits: float | None = None
              calibration: TrainingData | None = None, *, plan: Plan | None = None, seed: int = 0,
              progress: bool = True, finetune_steps: int = 0, lr: float = 1e-3,
              assignments: str = "ste", checkpoint: str | os.PathLike | None = None, allocation: bool = True,
-             **options) -> nn.Module:
+             calibrate: bool | None = None, **options) -> nn.Module:
     """Replace the planned layers of ``model`` (in place) by coded layers; returns the model
     (a new object only when ``model`` is itself a single layer).
 
-    With ``calibration`` (a task and its batches), every layer is fitted to the statistics of its
-    inputs on the first ``calibration.calibration_batches`` batches, block by block where the model
+    With ``calibration`` (a task and its batches) and ``calibrate`` (default: unless fine-tuning,
+    which then uses the data as before), every layer is fitted to the statistics of its inputs on the first ``calibration.calibration_batches`` batches, block by block where the model
     has repeated blocks (see ``_fit_calibrated``), and ``bits`` is the whole model's average:
     ``allocate`` gives each layer its share by measured sensitivity (``allocation=False``: every
     layer gets ``bits`` as its own ceiling, as without calibration). With ``finetune_steps`` too, the compressed model is
@@ -138,6 +138,8 @@ def compress(model: nn.Module, method: str = "kmeans", bits: float | None = None
     settings are resolved and checked before any work starts, so a bad budget or a bad weight
     fails in a second, not after minutes of work.
     """
+    if calibration is not None and not isinstance(calibration, TrainingData):
+        raise VQCError(f"calibration must be a TrainingData(task, batch_at), got a {type(calibration).__name__}")
     jobs = [_job(name, module, spec) for name, module, spec in
             (plan or Plan()).resolve(model, {"method": method, "bits": bits, **options})]
     if not jobs:
@@ -145,11 +147,12 @@ def compress(model: nn.Module, method: str = "kmeans", bits: float | None = None
     _check_training(jobs, calibration, finetune_steps)
     check_assignments(assignments)
     teacher = copy.deepcopy(model).eval() if finetune_steps else None
-    if calibration is not None and bits is not None and allocation:
+    calibrate = calibration is not None and (not finetune_steps if calibrate is None else calibrate)
+    if calibrate and bits is not None and allocation:
         _allocate(model, jobs, calibration, bits, seed)
     bar = tqdm(total=len(jobs), desc=f"{method}", unit="layer", disable=not progress)
     checkpoint = Path(checkpoint) if checkpoint else None
-    if calibration is None:
+    if not calibrate:
         model = _fit_runs(model, shared_runs(jobs), seed, bar)
     else:
         model = _fit_calibrated(model, jobs, calibration, seed, bar, checkpoint)
