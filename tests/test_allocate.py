@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 from transformers import BertConfig, BertModel
 
 import vqcompress as vqc

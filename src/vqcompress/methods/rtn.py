@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..calibrate import InputStatistics
 from ..coded import CodedWeight, CodeLayout
 from ..errors import VQCError
 from . import register, reject_unknown
@@ -35,7 +36,7 @@ class RTN:
     def layout(self, shape: tuple[int, ...], settings: dict) -> CodeLayout:
         return CodeLayout(tuple(shape), k=2 ** settings["bits"], dim=1, scale_group=settings["group_size"], offset=True)
 
-    def fit(self, weight: Tensor, settings: dict, seed: int, inputs=None) -> CodedWeight:
+    def fit(self, weight: Tensor, settings: dict, seed: int, inputs: InputStatistics | None = None) -> CodedWeight:
         """A fixed grid per group: the inputs do not change it."""
         layout = self.layout(tuple(weight.shape), settings)
         levels = layout.k - 1
