@@ -268,7 +268,8 @@ def markdown(result: dict) -> str:
         "Re-render from the stored results only: `.venv/bin/python -m benchmarks.render`.", "",
         "## minilm: all-MiniLM-L6-v2, the whole model including word embeddings", "",
         f"Measured {result['started']}; the whole bench took {result['seconds'] / 60:.1f} min, each row in a fresh "
-        "process, one after another.", "",
+        "process, one after another." + (f" Some rows were measured again later (the last on {result['updated']}); "
+                                         "each row's own date is in the results file." if result.get("updated") else ""), "",
         *results_table(rows), "",
         f"![rate–distortion on minilm]({PLOT})", "",
         "### How the rows were counted", "", *notes(rows), "",
