@@ -72,6 +72,21 @@ def palettized(model: nn.Module, names: list[str]) -> tuple[list[str], int, int]
     return done, sum(coreml_layer_bits(modules[n]) for n in done), sum(modules[n].weight.numel() for n in done)
 
 
+def lut_layout(model: nn.Module, layer_names: list[str] | None, group_size: int | None) -> tuple[list[str], str]:
+    """The layers a coremltools palettizer is given (the default ones unless named) and its
+    granularity: one LUT per tensor, or one per ``group_size`` output channels."""
+    names = layer_names if layer_names is not None else default_layers(model, (nn.Linear, nn.Embedding))
+    return names, "per_tensor" if group_size is None else "per_grouped_channel"
+
+
+def palettized_result(model: nn.Module, names: list[str], seconds: float, settings: dict) -> PeerResult:
+    """A coremltools palettizer's result: the bits of the layers it really palettized (detected
+    from their LUTs), the rest of ``names`` listed as skipped."""
+    done, bits, n_weights = palettized(model, names)
+    settings = {**settings, "lut_entry_bits": LUT_ENTRY_BITS, "layers": done, "skipped": [n for n in names if n not in done]}
+    return PeerResult(model, bits / n_weights, bits, n_weights, seconds, settings)
+
+
 def coreml_palettize(
     model: nn.Module,
     n_bits: int,
@@ -92,8 +107,7 @@ def coreml_palettize(
         PostTrainingPalettizerConfig,
     )
 
-    names = layer_names if layer_names is not None else default_layers(model, (nn.Linear, nn.Embedding))
-    granularity = "per_tensor" if group_size is None else "per_grouped_channel"
+    names, granularity = lut_layout(model, layer_names, group_size)
     layer_config = ModulePostTrainingPalettizerConfig(
         n_bits=n_bits, granularity=granularity, group_size=group_size, cluster_dim=cluster_dim
     )
@@ -105,18 +119,8 @@ def coreml_palettize(
     PostTrainingPalettizer(model, config).compress(inplace=True)
     seconds = time.perf_counter() - start
 
-    done, bits, n_weights = palettized(model, names)
-    settings = {
-        "peer": "coremltools-ptp",
-        "n_bits": n_bits,
-        "cluster_dim": cluster_dim,
-        "granularity": granularity,
-        "group_size": group_size,
-        "lut_entry_bits": LUT_ENTRY_BITS,
-        "layers": done,
-        "skipped": [n for n in names if n not in done],
-    }
-    return PeerResult(model, bits / n_weights, bits, n_weights, seconds, settings)
+    return palettized_result(model, names, seconds, {"peer": "coremltools-ptp", "n_bits": n_bits, "cluster_dim": cluster_dim,
+                                                     "granularity": granularity, "group_size": group_size})
 
 
 def output_fisher_loss(forward: Callable[[nn.Module, Any], torch.Tensor], seed: int = 0
@@ -182,8 +186,7 @@ def skm_palettize(
         SKMPalettizerConfig,
     )
 
-    names = layer_names if layer_names is not None else default_layers(model, (nn.Linear, nn.Embedding))
-    granularity = "per_tensor" if group_size is None else "per_grouped_channel"
+    names, granularity = lut_layout(model, layer_names, group_size)
     layer_config = ModuleSKMPalettizerConfig(
         n_bits=n_bits, granularity=granularity, group_size=group_size, cluster_dim=cluster_dim
     )
@@ -218,20 +221,9 @@ def skm_palettize(
         parameter.requires_grad_(flag)
     unweighted = [n for n in names if bool((sensitivity[f"{n}.weight"] == 1).all())]
 
-    done, bits, n_weights = palettized(model, names)
-    settings = {
-        "peer": "coremltools-skm",
-        "n_bits": n_bits,
-        "cluster_dim": cluster_dim,
-        "granularity": granularity,
-        "group_size": group_size,
-        "calibration_samples": len(samples),
-        "lut_entry_bits": LUT_ENTRY_BITS,
-        "unweighted": unweighted,
-        "layers": done,
-        "skipped": [n for n in names if n not in done],
-    }
-    return PeerResult(model, bits / n_weights, bits, n_weights, seconds, settings)
+    return palettized_result(model, names, seconds, {"peer": "coremltools-skm", "n_bits": n_bits, "cluster_dim": cluster_dim,
+                                                     "granularity": granularity, "group_size": group_size,
+                                                     "calibration_samples": len(samples), "unweighted": unweighted})
 
 
 def skm_palettize_calibrated(
@@ -240,7 +232,7 @@ def skm_palettize_calibrated(
     """:func:`skm_palettize` on the calibration data vqcompress uses for this model.
 
     For an encoder (MiniLM) that is the first ``calibration_batches`` batches of Lee background
-    sentences (256 sentences), fed one sentence a sample; the loss is :func:`output_fisher_loss`
+    sentences (128 sentences), fed one sentence a sample; the loss is :func:`output_fisher_loss`
     on the task's forward (the last hidden state).
     """
     from vqcompress.data import training_data

@@ -53,3 +53,8 @@ def test_an_impossible_budget_fails_before_any_layer_is_coded():
     with pytest.raises(VQCError, match="cannot hold this model"):
         vqc.compress(model, "kmeans", 0.5, text_batches(), plan=PLAN, progress=False)
     assert not any(type(m).__name__.startswith("Coded") for m in model.modules())
+
+
+def test_a_method_without_codebook_options_is_allocated_too():
+    model = vqc.compress(tiny_bert(), "rtn", 3, text_batches(), plan=PLAN, progress=False, group_size=64)
+    assert vqc.report(model).model_bits_per_weight <= 3

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .calibrate import InputStatistics
-from .coded import CodedWeight
+from .coded import CodedWeight, CodeLayout
 from .errors import VQCError
 from .io import model_tensors
 
@@ -104,7 +104,7 @@ def _options(job, inputs: InputStatistics | None, seed: int, gain: float) -> lis
             continue
         if any(o.settings == settings for o in found):
             continue
-        found.append(Option(settings, CodedWeight.empty(layout).nbits(), gain * _measure(job, inputs, settings, seed)))
+        found.append(Option(settings, CodedWeight.empty(layout).nbits(), gain * _measure(job, inputs, layout, seed)))
     if not found:
         raise VQCError(f"{job.name}: no bit level in {LEVELS} fits shape {shape}")
     found.sort(key=lambda o: o.bits)
@@ -115,19 +115,18 @@ def _options(job, inputs: InputStatistics | None, seed: int, gain: float) -> lis
     return hull
 
 
-def _measure(job, inputs: InputStatistics | None, settings: dict, seed: int) -> float:
-    """Relative output error of a quick weighted k-means at these settings, on sampled rows."""
+def _measure(job, inputs: InputStatistics | None, layout: CodeLayout, seed: int) -> float:
+    """Relative output error of a quick weighted k-means with the layout's d, k and row scaling,
+    on sampled rows."""
     from .methods.kmeans import KMeans
 
     weight = job.module.weight.detach().float().reshape(job.module.weight.shape[0], -1)
     stats = inputs or InputStatistics(gram=torch.eye(weight.shape[1]))
     rows = _sample_rows(weight, stats, seed)
-    sample = InputStatistics(gram=stats.gram) if stats.gram is not None else InputStatistics(row_weight=stats.row_weight[rows])
-    quick = {"dim": settings["dim"], "k": min(settings["k"], len(rows) * weight.shape[1] // settings["dim"]),
-             "scale": settings.get("scale", "none"), "groups": 1, "iterations": 3, "max_points_per_centroid": 64,
-             "shared": 0}
-    if quick["scale"] not in ("none", "row"):
-        quick["scale"] = "none"
+    sample = stats if stats.gram is not None else InputStatistics(row_weight=stats.row_weight[rows])
+    quick = {"dim": layout.dim, "k": min(layout.k, len(rows) * layout.segments), "groups": 1, "shared": 0,
+             "scale": "row" if layout.scale_group == layout.cols else "none", "iterations": 3,
+             "max_points_per_centroid": 64}
     code = KMeans().fit(weight[rows], quick, seed, sample)
     difference = code.decode().reshape(len(rows), -1) - weight[rows]
     return float(sample.error(difference) / sample.error(weight[rows]).clamp_min(1e-30))

@@ -140,12 +140,9 @@ class _Stop(Exception):
 class Blocks:
     """A model's blocks run one at a time on captured inputs (a list of (args, kwargs) per batch)."""
 
-    def __init__(self, model: nn.Module, forward: Callable[[nn.Module, Any], Any], batches: Iterable[Any]):
-        found = find_blocks(model)
-        if found is None:
-            raise ValueError("the model has no repeated blocks")
-        self.prefix, self.blocks = found
-        self.model, self.forward, self.batches = model, forward, list(batches)
+    def __init__(self, model: nn.Module, blocks: nn.ModuleList, forward: Callable[[nn.Module, Any], Any],
+                 batches: Iterable[Any]):
+        self.model, self.blocks, self.forward, self.batches = model, blocks, forward, list(batches)
 
     def first_inputs(self) -> list[tuple[tuple, dict]]:
         """What the first block receives for every batch (hidden states first); also records, in

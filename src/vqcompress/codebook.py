@@ -12,8 +12,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import faiss
-import torch
 import numpy as np
+import torch
 
 
 #: Below this many point–centroid distances per iteration, one thread: OpenMP's start-up and

@@ -27,7 +27,7 @@ from .plan import Plan
 
 #: Ridge added to every layer's input statistics, as a share of the mean input energy: inputs
 #: that calibration barely excites keep part of their weight (inputs elsewhere may excite them).
-DAMPING = float(os.environ.get("VQC_DAMPING", "0.01"))
+DAMPING = 0.01
 
 
 @dataclass
@@ -252,7 +252,7 @@ def _fit_calibrated(model: nn.Module, jobs: list[Job], data: TrainingData, seed:
     if found is None or any(job.settings.get("shared") for job in jobs):
         return fit_stage(jobs, run_model)
     before, per_block, after = _stages(model, jobs, found[0], len(found[1]))
-    blocks = Blocks(model, data.task.forward, batches)
+    blocks = Blocks(model, found[1], data.task.forward, batches)
     model = fit_stage(before, blocks.first_inputs)
     inputs = blocks.first_inputs()  # the first block sees what the compressed layers before it give
     for index, stage in enumerate(per_block):

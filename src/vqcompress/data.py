@@ -65,9 +65,9 @@ def _wiki_text() -> str:
 
 
 def _lee_background() -> str:
-    from .suites.minilm import ENCODING, data_dir
+    from .suites.gemma import text  # one reader of the file, shared with the perplexity suite
 
-    return (data_dir() / "lee_background.cor").read_text(encoding=ENCODING)
+    return text()
 
 
 CORPORA = {"lee-background": _lee_background, "wiki": _wiki_text}
@@ -93,8 +93,7 @@ def calibration_text(calib: str) -> str:
 def training_sentences(calib: str = "lee-background") -> list[str]:
     """Sentences of ``calib``: a corpus split at sentence ends, or a file's non-empty lines."""
     text = calibration_text(calib)
-    sentences = _sentences(text) if calib in CORPORA else [line.strip() for line in text.splitlines() if line.strip()]
-    return sentences
+    return _sentences(text) if calib in CORPORA else [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def _enough(available: int, samples: int | None, what: str, calib: str) -> int:

@@ -109,6 +109,12 @@ def group_rows(matrix: Tensor, groups: int, by_magnitude: bool) -> Tensor:
     return torch.argsort(features @ direction, stable=True)
 
 
+def _argmax_codeword(logits: Tensor, candidates: Tensor) -> Tensor:
+    """Each sub-vector's candidate of largest logit: (..., n) logits, (..., n, d) candidates → (..., d)."""
+    index = logits.argmax(-1)[..., None, None].expand(*logits.shape[:-1], 1, candidates.shape[-1])
+    return candidates.gather(-2, index).squeeze(-2)
+
+
 class _Mixture(torch.autograd.Function):
     """ŵ = Σ_j p_j c_j over each sub-vector's candidate codewords, with the mapping gradient of
     ``gradient`` (see the module docstring)."""
@@ -119,10 +125,7 @@ class _Mixture(torch.autograd.Function):
         mixed = (p[..., None] * candidates).sum(-2)  # (..., d)
         ctx.save_for_backward(p, candidates, mixed)
         ctx.temperature, ctx.gradient = temperature, gradient
-        if gradient == "ste":
-            hard = candidates.gather(-2, p.argmax(-1)[..., None, None].expand(*p.shape[:-1], 1, candidates.shape[-1]))
-            return hard.squeeze(-2)
-        return mixed
+        return _argmax_codeword(logits, candidates) if gradient == "ste" else mixed
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -175,7 +178,7 @@ def learn(rows: Tensor, stats: InputStatistics, layout: CodeLayout, codebook: Te
     def decoded(hard: bool, temperature: float) -> Tensor:
         chosen = codebook[group_of_row[:, None, None], candidates]  # (rows, segments, n, d)
         if hard:
-            values = chosen.gather(-2, logits.argmax(-1)[..., None, None].expand(-1, -1, 1, dim)).squeeze(-2)
+            values = _argmax_codeword(logits, chosen)
         else:
             values = _Mixture.apply(logits, chosen, temperature, settings["gradient"])
         values = values.reshape(layout.rows, layout.cols)
