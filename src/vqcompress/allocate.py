@@ -92,6 +92,20 @@ def allocate(model: nn.Module, jobs: list, statistics: dict[str, InputStatistics
         chosen[i], spent = j, spent + extra
 
 
+def has_levels(job) -> bool:
+    """Whether the job's method codes its layer differently at different budgets (a universal
+    codebook, say, has one cost): only then is there a budget to spread."""
+    shape, found = tuple(job.module.weight.shape), []
+    for level in LEVELS:
+        try:
+            settings = job.method.settings(shape, level, job.options)
+        except VQCError:
+            continue
+        if settings not in found:
+            found.append(settings)
+    return len(found) > 1
+
+
 def _options(job, inputs: InputStatistics | None, seed: int, gain: float) -> list[Option]:
     """The job's options by level, cheapest first, each dearer one strictly better (the hull)."""
     shape = tuple(job.module.weight.shape)

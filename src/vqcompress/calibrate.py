@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,7 +69,9 @@ class _Accumulator:
         self.module, self.total, self.sum, self.count = module, None, None, 0
 
     def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
-        inputs = args[0].detach()
+        inputs, positions = args[0].detach(), _POSITIONS.get()
+        if positions is not None and tuple(inputs.shape[:positions.dim()]) == tuple(positions.shape):
+            inputs = inputs[positions]  # padding is no input the layer will see in use
         if isinstance(module, nn.Embedding):
             counts = torch.bincount(inputs.reshape(-1), minlength=module.num_embeddings).float()
             self._add(counts, None, inputs.numel())
@@ -107,6 +110,20 @@ def _matmul_inputs(module: nn.Module, x: Tensor) -> Tensor:
     return patches.reshape(patches.shape[0], module.groups, per_group, -1).permute(0, 1, 3, 2).reshape(-1, per_group)
 
 
+_POSITIONS: ContextVar[Tensor | None] = ContextVar("positions", default=None)
+
+
+@contextmanager
+def counting(positions: Tensor | None):
+    """Within the block, statistics count only the (batch, sequence) positions where
+    ``positions`` is true (the real tokens of a padded batch); everything when None."""
+    token = _POSITIONS.set(None if positions is None else positions.bool())
+    try:
+        yield
+    finally:
+        _POSITIONS.reset(token)
+
+
 @contextmanager
 def capturing(modules: dict[str, nn.Module]):
     """Within the block, forward passes accumulate each named module's input statistics; yields
@@ -141,8 +158,9 @@ class Blocks:
     """A model's blocks run one at a time on captured inputs (a list of (args, kwargs) per batch)."""
 
     def __init__(self, model: nn.Module, blocks: nn.ModuleList, forward: Callable[[nn.Module, Any], Any],
-                 batches: Iterable[Any]):
+                 batches: Iterable[Any], positions: Callable[[Any], Tensor | None] = lambda batch: None):
         self.model, self.blocks, self.forward, self.batches = model, blocks, forward, list(batches)
+        self.positions = [positions(batch) for batch in self.batches]  # which count in statistics
 
     def first_inputs(self) -> list[tuple[tuple, dict]]:
         """What the first block receives for every batch (hidden states first); also records, in
@@ -164,9 +182,10 @@ class Blocks:
         handles = [block.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, block in enumerate(self.blocks)]
         try:
             with torch.no_grad():
-                for batch in self.batches:
+                for batch, positions in zip(self.batches, self.positions):
                     try:
-                        self.forward(self.model, batch)
+                        with counting(positions):
+                            self.forward(self.model, batch)
                     except _Stop:
                         pass
         finally:
@@ -179,9 +198,10 @@ class Blocks:
         returns the next block's inputs."""
         block, outputs = self.blocks[index], []
         with torch.no_grad():
-            for (args, kwargs), (extra_args, extra_kwargs) in zip(inputs, self.extras[index]):
+            for (args, kwargs), (extra_args, extra_kwargs), positions in zip(inputs, self.extras[index], self.positions):
                 hidden = args[0] if args else kwargs["hidden_states"]
-                result = block(hidden, *extra_args, **{k: v for k, v in extra_kwargs.items() if k != "hidden_states"})
+                with counting(positions):
+                    result = block(hidden, *extra_args, **{k: v for k, v in extra_kwargs.items() if k != "hidden_states"})
                 hidden = result[0] if isinstance(result, (tuple, list)) else result
                 outputs.append(((hidden,), {}))
         return outputs

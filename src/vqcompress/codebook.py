@@ -95,3 +95,22 @@ def weighted_assign(points: torch.Tensor, weights: torch.Tensor, centroids: torc
     """Index of the nearest centroid of each point under its own per-coordinate weights."""
     return torch.cat([_weighted_distances(points[i:i + chunk], weights[i:i + chunk], centroids).argmin(1)
                       for i in range(0, len(points), chunk)])
+
+
+def nearest_candidates(points: torch.Tensor, weights: torch.Tensor, codebooks: torch.Tensor, group_of_row: torch.Tensor,
+                       n: int, chunk: int = 1 << 24) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sub-vector's ``n`` nearest codewords under its weighted squared distance, nearest first,
+    and those distances. ``points`` and ``weights`` are (rows, segments, d), ``codebooks``
+    (groups, k, d), row r using ``codebooks[group_of_row[r]]``; rows go in chunks of about
+    ``chunk`` distances, so memory stays small."""
+    step = max(1, chunk // (points.shape[1] * codebooks.shape[1]))
+    indices, distances = [], []
+    with torch.no_grad():
+        for start in range(0, len(points), step):
+            p, w = points[start:start + step], weights[start:start + step]
+            books = codebooks[group_of_row[start:start + step]]  # (rows, k, d)
+            distance = torch.einsum("rsd,rkd->rsk", w, books.square()) - 2 * torch.einsum("rsd,rkd->rsk", w * p, books)
+            nearest = distance.topk(n, dim=-1, largest=False)
+            indices.append(nearest.indices)
+            distances.append((nearest.values + (w * p.square()).sum(-1, keepdim=True)).clamp_min(0))
+    return torch.cat(indices), torch.cat(distances)

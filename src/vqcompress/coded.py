@@ -12,7 +12,9 @@ stored as the index of a codeword, bit-packed at ``ceil(log2 k)`` bits. On top o
   ``ceil(log2 rows)`` bits per row;
 - an optional per-layer ``gain`` (one fp16 number multiplying the whole weight), so that layers
   of different magnitude can share one codebook: the same codebook tensor held by several coded
-  weights is stored once in the file and trained as one parameter.
+  weights is stored once in the file and trained as one parameter;
+- or a universal codebook (``codebook_sha256``, see ``universal.py``): a file of its own, shared
+  by many models, never stored in a model's file, never counted in its bits and never trained.
 
 A later factor form (Z · C) can be added as another ``decode`` source without touching the
 layers, the file or the report, since they only use ``decode``, ``codes`` and the buffers.
@@ -79,6 +81,7 @@ class CodeLayout:
     gain: bool = False
     codebook_dtype: str = "float16"
     scale_dtype: str = "float16"
+    codebook_sha256: str | None = None  # the codebook is this universal one, held outside the model
 
     @property
     def rows(self) -> int:
@@ -109,6 +112,8 @@ class CodeLayout:
             raise VQCError("offsets need a scale group")
         if self.cols % self.dim:
             raise VQCError(f"sub-vector length d = {self.dim} does not divide the {self.cols} inputs of shape {self.shape}")
+        if self.codebook_sha256 is not None and self.groups != 1:
+            raise VQCError("a universal codebook serves a layer as its one codebook (groups = 1)")
         if self.rows % self.groups:
             raise VQCError(f"{self.groups} codebook groups do not divide the {self.rows} rows")
         if self.scale_group is not None and (self.cols % self.scale_group or self.scale_group % self.dim):
@@ -136,6 +141,7 @@ class CodedWeight(nn.Module):
         self.layout = layout
         self.recipe: dict = {}  # the method and settings that made it, for the file manifest
         self.temperature: float | None = None  # set while assignments train soft (see ``finetune``)
+        self.assigner: nn.Module | None = None  # set while candidate assignments train (``progressive``)
         self.register_buffer("codebook", codebook)
         self.register_buffer("codes", codes)
         for name, value in (("scale", scale), ("offset", offset), ("perm", perm), ("gain", gain)):
@@ -209,7 +215,9 @@ class CodedWeight(nn.Module):
         lay = self.layout
         stored = self.stored_rows_of(rows.to(torch.int64))
         soft = self.temperature is not None and "latent" in self._parameters
-        if soft:
+        if self.assigner is not None:
+            values = self.assigner(stored, self.codebook.to(dtype), self.codebook_of_rows(stored))
+        elif soft:
             values = self._soft_codewords(rows, stored, dtype)
         else:
             values = self.codebook.to(dtype)[self.codebook_of_rows(stored)[:, None], self.code_matrix(stored)]
@@ -300,7 +308,7 @@ class CodedWeight(nn.Module):
         so that a codebook several weights hold becomes one parameter."""
         shared = {} if shared is None else shared
         for name in TRAINABLE:
-            if name in self._buffers:
+            if name in self._buffers and not (name == "codebook" and self.layout.codebook_sha256):
                 buffer = self._buffers.pop(name)
                 if id(buffer) not in shared:  # the pair keeps the key alive, so its id cannot be reused
                     shared[id(buffer)] = (buffer, nn.Parameter(buffer.float()))
@@ -322,8 +330,10 @@ class CodedWeight(nn.Module):
                 self.register_buffer(name, shared[id(parameter)][1])
 
     def nbits(self) -> int:
-        """Exact storage cost: every byte of every buffer this weight keeps."""
-        return sum(b.numel() * b.element_size() * 8 for b in self.buffers())
+        """Exact storage cost: every byte of every buffer this weight stores (a universal codebook
+        is stored apart, once for every model)."""
+        return sum(b.numel() * b.element_size() * 8 for name, b in self.named_buffers(recurse=False)
+                   if not (name == "codebook" and self.layout.codebook_sha256))
 
     def extra_repr(self) -> str:
         lay = self.layout

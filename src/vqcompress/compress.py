@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .allocate import allocate, describe, sensitivities
-from .calibrate import Blocks, InputStatistics, capturing, find_blocks
+from .allocate import allocate, describe, has_levels, sensitivities
+from .calibrate import Blocks, InputStatistics, capturing, counting, find_blocks
 from .coded import CodedWeight
 from .io import load, save
 from .errors import VQCError
@@ -123,7 +123,7 @@ def _cut(jobs: list[Job], pieces: int) -> list[list[Job]]:
 def compress(model: nn.Module, method: str = "kmeans", bits: float | None = None,
              calibration: TrainingData | None = None, *, plan: Plan | None = None, seed: int = 0,
              progress: bool = True, finetune_steps: int = 0, lr: float = 1e-3,
-             assignments: str = "ste", checkpoint: str | os.PathLike | None = None, allocation: bool = True,
+             assignments: str | None = None, checkpoint: str | os.PathLike | None = None, allocation: bool = True,
              calibrate: bool | None = None, **options) -> nn.Module:
     """Replace the planned layers of ``model`` (in place) by coded layers; returns the model
     (a new object only when ``model`` is itself a single layer).
@@ -134,7 +134,8 @@ def compress(model: nn.Module, method: str = "kmeans", bits: float | None = None
     ``allocate`` gives each layer its share by measured sensitivity (``allocation=False``: every
     layer gets ``bits`` as its own ceiling, as without calibration). With ``finetune_steps`` too, the compressed model is
     then distilled from a copy of the original by the shared fine-tuning engine (methods that learn
-    assignments do so by ``assignments``: "ste" or "soft", see ``finetune``). Every layer's
+    assignments do so by ``assignments``: "ste", "soft" or "progressive", see ``finetune``; by default
+    the method's own way). Every layer's
     settings are resolved and checked before any work starts, so a bad budget or a bad weight
     fails in a second, not after minutes of work.
     """
@@ -145,10 +146,11 @@ def compress(model: nn.Module, method: str = "kmeans", bits: float | None = None
     if not jobs:
         raise VQCError("the plan selects no layer to compress")
     _check_training(jobs, calibration, finetune_steps)
+    assignments = assignments or getattr(jobs[0].method, "assignments", "ste")
     check_assignments(assignments)
     teacher = copy.deepcopy(model).eval() if finetune_steps else None
     calibrate = calibration is not None and (not finetune_steps if calibrate is None else calibrate)
-    if calibrate and bits is not None and allocation:
+    if calibrate and bits is not None and allocation and any(has_levels(job) for job in jobs):
         _allocate(model, jobs, calibration, bits, seed)
     bar = tqdm(total=len(jobs), desc=f"{method}", unit="layer", disable=not progress)
     checkpoint = Path(checkpoint) if checkpoint else None
@@ -172,7 +174,9 @@ def _allocate(model: nn.Module, jobs: list[Job], data: TrainingData, bits: float
     ``model.vqc_allocation``."""
     with capturing({job.name: job.module for job in jobs}) as collected, torch.no_grad():
         for i in range(data.calibration_batches):
-            data.task.forward(model, data.batch_at(i))
+            batch = data.batch_at(i)
+            with counting(data.task.positions(batch)):
+                data.task.forward(model, batch)
         statistics = collected()
     statistics = {job.name: _fitting_statistics(job, statistics.get(job.name)) for job in jobs}
     probe = [data.batch_at(0)]
@@ -246,13 +250,14 @@ def _fit_calibrated(model: nn.Module, jobs: list[Job], data: TrainingData, seed:
 
     def run_model() -> None:
         for batch in batches:
-            data.task.forward(model, batch)
+            with counting(data.task.positions(batch)):
+                data.task.forward(model, batch)
 
     found = find_blocks(model) if all(job.name for job in jobs) else None
     if found is None or any(job.settings.get("shared") for job in jobs):
         return fit_stage(jobs, run_model)
     before, per_block, after = _stages(model, jobs, found[0], len(found[1]))
-    blocks = Blocks(model, found[1], data.task.forward, batches)
+    blocks = Blocks(model, found[1], data.task.forward, batches, data.task.positions)
     model = fit_stage(before, blocks.first_inputs)
     inputs = blocks.first_inputs()  # the first block sees what the compressed layers before it give
     for index, stage in enumerate(per_block):

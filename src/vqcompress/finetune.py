@@ -8,7 +8,10 @@ through to it, and every ``reassign_every`` steps each sub-vector moves to its n
 until 80% of the steps; the last 20% tune the codebooks to that fixed assignment. With
 ``assignments="soft"`` the sub-vectors are instead soft mixtures of codewords (differentiable
 k-means) whose temperature anneals geometrically from ``SOFT_TEMPERATURES[0]`` to
-``SOFT_TEMPERATURES[1]``, and become their nearest codeword at 80% of the steps.
+``SOFT_TEMPERATURES[1]``, and become their nearest codeword at 80% of the steps. With
+``assignments="progressive"`` (VQ4ALL) each sub-vector learns logits over its nearest
+candidates, a one-hot regulariser is added to the loss, and sub-vectors are frozen as they
+become sure (``progressive``), all of them at 80% of the steps (a universal codebook never trains).
 
 Batches come from ``batch_at(step)``, a pure function of the step, so an interrupted run resumed
 from its checkpoint sees the same data and ends with the same weights as an uninterrupted one.
@@ -31,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from . import progressive
 from .atomic import write_atomically
 from .errors import VQCError
 from .layers import iter_coded
@@ -43,7 +47,12 @@ FREEZE_AT = 0.8
 #: layer's mean squared distance to the nearest codeword (1: a sub-vector midway between two
 #: codewords mixes them almost evenly; 0.01: practically the nearest one).
 SOFT_TEMPERATURES = (1.0, 0.01)
-ASSIGNMENTS = ("ste", "soft")
+#: Progressive assignments: weight of the one-hot regulariser, reached linearly at the freeze;
+#: candidates per sub-vector unless the layer's recipe says; steps between freezing passes.
+ONE_HOT_WEIGHT = 0.5
+CANDIDATES = 4
+FREEZE_EVERY = 10
+ASSIGNMENTS = ("ste", "soft", "progressive")
 
 
 @dataclass
@@ -52,6 +61,9 @@ class Task:
 
     forward: Callable[[nn.Module, Any], Tensor]
     loss: Callable[[Tensor, Tensor, Any], Tensor]
+    #: the (batch, sequence) positions of a batch that are real inputs (not padding), for
+    #: calibration statistics; None: all of them
+    positions: Callable[[Any], Tensor | None] = lambda batch: None
 
 
 @dataclass
@@ -87,7 +99,7 @@ def encoder_task() -> Task:
         pooled = [(x * mask).sum(1) / mask.sum(1) for x in (student, teacher)]
         return token_error / teacher.pow(2).mean() + (1 - F.cosine_similarity(*pooled, dim=-1)).mean()
 
-    return Task(forward=forward, loss=loss)
+    return Task(forward=forward, loss=loss, positions=lambda batch: batch["attention_mask"])
 
 
 def causal_lm_task(temperature: float = 1.0) -> Task:
@@ -185,6 +197,30 @@ def _anneal(codes: list, step: int, steps: int) -> None:
             code.temperature = None
 
 
+def _optimizer(student: nn.Module, lr: float, learning_choices: list) -> torch.optim.Adam:
+    """Adam over every trainable parameter at ``lr``; candidate logits at their own step size."""
+    logits = {id(code.assigner.logits) for code in learning_choices}
+    groups = [{"params": [p for p in student.parameters() if id(p) not in logits], "base_lr": lr}]
+    if logits:
+        groups.append({"params": [code.assigner.logits for code in learning_choices],
+                       "base_lr": progressive.LOGIT_LR})
+    return torch.optim.Adam([{**g, "lr": g["base_lr"]} for g in groups])
+
+
+def _freeze(coded: list, step: int, steps: int) -> dict[str, str]:
+    """Progressive freezing: every ``FREEZE_EVERY`` steps freeze the sure sub-vectors, from the
+    freeze point all of them; returns the progress: share frozen, layers hard, the least frozen."""
+    if step + 1 >= FREEZE_AT * steps or (step + 1) % FREEZE_EVERY == 0:
+        for _, layer in coded:
+            layer.weight_code.assigner.freeze(0.0 if step + 1 >= FREEZE_AT * steps else progressive.THRESHOLD)
+    shares = {name: layer.weight_code.assigner.frozen_share() for name, layer in coded}
+    sizes = {name: layer.weight_code.layout.rows * layer.weight_code.layout.segments for name, layer in coded}
+    least = min(shares, key=shares.get)
+    return {"frozen": f"{sum(shares[n] * sizes[n] for n in shares) / sum(sizes.values()):.0%}",
+            "hard": f"{sum(share == 1.0 for share in shares.values())}/{len(shares)}",
+            "least": f"{least} {shares[least]:.0%}"}
+
+
 def finetune(student: nn.Module, teacher: nn.Module, task: Task, batch_at: Callable[[int], Any], steps: int, *,
              lr: float = 1e-3, learn_assignments: bool = False, assignments: str = "ste", reassign_every: int = 25,
              checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 100,
@@ -201,37 +237,49 @@ def finetune(student: nn.Module, teacher: nn.Module, task: Task, batch_at: Calla
         raise VQCError(f"fine-tuning needs at least one step, got {steps}")
     check_assignments(assignments)
     soft = learn_assignments and assignments == "soft"
+    candidates = learn_assignments and assignments == "progressive"
     codes = [layer.weight_code for _, layer in coded]
     shared: dict[int, tuple] = {}  # a codebook held by several layers trains as one parameter
     for name, layer in coded:
-        layer.weight_code.start_training(_original_weight(teacher, name, layer) if learn_assignments else None, shared)
+        original = _original_weight(teacher, name, layer) if learn_assignments else None
+        code = layer.weight_code
+        code.start_training(None if candidates else original, shared)
+        if candidates:
+            progressive.attach(code, original, code.recipe.get("candidates", CANDIDATES))
     teacher.eval()
     student.eval().requires_grad_(True)
-    optimizer = torch.optim.Adam(student.parameters(), lr=lr)
+    optimizer = _optimizer(student, lr, codes if candidates else [])
     checkpoint = Path(checkpoint) if checkpoint else None
     start = _load_checkpoint(checkpoint, student, optimizer) if checkpoint and checkpoint.exists() else 0
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="fine-tune", unit="step", disable=not progress)
     with _deterministic_algorithms():
         for step in bar:
             for group in optimizer.param_groups:
-                group["lr"] = _learning_rate(lr, step, steps, warmup=max(1, steps // 20))
+                group["lr"] = _learning_rate(group["base_lr"], step, steps, warmup=max(1, steps // 20))
             if soft:
                 _anneal(codes, step, steps)
             batch = batch_at(step)
             with torch.no_grad():
                 target = task.forward(teacher, batch)
             loss = task.loss(task.forward(student, batch), target, batch)
+            if candidates and step < FREEZE_AT * steps:
+                for code in codes:
+                    code.assigner.anneal(step / (FREEZE_AT * steps))
+                weight = ONE_HOT_WEIGHT * step / (FREEZE_AT * steps)
+                loss = loss + weight * sum(code.assigner.regulariser() for code in codes) / len(codes)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            if learn_assignments and not soft and (step + 1) % reassign_every == 0 and step < FREEZE_AT * steps:
+            bar.set_postfix(loss=f"{loss.item():.4f}", **(_freeze(coded, step, steps) if candidates else {}))
+            if learn_assignments and assignments == "ste" and (step + 1) % reassign_every == 0 and step < FREEZE_AT * steps:
                 for code in codes:
                     code.reassign(code.latent)
             if checkpoint and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
                 _save_checkpoint(checkpoint, step + 1, student, optimizer)
     if soft:  # a run too short to reach the freeze still ends with hard codes
         _anneal(codes, steps, steps)
+    for code in codes if candidates else []:
+        progressive.detach(code)
     finished: dict[int, tuple] = {}  # the shared codebook parameter back to one stored tensor
     for code in codes:
         code.finish_training(finished)

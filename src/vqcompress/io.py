@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from . import __version__
+from . import __version__, universal
 from .atomic import write_atomically
 from .coded import CodedWeight, CodeLayout
 from .errors import VQCError
@@ -41,10 +41,20 @@ def payload_sha256(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def universal_codebooks(model: nn.Module) -> dict[str, str]:
+    """State-dict name of every universal codebook the model holds → its sha256 (stored apart)."""
+    return {f"{name}.weight_code.codebook": layer.weight_code.layout.codebook_sha256
+            for name, layer in iter_coded(model) if layer.weight_code.layout.codebook_sha256}
+
+
 def model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The state dict with each shared tensor kept once, and the aliases that point to it."""
+    """The state dict with each shared tensor kept once, and the aliases that point to it; a
+    universal codebook is left out (its file is its own)."""
     tensors, aliases, seen = {}, {}, {}
+    universal = universal_codebooks(model)
     for name, tensor in model.state_dict().items():
+        if name in universal:
+            continue
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
         if tensor.numel() and key in seen:
             aliases[name] = seen[key]
@@ -135,11 +145,32 @@ def _install_coded_layers(model: nn.Module, manifest: dict) -> None:
         model.set_submodule(name, coded_from_args(entry["type"], entry["args"], code, entry["bias"]))
 
 
-def load(path: str | os.PathLike, like: nn.Module | None = None, device: str = "cpu") -> nn.Module:
-    """Rebuild a compressed model: into ``like`` (modified in place) or from the recorded source."""
+def _universal_tables(model: nn.Module, folders: list[Path]) -> dict[str, torch.Tensor]:
+    """The table of every universal codebook the model's coded layers point at, found by hash in
+    ``folders`` and checked against each layer's layout; by state-dict name."""
+    found: dict[str, torch.Tensor] = {}
+    tables = {}
+    for name, sha256 in universal_codebooks(model).items():
+        if sha256 not in found:
+            found[sha256] = universal.table(universal.find(sha256, folders).sha256)
+        layout = model.get_submodule(name.rsplit(".", 1)[0]).layout
+        if found[sha256].shape[1:] != (layout.k, layout.dim):
+            raise VQCError(f"universal codebook {sha256[:12]}… is {found[sha256].shape[1]} × {found[sha256].shape[2]}, "
+                           f"but layer {name} needs k = {layout.k}, d = {layout.dim}")
+        tables[name] = found[sha256]
+    return tables
+
+
+def load(path: str | os.PathLike, like: nn.Module | None = None, device: str = "cpu",
+         codebooks: list[str | os.PathLike] = ()) -> nn.Module:
+    """Rebuild a compressed model: into ``like`` (modified in place) or from the recorded source.
+    Universal codebooks are looked up by hash beside the file, in ``codebooks`` (folders) and on
+    the search path (``universal.search_path``)."""
     tensors, manifest = read(path)
     model = skeleton(manifest["source"]) if like is None else like
     _install_coded_layers(model, manifest)
+    universal_tables = _universal_tables(model, [Path(path).parent, *map(Path, codebooks), *universal.search_path()])
+    tensors.update(universal_tables)
     for alias, original in manifest["aliases"].items():
         tensors[alias] = tensors[original]
     try:
@@ -151,7 +182,8 @@ def load(path: str | os.PathLike, like: nn.Module | None = None, device: str = "
         what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
         raise VQCError(f"the file does not fit the model ({what}): is it the same architecture?")
     model = model.to(device).eval()
-    _tie_shared_buffers(model, manifest["aliases"])  # after the move, which copies each layer's buffers apart
+    universal_aliases = {name: next(n for n, t in universal_tables.items() if t is table) for name, table in universal_tables.items()}
+    _tie_shared_buffers(model, {**manifest["aliases"], **universal_aliases})  # after the move, which copies buffers apart
     return model
 
 

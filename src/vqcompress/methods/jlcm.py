@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from ..calibrate import InputStatistics
+from ..codebook import nearest_candidates
 from ..coded import CodedWeight, CodeLayout
 from ..errors import VQCError
 from . import register, reject_unknown
@@ -138,23 +139,6 @@ class _Mixture(torch.autograd.Function):
         return grad_logits, p[..., None] * grad[..., None, :], None, None
 
 
-def _nearest(points: Tensor, weights: Tensor, codebook: Tensor, group_of_row: Tensor, n: int,
-             chunk: int = 1 << 24) -> tuple[Tensor, Tensor]:
-    """Each sub-vector's ``n`` nearest codewords under its weighted distance, and how much farther
-    each is than the nearest; rows in chunks of about ``chunk`` distances (memory stays small)."""
-    step = max(1, chunk // (points.shape[1] * codebook.shape[1]))
-    indices, gaps = [], []
-    with torch.no_grad():
-        for start in range(0, len(points), step):
-            p, w = points[start:start + step], weights[start:start + step]
-            books = codebook[group_of_row[start:start + step]]  # (rows, k, d)
-            distance = torch.einsum("rsd,rkd->rsk", w, books.square()) - 2 * torch.einsum("rsd,rkd->rsk", w * p, books)
-            nearest = distance.topk(n, dim=-1, largest=False)
-            indices.append(nearest.indices)
-            gaps.append(nearest.values - nearest.values[..., :1])
-    return torch.cat(indices), torch.cat(gaps)
-
-
 def learn(rows: Tensor, stats: InputStatistics, layout: CodeLayout, codebook: Tensor, scale: Tensor | None,
           settings: dict) -> tuple[Tensor, Tensor, Tensor | None]:
     """Jointly learn codebooks, scales and mappings on the output error; returns (codes, codebook,
@@ -165,7 +149,8 @@ def learn(rows: Tensor, stats: InputStatistics, layout: CodeLayout, codebook: Te
     group_of_row = torch.arange(layout.rows, device=rows.device) // per_group
     points = (rows / unit).reshape(layout.rows, layout.segments, dim)
     weights = (stats.importance().expand_as(rows) * unit.square()).reshape(layout.rows, layout.segments, dim)
-    candidates, gaps = _nearest(points, weights, codebook, group_of_row, n)  # (rows, segments, n) each
+    candidates, distances = nearest_candidates(points, weights, codebook, group_of_row, n)  # (rows, segments, n) each
+    gaps = distances - distances[..., :1]
     logits = -gaps / gaps.mean().clamp_min(1e-20)
     codebook = codebook.clone().requires_grad_(True)
     logits = logits.requires_grad_(True)

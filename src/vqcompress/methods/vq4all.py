@@ -1,0 +1,84 @@
+"""``vq4all``: every layer coded with one universal codebook, shared by every network.
+
+The codebook is a file of its own (``universal.py``: built once by kernel density estimation
+over many networks, identified by its sha256); a layer stores only its packed indices and one
+fp16 scale per row, so the cost is log2(k)/d + 16/inputs bits per weight whatever the budget
+(``--bits`` is only checked against it). Fitting: each row over its RMS, nearest codeword under
+the input-weighted distance, then ``SCALE_ROUNDS`` rounds of per-row least-squares scale and
+reassignment. With training data and fine-tuning steps the assignments are then learned among
+each sub-vector's nearest ``candidates`` by distillation with progressive freezing
+(``progressive.py``); the codebook never changes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .. import universal
+from ..calibrate import InputStatistics
+from ..coded import CodedWeight, CodeLayout
+from ..errors import VQCError
+from . import register, reject_unknown
+
+OPTIONS = {"codebook", "candidates"}
+SCALE_ROUNDS = 2
+
+
+class VQ4All:
+    name = "vq4all"
+    learns_assignments = True  # progressively, when fine-tuned
+    needs_training = False  # without training data: the nearest codeword under the fitted scales
+    assignments = "progressive"
+
+    def settings(self, shape: tuple[int, ...], bits: float | None, options: dict) -> dict:
+        reject_unknown(options, OPTIONS, self.name)
+        if not options.get("codebook"):
+            raise VQCError("vq4all needs a universal codebook: --codebook FILE (make one with `vqc codebook build`)")
+        book = universal.open_codebook(options["codebook"])
+        cols = math.prod(shape[1:])
+        if cols % book.dim:
+            raise VQCError(f"the universal codebook's sub-vector length d = {book.dim} does not divide the {cols} "
+                           f"inputs of shape {tuple(shape)}: leave the layer dense (--skip) or use a codebook of another d")
+        cost = math.log2(book.k) / book.dim + 16 / cols
+        if bits is not None and bits + 1e-9 < cost:
+            raise VQCError(f"the universal codebook (k = {book.k}, d = {book.dim}) costs {cost:.3f} bits per weight on "
+                           f"shape {tuple(shape)} (indices and row scales); --bits {bits} is below that")
+        candidates = int(options.get("candidates", 4))
+        if candidates < 1:
+            raise VQCError(f"vq4all candidates must be ≥ 1, got {candidates}")
+        return {"codebook": book.sha256, "candidates": min(candidates, book.k)}
+
+    def layout(self, shape: tuple[int, ...], settings: dict) -> CodeLayout:
+        _, k, dim = universal.table(settings["codebook"]).shape
+        layout = CodeLayout(tuple(shape), k=k, dim=dim, scale_group=math.prod(shape[1:]),
+                            codebook_sha256=settings["codebook"])
+        layout.validate()
+        return layout
+
+    def fit(self, weight: Tensor, settings: dict, seed: int, inputs: InputStatistics | None = None) -> CodedWeight:
+        layout = self.layout(tuple(weight.shape), settings)
+        matrix = weight.reshape(layout.rows, layout.cols).float()
+        importance = (torch.ones(1, layout.cols) if inputs is None else inputs.importance().cpu()).to(matrix)
+        _, rms = universal.row_normalised(matrix)
+        unassigned = torch.zeros(layout.rows, layout.segments, dtype=torch.int64)
+        code = CodedWeight.encode(layout, universal.table(settings["codebook"]), unassigned, rms)
+        code.reassign(matrix, importance)
+        for _ in range(SCALE_ROUNDS):
+            code.scale = _least_squares_scale(code, matrix, importance).to(code.scale.dtype)
+            code.reassign(matrix, importance)
+        return code
+
+
+def _least_squares_scale(code: CodedWeight, matrix: Tensor, importance: Tensor) -> Tensor:
+    """Each row's scale s minimising Σ_j g_j (w_j − s c_j)² for its current codewords c (g the
+    input energy): s = Σ g w c / Σ g c²; a row of zero codewords keeps its scale."""
+    words = code.decode().reshape(matrix.shape) / code.scale.float()
+    numerator = (importance * matrix * words).sum(1, keepdim=True)
+    denominator = (importance * words.square()).sum(1, keepdim=True)
+    return torch.where(denominator > 0, numerator / denominator.clamp_min(1e-30), code.scale.float()).clamp_min(2**-24)
+
+
+register(VQ4All())
