@@ -14,6 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULT = ROOT / "benchmarks" / "results" / "minilm.json"
 FASHION = ROOT / "benchmarks" / "results" / "fashion.json"
+UNIVERSAL = ROOT / "benchmarks" / "results" / "universal.json"
 FASHION_TARGETS = {"≤ 1.6": 0.5, "≤ 1.0": 1.5}  # points of accuracy a budget may lose against fp32
 DOCS = ROOT / "docs"
 PLOT = "minilm_rate_distortion.png"
@@ -259,6 +260,60 @@ def rows_machines(rows: list[dict]) -> str:
     return "; ".join(sorted(seen))
 
 
+def quality(row: dict) -> str:
+    """A row's quality against its own fp32, in the network's own terms."""
+    dense, ours = row["fp32"], row["compressed"]
+    if "perplexity" in ours:
+        return f"perplexity {ours['perplexity']:.1f} vs {dense['perplexity']:.2f} ({ours['perplexity'] / dense['perplexity']:.2f}×)"
+    if "accuracy" in ours:
+        return f"accuracy {ours['accuracy']:.2f}% vs {dense['accuracy']:.2f}%"
+    ratios = " / ".join(f"{100 * ours[m] / dense[m]:.1f}%" for m in SPEARMAN)
+    return f"Spearman {ratios} of fp32; cosine {ours['cosine']:.3f}"
+
+
+def universal_markdown(result: dict) -> list[str]:
+    """The VQ4ALL section: codebooks, every network with a seen and an unseen codebook, the ROM table."""
+    books, rows = result["codebooks"], result["rows"]
+    lines = ["## vq4all: one universal codebook for MiniLM, Gemma-270M and fashion-cnn", "",
+             "Generated from `benchmarks/results/universal.json` (`.venv/bin/python -m benchmarks.universal`). "
+             "Codebooks: d = 4, k = 256 (2 bits per weight of indices), 4,096 row-normalised sub-vectors from every "
+             "layer of the source networks, Gaussian KDE (Scott), codewords at the density's Lloyd centroids.", "",
+             "| codebook | built from | sha256 | bytes |", "|---|---|---|--:|"]
+    lines += [f"| {label} | {', '.join(b['sources'])} | `{b['sha256'][:12]}…` | {b['bytes']:,} |" for label, b in books.items()]
+    lines += ["", "Each network with the codebook built from all three and with the one built without it (its weights "
+              "unseen); `nearest` is the calibrated fit alone (nearest codeword under the input-weighted distance, "
+              "least-squares row scales), `progressive` adds distillation with learned candidate assignments and "
+              "progressive freezing (steps in brackets); `per-layer kmeans` is the first issue's method at the same "
+              "d, k and row scales, each layer with its own codebook. Bits per weight are the whole model's as the "
+              "file stores it, the universal codebook excluded (it is shared); the next column adds it once, "
+              "amortised over the three networks.", "",
+              "| network | codebook | assignment | bits/w (whole model) | with codebook / 3 | quality | seconds |",
+              "|---|---|---|--:|--:|---|--:|"]
+    for row in sorted(rows, key=lambda r: (r["network"], r["codebook"], r["assignment"])):
+        parameters = row["total_bytes"] * 8 / row["model_bits_per_weight"]
+        shared = row["universal_bytes"] * 8 / 3 / parameters
+        steps = f" ({row['steps']})" if row["steps"] else ""
+        lines.append(f"| {row['network']} | {row['codebook']} | {row['assignment']}{steps} | "
+                     f"{row['model_bits_per_weight']:.3f} | {row['model_bits_per_weight'] + shared:.3f} | {quality(row)} | "
+                     f"{row['seconds']:.0f} |")
+    stored = [r for r in rows if r["codebook"] == "all three" and r["assignment"] == "nearest"]
+    if stored:
+        book = books["all three"]["bytes"]
+        lines += ["", "### The ROM claim: total bytes for 1, 2 and 3 models", "",
+                  "Each model's bytes as its .vqc file stores them (indices, scales, everything left dense), plus "
+                  "either one universal codebook file for all of them, or each layer's own fp16 codebook "
+                  "(k × d × 2 bytes per coded layer, as `kmeans` stores it at the same d and k).", "",
+                  "| models | with the universal codebook | with per-layer codebooks | codebook bytes: universal vs per-layer |",
+                  "|---|--:|--:|--:|"]
+        for n in range(1, len(stored) + 1):
+            chosen = stored[:n]
+            models = sum(r["total_bytes"] for r in chosen)
+            per_layer = sum(r["per_layer_codebook_bytes"] for r in chosen)
+            lines.append(f"| {', '.join(r['network'] for r in chosen)} | {models + book:,.0f} | {models + per_layer:,.0f} | "
+                         f"{book:,} vs {per_layer:,} |")
+    return lines + [""]
+
+
 def markdown(result: dict) -> str:
     rows = result["rows"]
     lines = [
@@ -278,6 +333,8 @@ def markdown(result: dict) -> str:
     ]
     if FASHION.exists():
         lines += fashion_markdown(json.loads(FASHION.read_text()))
+    if UNIVERSAL.exists():
+        lines += universal_markdown(json.loads(UNIVERSAL.read_text()))
     return "\n".join(lines)
 
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertModel
 
-from vqcompress.calibrate import Blocks, InputStatistics, capturing, find_blocks
+from vqcompress.calibrate import Blocks, InputStatistics, capturing, counting, find_blocks
 
 
 def _captured(module: nn.Module, *inputs: torch.Tensor) -> InputStatistics:
@@ -85,3 +85,17 @@ def test_blocks_run_one_at_a_time_give_the_model_output(bert):
 
 def test_a_model_without_repeated_blocks_has_none():
     assert find_blocks(nn.Sequential(nn.Linear(2, 2), nn.ReLU())) is None
+
+
+def test_padding_positions_do_not_count():
+    """A padded batch's statistics are those of its real tokens alone."""
+    torch.manual_seed(0)
+    layer, embed = nn.Linear(8, 4), nn.Embedding(10, 8)
+    ids = torch.tensor([[1, 2, 3, 0], [4, 5, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    with capturing({"embed": embed, "layer": layer}) as collected, counting(mask), torch.no_grad():
+        layer(embed(ids))
+    stats = collected()
+    real = embed.weight[torch.tensor([1, 2, 3, 4, 5])].detach()
+    assert torch.allclose(stats["layer"].gram, real.T @ real / 5, atol=1e-6)
+    assert stats["embed"].row_weight[0] == 0 and torch.allclose(stats["embed"].row_weight[1:6], torch.full((5,), 0.2))

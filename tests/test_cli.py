@@ -131,3 +131,22 @@ def test_untrained_zoo_model_is_not_a_silent_multi_minute_surprise(tmp_path, mon
     corrupt.parent.mkdir()
     corrupt.write_bytes(b"not a checkpoint")
     assert_clean_failure(vqc_cli("compress", "fashion-vit", "--bits", "1", "-o", str(tmp_path / "v.vqc")), "corrupt")
+
+
+def test_codebook_build_inspect_and_vq4all_errors(tmp_path):
+    """A universal codebook from the bundled MiniLM: built, inspected, drawn; a corrupt one refused."""
+    book = tmp_path / "u.vqcb"
+    built = vqc_cli("codebook", "build", "minilm", "-o", str(book), "--samples", "256", "--k", "64")
+    assert built.returncode == 0, built.stderr
+    shown = vqc_cli("codebook", "inspect", str(book), "--json", "--png", str(tmp_path / "u.png"))
+    info = json.loads(shown.stdout[:shown.stdout.rindex("}") + 1])
+    assert info["k"] == 64 and info["dim"] == 4 and info["sources"][0]["model"] == "minilm"
+    assert (tmp_path / "u.png").read_bytes()[:4] == b"\x89PNG"
+    (tmp_path / "bad.vqcb").write_bytes(book.read_bytes()[:50])
+    assert_clean_failure(vqc_cli("codebook", "inspect", str(tmp_path / "bad.vqcb")), "not a readable codebook")
+    out = tmp_path / "m.vqc"
+    assert_clean_failure(vqc_cli("compress", "minilm", "-o", str(out), "--method", "vq4all", "--codebook",
+                                 str(tmp_path / "bad.vqcb")), "not a readable codebook")
+    assert_clean_failure(vqc_cli("compress", "minilm", "-o", str(out), "--method", "vq4all", "--codebook", str(book),
+                                 "--bits", "1"), "below that")
+    assert not out.exists()

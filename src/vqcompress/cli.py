@@ -23,6 +23,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Make neural networks many times smaller with codebooks, and run them.")
 
 DEMO_OUTPUT = Path("out/minilm-2bit.vqc")
+CODEBOOKS_HELP = "a folder holding universal codebooks (repeatable; also searched: beside the file, $VQC_CODEBOOKS)"
 
 
 def _device(name: str) -> str:
@@ -57,7 +58,8 @@ def _settings_summary(model) -> list[str]:
 def compress(
     model: str = typer.Argument(..., help="bundled model (minilm), zoo model (fashion-cnn, fashion-vit) or a transformers model folder"),
     output: Path = typer.Option(..., "-o", "--output", help="the .vqc file to write"),
-    method: str = typer.Option("kmeans", help="rtn, kmeans, vqdnn or jlcm"),
+    method: str = typer.Option("kmeans", help="rtn, kmeans, vqdnn, jlcm or vq4all"),
+    codebook: Optional[Path] = typer.Option(None, help="vq4all: the universal codebook file (.vqcb)"),
     bits: Optional[float] = typer.Option(None, help="bit budget per weight; picks the method's settings"),
     dim: Optional[int] = typer.Option(None, help="kmeans: sub-vector length d (overrides the budget's)"),
     k: Optional[int] = typer.Option(None, help="kmeans: codewords per codebook (overrides the budget's)"),
@@ -79,8 +81,10 @@ def compress(
     include: list[str] = typer.Option([], help="regex of layer names to code even when small (repeatable)"),
     finetune_steps: int = typer.Option(0, help="distil from the original for N steps on the model's training data"),
     lr: float = typer.Option(1e-3, help="fine-tuning learning rate"),
-    assignments: str = typer.Option("ste", help="vqdnn: how assignments train: 'ste' (straight-through, periodic "
-                                                "nearest-codeword refresh) or 'soft' (annealed temperature)"),
+    assignments: Optional[str] = typer.Option(None, help="how fine-tuning learns assignments: 'ste' (straight-through, "
+                                                         "periodic nearest-codeword refresh), 'soft' (annealed "
+                                                         "temperature) or 'progressive' (candidates frozen as they "
+                                                         "become sure); default: the method's own"),
     seed: int = typer.Option(0, help="seed: same inputs and seed, same file"),
     device: str = typer.Option("cpu", help="cpu, or cuda when present"),
     json_out: bool = typer.Option(False, "--json", help="print a JSON result instead of the table"),
@@ -96,11 +100,12 @@ def compress(
     started = time.perf_counter()
     options = {key: value for key, value in
                {"dim": dim, "k": k, "scale": scale, "groups": groups, "group_size": group_size,
-                "shared": shared_codebooks}.items() if value is not None} | _key_values(option)
+                "shared": shared_codebooks, "codebook": codebook and str(codebook)}.items() if value is not None} \
+        | _key_values(option)
     plan = Plan(by_name={**{pattern: {} for pattern in include}, **{pattern: None for pattern in skip}})
     _say(f"loading {model} …", quiet)
     dense, source = load_model(model, seed)
-    calibrate = bool(calib or calib_samples or method == "jlcm")
+    calibrate = bool(calib or calib_samples or method in ("jlcm", "vq4all"))
     calibration = training_data(source.to_json(), seed, calib, calib_samples) if calibrate or finetune_steps else None
     checkpoint = output.with_name(f".{output.name}.partial")  # work so far, resumed from if found
     compressed = compress_model(dense.to(device), method, bits, calibration, plan=plan, seed=seed, progress=not quiet,
@@ -151,25 +156,27 @@ def evaluate(
     suite: Optional[str] = typer.Option(None, help="quality suite (default: the one for the file's source model)"),
     device: str = typer.Option("cpu", help="cpu, or cuda when present"),
     json_out: bool = typer.Option(False, "--json", help="print JSON"),
+    codebooks: list[Path] = typer.Option([], help=CODEBOOKS_HELP),
 ) -> None:
     """Quality of a compressed model against its uncompressed source, on real data."""
     from .io import load
     from .suites import run_suite
 
     device = _device(device)
-    model = load(file, device=device)
+    model = load(file, device=device, codebooks=codebooks)
     figures = run_suite(suite, model, model.vqc_source.to_json(), device)
     typer.echo(json.dumps(figures, indent=1) if json_out else figures.pop("table"))
 
 
 @app.command()
-def decompress(file: Path, output: Path = typer.Option(..., "-o", "--output", help="folder to write")) -> None:
+def decompress(file: Path, output: Path = typer.Option(..., "-o", "--output", help="folder to write"),
+               codebooks: list[Path] = typer.Option([], help="folder holding universal codebooks (repeatable)")) -> None:
     """Write a plain model folder (dense safetensors + config) that transformers loads."""
     from .io import load
     from .layers import densify
     from .models import model_folder
 
-    model = densify(load(file))
+    model = densify(load(file, codebooks=codebooks))
     if output.exists() and any(output.iterdir()):
         raise VQCError(f"{output} exists and is not empty; choose a new folder")
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent if output.parent.exists() else None))
@@ -197,8 +204,8 @@ def demo(output: Path = typer.Option(DEMO_OUTPUT, "-o", "--output"), device: str
     """The main job on the bundled MiniLM: jlcm at 2.1 bits per weight for the whole model
     (calibrated on Lee background sentences, about 2 minutes), bit report, quality."""
     compress("minilm", output, method="jlcm", bits=2.1, dim=None, k=None, scale=None, groups=None,
-             group_size=None, shared_codebooks=None, option=[], calib=None, calib_samples=None, per_layer_bits=False,
-             skip=[], include=[], finetune_steps=0, lr=1e-3, assignments="ste", seed=0, device=device,
+             group_size=None, shared_codebooks=None, codebook=None, option=[], calib=None, calib_samples=None, per_layer_bits=False,
+             skip=[], include=[], finetune_steps=0, lr=1e-3, assignments=None, seed=0, device=device,
              json_out=False, quiet=False)
     typer.echo("")
     evaluate(output, suite="minilm", device=device, json_out=False)
@@ -217,6 +224,70 @@ def zoo_train(name: str, seed: int = typer.Option(0, help="training seed: same s
     info = json.loads(path.with_suffix(".json").read_text())
     typer.echo(f"{name}: test accuracy {100 * info['test_accuracy']:.2f}% after {info['epochs']} epochs "
                f"in {info['seconds']:.0f} s; cached at {path}")
+
+
+books = typer.Typer(help="Universal codebooks (VQ4ALL): one codebook for every layer of many networks.",
+                    no_args_is_help=True)
+app.add_typer(books, name="codebook")
+
+
+@books.command("build")
+def codebook_build(
+    models: list[str] = typer.Argument(..., help="source models: bundled names, zoo names or model folders"),
+    output: Path = typer.Option(..., "-o", "--output", help="the .vqcb file to write"),
+    dim: int = typer.Option(4, help="sub-vector length d"),
+    k: int = typer.Option(256, help="codewords (2 bits per weight of indices at d = 4, k = 256)"),
+    samples: int = typer.Option(4096, help="normalised sub-vectors drawn from every layer"),
+    bandwidth: str = typer.Option("scott", help="kernel bandwidth rule: scott or silverman"),
+    placement: str = typer.Option("lloyd", help="codewords at the density's Lloyd centroids, or 'sample'd from it"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Extract a universal codebook from source models by kernel density estimation."""
+    from . import universal
+    from .models import load_model
+
+    sources = {}
+    for name in models:
+        _say(f"loading {name} …")
+        sources[name] = load_model(name, seed)[0]
+    book = universal.save_codebook(universal.build(sources, dim, k, samples, bandwidth, placement, seed), output)
+    typer.echo(f"wrote {output}: {book.describe()}, sha256 {book.sha256}, {output.stat().st_size:,} bytes")
+    for source in book.info["sources"]:
+        skipped = f" ({len(source['skipped'])} skipped: d does not divide their inputs)" if source["skipped"] else ""
+        typer.echo(f"  {source['model']}: {source['layers']} layers × {samples} sub-vectors{skipped}")
+
+
+@books.command("inspect")
+def codebook_inspect(
+    file: Path,
+    png: Optional[Path] = typer.Option(None, help="also draw the codewords (2-D projection) to this PNG"),
+    over: Optional[str] = typer.Option(None, help="with --png: draw them over this model's weight density"),
+    json_out: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """Size, identity and sources of a universal codebook; optionally a picture of it."""
+    from . import universal
+
+    book = universal.load_codebook(file)
+    if json_out:
+        typer.echo(json.dumps({"sha256": book.sha256, "bytes": file.stat().st_size, **book.info}, indent=1))
+    else:
+        typer.echo(f"{book.describe()}\nsha256  : {book.sha256}\nsize    : {file.stat().st_size:,} bytes "
+                   f"({book.k} × {book.dim} fp16 codewords)")
+        for source in book.info["sources"]:
+            typer.echo(f"source  : {source['model']} ({source['layers']} layers)")
+        typer.echo(f"density : Gaussian KDE, {book.info['bandwidth']} bandwidth, {book.info['samples_per_layer']} "
+                   f"samples per layer, codewords by {book.info['placement']}")
+    if png is not None:
+        points = None
+        if over is not None:
+            import torch
+
+            from .models import load_model
+
+            layers = universal.source_layers(load_model(over)[0], book.dim)[0]
+            points = universal.sample_subvectors([w for _, w in layers], book.dim, 2000, torch.Generator().manual_seed(0))
+        universal.plot(book, png, points)
+        typer.echo(f"wrote {png}")
 
 
 def main() -> None:

@@ -54,6 +54,11 @@ class Report:
     parameters: int  # every weight the model represents, coded or dense
     file_bytes: int | None = None
     aliases: dict[str, str] = field(default_factory=dict)
+    universal: dict[str, int] = field(default_factory=dict)  # sha256 → bits of each universal codebook used
+
+    def bits_per_weight_sharing(self, models: int) -> float:
+        """Whole-model bits per weight with the universal codebooks' bits shared by ``models`` models."""
+        return (self.total_bits + sum(self.universal.values()) / models) / max(1, self.parameters)
 
     @property
     def coded_bits(self) -> int:
@@ -85,6 +90,8 @@ class Report:
             "model_bits_per_weight": self.model_bits_per_weight,
             "total_bytes": self.total_bits / 8, "file_bytes": self.file_bytes,
             "ratio_vs_fp32": 32 / self.model_bits_per_weight, "ratio_vs_fp16": 16 / self.model_bits_per_weight,
+            "universal_codebooks": {sha: bits / 8 for sha, bits in self.universal.items()},
+            "model_bits_per_weight_with_codebooks": self.bits_per_weight_sharing(1),
         }
 
     def _dense_patterns(self) -> dict[str, int]:
@@ -105,6 +112,9 @@ class Report:
             f"{self.model_bits_per_weight:.3f} bits/weight, {32 / self.model_bits_per_weight:.1f}× smaller than fp32, "
             f"{16 / self.model_bits_per_weight:.1f}× smaller than fp16",
         ]
+        for sha, bits in self.universal.items():
+            lines.append(f"universal    : codebook {sha[:12]}… ({bits // 8:,} bytes) stored apart and shared, not counted "
+                         f"above; with it counted for this model alone: {self.bits_per_weight_sharing(1):.3f} bits/weight")
         if self.file_bytes is not None:
             lines.append(f"file         : {self.file_bytes:,} bytes ({self.file_bytes * 8 / self.parameters:.3f} bits/weight "
                          "with the container's header)")
@@ -121,16 +131,18 @@ def _build(manifest: dict, shapes: dict[str, tuple[str, tuple[int, ...]]], file_
         dtype, shape = shapes[name]
         return DTYPE_BITS[dtype] * math.prod(shape)
 
-    coded, owned = [], set()
+    coded, owned, universal = [], set(), {}
     for name, entry in manifest["layers"].items():
         parts = [t for t in shapes if t.startswith(name + CODE_PART)]
         owned.update(parts)
         lay = entry["layout"]
+        if lay.get("codebook_sha256"):
+            universal[lay["codebook_sha256"]] = 16 * lay["k"] * lay["dim"]  # fp16 codewords
         coded.append(CodedRow(name, entry["recipe"].get("method", "?"), tuple(lay["shape"]), lay["k"], lay["dim"],
                               math.prod(lay["shape"]), sum(bits(t) for t in parts)))
     dense = [DenseRow(n, shapes[n][1], shapes[n][0], bits(n)) for n in sorted(shapes) if n not in owned]
     parameters = sum(r.weights for r in coded) + sum(math.prod(r.shape) for r in dense if r.dtype in FLOAT_DTYPES)
-    return Report(coded, dense, parameters, file_bytes, manifest.get("aliases", {}))
+    return Report(coded, dense, parameters, file_bytes, manifest.get("aliases", {}), universal)
 
 
 def _safetensors_dtype(dtype: torch.dtype) -> str:

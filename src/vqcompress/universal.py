@@ -111,19 +111,24 @@ def extract(samples: Tensor, k: int, bandwidth: str = "scott", placement: str = 
 def build(models: dict[str, nn.Module], dim: int, k: int, per_layer: int = 4096, bandwidth: str = "scott",
           placement: str = "lloyd", seed: int = 0) -> UniversalCodebook:
     """Extract a universal codebook from named source ``models`` (see the module docstring)."""
+    return build_from_layers({name: source_layers(model, dim) for name, model in models.items()}, dim, k, per_layer,
+                             bandwidth, placement, seed)
+
+
+def build_from_layers(layers: dict[str, tuple[list[tuple[str, Tensor]], list[str]]], dim: int, k: int,
+                      per_layer: int = 4096, bandwidth: str = "scott", placement: str = "lloyd",
+                      seed: int = 0) -> UniversalCodebook:
+    """``build`` from each source model's ``source_layers`` (so that several codebooks can be built
+    from models loaded once)."""
     if dim < 1 or not 2 <= k <= 1 << 16 or per_layer < 1:
         raise VQCError(f"a universal codebook needs d ≥ 1, 2 ≤ k ≤ 65536 and ≥ 1 sample per layer; got d = {dim}, "
                        f"k = {k}, {per_layer} samples")
-    generator = torch.Generator().manual_seed(seed)
-    weights, sources = [], []
-    for name, model in models.items():
-        used, skipped = source_layers(model, dim)
-        weights += [w for _, w in used]
-        sources.append({"model": name, "layers": len(used), "skipped": skipped})
+    weights = [weight for used, _ in layers.values() for _, weight in used]
     if len(weights) * per_layer < k:
         raise VQCError(f"{len(weights)} source layers × {per_layer} samples cannot place {k} codewords")
-    samples = sample_subvectors(weights, dim, per_layer, generator)
+    samples = sample_subvectors(weights, dim, per_layer, torch.Generator().manual_seed(seed))
     codewords = extract(samples, k, bandwidth, placement, seed)
+    sources = [{"model": name, "layers": len(used), "skipped": skipped} for name, (used, skipped) in layers.items()]
     info = {"format": FORMAT, "format_version": FORMAT_VERSION, "dim": dim, "k": k, "sources": sources,
             "samples_per_layer": per_layer, "bandwidth": bandwidth, "placement": placement, "seed": seed,
             "normalisation": "row-rms"}
