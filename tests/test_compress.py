@@ -206,3 +206,49 @@ def test_an_interrupted_calibrated_compression_resumes_to_the_same_file(tmp_path
                            checkpoint=checkpoint)
     assert not checkpoint.exists()
     assert vqc.save(resumed, tmp_path / "resumed.vqc").read_bytes() == whole.read_bytes()
+
+
+class _ScaledEmbedding(nn.Embedding):
+    """Like Gemma's word embedding: rows times a scale the model computes (not stored)."""
+
+    def __init__(self, num: int, dim: int) -> None:
+        super().__init__(num, dim)
+        self.register_buffer("embed_scale", torch.tensor(dim**0.5), persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids) * self.embed_scale
+
+
+class _TiedLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = _ScaledEmbedding(512, 64)
+        self.mix = nn.Linear(64, 64)
+        self.head = nn.Linear(64, 512, bias=False)
+        self.head.weight = self.embed.weight  # tied
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.mix(self.embed(ids))))
+
+
+def test_tied_scaled_embedding_is_coded_once_and_keeps_its_scale(tmp_path):
+    from vqcompress.layers import densify
+
+    torch.manual_seed(0)
+    model = _TiedLM().eval()
+    ids = torch.randint(0, 512, (3, 7))
+    dense_out = model(ids)
+    compressed = vqc.compress(model, "kmeans", bits=4, progress=False)
+    assert compressed.embed.weight_code is compressed.head.weight_code
+    assert float(compressed.embed.embed_scale) == pytest.approx(8.0)
+    error = (compressed(ids) - dense_out).square().mean() / dense_out.square().mean()
+    assert error < 0.1  # 4-bit codes: close to the dense output, scale included
+    in_memory = vqc.report(compressed)
+    assert [row.name for row in in_memory.coded] == ["embed", "mix"]
+    assert in_memory.parameters == 512 * 64 + 64 * 64 + 64
+    path = vqc.save(compressed, tmp_path / "tied.vqc")
+    assert vqc.report(path).total_bits == in_memory.total_bits
+    torch.manual_seed(1)
+    loaded = vqc.load(path, like=_TiedLM().eval())
+    assert torch.allclose(loaded(ids), compressed(ids), atol=1e-5)
+    assert torch.allclose(densify(loaded)(ids), compressed(ids), atol=1e-5)

@@ -145,6 +145,7 @@ def compress(model: nn.Module, method: str = "kmeans", bits: float | None = None
             (plan or Plan()).resolve(model, {"method": method, "bits": bits, **options})]
     if not jobs:
         raise VQCError("the plan selects no layer to compress")
+    jobs, followers = _untie(jobs)
     _check_training(jobs, calibration, finetune_steps)
     assignments = assignments or getattr(jobs[0].method, "assignments", "ste")
     check_assignments(assignments)
@@ -155,9 +156,9 @@ def compress(model: nn.Module, method: str = "kmeans", bits: float | None = None
     bar = tqdm(total=len(jobs), desc=f"{method}", unit="layer", disable=not progress)
     checkpoint = Path(checkpoint) if checkpoint else None
     if not calibrate:
-        model = _fit_runs(model, shared_runs(jobs), seed, bar)
+        model = _fit_runs(model, shared_runs(jobs), seed, bar, followers=followers)
     else:
-        model = _fit_calibrated(model, jobs, calibration, seed, bar, checkpoint)
+        model = _fit_calibrated(model, jobs, calibration, seed, bar, checkpoint, followers)
     bar.close()
     if finetune_steps:
         finetune(model, teacher, calibration.task, calibration.batch_at, finetune_steps, lr=lr,
@@ -192,9 +193,24 @@ def _allocate(model: nn.Module, jobs: list[Job], data: TrainingData, bits: float
     model.vqc_allocation = describe(jobs, chosen)
 
 
+def _untie(jobs: list[Job]) -> tuple[list[Job], dict[str, list[Job]]]:
+    """Jobs whose layer holds the same weight tensor as an earlier one (a tied word embedding and
+    output layer) follow that one: fitted once, one coded weight for both, stored once.
+    Returns the jobs to fit and, by name, the followers of each."""
+    first: dict[int, Job] = {}
+    followers: dict[str, list[Job]] = {}
+    for job in jobs:
+        leader = first.setdefault(id(job.module.weight), job)
+        if leader is not job:
+            followers.setdefault(leader.name, []).append(job)
+    return [job for job in jobs if first[id(job.module.weight)] is job], followers
+
+
 def _fit_runs(model: nn.Module, runs: list[list[Job]], seed: int, bar: tqdm,
-              statistics: dict[str, InputStatistics] | None = None) -> nn.Module:
-    """Fit each run of layers and swap the coded layers into ``model``."""
+              statistics: dict[str, InputStatistics] | None = None,
+              followers: dict[str, list[Job]] | None = None) -> nn.Module:
+    """Fit each run of layers and swap the coded layers into ``model`` (each job's followers get
+    the very same coded weight)."""
     for run in runs:
         codes = [code.to(run[0].module.weight.device) for code in fit_run(run, seed, statistics)]
         if run[0].settings.get("shared"):  # moved one by one, a shared codebook became copies: one tensor again
@@ -207,6 +223,8 @@ def _fit_runs(model: nn.Module, runs: list[list[Job]], seed: int, bar: tqdm,
                 model.set_submodule(job.name, layer)
             else:  # the model is itself one layer
                 model = layer
+            for follower in (followers or {}).get(job.name, []):
+                model.set_submodule(follower.name, coded_from_dense(follower.module, code))
         bar.update(len(run))
     return model
 
@@ -222,7 +240,7 @@ def correct_bias(layer: nn.Module, weight: torch.Tensor, inputs: InputStatistics
 
 
 def _fit_calibrated(model: nn.Module, jobs: list[Job], data: TrainingData, seed: int, bar: tqdm,
-                    checkpoint: Path | None = None) -> nn.Module:
+                    checkpoint: Path | None = None, followers: dict[str, list[Job]] | None = None) -> nn.Module:
     """Fit every layer on the statistics of its inputs. A model with repeated blocks is done block
     by block: layers before the blocks first, then each block on inputs that went through the
     blocks already compressed (one block's activations in memory), then the layers after them.
@@ -243,7 +261,7 @@ def _fit_calibrated(model: nn.Module, jobs: list[Job], data: TrainingData, seed:
         with capturing({job.name: job.module for job in stage}) as collected, torch.no_grad():
             run()
             statistics = collected()
-        fitted = _fit_runs(model, shared_runs(stage), seed, bar, statistics)
+        fitted = _fit_runs(model, shared_runs(stage), seed, bar, statistics, followers)
         if checkpoint is not None:
             save(fitted, checkpoint)
         return fitted

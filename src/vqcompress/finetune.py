@@ -238,11 +238,15 @@ def finetune(student: nn.Module, teacher: nn.Module, task: Task, batch_at: Calla
     check_assignments(assignments)
     soft = learn_assignments and assignments == "soft"
     candidates = learn_assignments and assignments == "progressive"
-    codes = [layer.weight_code for _, layer in coded]
+    codes = list({id(layer.weight_code): layer.weight_code for _, layer in coded}.values())  # tied layers: one
     shared: dict[int, tuple] = {}  # a codebook held by several layers trains as one parameter
+    started: set[int] = set()
     for name, layer in coded:
-        original = _original_weight(teacher, name, layer) if learn_assignments else None
         code = layer.weight_code
+        if id(code) in started:
+            continue
+        started.add(id(code))
+        original = _original_weight(teacher, name, layer) if learn_assignments else None
         code.start_training(None if candidates else original, shared)
         if candidates:
             progressive.attach(code, original, code.recipe.get("candidates", CANDIDATES))

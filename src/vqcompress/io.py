@@ -23,7 +23,7 @@ from . import __version__, universal
 from .atomic import write_atomically
 from .coded import CodedWeight, CodeLayout
 from .errors import VQCError
-from .layers import LAYER_ARGS, coded_from_args, dense_type_of, iter_coded, layer_args
+from .layers import LAYER_ARGS, carry_embed_scale, coded_from_args, dense_type_of, iter_coded, layer_args
 from .models import Source, skeleton, source_of
 
 FORMAT = "vqc"
@@ -142,7 +142,9 @@ def _install_coded_layers(model: nn.Module, manifest: dict) -> None:
             raise VQCError(f"shape mismatch at {name}: the model has {tuple(current.weight.shape)}, the file {layout.shape}")
         code = CodedWeight.empty(layout)
         code.recipe = entry["recipe"]
-        model.set_submodule(name, coded_from_args(entry["type"], entry["args"], code, entry["bias"]))
+        layer = coded_from_args(entry["type"], entry["args"], code, entry["bias"])
+        carry_embed_scale(current, layer)
+        model.set_submodule(name, layer)
 
 
 def _universal_tables(model: nn.Module, folders: list[Path]) -> dict[str, torch.Tensor]:

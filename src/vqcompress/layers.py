@@ -133,15 +133,39 @@ class CodedConv1d(_CodedConv, nn.Conv1d):
 
 
 class CodedEmbedding(CodedLayer, nn.Embedding):
-    """Looks up rows by decoding only the rows asked for ("lut"), or the whole table ("decode")."""
+    """Looks up rows by decoding only the rows asked for ("lut"), or the whole table ("decode").
+    A scaled word embedding (Gemma's, which multiplies its rows by ``embed_scale``) keeps that
+    factor as a buffer of the same name."""
 
     forward_path = "lut"
 
     def forward(self, ids: Tensor) -> Tensor:
         if self.forward_path == "decode":
-            return F.embedding(ids, self.weight, self.padding_idx)
-        unique, inverse = torch.unique(ids, return_inverse=True)
-        return self.weight_code.decode_rows(unique)[inverse]
+            rows = F.embedding(ids, self.weight, self.padding_idx)
+        else:
+            unique, inverse = torch.unique(ids, return_inverse=True)
+            rows = self.weight_code.decode_rows(unique)[inverse]
+        return rows * self.embed_scale.to(rows.dtype) if hasattr(self, "embed_scale") else rows
+
+
+class ScaledEmbedding(nn.Embedding):
+    """The dense twin of a scaled word embedding: rows times ``embed_scale``."""
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return super().forward(ids) * self.embed_scale.to(self.weight.dtype)
+
+
+def carry_embed_scale(source: nn.Module, target: nn.Module) -> None:
+    """Give ``target`` the ``embed_scale`` factor of a scaled word embedding ``source`` (a buffer
+    the model computes from its config, not one it stores)."""
+    if isinstance(source, nn.Embedding) and isinstance(getattr(source, "embed_scale", None), Tensor):
+        target.register_buffer("embed_scale", source.embed_scale.detach().clone(), persistent=False)
+
+
+def codable(module: nn.Module) -> bool:
+    """Whether the module is a layer this package can code: a supported torch layer, or a word
+    embedding subclass that only scales its rows (``embed_scale``)."""
+    return type(module) in CODED_TYPES or (isinstance(module, nn.Embedding) and hasattr(module, "embed_scale"))
 
 
 CODED_TYPES: dict[type[nn.Module], type[CodedLayer]] = {
@@ -170,7 +194,8 @@ def coded_from_dense(module: nn.Module, code: CodedWeight) -> CodedLayer:
     if math.prod(code.layout.shape) != module.weight.numel():
         raise VQCError(f"coded weight of shape {code.layout.shape} does not fit a weight of shape {tuple(module.weight.shape)}")
     bias = getattr(module, "bias", None)
-    layer = CODED_TYPES[type(module)].build(layer_args(module), code, None if bias is None else bias.data)
+    layer = CODED_TYPES[dense_type_of(module)].build(layer_args(module), code, None if bias is None else bias.data)
+    carry_embed_scale(module, layer)
     layer.train(module.training)
     return layer
 
@@ -202,7 +227,8 @@ def dense_from_coded(layer: CodedLayer) -> nn.Module:
     args = {k: tuple(v) if isinstance(v, list) else v for k, v in layer_args(layer).items()}
     dense_type = dense_type_of(layer)
     bias = {} if dense_type is nn.Embedding else {"bias": layer.bias is not None}
-    dense = dense_type(**args, **bias, device="meta")
+    dense = (ScaledEmbedding if hasattr(layer, "embed_scale") else dense_type)(**args, **bias, device="meta")
+    carry_embed_scale(layer, dense)
     dense.weight = nn.Parameter(layer.weight_code.decode())
     if getattr(layer, "bias", None) is not None:
         dense.bias = nn.Parameter(layer.bias.detach().clone())

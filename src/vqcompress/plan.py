@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .errors import VQCError
-from .layers import CODED_TYPES
+from .layers import CODED_TYPES, codable
 
 SKIP = None
 
@@ -30,7 +30,7 @@ class Plan:
         self._check_names(model)
         chosen = []
         for name, module in model.named_modules():
-            if type(module) not in CODED_TYPES:
+            if not codable(module):
                 continue
             layer_spec = self._spec_for(name, module, dict(spec))
             if layer_spec is not SKIP:
@@ -53,6 +53,6 @@ class Plan:
         supported = ", ".join(t.__name__ for t in CODED_TYPES)
         for pattern, spec in self.by_name.items():
             matched = [(n, m) for n, m in leaves if re.fullmatch(pattern, n)]
-            if spec is not SKIP and matched and not any(type(m) in CODED_TYPES for _, m in matched):
+            if spec is not SKIP and matched and not any(codable(m) for _, m in matched):
                 name, module = matched[0]
                 raise VQCError(f"layer {name} is a {type(module).__name__}, which cannot be coded (supported: {supported})")

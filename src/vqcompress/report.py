@@ -134,6 +134,8 @@ def _build(manifest: dict, shapes: dict[str, tuple[str, tuple[int, ...]]], file_
     coded, owned, universal = [], set(), {}
     for name, entry in manifest["layers"].items():
         parts = [t for t in shapes if t.startswith(name + CODE_PART)]
+        if not parts:  # every tensor an alias: a layer tied to another, counted there
+            continue
         owned.update(parts)
         lay = entry["layout"]
         if lay.get("codebook_sha256"):
