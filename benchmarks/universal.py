@@ -30,9 +30,6 @@ NETWORKS = ("minilm", "gemma-270m", "fashion-cnn")
 DIM, K, SAMPLES = 4, 256, 4096
 STEPS = {"minilm": 100, "fashion-cnn": 300}  # progressive distillation steps (none on Gemma: CPU time)
 CALIB_SAMPLES = {"gemma-270m": 32}  # 512-token windows; the others take their default
-# Gemma's lm_head is its word embedding (one tied tensor, a Gemma3TextScaledWordEmbedding the plan
-# does not code): coding the Linear alone would store the matrix twice, so both stay dense.
-SKIP = {"gemma-270m": {"lm_head": None}}
 
 
 def codebook_sets() -> dict[str, tuple[str, ...]]:
@@ -70,14 +67,12 @@ def compress_row(network: str, method: str, options: dict, steps: int, folder: P
     from vqcompress import compress, report, save
     from vqcompress.data import training_data
     from vqcompress.models import load_model
-    from vqcompress.plan import Plan
     from vqcompress.suites import run_suite
 
     model, source = load_model(network)
     start = time.perf_counter()
     data = training_data(source.to_json(), 0, None, CALIB_SAMPLES.get(network))
-    plan = Plan(by_name=SKIP.get(network, {}))
-    compressed = compress(model, method, None, data, plan=plan, progress=False, finetune_steps=steps, calibrate=True,
+    compressed = compress(model, method, None, data, progress=False, finetune_steps=steps, calibrate=True,
                           allocation=False, **options)
     seconds = time.perf_counter() - start
     path = save(compressed, folder / f"{network}-{method}-{int(time.time())}.vqc", source)

@@ -56,7 +56,7 @@ def test_a_missing_codebook_is_named_by_hash(tmp_path, book):
         vqc.load(path, like=_model())
 
 
-def test_fit_beats_a_zero_weight_and_scales_help(tmp_path, book):
+def test_fit_error_is_small_for_a_codebook_from_other_layers(tmp_path, book):
     weight = _model()[0].weight.detach()
     from vqcompress.methods import get_method
 

@@ -60,12 +60,18 @@ def _layer_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**31
 
 
+def _corrects_bias(job: Job) -> bool:
+    """Whether the layer's bias absorbs its mean output error (``correct_bias``): where it has a
+    bias and its method does not decline (``vq4all``, see there)."""
+    return getattr(job.module, "bias", None) is not None and getattr(job.method, "corrects_bias", True)
+
+
 def _fitting_statistics(job: Job, inputs: InputStatistics | None) -> InputStatistics | None:
     """What a layer is fitted to: its input statistics, damped by ``DAMPING``; centred when the
-    layer has a bias, which then absorbs the mean error."""
+    layer's bias then absorbs the mean error."""
     if inputs is None:
         return None
-    return (inputs.centred() if getattr(job.module, "bias", None) is not None else inputs).damped(DAMPING)
+    return (inputs.centred() if _corrects_bias(job) else inputs).damped(DAMPING)
 
 
 def fit_layer(job: Job, seed: int, inputs: InputStatistics | None = None) -> CodedWeight:
@@ -218,7 +224,8 @@ def _fit_runs(model: nn.Module, runs: list[list[Job]], seed: int, bar: tqdm,
                 code.codebook = codes[0].codebook
         for job, code in zip(run, codes):
             layer = coded_from_dense(job.module, code)
-            correct_bias(layer, job.module.weight, (statistics or {}).get(job.name))
+            if _corrects_bias(job):
+                correct_bias(layer, job.module.weight, (statistics or {}).get(job.name))
             if job.name:
                 model.set_submodule(job.name, layer)
             else:  # the model is itself one layer

@@ -210,11 +210,12 @@ def _optimizer(student: nn.Module, lr: float, learning_choices: list) -> torch.o
 def _freeze(coded: list, step: int, steps: int) -> dict[str, str]:
     """Progressive freezing: every ``FREEZE_EVERY`` steps freeze the sure sub-vectors, from the
     freeze point all of them; returns the progress: share frozen, layers hard, the least frozen."""
+    codes = {id(layer.weight_code): (name, layer.weight_code) for name, layer in reversed(coded)}.values()  # tied: first name
     if step + 1 >= FREEZE_AT * steps or (step + 1) % FREEZE_EVERY == 0:
-        for _, layer in coded:
-            layer.weight_code.assigner.freeze(0.0 if step + 1 >= FREEZE_AT * steps else progressive.THRESHOLD)
-    shares = {name: layer.weight_code.assigner.frozen_share() for name, layer in coded}
-    sizes = {name: layer.weight_code.layout.rows * layer.weight_code.layout.segments for name, layer in coded}
+        for _, code in codes:
+            code.assigner.freeze(0.0 if step + 1 >= FREEZE_AT * steps else progressive.THRESHOLD)
+    shares = {name: code.assigner.frozen_share() for name, code in codes}
+    sizes = {name: code.layout.rows * code.layout.segments for name, code in codes}
     least = min(shares, key=shares.get)
     return {"frozen": f"{sum(shares[n] * sizes[n] for n in shares) / sum(sizes.values()):.0%}",
             "hard": f"{sum(share == 1.0 for share in shares.values())}/{len(shares)}",

@@ -74,11 +74,14 @@ def row_normalised(weight: Tensor) -> tuple[Tensor, Tensor]:
 
 def source_layers(model: nn.Module, dim: int) -> tuple[list[tuple[str, Tensor]], list[str]]:
     """The weights a codebook is built from: every layer the default plan codes whose inputs ``dim``
-    divides; and the names of those it does not divide (skipped)."""
+    divides (a weight tied to two layers once); and the names of those it does not divide (skipped)."""
     from .plan import Plan
 
-    used, skipped = [], []
+    used, skipped, seen = [], [], set()
     for name, module, _ in Plan().resolve(model, {}):
+        if id(module.weight) in seen:  # a tied output layer is its word embedding: sampled once
+            continue
+        seen.add(id(module.weight))
         weight = module.weight.detach()
         (used.append((name, weight)) if weight[0].numel() % dim == 0 else skipped.append(name))
     return used, skipped
