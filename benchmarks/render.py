@@ -281,8 +281,8 @@ def universal_markdown(result: dict) -> list[str]:
              "| codebook | built from | sha256 | bytes |", "|---|---|---|--:|"]
     lines += [f"| {label} | {', '.join(b['sources'])} | `{b['sha256'][:12]}…` | {b['bytes']:,} |" for label, b in books.items()]
     lines += ["", "Each network with the codebook built from all three and with the one built without it (its weights "
-              "unseen); `nearest` is the calibrated fit alone (nearest codeword under the input-weighted distance, "
-              "least-squares row scales), `progressive` adds distillation with learned candidate assignments and "
+              "unseen); `nearest` is the calibrated fit alone (rows over their RMS, nearest codeword under the "
+              "input-weighted distance), `progressive` adds distillation with learned candidate assignments and "
               "progressive freezing (steps in brackets); `per-layer kmeans` is the first issue's method at the same "
               "d, k and row scales, each layer with its own codebook. Bits per weight are the whole model's as the "
               "file stores it, the universal codebook excluded (it is shared); the next column adds it once, "
