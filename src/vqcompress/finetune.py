@@ -207,15 +207,24 @@ def _optimizer(student: nn.Module, lr: float, learning_choices: list) -> torch.o
     return torch.optim.Adam([{**g, "lr": g["base_lr"]} for g in groups])
 
 
-def _freeze(coded: list, step: int, steps: int) -> dict[str, str]:
+def _freeze(coded: list, step: int, steps: int, hard: set[str], progress: bool) -> dict[str, str]:
     """Progressive freezing: every ``FREEZE_EVERY`` steps freeze the sure sub-vectors, from the
-    freeze point all of them; returns the progress: share frozen, layers hard, the least frozen."""
+    freeze point all of them; returns the progress (share frozen, layers hard, the least frozen)
+    and, with ``progress``, prints each layer's frozen share as it becomes hard (``hard``: the
+    layers already reported)."""
     codes = {id(layer.weight_code): (name, layer.weight_code) for name, layer in reversed(coded)}.values()  # tied: first name
     if step + 1 >= FREEZE_AT * steps or (step + 1) % FREEZE_EVERY == 0:
         for _, code in codes:
             code.assigner.freeze(0.0 if step + 1 >= FREEZE_AT * steps else progressive.THRESHOLD)
     shares = {name: code.assigner.frozen_share() for name, code in codes}
     sizes = {name: code.layout.rows * code.layout.segments for name, code in codes}
+    newly_hard = [n for n, share in shares.items() if share == 1.0 and n not in hard]
+    hard.update(newly_hard)
+    for name in newly_hard:
+        if progress:
+            soft = sorted((v, n) for n, v in shares.items() if n not in hard)[:3]
+            least = ", ".join(f"{n} {v:.0%}" for v, n in soft)
+            tqdm.write(f"step {step + 1}: {name} is hard ({len(hard)}/{len(shares)}){'; least frozen: ' + least if soft else ''}")
     least = min(shares, key=shares.get)
     return {"frozen": f"{sum(shares[n] * sizes[n] for n in shares) / sum(sizes.values()):.0%}",
             "hard": f"{sum(share == 1.0 for share in shares.values())}/{len(shares)}",
@@ -254,6 +263,7 @@ def finetune(student: nn.Module, teacher: nn.Module, task: Task, batch_at: Calla
     teacher.eval()
     student.eval().requires_grad_(True)
     optimizer = _optimizer(student, lr, codes if candidates else [])
+    hard: set[str] = set()  # layers whose sub-vectors are all frozen
     checkpoint = Path(checkpoint) if checkpoint else None
     start = _load_checkpoint(checkpoint, student, optimizer) if checkpoint and checkpoint.exists() else 0
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="fine-tune", unit="step", disable=not progress)
@@ -275,7 +285,7 @@ def finetune(student: nn.Module, teacher: nn.Module, task: Task, batch_at: Calla
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            bar.set_postfix(loss=f"{loss.item():.4f}", **(_freeze(coded, step, steps) if candidates else {}))
+            bar.set_postfix(loss=f"{loss.item():.4f}", **(_freeze(coded, step, steps, hard, progress) if candidates else {}))
             if learn_assignments and assignments == "ste" and (step + 1) % reassign_every == 0 and step < FREEZE_AT * steps:
                 for code in codes:
                     code.reassign(code.latent)
