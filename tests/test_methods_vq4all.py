@@ -95,3 +95,16 @@ def test_progressive_distillation_ends_hard_and_keeps_the_codebook(tmp_path, boo
     with torch.no_grad():
         distilled, nearest = (float((m(x) - teacher(x)).square().mean()) for m in (model, before))
     assert math.isfinite(distilled) and distilled < nearest
+
+
+def test_norms_and_biases_tune_only_when_asked(tmp_path, book):
+    batches = [torch.randn(16, 64, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    task = Task(forward=lambda m, b: m(b), loss=lambda s, t, b: (s - t).square().mean())
+    data = TrainingData(task, lambda step: batches[step % 2], calibration_batches=2)
+    biases = {}
+    for tune in (True, False):
+        model = vqc.compress(_model(), "vq4all", calibration=data, codebook=str(tmp_path / "books" / "u.vqcb"),
+                             finetune_steps=12, progress=False, tune_dense=tune)
+        biases[tune] = model[0].bias.detach()
+    assert torch.equal(biases[False], _model()[0].bias.detach())
+    assert not torch.equal(biases[True], _model()[0].bias.detach())

@@ -81,6 +81,7 @@ def compress(
     include: list[str] = typer.Option([], help="regex of layer names to code even when small (repeatable)"),
     finetune_steps: int = typer.Option(0, help="distil from the original for N steps on the model's training data"),
     lr: float = typer.Option(1e-3, help="fine-tuning learning rate"),
+    tune_dense: bool = typer.Option(True, help="fine-tuning also tunes norms, biases and layers left dense"),
     assignments: Optional[str] = typer.Option(None, help="how fine-tuning learns assignments: 'ste' (straight-through, "
                                                          "periodic nearest-codeword refresh), 'soft' (annealed "
                                                          "temperature) or 'progressive' (candidates frozen as they "
@@ -110,6 +111,7 @@ def compress(
     checkpoint = output.with_name(f".{output.name}.partial")  # work so far, resumed from if found
     compressed = compress_model(dense.to(device), method, bits, calibration, plan=plan, seed=seed, progress=not quiet,
                                 finetune_steps=finetune_steps, lr=lr, assignments=assignments, checkpoint=checkpoint,
+                                tune_dense=tune_dense,
                                 allocation=not per_layer_bits, calibrate=calibrate, **options)
     save(compressed, output, source)
     seconds, result = time.perf_counter() - started, report(output)
@@ -205,7 +207,7 @@ def demo(output: Path = typer.Option(DEMO_OUTPUT, "-o", "--output"), device: str
     (calibrated on Lee background sentences, about 2 minutes), bit report, quality."""
     compress("minilm", output, method="jlcm", bits=2.1, dim=None, k=None, scale=None, groups=None,
              group_size=None, shared_codebooks=None, codebook=None, option=[], calib=None, calib_samples=None, per_layer_bits=False,
-             skip=[], include=[], finetune_steps=0, lr=1e-3, assignments=None, seed=0, device=device,
+             skip=[], include=[], finetune_steps=0, lr=1e-3, tune_dense=True, assignments=None, seed=0, device=device,
              json_out=False, quiet=False)
     typer.echo("")
     evaluate(output, suite="minilm", device=device, json_out=False)

@@ -130,7 +130,7 @@ def compress(model: nn.Module, method: str = "kmeans", bits: float | None = None
              calibration: TrainingData | None = None, *, plan: Plan | None = None, seed: int = 0,
              progress: bool = True, finetune_steps: int = 0, lr: float = 1e-3,
              assignments: str | None = None, checkpoint: str | os.PathLike | None = None, allocation: bool = True,
-             calibrate: bool | None = None, **options) -> nn.Module:
+             calibrate: bool | None = None, tune_dense: bool = True, **options) -> nn.Module:
     """Replace the planned layers of ``model`` (in place) by coded layers; returns the model
     (a new object only when ``model`` is itself a single layer).
 
@@ -139,7 +139,8 @@ def compress(model: nn.Module, method: str = "kmeans", bits: float | None = None
     has repeated blocks (see ``_fit_calibrated``), and ``bits`` is the whole model's average:
     ``allocate`` gives each layer its share by measured sensitivity (``allocation=False``: every
     layer gets ``bits`` as its own ceiling, as without calibration). With ``finetune_steps`` too, the compressed model is
-    then distilled from a copy of the original by the shared fine-tuning engine (methods that learn
+    then distilled from a copy of the original by the shared fine-tuning engine (norms and biases
+    too unless ``tune_dense=False``) (methods that learn
     assignments do so by ``assignments``: "ste", "soft" or "progressive", see ``finetune``; by default
     the method's own way). Every layer's
     settings are resolved and checked before any work starts, so a bad budget or a bad weight
@@ -169,7 +170,8 @@ def compress(model: nn.Module, method: str = "kmeans", bits: float | None = None
     if finetune_steps:
         finetune(model, teacher, calibration.task, calibration.batch_at, finetune_steps, lr=lr,
                  learn_assignments=any(job.method.learns_assignments for job in jobs), assignments=assignments,
-                 checkpoint=checkpoint and checkpoint.with_name(checkpoint.name + ".finetune"), progress=progress)
+                 checkpoint=checkpoint and checkpoint.with_name(checkpoint.name + ".finetune"), progress=progress,
+                 tune_dense=tune_dense)
     if checkpoint is not None and checkpoint.exists():
         checkpoint.unlink()
     return model

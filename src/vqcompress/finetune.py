@@ -200,7 +200,7 @@ def _anneal(codes: list, step: int, steps: int) -> None:
 def _optimizer(student: nn.Module, lr: float, learning_choices: list) -> torch.optim.Adam:
     """Adam over every trainable parameter at ``lr``; candidate logits at their own step size."""
     logits = {id(code.assigner.logits) for code in learning_choices}
-    groups = [{"params": [p for p in student.parameters() if id(p) not in logits], "base_lr": lr}]
+    groups = [{"params": [p for p in student.parameters() if p.requires_grad and id(p) not in logits], "base_lr": lr}]
     if logits:
         groups.append({"params": [code.assigner.logits for code in learning_choices],
                        "base_lr": progressive.LOGIT_LR})
@@ -234,8 +234,10 @@ def _freeze(coded: list, step: int, steps: int, hard: set[str], progress: bool) 
 def finetune(student: nn.Module, teacher: nn.Module, task: Task, batch_at: Callable[[int], Any], steps: int, *,
              lr: float = 1e-3, learn_assignments: bool = False, assignments: str = "ste", reassign_every: int = 25,
              checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 100,
-             progress: bool = True) -> nn.Module:
+             progress: bool = True, tune_dense: bool = True) -> nn.Module:
     """Distil ``student`` (with coded layers) from ``teacher`` for ``steps`` steps; returns the student.
+    ``tune_dense=False`` keeps everything outside the coded weights (norms, biases, layers left
+    dense) as it is, so only codebooks, scales and assignments learn.
 
     With ``checkpoint``, progress is saved there every ``checkpoint_every`` steps and a run that
     finds the file resumes from it; the file is removed once training completes.
@@ -261,7 +263,9 @@ def finetune(student: nn.Module, teacher: nn.Module, task: Task, batch_at: Calla
         if candidates:
             progressive.attach(code, original, code.recipe.get("candidates", CANDIDATES))
     teacher.eval()
-    student.eval().requires_grad_(True)
+    student.eval().requires_grad_(tune_dense)
+    for code in codes:
+        code.requires_grad_(True)
     optimizer = _optimizer(student, lr, codes if candidates else [])
     hard: set[str] = set()  # layers whose sub-vectors are all frozen
     checkpoint = Path(checkpoint) if checkpoint else None
