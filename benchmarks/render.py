@@ -293,10 +293,11 @@ def universal_markdown(result: dict) -> list[str]:
         parameters = row["total_bytes"] * 8 / row["model_bits_per_weight"]
         shared = row["universal_bytes"] * 8 / 3 / parameters
         steps = f" ({row['steps']})" if row["steps"] else ""
+        steps += f", {row['dense']} dense" if row.get("dense") else ""
         lines.append(f"| {row['network']} | {row['codebook']} | {row['assignment']}{steps} | "
                      f"{row['model_bits_per_weight']:.3f} | {row['model_bits_per_weight'] + shared:.3f} | {quality(row)} | "
                      f"{row['seconds']:.0f} |")
-    stored = [r for r in rows if r["codebook"] == "all three" and r["assignment"] == "nearest"]
+    stored = [r for r in rows if r["codebook"] == "all three" and r["assignment"] == "nearest" and not r.get("dense")]
     if stored:
         book = books["all three"]["bytes"]
         lines += ["", "### The ROM claim: total bytes for 1, 2 and 3 models", "",
