@@ -293,7 +293,7 @@ def universal_markdown(result: dict) -> list[str]:
         parameters = row["total_bytes"] * 8 / row["model_bits_per_weight"]
         shared = row["universal_bytes"] * 8 / 3 / parameters
         steps = f" ({row['steps']})" if row["steps"] else ""
-        steps += f", {row['dense']} dense" if row.get("dense") else ""
+        steps += f", `{row['dense']}` dense".replace("|", "\\|") if row.get("dense") else ""
         lines.append(f"| {row['network']} | {row['codebook']} | {row['assignment']}{steps} | "
                      f"{row['model_bits_per_weight']:.3f} | {row['model_bits_per_weight'] + shared:.3f} | {quality(row)} | "
                      f"{row['seconds']:.0f} |")
