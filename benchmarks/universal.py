@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import tempfile
 import time
@@ -118,8 +117,7 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="vq4all-"))
     earlier = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"rows": []}
     books = build_codebooks(folder)
-    result = {"machine": machine(), "codebooks": books, "rows": earlier["rows"], "started": now(),
-              "python": platform.python_version()}
+    result = {"machine": machine(), "codebooks": books, "rows": earlier["rows"], "started": now()}
     for config in configurations(books):
         if args.only and not any(p in label(config) for p in args.only):
             continue

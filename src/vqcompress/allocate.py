@@ -92,35 +92,32 @@ def allocate(model: nn.Module, jobs: list, statistics: dict[str, InputStatistics
         chosen[i], spent = j, spent + extra
 
 
-def has_levels(job) -> bool:
-    """Whether the job's method codes its layer differently at different budgets (a universal
-    codebook, say, has one cost): only then is there a budget to spread."""
+def _level_settings(job) -> list[tuple[dict, CodeLayout]]:
+    """The distinct (settings, layout) the job's method gives at the levels it can meet."""
     shape, found = tuple(job.module.weight.shape), []
-    for level in LEVELS:
-        try:
-            settings = job.method.settings(shape, level, job.options)
-        except VQCError:
-            continue
-        if settings not in found:
-            found.append(settings)
-    return len(found) > 1
-
-
-def _options(job, inputs: InputStatistics | None, seed: int, gain: float) -> list[Option]:
-    """The job's options by level, cheapest first, each dearer one strictly better (the hull)."""
-    shape = tuple(job.module.weight.shape)
-    found = []
     for level in LEVELS:
         try:
             settings = job.method.settings(shape, level, job.options)
             layout = job.method.layout(shape, settings)
         except VQCError:
             continue
-        if any(o.settings == settings for o in found):
-            continue
-        found.append(Option(settings, CodedWeight.empty(layout).nbits(), gain * _measure(job, inputs, layout, seed)))
+        if all(settings != known for known, _ in found):
+            found.append((settings, layout))
+    return found
+
+
+def has_levels(job) -> bool:
+    """Whether the job's method codes its layer differently at different budgets (a universal
+    codebook, say, has one cost): only then is there a budget to spread."""
+    return len(_level_settings(job)) > 1
+
+
+def _options(job, inputs: InputStatistics | None, seed: int, gain: float) -> list[Option]:
+    """The job's options by level, cheapest first, each dearer one strictly better (the hull)."""
+    found = [Option(settings, CodedWeight.empty(layout).nbits(), gain * _measure(job, inputs, layout, seed))
+             for settings, layout in _level_settings(job)]
     if not found:
-        raise VQCError(f"{job.name}: no bit level in {LEVELS} fits shape {shape}")
+        raise VQCError(f"{job.name}: no bit level in {LEVELS} fits shape {tuple(job.module.weight.shape)}")
     found.sort(key=lambda o: o.bits)
     hull = [found[0]]
     for option in found[1:]:

@@ -308,7 +308,7 @@ class CodedWeight(nn.Module):
         so that a codebook several weights hold becomes one parameter."""
         shared = {} if shared is None else shared
         for name in TRAINABLE:
-            if name in self._buffers and not (name == "codebook" and self.layout.codebook_sha256):
+            if name in self._buffers and not self._held_apart(name):
                 buffer = self._buffers.pop(name)
                 if id(buffer) not in shared:  # the pair keeps the key alive, so its id cannot be reused
                     shared[id(buffer)] = (buffer, nn.Parameter(buffer.float()))
@@ -333,7 +333,11 @@ class CodedWeight(nn.Module):
         """Exact storage cost: every byte of every buffer this weight stores (a universal codebook
         is stored apart, once for every model)."""
         return sum(b.numel() * b.element_size() * 8 for name, b in self.named_buffers(recurse=False)
-                   if not (name == "codebook" and self.layout.codebook_sha256))
+                   if not self._held_apart(name))
+
+    def _held_apart(self, name: str) -> bool:
+        """Whether buffer ``name`` is a universal codebook: stored in a file of its own, frozen."""
+        return name == "codebook" and self.layout.codebook_sha256 is not None
 
     def extra_repr(self) -> str:
         lay = self.layout

@@ -135,16 +135,16 @@ def compress(model: nn.Module, method: str = "kmeans", bits: float | None = None
     (a new object only when ``model`` is itself a single layer).
 
     With ``calibration`` (a task and its batches) and ``calibrate`` (default: unless fine-tuning,
-    which then uses the data as before), every layer is fitted to the statistics of its inputs on the first ``calibration.calibration_batches`` batches, block by block where the model
-    has repeated blocks (see ``_fit_calibrated``), and ``bits`` is the whole model's average:
+    which then uses the data as before), every layer is fitted to the statistics of its inputs on
+    the first ``calibration.calibration_batches`` batches, block by block where the model has
+    repeated blocks (see ``_fit_calibrated``), and ``bits`` is the whole model's average:
     ``allocate`` gives each layer its share by measured sensitivity (``allocation=False``: every
-    layer gets ``bits`` as its own ceiling, as without calibration). With ``finetune_steps`` too, the compressed model is
-    then distilled from a copy of the original by the shared fine-tuning engine (norms and biases
-    too unless ``tune_dense=False``) (methods that learn
-    assignments do so by ``assignments``: "ste", "soft" or "progressive", see ``finetune``; by default
-    the method's own way). Every layer's
-    settings are resolved and checked before any work starts, so a bad budget or a bad weight
-    fails in a second, not after minutes of work.
+    layer gets ``bits`` as its own ceiling, as without calibration). With ``finetune_steps`` too,
+    the compressed model is then distilled from a copy of the original by the shared fine-tuning
+    engine: norms and biases too unless ``tune_dense=False``, and methods that learn assignments
+    do so by ``assignments`` ("ste", "soft" or "progressive", see ``finetune``; by default the
+    method's own way). Every layer's settings are resolved and checked before any work starts, so
+    a bad budget or a bad weight fails in a second, not after minutes of work.
     """
     if calibration is not None and not isinstance(calibration, TrainingData):
         raise VQCError(f"calibration must be a TrainingData(task, batch_at), got a {type(calibration).__name__}")

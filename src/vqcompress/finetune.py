@@ -207,27 +207,26 @@ def _optimizer(student: nn.Module, lr: float, learning_choices: list) -> torch.o
     return torch.optim.Adam([{**g, "lr": g["base_lr"]} for g in groups])
 
 
-def _freeze(coded: list, step: int, steps: int, hard: set[str], progress: bool) -> dict[str, str]:
-    """Progressive freezing: every ``FREEZE_EVERY`` steps freeze the sure sub-vectors, from the
-    freeze point all of them; returns the progress (share frozen, layers hard, the least frozen)
-    and, with ``progress``, prints each layer's frozen share as it becomes hard (``hard``: the
-    layers already reported)."""
-    codes = {id(layer.weight_code): (name, layer.weight_code) for name, layer in reversed(coded)}.values()  # tied: first name
+def _freeze(codes: dict[str, nn.Module], step: int, steps: int, hard: set[str], progress: bool) -> dict[str, str]:
+    """Progressive freezing of the coded weights ``codes`` (by layer name): every
+    ``FREEZE_EVERY`` steps freeze the sure sub-vectors, from the freeze point all of them; returns
+    the progress (share frozen, layers hard, the least frozen) and, with ``progress``, prints each
+    layer as it becomes hard (``hard``: the layers already reported)."""
     if step + 1 >= FREEZE_AT * steps or (step + 1) % FREEZE_EVERY == 0:
-        for _, code in codes:
+        for code in codes.values():
             code.assigner.freeze(0.0 if step + 1 >= FREEZE_AT * steps else progressive.THRESHOLD)
-    shares = {name: code.assigner.frozen_share() for name, code in codes}
-    sizes = {name: code.layout.rows * code.layout.segments for name, code in codes}
+    shares = {name: code.assigner.frozen_share() for name, code in codes.items()}
+    sizes = {name: code.layout.rows * code.layout.segments for name, code in codes.items()}
     newly_hard = [n for n, share in shares.items() if share == 1.0 and n not in hard]
     hard.update(newly_hard)
     for name in newly_hard:
         if progress:
-            soft = sorted((v, n) for n, v in shares.items() if n not in hard)[:3]
-            least = ", ".join(f"{n} {v:.0%}" for v, n in soft)
-            tqdm.write(f"step {step + 1}: {name} is hard ({len(hard)}/{len(shares)}){'; least frozen: ' + least if soft else ''}")
+            softest = ", ".join(f"{n} {v:.0%}" for v, n in sorted((v, n) for n, v in shares.items() if n not in hard)[:3])
+            tqdm.write(f"step {step + 1}: {name} is hard ({len(hard)}/{len(shares)})"
+                       + (f"; least frozen: {softest}" if softest else ""))
     least = min(shares, key=shares.get)
     return {"frozen": f"{sum(shares[n] * sizes[n] for n in shares) / sum(sizes.values()):.0%}",
-            "hard": f"{sum(share == 1.0 for share in shares.values())}/{len(shares)}",
+            "hard": f"{len(hard)}/{len(shares)}",
             "least": f"{least} {shares[least]:.0%}"}
 
 
@@ -250,14 +249,14 @@ def finetune(student: nn.Module, teacher: nn.Module, task: Task, batch_at: Calla
     check_assignments(assignments)
     soft = learn_assignments and assignments == "soft"
     candidates = learn_assignments and assignments == "progressive"
-    codes = list({id(layer.weight_code): layer.weight_code for _, layer in coded}.values())  # tied layers: one
-    shared: dict[int, tuple] = {}  # a codebook held by several layers trains as one parameter
-    started: set[int] = set()
+    first: dict[int, tuple[str, nn.Module]] = {}  # layers tied to one coded weight: the first of them
     for name, layer in coded:
+        first.setdefault(id(layer.weight_code), (name, layer))
+    named_codes = {name: layer.weight_code for name, layer in first.values()}
+    codes = list(named_codes.values())
+    shared: dict[int, tuple] = {}  # a codebook held by several layers trains as one parameter
+    for name, layer in first.values():
         code = layer.weight_code
-        if id(code) in started:
-            continue
-        started.add(id(code))
         original = _original_weight(teacher, name, layer) if learn_assignments else None
         code.start_training(None if candidates else original, shared)
         if candidates:
@@ -289,7 +288,7 @@ def finetune(student: nn.Module, teacher: nn.Module, task: Task, batch_at: Calla
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            bar.set_postfix(loss=f"{loss.item():.4f}", **(_freeze(coded, step, steps, hard, progress) if candidates else {}))
+            bar.set_postfix(loss=f"{loss.item():.4f}", **(_freeze(named_codes, step, steps, hard, progress) if candidates else {}))
             if learn_assignments and assignments == "ste" and (step + 1) % reassign_every == 0 and step < FREEZE_AT * steps:
                 for code in codes:
                     code.reassign(code.latent)

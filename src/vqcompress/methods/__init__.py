@@ -16,6 +16,10 @@ from ..errors import VQCError
 
 
 class Method(Protocol):
+    """Also read where a method defines them: ``assignments`` (how fine-tuning learns its
+    assignments by default, else "ste") and ``corrects_bias`` (False: the layer's bias does not
+    absorb the mean output error after fitting, see ``compress.correct_bias``)."""
+
     name: str
     learns_assignments: bool  # fine-tuning may move sub-vectors to other codewords
     needs_training: bool  # only meaningful with training data and fine-tuning steps
