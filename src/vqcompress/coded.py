@@ -16,8 +16,13 @@ stored as the index of a codeword, bit-packed at ``ceil(log2 k)`` bits. On top o
 - or a universal codebook (``codebook_sha256``, see ``universal.py``): a file of its own, shared
   by many models, never stored in a model's file, never counted in its bits and never trained.
 
-A later factor form (Z · C) can be added as another ``decode`` source without touching the
-layers, the file or the report, since they only use ``decode``, ``codes`` and the buffers.
+The factor form (quantized sparse decomposition, ``qswd``) generalises the index: a sub-vector is
+``Σ_t z_t · C[p_t]`` over ``terms`` (s) distinct codewords. The positions p are stored as
+``terms`` indices, or as a k-bit mask per sub-vector where that is smaller; the coefficients z
+on a ``coef_bits``-bit grid (odd integers ±1, ±3, … times the row scale), in fp16 (16), or all
+1 (0: plain VQ); the codebook C optionally on a ``codebook_bits``-bit grid with one fp16 scale
+per codebook. ``terms = 1, coef_bits = 0`` is the plain index: layers, file and report see the
+same buffers either way.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from .codebook import assign, weighted_assign
 from .errors import VQCError
 
 MAX_CODE_BITS = 16
+MAX_GRID_BITS = 8  # coefficient and codebook grids: more bits than this is fp16
+FP16_COEFFICIENTS = 16
 TRAINABLE = ("codebook", "scale", "offset", "gain")  # what fine-tuning may change; codes change by reassignment
 
 
@@ -67,6 +74,38 @@ def unpack_codes(packed: Tensor, bits: int, index: Tensor) -> Tensor:
     return ((word >> shift) & ((1 << bits) - 1)).to(torch.int64)
 
 
+def grid_levels(values: Tensor, bits: int) -> Tensor:
+    """Nearest level (0 … 2^bits − 1) of the symmetric mid-rise grid ±1, ±3, …, ±(2^bits − 1):
+    every level is used, none is zero (a term that is not needed is not stored at all)."""
+    top = 2**bits - 1
+    return torch.round((values.clamp(-top, top) + top) / 2).to(torch.int64)
+
+
+def grid_values(levels: Tensor, bits: int) -> Tensor:
+    """The grid value of each level: 2·level + 1 − 2^bits."""
+    return 2 * levels.float() + 1 - 2**bits
+
+
+def on_grid(values: Tensor, bits: int) -> Tensor:
+    """``values`` projected onto the grid, the gradient passed straight through (for training)."""
+    projected = grid_values(grid_levels(values.detach(), bits), bits).to(values)
+    return values + (projected - values).detach()
+
+
+def codebook_grid_scale(codebook: Tensor, bits: int) -> Tensor:
+    """One scale per codebook (groups, 1, 1) for its ``bits``-bit grid: the candidate between
+    half and all of absmax / (2^bits − 1) with the least squared error, rounded to fp16."""
+    top = 2**bits - 1
+    absmax = codebook.abs().amax(dim=(1, 2), keepdim=True).clamp_min(2**-14) / top
+    best, best_error = absmax, torch.full_like(absmax, math.inf)
+    for shrink in torch.linspace(0.5, 1.0, 11):
+        scale = (absmax * shrink).half().float()
+        error = (grid_values(grid_levels(codebook / scale, bits), bits) * scale - codebook).square().sum(dim=(1, 2), keepdim=True)
+        best = torch.where(error < best_error, scale, best)
+        best_error = torch.minimum(error, best_error)
+    return best
+
+
 @dataclass(frozen=True)
 class CodeLayout:
     """Everything about a coded weight that is not a tensor: what the file manifest records."""
@@ -82,6 +121,9 @@ class CodeLayout:
     codebook_dtype: str = "float16"
     scale_dtype: str = "float16"
     codebook_sha256: str | None = None  # the codebook is this universal one, held outside the model
+    terms: int = 1  # s: codewords summed per sub-vector (the factor form when > 1)
+    coef_bits: int = 0  # 0: unit coefficients; 1–8: mid-rise grid × row scale; 16: fp16
+    codebook_bits: int = 0  # 0: codebook stored as ``codebook_dtype``; 1–8: grid with a scale per codebook
 
     @property
     def rows(self) -> int:
@@ -99,6 +141,29 @@ class CodeLayout:
     def segments(self) -> int:
         """Sub-vectors per row."""
         return self.cols // self.dim
+
+    @property
+    def factored(self) -> bool:
+        """Whether a sub-vector is a weighted sum of codewords rather than one codeword."""
+        return self.terms > 1 or self.coef_bits > 0
+
+    @property
+    def masked(self) -> bool:
+        """Positions stored as a k-bit mask per sub-vector (cheaper than ``terms`` indices)."""
+        return self.terms * self.bits > self.k
+
+    @property
+    def position_bits(self) -> int:
+        """Bits of the positions of one sub-vector."""
+        return self.k if self.masked else self.terms * self.bits
+
+    def describe_form(self) -> str:
+        """One line for reports: plain index, or the factor form with its settings."""
+        if not self.factored and not self.codebook_bits:
+            return "index"
+        coefficients = {0: "unit", FP16_COEFFICIENTS: "fp16"}.get(self.coef_bits, f"{self.coef_bits}b")
+        codebook = f"{self.codebook_bits}b" if self.codebook_bits else self.codebook_dtype.replace("float", "fp")
+        return f"Z·C s={self.terms} z={coefficients} C={codebook} {'mask' if self.masked else 'idx'}"
 
     def validate(self) -> None:
         """Reject layouts that cannot describe this weight, with the reason in words."""
@@ -118,6 +183,14 @@ class CodeLayout:
             raise VQCError(f"{self.groups} codebook groups do not divide the {self.rows} rows")
         if self.scale_group is not None and (self.cols % self.scale_group or self.scale_group % self.dim):
             raise VQCError(f"scale group {self.scale_group} must divide {self.cols} inputs and be a multiple of d = {self.dim}")
+        if not 1 <= self.terms <= self.k:
+            raise VQCError(f"s = {self.terms} codewords per sub-vector must be between 1 and k = {self.k}")
+        if not (0 <= self.coef_bits <= MAX_GRID_BITS or self.coef_bits == FP16_COEFFICIENTS):
+            raise VQCError(f"coefficient bits must be 0 (unit), 1–{MAX_GRID_BITS} or 16 (fp16), got {self.coef_bits}")
+        if not 0 <= self.codebook_bits <= MAX_GRID_BITS:
+            raise VQCError(f"codebook bits must be 0 (stored as {self.codebook_dtype}) or 1–{MAX_GRID_BITS}, got {self.codebook_bits}")
+        if self.codebook_bits and (self.codebook_sha256 is not None or self.gain):
+            raise VQCError("a codebook on a grid is the layer's own: not a universal or shared one")
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -135,39 +208,61 @@ class CodedWeight(nn.Module):
     """
 
     def __init__(self, layout: CodeLayout, codebook: Tensor, codes: Tensor, scale: Tensor | None = None,
-                 offset: Tensor | None = None, perm: Tensor | None = None, gain: Tensor | None = None):
+                 offset: Tensor | None = None, perm: Tensor | None = None, gain: Tensor | None = None,
+                 coef: Tensor | None = None, codebook_levels: Tensor | None = None, codebook_scale: Tensor | None = None):
         super().__init__()
         layout.validate()
         self.layout = layout
         self.recipe: dict = {}  # the method and settings that made it, for the file manifest
         self.temperature: float | None = None  # set while assignments train soft (see ``finetune``)
         self.assigner: nn.Module | None = None  # set while candidate assignments train (``progressive``)
-        self.register_buffer("codebook", codebook)
+        # a codebook on a grid is stored as its levels and scale; the codewords are derived from them
+        self.register_buffer("codebook", codebook, persistent=not layout.codebook_bits)
         self.register_buffer("codes", codes)
-        for name, value in (("scale", scale), ("offset", offset), ("perm", perm), ("gain", gain)):
+        for name, value in (("scale", scale), ("offset", offset), ("perm", perm), ("gain", gain), ("coef", coef),
+                            ("codebook_levels", codebook_levels), ("codebook_scale", codebook_scale)):
             if value is not None:
                 self.register_buffer(name, value)
+        if layout.codebook_bits:
+            self.register_load_state_dict_post_hook(lambda module, _: module._derive_codebook())
 
     @classmethod
     def encode(cls, layout: CodeLayout, codebook: Tensor, codes: Tensor, scale: Tensor | None = None,
-               offset: Tensor | None = None, perm: Tensor | None = None, gain: Tensor | None = None) -> CodedWeight:
-        """Build from unpacked codes (rows × segments), casting tensors to their stored dtypes.
+               offset: Tensor | None = None, perm: Tensor | None = None, gain: Tensor | None = None,
+               coefficients: Tensor | None = None) -> CodedWeight:
+        """Build from unpacked codes (rows × segments; in the factor form rows × segments × terms
+        distinct positions with their ``coefficients``, grid values or fp16 numbers), casting
+        tensors to their stored dtypes; a codebook is put on its grid when the layout has one.
         A ``codebook`` already of shape (groups, k, d) in the stored dtype is kept, the very object,
         so several weights can share it."""
         layout.validate()
         cb_dtype, sc_dtype = getattr(torch, layout.codebook_dtype), getattr(torch, layout.scale_dtype)
         stored_shape = (layout.groups, layout.k, layout.dim)
-        if codebook.shape != stored_shape or codebook.dtype != cb_dtype or not codebook.is_contiguous():
+        levels = codebook_scale = coef = None
+        if layout.codebook_bits:
+            codebook = codebook.reshape(stored_shape).float()
+            codebook_scale = codebook_grid_scale(codebook, layout.codebook_bits)
+            levels = pack_codes(grid_levels(codebook / codebook_scale, layout.codebook_bits), layout.codebook_bits)
+            codebook_scale = codebook_scale.half()
+        elif codebook.shape != stored_shape or codebook.dtype != cb_dtype or not codebook.is_contiguous():
             codebook = codebook.reshape(stored_shape).to(cb_dtype).contiguous()
-        return cls(
+        if layout.factored:
+            codes, coef = _pack_terms(layout, codes, coefficients)
+        else:
+            codes = pack_codes(codes, layout.bits)
+        code = cls(
             layout,
             codebook,
-            pack_codes(codes, layout.bits),
+            codes,
             None if scale is None else scale.reshape(layout.rows, -1).to(sc_dtype).contiguous(),
             None if offset is None else offset.reshape(layout.rows, -1).to(sc_dtype).contiguous(),
             None if perm is None else pack_codes(perm, code_bits(layout.rows)),
             None if gain is None else gain.reshape(1).to(sc_dtype),
+            coef, levels, codebook_scale,
         )
+        if layout.codebook_bits:
+            code._derive_codebook()
+        return code
 
     @classmethod
     def empty(cls, layout: CodeLayout) -> CodedWeight:
@@ -176,15 +271,33 @@ class CodedWeight(nn.Module):
         n_codes = layout.rows * layout.segments
         n_scales = layout.cols // layout.scale_group if layout.scale_group else 0
         sc_dtype = getattr(torch, layout.scale_dtype)
+        code_stream_bits = n_codes * (layout.position_bits if layout.factored else layout.bits)
+        if layout.coef_bits == FP16_COEFFICIENTS:
+            coef = torch.zeros(layout.rows, layout.segments * layout.terms, dtype=torch.float16)
+        else:
+            coef = torch.zeros((n_codes * layout.terms * layout.coef_bits + 7) // 8, dtype=torch.uint8) if layout.coef_bits else None
+        grid = layout.codebook_bits
         return cls(
             layout,
-            torch.zeros(layout.groups, layout.k, layout.dim, dtype=getattr(torch, layout.codebook_dtype)),
-            torch.zeros((n_codes * layout.bits + 7) // 8, dtype=torch.uint8),
+            torch.zeros(layout.groups, layout.k, layout.dim, dtype=torch.float32 if grid else getattr(torch, layout.codebook_dtype)),
+            torch.zeros((code_stream_bits + 7) // 8, dtype=torch.uint8),
             torch.zeros(layout.rows, n_scales, dtype=sc_dtype) if layout.scale_group else None,
             torch.zeros(layout.rows, n_scales, dtype=sc_dtype) if layout.offset else None,
             pack_codes(torch.arange(layout.rows), code_bits(layout.rows)) if layout.permuted else None,
             torch.ones(1, dtype=sc_dtype) if layout.gain else None,
+            coef,
+            torch.zeros((layout.groups * layout.k * layout.dim * grid + 7) // 8, dtype=torch.uint8) if grid else None,
+            torch.ones(layout.groups, 1, 1, dtype=torch.float16) if grid else None,
         )
+
+    def _derive_codebook(self) -> None:
+        """Codewords (float32) from the stored grid levels and scale (after encoding or loading)."""
+        lay = self.layout
+        if "codebook" in self._parameters:
+            return
+        index = torch.arange(lay.groups * lay.k * lay.dim, device=self.codebook_levels.device)
+        levels = unpack_codes(self.codebook_levels, lay.codebook_bits, index).reshape(lay.groups, lay.k, lay.dim)
+        self._buffers["codebook"] = grid_values(levels, lay.codebook_bits) * self.codebook_scale.float()
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -194,6 +307,45 @@ class CodedWeight(nn.Module):
         rows = torch.arange(lay.rows, device=self.codes.device) if stored_rows is None else stored_rows
         index = rows[:, None] * lay.segments + torch.arange(lay.segments, device=rows.device)
         return unpack_codes(self.codes, lay.bits, index)
+
+    def positions(self, stored_rows: Tensor | None = None) -> Tensor:
+        """Codeword positions of the given stored rows as (rows, segments, terms) int64, ascending
+        within a sub-vector (the plain index is one term)."""
+        lay = self.layout
+        if not lay.factored:
+            return self.code_matrix(stored_rows)[..., None]
+        rows = torch.arange(lay.rows, device=self.codes.device) if stored_rows is None else stored_rows
+        sub = rows[:, None] * lay.segments + torch.arange(lay.segments, device=rows.device)
+        if lay.masked:
+            mask = unpack_codes(self.codes, 1, sub[..., None] * lay.k + torch.arange(lay.k, device=rows.device))
+            return torch.nonzero(mask)[:, -1].reshape(len(rows), lay.segments, lay.terms)
+        return unpack_codes(self.codes, lay.bits, sub[..., None] * lay.terms + torch.arange(lay.terms, device=rows.device))
+
+    def coefficients(self, stored_rows: Tensor | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Coefficients of the given stored rows as (rows, segments, terms), in codeword units
+        (the row scale still to apply); ones for plain VQ."""
+        lay = self.layout
+        rows = torch.arange(lay.rows, device=self.codes.device) if stored_rows is None else stored_rows
+        shape = (len(rows), lay.segments, lay.terms)
+        if "coef_values" in self._parameters:  # training: the grid projection, straight through
+            values = self.coef_values[rows]
+            return (values if lay.coef_bits == FP16_COEFFICIENTS else on_grid(values, lay.coef_bits)).to(dtype)
+        if lay.coef_bits == 0:
+            return torch.ones(shape, dtype=dtype, device=rows.device)
+        if lay.coef_bits == FP16_COEFFICIENTS:
+            return self.coef[rows].reshape(shape).to(dtype)
+        sub = rows[:, None] * lay.segments + torch.arange(lay.segments, device=rows.device)
+        levels = unpack_codes(self.coef, lay.coef_bits, sub[..., None] * lay.terms + torch.arange(lay.terms, device=rows.device))
+        return grid_values(levels, lay.coef_bits).to(dtype)
+
+    def codewords(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The (groups, k, d) codebooks; while a grid codebook trains, its grid projection with the
+        gradient passed straight through."""
+        lay = self.layout
+        if lay.codebook_bits and "codebook" in self._parameters:
+            scale = self.codebook_scale.float()
+            return (on_grid(self.codebook / scale, lay.codebook_bits) * scale).to(dtype)
+        return self.codebook.to(dtype)
 
     def codebook_of_rows(self, stored_rows: Tensor) -> Tensor:
         """Which codebook group each stored row uses."""
@@ -219,8 +371,11 @@ class CodedWeight(nn.Module):
             values = self.assigner(stored, self.codebook.to(dtype), self.codebook_of_rows(stored))
         elif soft:
             values = self._soft_codewords(rows, stored, dtype)
+        elif lay.factored:
+            picked = self.codewords(dtype)[self.codebook_of_rows(stored)[:, None, None], self.positions(stored)]
+            values = (picked * self.coefficients(stored, dtype)[..., None]).sum(2)
         else:
-            values = self.codebook.to(dtype)[self.codebook_of_rows(stored)[:, None], self.code_matrix(stored)]
+            values = self.codewords(dtype)[self.codebook_of_rows(stored)[:, None], self.code_matrix(stored)]
         values = values.reshape(len(stored), lay.cols)
         if lay.scale_group:
             values = values.reshape(len(stored), lay.cols // lay.scale_group, lay.scale_group) * self.scale[stored].to(dtype)[..., None]
@@ -247,6 +402,8 @@ class CodedWeight(nn.Module):
         With ``importance`` (broadcastable to the weight matrix, original row order) the distance
         weighs each weight's error by it: an activation-aware assignment."""
         lay = self.layout
+        if lay.factored:
+            raise VQCError("a factor-form weight keeps the positions and coefficients its method fitted: no reassignment")
         stored = torch.arange(lay.rows, device=self.codes.device)
         original = self.permutation()
         matrix = self._in_codeword_units(weight.detach().reshape(lay.rows, lay.cols)[original].float(), stored)
@@ -315,16 +472,26 @@ class CodedWeight(nn.Module):
                 self.register_parameter(name, shared[id(buffer)][1])
         if latent is not None:
             self.latent = nn.Parameter(latent.detach().float().reshape(self.layout.shape).clone())
+        if self.layout.coef_bits:  # coefficients train in codeword units, their positions fixed
+            self.coef_values = nn.Parameter(self.coefficients().clone())
 
     def finish_training(self, shared: dict[int, tuple] | None = None) -> None:
         """Keep the current assignment, drop the latent weight, store everything in its stored
         dtype (a parameter several weights hold stays one tensor, given the same ``shared``)."""
         shared = {} if shared is None else shared
+        lay = self.layout
         self._parameters.pop("latent", None)
+        if "coef_values" in self._parameters:
+            self.coef = _pack_coefficients(lay, self._parameters.pop("coef_values").detach())
+        if lay.codebook_bits and "codebook" in self._parameters:  # back onto its grid, same scale
+            levels = grid_levels(self._parameters.pop("codebook").detach() / self.codebook_scale.float(), lay.codebook_bits)
+            self.codebook_levels = pack_codes(levels, lay.codebook_bits).to(self.codebook_levels.device)
+            self.register_buffer("codebook", torch.empty(0), persistent=False)
+            self._derive_codebook()
         for name in TRAINABLE:
             if name in self._parameters:
                 parameter = self._parameters.pop(name)
-                dtype = getattr(torch, self.layout.codebook_dtype if name == "codebook" else self.layout.scale_dtype)
+                dtype = getattr(torch, lay.codebook_dtype if name == "codebook" else lay.scale_dtype)
                 if id(parameter) not in shared:
                     shared[id(parameter)] = (parameter, parameter.detach().to(dtype))
                 self.register_buffer(name, shared[id(parameter)][1])
@@ -333,7 +500,7 @@ class CodedWeight(nn.Module):
         """Exact storage cost: every byte of every buffer this weight stores (a universal codebook
         is stored apart, once for every model)."""
         return sum(b.numel() * b.element_size() * 8 for name, b in self.named_buffers(recurse=False)
-                   if not self._held_apart(name))
+                   if not self._held_apart(name) and name not in self._non_persistent_buffers_set)
 
     def _held_apart(self, name: str) -> bool:
         """Whether buffer ``name`` is a universal codebook: stored in a file of its own, frozen."""
@@ -342,3 +509,29 @@ class CodedWeight(nn.Module):
     def extra_repr(self) -> str:
         lay = self.layout
         return f"shape={lay.shape}, k={lay.k}, d={lay.dim}, groups={lay.groups}, bits/weight={self.nbits() / math.prod(lay.shape):.3f}"
+
+
+def _pack_coefficients(layout: CodeLayout, coefficients: Tensor) -> Tensor:
+    """Coefficients (rows × segments × terms, codeword units) as stored: grid levels bit-packed,
+    or fp16 numbers (rows × segments·terms)."""
+    if layout.coef_bits == FP16_COEFFICIENTS:
+        return coefficients.reshape(layout.rows, -1).to(torch.float16).contiguous()
+    return pack_codes(grid_levels(coefficients, layout.coef_bits), layout.coef_bits).to(coefficients.device)
+
+
+def _pack_terms(layout: CodeLayout, positions: Tensor, coefficients: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """The factor form's positions (rows × segments × terms, distinct within a sub-vector) as
+    indices or a k-bit mask, whichever the layout stores, with their coefficients in the same
+    ascending order of position."""
+    positions = positions.reshape(layout.rows, layout.segments, layout.terms).to(torch.int64)
+    positions, order = positions.sort(-1)
+    if (positions[..., 1:] == positions[..., :-1]).any():
+        raise ValueError("a sub-vector's positions must be distinct")
+    if layout.masked:
+        mask = torch.zeros(layout.rows, layout.segments, layout.k, dtype=torch.int64, device=positions.device)
+        codes = pack_codes(mask.scatter_(-1, positions, 1), 1)
+    else:
+        codes = pack_codes(positions, layout.bits)
+    if not layout.coef_bits:
+        return codes, None
+    return codes, _pack_coefficients(layout, coefficients.reshape(positions.shape).float().gather(-1, order))

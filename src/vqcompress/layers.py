@@ -6,8 +6,9 @@ demand. Two forward paths compute the same function:
 
 - ``"decode"``: decode the weight, then the ordinary matmul / conv;
 - ``"lut"``: the lookup-table product. For each input segment x_b and codeword c the table
-  P[b, c] = <x_b, c> is computed once; an output is then a sum of table entries picked by codes.
-  Convolutions apply it to im2col patches.
+  P[b, c] = <x_b, c> is computed once; an output is then a sum of table entries picked by codes
+  (in the factor form W = Z·C this is the factorised path: x·Cᵀ first, then the sparse Z, each
+  pick times its coefficient). Convolutions apply it to im2col patches.
 """
 
 from __future__ import annotations
@@ -42,14 +43,15 @@ def lut_matmul(x: Tensor, code: CodedWeight, input_groups: int = 1) -> Tensor:
     lay = code.layout
     batch, dtype, device = x.shape[0], x.dtype, x.device
     segments = x.reshape(batch, input_groups, lay.segments, lay.dim)
-    table = torch.einsum("bjsd,gkd->bjgsk", segments, code.codebook.to(dtype))
+    table = torch.einsum("bjsd,gkd->bjgsk", segments, code.codewords(dtype))
     stored = torch.arange(lay.rows, device=device)
     original = code.permutation()
     input_group = original // (lay.rows // input_groups)  # conv groups follow the original row order
     block = input_group * lay.groups + code.codebook_of_rows(stored)
     seg = torch.arange(lay.segments, device=device)
-    index = (block[:, None] * lay.segments + seg) * lay.k + code.code_matrix()
-    picked = table.reshape(batch, math.prod(table.shape[1:]))[:, index]  # (batch, rows, segments)
+    index = ((block[:, None] * lay.segments + seg) * lay.k)[..., None] + code.positions()
+    picked = table.reshape(batch, math.prod(table.shape[1:]))[:, index]  # (batch, rows, segments, terms)
+    picked = (picked * code.coefficients(dtype=dtype)).sum(-1) if lay.factored else picked[..., 0]
     if lay.scale_group:
         picked = picked * code.scale.to(dtype)[:, seg * lay.dim // lay.scale_group]
     y = picked.sum(-1)

@@ -59,4 +59,4 @@ def reject_unknown(options: dict, known: set[str], method: str) -> None:
         raise VQCError(f"{method} does not take option(s) {', '.join(sorted(unknown))}; it takes {', '.join(sorted(known))}")
 
 
-from . import jlcm, kmeans, rtn, vq4all, vqdnn  # noqa: E402,F401  (registers the built-in methods)
+from . import jlcm, kmeans, qswd, rtn, vq4all, vqdnn  # noqa: E402,F401  (registers the built-in methods)

@@ -1,0 +1,339 @@
+"""``qswd``: quantized sparse weight decomposition, W ≈ Z · C.
+
+The weight (each row over its RMS) is cut into N sub-vectors of length d along the inputs (the
+rows of W in the factor form); each is ``Σ_t z_t · C[p_t]`` over ``terms`` (s) distinct
+codewords of a k × d dictionary C (``coded.py`` stores it). Special cases: s = 1 with unit
+coefficients is k-means VQ; a dense, unquantized Z with k < d is a truncated SVD; real
+coefficients with s < k are sparse PCA.
+
+Fitting minimises the error weighted by each input's energy (Σx², from calibration data when
+given): C starts from weighted k-means (or the top right singular vectors, k ≤ d), Z from
+orthogonal matching pursuit. Then, ``iterations`` times, projected gradient descent: C by
+least squares (the gradient step with the exact step length), Z by a gradient step projected
+onto its s largest entries per row, its coefficients then refitted on that support (hard
+thresholding pursuit; a sub-vector keeps its old support when the new one is worse, so the
+error never grows). Last, the projections onto the quantization grids: coefficients onto
+odd multiples of a per-row step (the row scale), C onto its b_c-bit grid, each refitted to
+the other twice; the row scales by least squares. Unit coefficients (b_z = 0) replace the
+gradient step by a greedy choice of s distinct codewords (Lloyd's algorithm when s = 1).
+
+``--bits`` picks (d, k, s, b_z) from ``RATE_TABLE`` and says which; the options override it.
+Fine-tuning then trains C, the coefficients and the row scales through the grid projections
+(straight through) with the positions fixed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..calibrate import InputStatistics
+from ..codebook import kmeans
+from ..coded import (FP16_COEFFICIENTS, MAX_GRID_BITS, CodedWeight, CodeLayout, codebook_grid_scale, grid_levels,
+                     grid_values)
+from ..errors import VQCError
+from . import register, reject_unknown
+
+OPTIONS = {"dim", "k", "terms", "coef_bits", "codebook_bits", "init", "iterations", "scale"}
+CHUNK = 1 << 15  # sub-vectors per step: bounds the (chunk × k) gradient
+GRID_ROUNDS = 2  # coefficient ↔ codebook refits on their grids
+RIDGE = 1e-6
+
+#: Index bits per weight (positions and coefficients, no codebook or scales) → (d, k, s, b_z):
+#: the setting with the least weight error at that rate on MiniLM's first feed-forward layer
+#: (1536 × 384, 8 iterations; each rate's alternatives are in docs/methods.md). Plain VQ (s = 1,
+#: unit coefficients) at a short d wins most rates there; a quantized gain per sub-vector
+#: (s = 1, b_z = 2) wins at 1.25, 2.5 and 5 bits; more terms (s ≥ 2) won at no rate.
+RATE_TABLE: list[tuple[float, tuple[int, int, int, int]]] = [
+    (0.375, (16, 64, 1, 0)),
+    (0.5, (16, 256, 1, 0)),
+    (0.625, (8, 16, 1, 1)),
+    (0.75, (8, 64, 1, 0)),
+    (1.0, (8, 256, 1, 0)),
+    (1.25, (8, 256, 1, 2)),
+    (1.5, (4, 64, 1, 0)),
+    (2.0, (4, 256, 1, 0)),
+    (2.5, (4, 256, 1, 2)),
+    (3.0, (2, 64, 1, 0)),
+    (4.0, (2, 256, 1, 0)),
+    (5.0, (2, 256, 1, 2)),
+    (6.0, (1, 64, 1, 0)),
+]
+
+
+def index_bits(dim: int, k: int, terms: int, coef_bits: int) -> float:
+    """Bits per weight of positions and coefficients (indices or a mask, whichever is smaller)."""
+    positions = min(terms * max(1, math.ceil(math.log2(k))), k) if terms > 1 or coef_bits else math.ceil(math.log2(k))
+    return (positions + terms * coef_bits) / dim
+
+
+class QSWD:
+    name = "qswd"
+    learns_assignments = False  # positions stay as fitted; codebook, coefficients and scales train
+    needs_training = False
+
+    def settings(self, shape: tuple[int, ...], bits: float | None, options: dict) -> dict:
+        reject_unknown(options, OPTIONS, self.name)
+        cols = math.prod(shape[1:])
+        given = {key: int(options[key]) for key in ("dim", "k", "terms", "coef_bits") if options.get(key) is not None}
+        if bits is None and len(given) < 4:
+            raise VQCError("qswd needs --bits, or all of dim, k, terms and coef_bits (-O terms=… -O coef_bits=…)")
+        if bits is not None and bits <= 0:
+            raise VQCError(f"a bit budget must be positive, got {bits}")
+        picked = given if len(given) == 4 else self._from_budget(bits, shape, given, options)
+        settings = {
+            **picked, "codebook_bits": int(options.get("codebook_bits", 8)), "init": options.get("init", "kmeans"),
+            "iterations": int(options.get("iterations", 8)), "scale": options.get("scale", "row"),
+        }
+        if settings["init"] not in ("kmeans", "svd"):
+            raise VQCError(f"qswd init must be 'kmeans' or 'svd', got {settings['init']!r}")
+        if settings["init"] == "svd" and settings["k"] > settings["dim"]:
+            raise VQCError(f"an SVD start needs k ≤ d, got k = {settings['k']}, d = {settings['dim']}")
+        if settings["scale"] not in ("row", "none"):
+            raise VQCError(f"qswd scale must be 'row' or 'none', got {settings['scale']!r}")
+        if settings["scale"] == "none" and 0 < settings["coef_bits"] <= MAX_GRID_BITS:
+            raise VQCError("coefficients on a grid need row scales (their step): drop scale=none or use coef_bits 0 or 16")
+        if settings["terms"] > settings["k"]:
+            raise VQCError(f"s = {settings['terms']} terms per sub-vector exceed the k = {settings['k']} codewords")
+        if cols % settings["dim"]:
+            raise VQCError(f"d = {settings['dim']} does not divide the {cols} inputs of shape {tuple(shape)}")
+        cost = self.bits_per_weight(shape, settings)
+        if bits is not None and cost > bits + 1e-9:
+            raise VQCError(f"qswd with d={settings['dim']}, k={settings['k']}, s={settings['terms']}, "
+                           f"b_z={settings['coef_bits']}, b_c={settings['codebook_bits']} costs {cost:.3f} bits per weight "
+                           f"on shape {tuple(shape)}, above --bits {bits}")
+        return settings
+
+    @staticmethod
+    def bits_per_weight(shape: tuple[int, ...], settings: dict) -> float:
+        """The exact cost: positions, coefficients, codebook (and its scale) and row scales."""
+        rows, cols = shape[0], math.prod(shape[1:])
+        codebook = settings["k"] * settings["dim"] * (settings["codebook_bits"] or 16) + 16 * bool(settings["codebook_bits"])
+        scales = 16 * rows if settings["scale"] == "row" else 0
+        return index_bits(settings["dim"], settings["k"], settings["terms"], settings["coef_bits"]) + (codebook + scales) / (rows * cols)
+
+    def _from_budget(self, bits: float, shape: tuple[int, ...], given: dict, options: dict) -> dict:
+        """The richest ``RATE_TABLE`` row whose total cost on this layer fits the budget (the
+        codebook and scales counted), with any option the user gave kept."""
+        base = {"codebook_bits": int(options.get("codebook_bits", 8)), "scale": options.get("scale", "row")}
+        cols = math.prod(shape[1:])
+        for _, (dim, k, terms, coef_bits) in reversed(RATE_TABLE):
+            picked = {"dim": dim, "k": k, "terms": terms, "coef_bits": coef_bits} | given
+            while cols % picked["dim"] and picked["dim"] > 1 and "dim" not in given:
+                picked["dim"] //= 2
+            fits_rows = shape[0] * cols // picked["dim"] >= picked["k"]
+            if cols % picked["dim"] == 0 and fits_rows and self.bits_per_weight(shape, base | picked) <= bits + 1e-9:
+                return picked
+        raise VQCError(f"no qswd setting fits {bits} bits per weight on shape {tuple(shape)} with its codebook and "
+                       f"row scales counted: raise --bits or set dim, k, terms and coef_bits")
+
+    def layout(self, shape: tuple[int, ...], settings: dict) -> CodeLayout:
+        layout = CodeLayout(tuple(shape), k=settings["k"], dim=settings["dim"], terms=settings["terms"],
+                            coef_bits=settings["coef_bits"], codebook_bits=settings["codebook_bits"],
+                            scale_group=math.prod(shape[1:]) if settings["scale"] == "row" else None)
+        layout.validate()
+        if layout.rows * layout.segments < layout.k:
+            raise VQCError(f"k = {layout.k} codewords exceed the {layout.rows * layout.segments} sub-vectors of shape "
+                           f"{layout.shape}: lower k or d")
+        return layout
+
+    def fit(self, weight: Tensor, settings: dict, seed: int, inputs: InputStatistics | None = None) -> CodedWeight:
+        layout = self.layout(tuple(weight.shape), settings)
+        matrix = weight.reshape(layout.rows, layout.cols).float().cpu()
+        rms = _row_rms(matrix) if layout.scale_group else torch.ones(layout.rows, 1)
+        importance = torch.ones(1, layout.cols) if inputs is None else inputs.importance().cpu().float()
+        importance = importance / importance.mean().clamp_min(1e-30)
+        problem = Problem(matrix / rms, (importance * rms.square()).expand(layout.rows, layout.cols), layout.dim)
+        codebook = problem.initial_codebook(layout.k, settings["init"], seed)
+        unit = layout.coef_bits == 0
+        support, coefs = problem.pursue(codebook, layout.terms, unit)
+        for _ in range(settings["iterations"]):
+            codebook = problem.codebook_step(support, coefs, codebook)
+            support, coefs = problem.support_step(codebook, support, coefs, layout.terms, unit)
+        codebook, support, coefs, step = problem.onto_grids(codebook, support, coefs, layout)
+        scale = None if layout.scale_group is None else problem.row_scales(codebook, support, coefs, step) * rms
+        return CodedWeight.encode(layout, codebook[None], support.reshape(layout.rows, layout.segments, -1), scale,
+                                  coefficients=coefs.reshape(layout.rows, layout.segments, -1))
+
+
+class Problem:
+    """Sub-vectors ``points`` (N × d) and their error weights, with the steps that fit Z and C.
+    Z is held as ``support`` (N × s positions) and ``coefs`` (N × s values)."""
+
+    def __init__(self, matrix: Tensor, weights: Tensor, dim: int):
+        self.rows = matrix.shape[0]
+        self.points = matrix.reshape(-1, dim).contiguous()
+        self.weights = weights.reshape(-1, dim).contiguous()
+
+    def chunks(self) -> list[slice]:
+        return [slice(i, min(i + CHUNK, len(self.points))) for i in range(0, len(self.points), CHUNK)]
+
+    def initial_codebook(self, k: int, init: str, seed: int) -> Tensor:
+        """Weighted k-means (faiss), or the top-k right singular vectors of the weighted points."""
+        if init == "svd":
+            scaled = self.points * self.weights.sqrt()
+            _, _, vh = torch.linalg.svd(scaled.T.double() @ scaled.double())
+            return vh[:k].float()
+        centroids = kmeans(self.points.numpy(), k, seed, weights=self.weights.mean(1).numpy())
+        return torch.from_numpy(np.ascontiguousarray(centroids))
+
+    def errors(self, codebook: Tensor, support: Tensor, coefs: Tensor, part: slice) -> Tensor:
+        """Weighted squared error of each sub-vector of ``part`` (``support`` and ``coefs`` its own)."""
+        approx = (codebook[support] * coefs[..., None]).sum(1)
+        return ((self.points[part] - approx).square() * self.weights[part]).sum(1)
+
+    def solve(self, codebook: Tensor, support: Tensor, part: slice) -> Tensor:
+        """Least-squares coefficients of each sub-vector of ``part`` on its given support."""
+        atoms = codebook[support]  # (n, s, d)
+        w = self.weights[part]
+        gram = torch.einsum("nsd,nd,ntd->nst", atoms, w, atoms)
+        target = torch.einsum("nsd,nd->ns", atoms, w * self.points[part])
+        ridge = RIDGE * gram.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-12)
+        gram = gram + ridge[:, None, None] * torch.eye(support.shape[1])
+        return torch.linalg.solve(gram, target)
+
+    def pursue(self, codebook: Tensor, terms: int, unit: bool) -> tuple[Tensor, Tensor]:
+        """Orthogonal matching pursuit (or, with unit coefficients, greedy distinct codewords)."""
+        support = torch.empty(len(self.points), terms, dtype=torch.int64)
+        coefs = torch.empty(len(self.points), terms)
+        for part in self.chunks():
+            support[part], coefs[part] = self._pursue_part(codebook, terms, unit, part)
+        return support, coefs
+
+    def _pursue_part(self, codebook: Tensor, terms: int, unit: bool, part: slice) -> tuple[Tensor, Tensor]:
+        points, w = self.points[part], self.weights[part]
+        residual = points.clone()
+        chosen = torch.zeros(len(points), codebook.shape[0], dtype=torch.bool)
+        support = torch.empty(len(points), terms, dtype=torch.int64)
+        energy = w @ codebook.square().T  # (n, k): weighted |c|²
+        for t in range(terms):
+            correlation = (w * residual) @ codebook.T
+            score = 2 * correlation - energy if unit else correlation.square() / energy.clamp_min(1e-30)
+            support[:, t] = score.masked_fill(chosen, -math.inf).argmax(1)
+            chosen.scatter_(1, support[:, t:t + 1], True)
+            coefs = torch.ones(len(points), t + 1) if unit else self.solve(codebook, support[:, :t + 1], part)
+            residual = points - (codebook[support[:, :t + 1]] * coefs[..., None]).sum(1)
+        return support, coefs
+
+    def codebook_step(self, support: Tensor, coefs: Tensor, codebook: Tensor) -> Tensor:
+        """Weighted least squares for C given Z, one k × k system per dimension (a ridge towards
+        the current C keeps unused codewords where they are)."""
+        k, dim = codebook.shape
+        gram = torch.zeros(dim, k * k, dtype=torch.float64)
+        target = torch.zeros(dim, k, dtype=torch.float64)
+        for part in self.chunks():
+            s, z, w = support[part], coefs[part].double(), self.weights[part].double()
+            pairs = (s[:, :, None] * k + s[:, None, :]).reshape(-1)
+            products = (z[:, :, None] * z[:, None, :]).reshape(len(z), -1)
+            gram.index_add_(1, pairs, (products[:, :, None] * w[:, None, :]).reshape(-1, dim).T)
+            target.index_add_(1, s.reshape(-1), (z[:, :, None] * (w * self.points[part].double())[:, None, :]).reshape(-1, dim).T)
+        gram = gram.reshape(dim, k, k)
+        ridge = RIDGE * gram.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-12)
+        eye = torch.eye(k, dtype=torch.float64)
+        solved = torch.linalg.solve(gram + ridge[:, None, None] * eye, (target + ridge[:, None] * codebook.double().T)[..., None])
+        return solved[..., 0].T.float().contiguous()
+
+    def support_step(self, codebook: Tensor, support: Tensor, coefs: Tensor, terms: int, unit: bool) -> tuple[Tensor, Tensor]:
+        """One projected gradient step on Z (hard thresholding pursuit), kept where it helps."""
+        support, coefs = support.clone(), coefs.clone()
+        lipschitz = torch.linalg.eigvalsh(codebook.T @ codebook)[-1]  # ‖C‖₂²
+        for part in self.chunks():
+            residual = self.points[part] - (codebook[support[part]] * coefs[part, :, None]).sum(1)
+            if unit:
+                new_support, new_coefs = self._pursue_part(codebook, terms, True, part)
+            else:
+                dense = torch.zeros(len(residual), codebook.shape[0]).scatter_(1, support[part], coefs[part])
+                step = 1 / (lipschitz * self.weights[part].amax(1, keepdim=True)).clamp_min(1e-30)
+                dense += step * ((self.weights[part] * residual) @ codebook.T)
+                new_support = dense.abs().topk(terms, dim=1).indices
+                new_coefs = self.solve(codebook, new_support, part)
+            old_error = (residual.square() * self.weights[part]).sum(1)
+            better = self.errors(codebook, new_support, new_coefs, part) < old_error
+            support[part][better], coefs[part][better] = new_support[better], new_coefs[better]
+        return support, coefs
+
+    def onto_grids(self, codebook: Tensor, support: Tensor, coefs: Tensor, layout: CodeLayout) -> tuple[Tensor, Tensor, Tensor]:
+        """Project Z and C onto their grids: each row's coefficient step from its real
+        coefficients, then, twice, every term re-chosen (codeword and grid coefficient together,
+        the others held) and C refitted and projected. Returns C on its grid, the support, the
+        coefficients in grid units and each row's step."""
+        quantized, step = _coefficients_on_grid(coefs, self.rows, layout.coef_bits)
+        per_point = _per_point(step, coefs)
+        for _ in range(GRID_ROUNDS):
+            if 0 < layout.coef_bits <= MAX_GRID_BITS:
+                for part in self.chunks():
+                    support[part], quantized[part] = self._terms_on_grid(codebook, support[part], quantized[part],
+                                                                         per_point[part], layout.coef_bits, part)
+            codebook = _codebook_on_grid(self.codebook_step(support, quantized * per_point, codebook), layout.codebook_bits)
+        return codebook, support, quantized, step
+
+    def _terms_on_grid(self, codebook: Tensor, support: Tensor, levels: Tensor, step: Tensor, bits: int,
+                       part: slice) -> tuple[Tensor, Tensor]:
+        """Each term in turn takes the codeword and grid coefficient that best fit what the other
+        terms leave (its current choice is among them, so the error never grows)."""
+        points, w = self.points[part], self.weights[part]
+        support, levels = support.clone(), levels.clone()
+        energy = w @ codebook.square().T  # (n, k)
+        approx = (codebook[support] * (levels * step)[..., None]).sum(1)
+        for t in range(support.shape[1]):
+            residual = points - approx + codebook[support[:, t]] * (levels[:, t:t + 1] * step)
+            best = ((w * residual) @ codebook.T) / energy.clamp_min(1e-30) / step
+            candidates = grid_values(grid_levels(best, bits), bits)
+            fitted = candidates * step
+            gain = 2 * fitted * ((w * residual) @ codebook.T) - fitted.square() * energy
+            free = torch.ones_like(gain, dtype=torch.bool).scatter_(1, support, False).scatter_(1, support[:, t:t + 1], True)
+            pick = gain.masked_fill(~free, -math.inf).argmax(1, keepdim=True)
+            support[:, t:t + 1], levels[:, t:t + 1] = pick, candidates.gather(1, pick)
+            approx = points - residual + codebook[pick[:, 0]] * (levels[:, t:t + 1] * step)
+        return support, levels
+
+    def row_scales(self, codebook: Tensor, support: Tensor, coefs: Tensor, step: Tensor) -> Tensor:
+        """Each row's scale by weighted least squares on its quantized approximation (``step``,
+        the coefficient step, where that fails)."""
+        approx = (codebook[support] * coefs[..., None]).sum(1).reshape(self.rows, -1)
+        points, w = self.points.reshape(self.rows, -1), self.weights.reshape(self.rows, -1)
+        factor = (w * points * approx).sum(1) / (w * approx.square()).sum(1).clamp_min(1e-30)
+        return torch.where(factor[:, None] > 0, factor[:, None], step)
+
+
+def _per_point(step: Tensor, coefs: Tensor) -> Tensor:
+    """A per-row step (rows × 1) spread over that row's sub-vectors (N × 1)."""
+    return step.repeat_interleave(len(coefs) // len(step), dim=0)
+
+
+def _coefficients_on_grid(coefs: Tensor, rows: int, bits: int) -> tuple[Tensor, Tensor]:
+    """Coefficients in grid units and each row's step: odd multiples of the step that fits the
+    row best (a search of 0.3 … 1 × absmax / (2^bits − 1)); fp16 numbers; or ones."""
+    ones = torch.ones(rows, 1)
+    if bits == 0:
+        return torch.ones_like(coefs), ones
+    if bits == FP16_COEFFICIENTS:
+        return coefs.half().float(), ones
+    per_row = coefs.reshape(rows, -1)
+    absmax = per_row.abs().amax(1, keepdim=True).clamp_min(1e-12) / (2**bits - 1)
+    best, best_error = absmax, torch.full_like(absmax, math.inf)
+    for shrink in torch.linspace(0.3, 1.0, 8):
+        step = absmax * shrink
+        error = (grid_values(grid_levels(per_row / step, bits), bits) * step - per_row).square().sum(1, keepdim=True)
+        best = torch.where(error < best_error, step, best)
+        best_error = torch.minimum(error, best_error)
+    return grid_values(grid_levels(per_row / best, bits), bits).reshape(coefs.shape), best
+
+
+def _codebook_on_grid(codebook: Tensor, bits: int) -> Tensor:
+    """C projected onto its grid (as ``CodedWeight.encode`` will store it), or left as is."""
+    if not bits:
+        return codebook
+    scale = codebook_grid_scale(codebook[None], bits)[0]
+    return grid_values(grid_levels(codebook / scale, bits), bits) * scale
+
+
+def _row_rms(matrix: Tensor) -> Tensor:
+    """Each row's RMS (rows × 1), kept > 0: the units the sub-vectors are fitted in."""
+    return matrix.square().mean(1, keepdim=True).sqrt().clamp_min(1e-12)
+
+
+register(QSWD())
