@@ -308,3 +308,77 @@ def test_warm_soft_assignment_trains_latent_and_codebook():
     assert code.latent.grad.abs().sum() > 0 and code.codebook.grad.abs().sum() > 0
     code.temperature = 1e-4
     assert not torch.allclose(code.decode(), trained_code(1.0)[0].decode())  # warm mixes, cold picks
+
+
+# -- the factor form ------------------------------------------------------------------------------
+
+FACTOR_FORMS = [  # (terms, coefficient bits, codebook bits, k): index and mask positions, grids, fp16
+    (2, 3, 0, 16), (5, 16, 6, 8), (1, 2, 4, 256), (3, 0, 0, 8), (6, 1, 3, 8),
+]
+
+
+def _factored(shape: tuple[int, ...], terms: int, coef_bits: int, codebook_bits: int, k: int,
+              seed: int = 0) -> tuple[CodedWeight, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(seed)
+    cols = math.prod(shape[1:])
+    layout = CodeLayout(shape, k=k, dim=4, scale_group=cols, terms=terms, coef_bits=coef_bits, codebook_bits=codebook_bits)
+    positions = torch.stack([torch.randperm(k)[:terms] for _ in range(layout.rows * layout.segments)])
+    coefficients = torch.randn(len(positions), terms) * 3
+    code = CodedWeight.encode(layout, torch.randn(1, k, 4), positions.reshape(layout.rows, layout.segments, terms),
+                              torch.rand(layout.rows) + 0.5, coefficients=coefficients)
+    return code, positions, coefficients
+
+
+@pytest.mark.parametrize("form", FACTOR_FORMS)
+def test_factor_form_stores_what_it_was_given(form):
+    terms, coef_bits, codebook_bits, k = form
+    code, positions, coefficients = _factored((12, 16), *form)
+    order = positions.argsort(-1)
+    assert torch.equal(code.positions().reshape(-1, terms), positions.gather(1, order))
+    stored = code.coefficients().reshape(-1, terms)
+    given = coefficients.gather(1, order)
+    if coef_bits == 16:
+        assert torch.equal(stored, given.half().float())
+    elif coef_bits:  # the nearest odd multiple within the grid
+        top = 2**coef_bits - 1
+        assert torch.equal(stored, (2 * torch.round((given.clamp(-top, top) + top) / 2) - top))
+    else:
+        assert torch.equal(stored, torch.ones_like(stored))
+    if codebook_bits:
+        levels = code.codebook / code.codebook_scale.float()
+        assert torch.equal(levels, levels.round()) and levels.abs().max() <= 2**codebook_bits - 1
+    assert code.layout.masked == (terms * code.layout.bits > k)
+
+
+@pytest.mark.parametrize("form", FACTOR_FORMS)
+def test_factor_form_round_trips_and_counts_every_stored_byte(form):
+    code, _, _ = _factored((12, 16), *form)
+    state = {name: tensor.clone() for name, tensor in code.state_dict().items()}
+    assert "codebook" not in state if form[2] else "codebook" in state  # a grid codebook is its levels
+    shell = CodedWeight.empty(code.layout)
+    assert {n: (t.shape, t.dtype) for n, t in shell.state_dict().items()} == {n: (t.shape, t.dtype) for n, t in state.items()}
+    shell.load_state_dict(state)
+    assert torch.equal(shell.decode(), code.decode())
+    assert code.nbits() == sum(t.numel() * t.element_size() * 8 for t in state.values())
+
+
+@pytest.mark.parametrize("form", FACTOR_FORMS)
+def test_factor_form_trains_through_its_grids_and_lands_back_on_them(form):
+    code, _, _ = _factored((12, 16), *form)
+    target = code.decode() + 0.1 * torch.randn(12, 16)
+    code.start_training()
+    optimiser = torch.optim.Adam(code.parameters(), lr=1e-3)
+    before = (code.decode() - target).square().sum()
+    for _ in range(20):
+        optimiser.zero_grad()
+        loss = (code.decode() - target).square().sum()
+        loss.backward()
+        optimiser.step()
+    trained = code.decode().detach()
+    code.finish_training()
+    assert not list(code.parameters())
+    assert torch.allclose(code.decode(), trained, atol=1e-2 * trained.abs().max())
+    assert (code.decode() - target).square().sum() < before
+    shell = CodedWeight.empty(code.layout)
+    shell.load_state_dict(code.state_dict())
+    assert torch.equal(shell.decode(), code.decode())

@@ -119,3 +119,19 @@ def test_whole_model_round_trip_with_exact_bits(tmp_path, options):
         assert row.bits_per_weight == pytest.approx(expected, abs=1e-3)
         assert bits is None or row.bits_per_weight <= bits
     assert report.total_bits <= path.stat().st_size * 8
+
+
+def test_fine_tuning_trains_factors_with_positions_fixed():
+    from tests.test_finetune import batch_at, distillation_loss, mlp
+    from vqcompress.finetune import classification_task, finetune
+
+    teacher = mlp()
+    student = vqc.compress(mlp(), "qswd", dim=8, k=16, terms=2, coef_bits=2, codebook_bits=4, progress=False)
+    codes = [layer.weight_code for _, layer in iter_coded(student)]
+    positions = [code.positions() for code in codes]
+    sizes = [code.nbits() for code in codes]
+    before = distillation_loss(student, teacher)
+    finetune(student, teacher, classification_task(), batch_at, steps=60, lr=3e-3, progress=False)
+    assert distillation_loss(student, teacher) < 0.9 * before
+    assert all(torch.equal(p, code.positions()) for p, code in zip(positions, codes))
+    assert [code.nbits() for code in codes] == sizes and not any(list(code.parameters()) for code in codes)

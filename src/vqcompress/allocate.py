@@ -114,7 +114,7 @@ def has_levels(job) -> bool:
 
 def _options(job, inputs: InputStatistics | None, seed: int, gain: float) -> list[Option]:
     """The job's options by level, cheapest first, each dearer one strictly better (the hull)."""
-    found = [Option(settings, CodedWeight.empty(layout).nbits(), gain * _measure(job, inputs, layout, seed))
+    found = [Option(settings, CodedWeight.empty(layout).nbits(), gain * _measure(job, inputs, settings, layout, seed))
              for settings, layout in _level_settings(job)]
     if not found:
         raise VQCError(f"{job.name}: no bit level in {LEVELS} fits shape {tuple(job.module.weight.shape)}")
@@ -126,19 +126,23 @@ def _options(job, inputs: InputStatistics | None, seed: int, gain: float) -> lis
     return hull
 
 
-def _measure(job, inputs: InputStatistics | None, layout: CodeLayout, seed: int) -> float:
-    """Relative output error of a quick weighted k-means with the layout's d, k and row scaling,
-    on sampled rows."""
+def _measure(job, inputs: InputStatistics | None, settings: dict, layout: CodeLayout, seed: int) -> float:
+    """Relative output error on sampled rows of a quick fit: the method's own where it offers
+    one (``quick_settings``), else a weighted k-means with the layout's d, k and row scaling."""
     from .methods.kmeans import KMeans
 
     weight = job.module.weight.detach().float().reshape(job.module.weight.shape[0], -1)
     stats = inputs or InputStatistics(gram=torch.eye(weight.shape[1]))
     rows = _sample_rows(weight, stats, seed)
     sample = stats if stats.gram is not None else InputStatistics(row_weight=stats.row_weight[rows])
-    quick = {"dim": layout.dim, "k": min(layout.k, len(rows) * layout.segments), "groups": 1, "shared": 0,
-             "scale": "row" if layout.scale_group == layout.cols else "none", "iterations": 3,
-             "max_points_per_centroid": 64}
-    code = KMeans().fit(weight[rows], quick, seed, sample)
+    k = min(layout.k, len(rows) * layout.segments)
+    if hasattr(job.method, "quick_settings"):
+        method, quick = job.method, job.method.quick_settings(settings) | {"k": k}
+    else:
+        method, quick = KMeans(), {"dim": layout.dim, "k": k, "groups": 1, "shared": 0, "iterations": 3,
+                                   "scale": "row" if layout.scale_group == layout.cols else "none",
+                                   "max_points_per_centroid": 64}
+    code = method.fit(weight[rows], quick, seed, sample)
     difference = code.decode().reshape(len(rows), -1) - weight[rows]
     return float(sample.error(difference) / sample.error(weight[rows]).clamp_min(1e-30))
 

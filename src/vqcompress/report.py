@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .coded import CodeLayout
 from .io import manifest_of, model_tensors, read_manifest
 
 CODE_PART = ".weight_code."
@@ -33,6 +34,7 @@ class CodedRow:
     dim: int
     weights: int
     bits: int
+    form: str = "index"  # or the factor form's settings (``CodeLayout.describe_form``)
 
     @property
     def bits_per_weight(self) -> float:
@@ -99,9 +101,11 @@ class Report:
         return dict(Counter(_fold_numbers(r.name) for r in self.dense))
 
     def __str__(self) -> str:
-        lines = [f"{'layer':<48} {'method':<8} {'shape':<16} {'k':>6} {'d':>3} {'bits/w':>7} {'share':>6}"]
+        forms = any(r.form != "index" for r in self.coded)
+        lines = [f"{'layer':<48} {'method':<8} {'shape':<16} {'k':>6} {'d':>3} {'bits/w':>7} {'share':>6}"
+                 + ("  form" if forms else "")]
         lines += [f"{r.name:<48} {r.method:<8} {'×'.join(map(str, r.shape)):<16} {r.k:>6} {r.dim:>3} {r.bits_per_weight:>7.3f} "
-                  f"{100 * r.bits / max(1, self.total_bits):>5.1f}%" for r in self.coded]
+                  f"{100 * r.bits / max(1, self.total_bits):>5.1f}%" + (f"  {r.form}" if forms else "") for r in self.coded]
         dense_params = self.parameters - self.coded_weights
         lines += [
             f"left uncompressed: {len(self.dense)} tensors, {dense_params:,} parameters, "
@@ -141,7 +145,8 @@ def _build(manifest: dict, shapes: dict[str, tuple[str, tuple[int, ...]]], file_
         if lay.get("codebook_sha256"):
             universal[lay["codebook_sha256"]] = 16 * lay["k"] * lay["dim"]  # fp16 codewords
         coded.append(CodedRow(name, entry["recipe"].get("method", "?"), tuple(lay["shape"]), lay["k"], lay["dim"],
-                              math.prod(lay["shape"]), sum(bits(t) for t in parts)))
+                              math.prod(lay["shape"]), sum(bits(t) for t in parts),
+                              CodeLayout.from_json(lay).describe_form()))
     dense = [DenseRow(n, shapes[n][1], shapes[n][0], bits(n)) for n in sorted(shapes) if n not in owned]
     parameters = sum(r.weights for r in coded) + sum(math.prod(r.shape) for r in dense if r.dtype in FLOAT_DTYPES)
     return Report(coded, dense, parameters, file_bytes, manifest.get("aliases", {}), universal)

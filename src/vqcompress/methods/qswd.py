@@ -130,6 +130,11 @@ class QSWD:
         raise VQCError(f"no qswd setting fits {bits} bits per weight on shape {tuple(shape)} with its codebook and "
                        f"row scales counted: raise --bits or set dim, k, terms and coef_bits")
 
+    @staticmethod
+    def quick_settings(settings: dict) -> dict:
+        """For the model-average budget's measurements: the same form, fitted in one pass."""
+        return settings | {"iterations": 1}
+
     def layout(self, shape: tuple[int, ...], settings: dict) -> CodeLayout:
         layout = CodeLayout(tuple(shape), k=settings["k"], dim=settings["dim"], terms=settings["terms"],
                             coef_bits=settings["coef_bits"], codebook_bits=settings["codebook_bits"],
