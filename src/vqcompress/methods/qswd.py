@@ -40,6 +40,7 @@ from . import register, reject_unknown
 OPTIONS = {"dim", "k", "terms", "coef_bits", "codebook_bits", "init", "iterations", "scale"}
 CHUNK = 1 << 15  # sub-vectors per step: bounds the (chunk × k) gradient
 GRID_ROUNDS = 2  # coefficient ↔ codebook refits on their grids
+GRID_CANDIDATES = 8  # codewords a term weighs on the grid: the best ones for a real coefficient
 RIDGE = 1e-6
 
 #: Index bits per weight (positions and coefficients, no codebook or scales) → (d, k, s, b_z):
@@ -57,9 +58,13 @@ RATE_TABLE: list[tuple[float, tuple[int, int, int, int]]] = [
     (1.5, (4, 64, 1, 0)),
     (2.0, (4, 256, 1, 0)),
     (2.5, (4, 256, 1, 2)),
+    (2.75, (4, 256, 1, 3)),
     (3.0, (2, 64, 1, 0)),
+    (3.5, (2, 128, 1, 0)),
     (4.0, (2, 256, 1, 0)),
+    (4.5, (2, 256, 1, 1)),
     (5.0, (2, 256, 1, 2)),
+    (5.5, (2, 256, 1, 3)),
     (6.0, (1, 64, 1, 0)),
 ]
 
@@ -86,7 +91,7 @@ class QSWD:
         picked = given if len(given) == 4 else self._from_budget(bits, shape, given, options)
         settings = {
             **picked, "codebook_bits": int(options.get("codebook_bits", 8)), "init": options.get("init", "kmeans"),
-            "iterations": int(options.get("iterations", 8)), "scale": options.get("scale", "row"),
+            "iterations": int(options.get("iterations", 4)), "scale": options.get("scale", "row"),
         }
         if settings["init"] not in ("kmeans", "svd"):
             raise VQCError(f"qswd init must be 'kmeans' or 'svd', got {settings['init']!r}")
@@ -196,9 +201,7 @@ class Problem:
         w = self.weights[part]
         gram = torch.einsum("nsd,nd,ntd->nst", atoms, w, atoms)
         target = torch.einsum("nsd,nd->ns", atoms, w * self.points[part])
-        ridge = RIDGE * gram.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-12)
-        gram = gram + ridge[:, None, None] * torch.eye(support.shape[1])
-        return torch.linalg.solve(gram, target)
+        return _solve_spd(gram, target[..., None])[..., 0]
 
     def pursue(self, codebook: Tensor, terms: int, unit: bool) -> tuple[Tensor, Tensor]:
         """Orthogonal matching pursuit (or, with unit coefficients, greedy distinct codewords)."""
@@ -236,19 +239,19 @@ class Problem:
             gram.index_add_(1, pairs, (products[:, :, None] * w[:, None, :]).reshape(-1, dim).T)
             target.index_add_(1, s.reshape(-1), (z[:, :, None] * (w * self.points[part].double())[:, None, :]).reshape(-1, dim).T)
         gram = gram.reshape(dim, k, k)
-        ridge = RIDGE * gram.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-12)
-        eye = torch.eye(k, dtype=torch.float64)
-        solved = torch.linalg.solve(gram + ridge[:, None, None] * eye, (target + ridge[:, None] * codebook.double().T)[..., None])
+        ridge = _ridge(gram)
+        solved = _solve_spd(gram, (target + ridge[:, None] * codebook.double().T)[..., None])
         return solved[..., 0].T.float().contiguous()
 
     def support_step(self, codebook: Tensor, support: Tensor, coefs: Tensor, terms: int, unit: bool) -> tuple[Tensor, Tensor]:
-        """One projected gradient step on Z (hard thresholding pursuit), kept where it helps."""
+        """One projected gradient step on Z (hard thresholding pursuit), kept where it helps; one
+        term is simply the best codeword with its least-squares coefficient."""
         support, coefs = support.clone(), coefs.clone()
         lipschitz = torch.linalg.eigvalsh(codebook.T @ codebook)[-1]  # ‖C‖₂²
         for part in self.chunks():
             residual = self.points[part] - (codebook[support[part]] * coefs[part, :, None]).sum(1)
-            if unit:
-                new_support, new_coefs = self._pursue_part(codebook, terms, True, part)
+            if unit or terms == 1:  # the exact best choice (one term), or the greedy one
+                new_support, new_coefs = self._pursue_part(codebook, terms, unit, part)
             else:
                 dense = torch.zeros(len(residual), codebook.shape[0]).scatter_(1, support[part], coefs[part])
                 step = 1 / (lipschitz * self.weights[part].amax(1, keepdim=True)).clamp_min(1e-30)
@@ -278,21 +281,25 @@ class Problem:
     def _terms_on_grid(self, codebook: Tensor, support: Tensor, levels: Tensor, step: Tensor, bits: int,
                        part: slice) -> tuple[Tensor, Tensor]:
         """Each term in turn takes the codeword and grid coefficient that best fit what the other
-        terms leave (its current choice is among them, so the error never grows)."""
+        terms leave, among its current codeword and the ``GRID_CANDIDATES`` best for real
+        coefficients (the current choice is among them, so the error never grows)."""
         points, w = self.points[part], self.weights[part]
         support, levels = support.clone(), levels.clone()
         energy = w @ codebook.square().T  # (n, k)
         approx = (codebook[support] * (levels * step)[..., None]).sum(1)
         for t in range(support.shape[1]):
             residual = points - approx + codebook[support[:, t]] * (levels[:, t:t + 1] * step)
-            best = ((w * residual) @ codebook.T) / energy.clamp_min(1e-30) / step
-            candidates = grid_values(grid_levels(best, bits), bits)
-            fitted = candidates * step
-            gain = 2 * fitted * ((w * residual) @ codebook.T) - fitted.square() * energy
-            free = torch.ones_like(gain, dtype=torch.bool).scatter_(1, support, False).scatter_(1, support[:, t:t + 1], True)
-            pick = gain.masked_fill(~free, -math.inf).argmax(1, keepdim=True)
-            support[:, t:t + 1], levels[:, t:t + 1] = pick, candidates.gather(1, pick)
-            approx = points - residual + codebook[pick[:, 0]] * (levels[:, t:t + 1] * step)
+            correlation = (w * residual) @ codebook.T
+            taken = torch.zeros_like(correlation, dtype=torch.bool).scatter_(1, support, True)
+            taken.scatter_(1, support[:, t:t + 1], False)  # the other terms' codewords
+            score = (correlation.square() / energy.clamp_min(1e-30)).masked_fill(taken, -math.inf)
+            candidates = torch.cat([support[:, t:t + 1], score.topk(min(GRID_CANDIDATES, score.shape[1]), dim=1).indices], 1)
+            c, e = correlation.gather(1, candidates), energy.gather(1, candidates).clamp_min(1e-30)
+            grid = grid_values(grid_levels(c / e / step, bits), bits)
+            gain = (2 * grid * step * c - (grid * step).square() * e).masked_fill(taken.gather(1, candidates), -math.inf)
+            pick = gain.argmax(1, keepdim=True)
+            support[:, t:t + 1], levels[:, t:t + 1] = candidates.gather(1, pick), grid.gather(1, pick)
+            approx = points - residual + codebook[support[:, t]] * (levels[:, t:t + 1] * step)
         return support, levels
 
     def row_scales(self, codebook: Tensor, support: Tensor, coefs: Tensor, step: Tensor) -> Tensor:
@@ -302,6 +309,18 @@ class Problem:
         points, w = self.points.reshape(self.rows, -1), self.weights.reshape(self.rows, -1)
         factor = (w * points * approx).sum(1) / (w * approx.square()).sum(1).clamp_min(1e-30)
         return torch.where(factor[:, None] > 0, factor[:, None], step)
+
+
+def _ridge(gram: Tensor) -> Tensor:
+    """A ridge per system, small against its diagonal: a codeword no sub-vector uses stays put."""
+    return RIDGE * gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)
+
+
+def _solve_spd(gram: Tensor, target: Tensor) -> Tensor:
+    """Solve the (batched) normal equations ``(gram + ridge) x = target`` by Cholesky."""
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype)
+    factor, _ = torch.linalg.cholesky_ex(gram + _ridge(gram)[..., None, None] * eye)
+    return torch.cholesky_solve(target, factor)
 
 
 def _per_point(step: Tensor, coefs: Tensor) -> Tensor:
