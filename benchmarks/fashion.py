@@ -47,17 +47,24 @@ BUDGETS = {
 MODEL_OPTIONS = {"fashion-cnn": {"scale": "row"}, "fashion-vit": {"shared": 1}}
 STEPS = 4000
 DKM_STEPS = 1000
+# The rate–distortion curve (fashion-cnn, no training; the first and last layer by kmeans' 4-bit
+# scalar codebooks for every method): each method's budgets from 0.5 to 6 bits per weight.
+RATES = {"qswd": (0.6, 0.85, 1.1, 1.6, 2.1, 3.1, 4.1, 5.1, 6.1), "kmeans": (0.5, 1, 1.5, 2, 3, 4, 6),
+         "rtn": (1, 2, 3, 4, 6), "jlcm": (1.1, 2.1, 3.1, 4.1, 6.1)}
 LR = {"kmeans": 1e-4, "vqdnn": 1e-4, "dkm": 1e-4}
 BATCHES = (1, 8, 64)
 REPEATS = 15
 RESUME_STEPS = 300
 
 
-def plan_for(model_name: str):
+def plan_for(model_name: str, edge_method: str | None = None):
+    """Every layer by the method under test, but the first and last at 4-bit scalar codebooks
+    (by ``edge_method`` where given: the rate–distortion rows keep them alike for every method)."""
     from vqcompress.plan import Plan
 
     first, last = MODELS[model_name]
-    return Plan(by_name={".*": {}, **{f"{name}": dict(EDGE_SPEC) for name in (first, last)}})
+    edge = dict(EDGE_SPEC) | ({"method": edge_method} if edge_method else {})
+    return Plan(by_name={".*": {}, **{f"{name}": dict(edge) for name in (first, last)}})
 
 
 def training_batches(device: str):
@@ -78,17 +85,21 @@ def run_fp32(model_name: str, device: str) -> dict:
             "model_bits_per_weight": 32.0, "parameters": sum(p.numel() for p in model.parameters())}
 
 
-def run_ours(model_name: str, method: str, bits: float, steps: int, device: str, assignments: str = "ste") -> dict:
-    """Compress with vqcompress, write the file, reload it (on CPU), score it."""
+def run_ours(model_name: str, method: str, bits: float, steps: int, device: str, assignments: str = "ste",
+             edge_method: str | None = None) -> dict:
+    """Compress with vqcompress, write the file, reload it (on CPU), score it. jlcm always learns
+    on the training images; the model's options are kmeans' (and vqdnn's, which starts from it)."""
     import vqcompress as vqc
     from vqcompress.models import load_model
     from vqcompress.models.fashion import accuracy
 
     model, _ = load_model(model_name)
     start = time.perf_counter()
-    vqc.compress(model.to(device), method, bits=bits, plan=plan_for(model_name), progress=False, finetune_steps=steps,
-                 calibration=training_batches(device) if steps else None, lr=LR[method], assignments=assignments,
-                 **MODEL_OPTIONS[model_name])
+    calibrated = bool(steps) or method == "jlcm"
+    options = MODEL_OPTIONS[model_name] if method in ("kmeans", "vqdnn") else {}
+    vqc.compress(model.to(device), method, bits=bits, plan=plan_for(model_name, edge_method), progress=False,
+                 finetune_steps=steps, calibration=training_batches(device) if calibrated else None,
+                 lr=LR.get(method, LR["kmeans"]), assignments=assignments, **options)
     seconds = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as workdir:
         path = Path(workdir) / "model.vqc"
@@ -136,6 +147,12 @@ def accuracy_configs() -> list[dict]:
     return configs
 
 
+def rate_configs() -> list[dict]:
+    """The rate–distortion rows: fashion-cnn by each method at each budget, no training."""
+    return [{"model": "fashion-cnn", "budget": "rate", "method": method, "steps": 0, "bits": bits}
+            for method, rates in RATES.items() for bits in rates]
+
+
 def measure(config: dict, device: str) -> dict:
     """One accuracy configuration (in a child process of its own)."""
     import torch
@@ -147,7 +164,8 @@ def measure(config: dict, device: str) -> dict:
     elif method == "coremltools-dkm":
         row = run_dkm(model, config["n_bits"], config["cluster_dim"], steps, device)
     else:
-        row = run_ours(model, method, config["bits"], steps, device, config.get("assignments", "ste"))
+        row = run_ours(model, method, config["bits"], steps, device, config.get("assignments", "ste"),
+                       "kmeans" if config["budget"] == "rate" else None)
     gpu = torch.cuda.get_device_name() if device.startswith("cuda") else None
     return {**config, **row, "zoo": zoo_build(model), "device": device, "gpu": gpu, "machine": machine(), "date": now()}
 
@@ -305,7 +323,7 @@ def flop_rows() -> list[dict]:
     return rows
 
 
-PARTS = ("flops", "resume", "rows")
+PARTS = ("flops", "resume", "rows", "rate")
 
 
 def selected(models: list[str] | None, budgets: list[str] | None) -> list[dict]:
@@ -322,7 +340,7 @@ def main() -> None:
     parser.add_argument("--only", choices=PARTS, help="re-measure one part, keep the others from the last run")
     parser.add_argument("--device", default="cpu", help="where the accuracy runs train (cuda when there is one)")
     parser.add_argument("--jobs", type=int, default=1, help="accuracy runs at a time, each its own process")
-    parser.add_argument("--missing", action="store_true", help="with --only rows: keep the last run's rows and "
+    parser.add_argument("--missing", action="store_true", help="with --only rows|rate: keep the last run's rows and "
                         "measure only configurations without one for the zoo build at hand")
     parser.add_argument("--model", action="append", help="accuracy rows of this model only (repeatable)")
     parser.add_argument("--budget", action="append", help="accuracy rows of this budget only, e.g. fp32 or '≤ 1.6'")
@@ -341,10 +359,13 @@ def main() -> None:
         result["machine"] = machine()
     result.update({"suite": "fashion", "steps": STEPS, "dkm_steps": DKM_STEPS, "lr": LR,
                    "model_options": MODEL_OPTIONS, "budgets": BUDGETS, "edge_spec": EDGE_SPEC, "edge_layers": MODELS})
-    earlier = result.get("rows") if args.missing else None
+    def rows_of(part: str, configs: list[dict]) -> Callable[[], list[dict]]:
+        earlier = result.get(part) if args.missing else None
+        return lambda: accuracy_rows(configs, args.device, args.jobs, earlier,
+                                     keep=lambda rows: write_json(RESULTS, {**result, part: rows}))
+
     measure_part = {"flops": flop_rows, "resume": resume_check,
-                    "rows": lambda: accuracy_rows(selected(args.model, args.budget), args.device, args.jobs, earlier,
-                                                  keep=lambda rows: write_json(RESULTS, {**result, "rows": rows}))}
+                    "rows": rows_of("rows", selected(args.model, args.budget)), "rate": rows_of("rate", rate_configs())}
     for part in parts:
         result.setdefault("measured", {})[part] = now()
         result[part] = measure_part[part]()

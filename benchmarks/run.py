@@ -41,6 +41,9 @@ FINETUNE_STEPS = 300  # kmeans + the fine-tuning engine: distillation on Lee bac
 # 1536). HQQ keeps an fp32 scale and zero per group, so it costs nbits + 64/384 bits/w (2.167 at 2
 # bits), and 3-bit codes pack ten to 32 bits (3.2 bits/w before the scales: 3.389 in all).
 HQQ_MATCHED_GROUP = 384
+# qswd's budgets along the rate–distortion curve: a ceiling per layer with codebook and scales counted, so
+# 0.1 above each rate of its table (the measured bits are what the plot shows).
+RATES = (0.6, 0.85, 1.1, 1.6, 2.1, 3.1, 4.1, 5.1, 6.1)
 # Settings keys the bench reads itself and does not pass on to vqcompress.compress.
 BENCH_KEYS = ("calib",)
 
@@ -64,6 +67,12 @@ CONFIGS = [
     *({"method": "kmeans", "settings": {"bits": b, "scale": "row", "calib": True}} for b in (2.1, 3.1)),
     *({"method": "coremltools-skm", "settings": {"n_bits": b}} for b in (2, 3)),
     *({"method": "hqq", "settings": {"nbits": b, "group_size": HQQ_MATCHED_GROUP}} for b in (2, 3)),
+    # the rate–distortion curve from 0.5 to 6 bits per weight: qswd against kmeans, rtn and jlcm
+    *({"method": "qswd", "settings": {"bits": b}} for b in RATES),
+    *({"method": "qswd", "settings": {"bits": b, "calib": True}} for b in (2.1, 4.1)),
+    *({"method": "kmeans", "settings": {"bits": b}} for b in (0.5, 5, 6)),
+    *({"method": "rtn", "settings": {"bits": b, "group_size": GROUP_SIZE}} for b in (1, 5, 6)),
+    *({"method": "jlcm", "settings": {"bits": b}} for b in (1.1, 4.1, 6.1)),
 ]
 
 TIMED_COMMAND = ["compress", "minilm", "--method", "kmeans", "--bits", "2", "--quiet"]
@@ -150,7 +159,7 @@ def compressors() -> dict:
     """
     from . import peers
 
-    return {"fp32": fp32, "kmeans": ours("kmeans"), "rtn": ours("rtn"), "jlcm": ours("jlcm"),
+    return {"fp32": fp32, "kmeans": ours("kmeans"), "rtn": ours("rtn"), "jlcm": ours("jlcm"), "qswd": ours("qswd"),
             "coremltools": peer(peers.coreml_palettize), "hqq": peer(peers.hqq_quantize),
             "coremltools-skm": peer(peers.skm_palettize_calibrated)}
 

@@ -90,8 +90,8 @@ class QSWD:
             raise VQCError(f"a bit budget must be positive, got {bits}")
         picked = given if len(given) == 4 else self._from_budget(bits, shape, given, options)
         settings = {
-            **picked, "codebook_bits": int(options.get("codebook_bits", 8)), "init": options.get("init", "kmeans"),
-            "iterations": int(options.get("iterations", 4)), "scale": options.get("scale", "row"),
+            "scale": options.get("scale", "row"), **picked, "codebook_bits": int(options.get("codebook_bits", 8)),
+            "init": options.get("init", "kmeans"), "iterations": int(options.get("iterations", 4)),
         }
         if settings["init"] not in ("kmeans", "svd"):
             raise VQCError(f"qswd init must be 'kmeans' or 'svd', got {settings['init']!r}")
@@ -122,16 +122,22 @@ class QSWD:
 
     def _from_budget(self, bits: float, shape: tuple[int, ...], given: dict, options: dict) -> dict:
         """The richest ``RATE_TABLE`` row whose total cost on this layer fits the budget (the
-        codebook and scales counted), with any option the user gave kept."""
-        base = {"codebook_bits": int(options.get("codebook_bits", 8)), "scale": options.get("scale", "row")}
-        cols = math.prod(shape[1:])
-        for _, (dim, k, terms, coef_bits) in reversed(RATE_TABLE):
-            picked = {"dim": dim, "k": k, "terms": terms, "coef_bits": coef_bits} | given
-            while cols % picked["dim"] and picked["dim"] > 1 and "dim" not in given:
+        codebook and scales counted), with any option the user gave kept; on a layer too small
+        for a row's codebook, that row with fewer codewords, then without row scales."""
+        cols, codebook_bits = math.prod(shape[1:]), int(options.get("codebook_bits", 8))
+        for rate, row in reversed(RATE_TABLE):
+            picked = dict(zip(("dim", "k", "terms", "coef_bits"), row)) | given
+            if rate > bits and not given:
+                continue
+            while cols % picked["dim"] and "dim" not in given:
                 picked["dim"] //= 2
-            fits_rows = shape[0] * cols // picked["dim"] >= picked["k"]
-            if cols % picked["dim"] == 0 and fits_rows and self.bits_per_weight(shape, base | picked) <= bits + 1e-9:
-                return picked
+            scales = [options["scale"]] if "scale" in options else ["row", "none"][:1 + (picked["coef_bits"] in (0, 16))]
+            ks = [picked["k"]] if "k" in given else [picked["k"] >> i for i in range(int(math.log2(picked["k"])))]
+            for scale, k in ((scale, k) for scale in scales for k in ks if k >= picked["terms"]):
+                candidate = picked | {"k": k, "scale": scale, "codebook_bits": codebook_bits}
+                if (shape[0] * cols // picked["dim"] >= k
+                        and self.bits_per_weight(shape, candidate) <= bits + 1e-9):
+                    return picked | {"k": k, "scale": scale}
         raise VQCError(f"no qswd setting fits {bits} bits per weight on shape {tuple(shape)} with its codebook and "
                        f"row scales counted: raise --bits or set dim, k, terms and coef_bits")
 
