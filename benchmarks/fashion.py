@@ -292,13 +292,17 @@ def positions(layer, x) -> int:
     return x.shape[0] * out.shape[-1] * out.shape[-2]
 
 
+# The factor form's FLOPs and times: fashion-cnn coded by qswd with two weighted terms per
+# sub-vector (d = 4, k = 16, 2-bit coefficients: 4 bits per weight), first and last layer as above.
+FACTOR_FORM = {"dim": 4, "k": 16, "terms": 2, "coef_bits": 2}
+
+
 def flop_rows() -> list[dict]:
-    """Every coded layer at the ≤ 1.6 budget (kmeans: the layout is what counts), batch 1, 8, 64."""
+    """Every coded layer at the ≤ 1.6 budget (kmeans: the layout is what counts), and fashion-cnn
+    in the factor form (qswd), batch 1, 8, 64."""
     import copy
 
     import vqcompress as vqc
-    from vqcompress.flops import layer_flops
-    from vqcompress.layers import iter_coded
     from vqcompress.models import load_model
 
     rows = []
@@ -306,20 +310,32 @@ def flop_rows() -> list[dict]:
         dense, _ = load_model(model_name)
         coded = vqc.compress(copy.deepcopy(dense), "kmeans", bits=BUDGETS[model_name]["≤ 1.6"]["bits"],
                              plan=plan_for(model_name), progress=False, **MODEL_OPTIONS[model_name])
-        layers = dict(iter_coded(coded))
-        for batch in BATCHES:
-            inputs = layer_inputs(dense, list(layers), batch)
-            for name, layer in layers.items():
-                x, lay = inputs[name], layer.weight_code.layout
-                flops = layer_flops(layer, positions(layer, x))
-                times = {"dense": median_seconds(lambda: dense.get_submodule(name)(x))}
-                for path in ("decode", "lut"):
-                    layer.set_forward_path(path)
-                    times[path] = median_seconds(lambda: layer(x))
-                rows.append({"model": model_name, "layer": name, "batch": batch, "shape": list(lay.shape),
-                             "k": lay.k, "dim": lay.dim, **flops.to_json(),
-                             **{f"{p}_ms": 1000 * s for p, s in times.items()}})
-        print(f"{model_name}: FLOPs and times of {len(layers)} layers", file=sys.stderr, flush=True)
+        rows += _timed_layers(model_name, "kmeans", dense, coded)
+    dense, _ = load_model("fashion-cnn")
+    factored = vqc.compress(copy.deepcopy(dense), "qswd", plan=plan_for("fashion-cnn", "kmeans"), progress=False,
+                            **FACTOR_FORM)
+    return rows + _timed_layers("fashion-cnn", "qswd", dense, factored)
+
+
+def _timed_layers(model_name: str, method: str, dense, coded) -> list[dict]:
+    """FLOPs and median times (dense layer, decode path, lookup-table path) of every coded layer."""
+    from vqcompress.flops import layer_flops
+    from vqcompress.layers import iter_coded
+
+    rows, layers = [], dict(iter_coded(coded))
+    for batch in BATCHES:
+        inputs = layer_inputs(dense, list(layers), batch)
+        for name, layer in layers.items():
+            x, lay = inputs[name], layer.weight_code.layout
+            flops = layer_flops(layer, positions(layer, x))
+            times = {"dense": median_seconds(lambda: dense.get_submodule(name)(x))}
+            for path in ("decode", "lut"):
+                layer.set_forward_path(path)
+                times[path] = median_seconds(lambda: layer(x))
+            rows.append({"model": model_name, "method": method, "layer": name, "batch": batch, "shape": list(lay.shape),
+                         "k": lay.k, "dim": lay.dim, "form": lay.describe_form(), **flops.to_json(),
+                         **{f"{p}_ms": 1000 * s for p, s in times.items()}})
+    print(f"{model_name}, {method}: FLOPs and times of {len(layers)} layers", file=sys.stderr, flush=True)
     return rows
 
 

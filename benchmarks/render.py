@@ -21,7 +21,10 @@ PLOT = "minilm_rate_distortion.png"
 SPEARMAN = ("lee", "wordsim353", "simlex999")
 NAMES = {"fp32": "fp32 (reference)", "kmeans": "vqcompress kmeans", "rtn": "vqcompress rtn",
          "jlcm": "vqcompress jlcm", "coremltools": "coremltools PTP", "coremltools-skm": "coremltools SKM",
-         "hqq": "HQQ"}
+         "hqq": "HQQ", "qswd": "vqcompress qswd"}
+RD_PLOT = "rate_distortion.png"
+RD_METHODS = ("qswd", "kmeans", "jlcm", "rtn")  # the rate–distortion comparison, data-free rows but jlcm
+RD_TOLERANCE = 0.01  # qswd at ≥ 4 bits: the best, or within 1% of the best at no more bits (5% slack)
 
 
 def line_name(row: dict) -> str:
@@ -187,10 +190,11 @@ def fashion_resume(resume: dict) -> list[str]:
 
 
 def fashion_flops(rows: list[dict]) -> list[str]:
-    lines = ["| model | layer | shape | k | d | batch | dense mult | LUT mult | mult ratio | dense adds | LUT adds "
-             "| dense ms | decode ms | LUT ms |", "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    lines = ["| model | method | layer | shape | k | d | form | batch | dense mult | LUT mult | mult ratio | dense adds "
+             "| LUT adds | dense ms | decode ms | LUT ms |", "|---|---|---|---|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['layer']} | {'×'.join(map(str, r['shape']))} | {r['k']} | {r['dim']} "
+        lines.append(f"| {r['model']} | {r.get('method', 'kmeans')} | {r['layer']} | {'×'.join(map(str, r['shape']))} "
+                     f"| {r['k']} | {r['dim']} | {r.get('form', 'index')} "
                      f"| {r['batch']} | {r['dense_multiplies']:,} | {r['lut_multiplies']:,} | {r['multiply_ratio']:.2f} "
                      f"| {r['dense_adds']:,} | {r['lut_adds']:,} | {r['dense_ms']:.3f} | {r['decode_ms']:.3f} "
                      f"| {r['lut_ms']:.3f} |")
@@ -315,6 +319,67 @@ def universal_markdown(result: dict) -> list[str]:
     return lines + [""]
 
 
+def rd_curves(minilm: dict, fashion: dict | None) -> list[tuple[str, str, dict[str, list[tuple[float, float]]]]]:
+    """(model, quality name, {method: [(bits, quality)]}) for the rate–distortion comparison:
+    MiniLM's plain rows (no row scale, calibration or fine-tuning; jlcm as it always is) by cosine
+    at whole-model bits, fashion-cnn's rate rows by accuracy at coded bits."""
+    plain = [r for r in minilm["rows"] if r["method"] in RD_METHODS and not (set(r["settings"]) - {"bits", "group_size"})]
+    curves = [("minilm", "cosine", {m: sorted((r["model_bits_per_weight"], r["cosine"]) for r in plain if r["method"] == m)
+                                    for m in RD_METHODS})]
+    if fashion and fashion.get("rate"):
+        curves.append(("fashion-cnn", "accuracy %", {m: sorted((r["coded_bits_per_weight"], r["accuracy"])
+                                                               for r in fashion["rate"] if r["method"] == m)
+                                                     for m in RD_METHODS}))
+    return curves
+
+
+def rd_verdicts(curve: dict[str, list[tuple[float, float]]]) -> list[str]:
+    """For each qswd point at ≥ 4 bits: the best point of any method at no more bits (5% slack)."""
+    lines = []
+    for bits, quality in (p for p in curve["qswd"] if p[0] >= 3.9):
+        rivals = [(q, m, b) for m, points in curve.items() for b, q in points if b <= bits * 1.05]
+        best, method, at = max(rivals)
+        ok = quality >= best * (1 - RD_TOLERANCE)
+        lines.append(f"- qswd at {bits:.3f} bits: {quality:.4g}; best at ≤ {bits * 1.05:.2f} bits: {method} "
+                     f"{best:.4g} ({at:.3f} bits) → {'met' if ok else 'NOT met'} (within 1%)")
+    return lines
+
+
+def rd_markdown(minilm: dict, fashion: dict | None) -> list[str]:
+    lines = ["## Rate–distortion: qswd against kmeans, jlcm and rtn, 0.5 to 6 bits per weight", "",
+             "Each method at its own budgets, measured from the files (x: MiniLM whole model, fashion-cnn coded "
+             "layers, whose first and last layer are 4-bit scalar codebooks for every method); qswd's budget is a "
+             "per-layer ceiling with its codebook and scales counted. jlcm learns on calibration data; the others "
+             "here use none. Target: qswd the best, or within 1% of the best, at 4 bits and above.", "",
+             f"![rate–distortion]({RD_PLOT})", ""]
+    for model, name, curve in rd_curves(minilm, fashion):
+        lines += [f"**{model}** ({name})", "", "| method | bits/w → quality |", "|---|---|"]
+        lines += [f"| {m} | " + ", ".join(f"{b:.2f} → {q:.4g}" for b, q in points) + " |" for m, points in curve.items()]
+        lines += ["", *rd_verdicts(curve), ""]
+    return lines
+
+
+def plot_rate_distortion(minilm: dict, fashion: dict | None, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = rd_curves(minilm, fashion)
+    figure, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4.8), squeeze=False)
+    for axis, (model, name, curve) in zip(axes[0], curves):
+        for method, points in curve.items():
+            axis.plot([b for b, _ in points], [q for _, q in points], marker="o", label=NAMES[method])
+        axis.set_xlabel("bits per weight")
+        axis.set_ylabel(name)
+        axis.set_title(model)
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def markdown(result: dict) -> str:
     rows = result["rows"]
     lines = [
@@ -332,8 +397,11 @@ def markdown(result: dict) -> str:
         "### Timing: `vqc compress`, kmeans at 2 bits", "", *timing_section(result["timing"]), "",
         "### Machine", "", *machine_lines(result), "",
     ]
-    if FASHION.exists():
-        lines += fashion_markdown(json.loads(FASHION.read_text()))
+    fashion = json.loads(FASHION.read_text()) if FASHION.exists() else None
+    if fashion:
+        lines += fashion_markdown(fashion)
+    if any(r["method"] == "qswd" for r in rows):
+        lines += rd_markdown(result, fashion)
     if UNIVERSAL.exists():
         lines += universal_markdown(json.loads(UNIVERSAL.read_text()))
     return "\n".join(lines)
@@ -377,6 +445,8 @@ def main() -> None:
     result = json.loads(RESULT.read_text())
     DOCS.mkdir(exist_ok=True)
     plot(result, DOCS / PLOT)
+    if any(r["method"] == "qswd" for r in result["rows"]):
+        plot_rate_distortion(result, json.loads(FASHION.read_text()) if FASHION.exists() else None, DOCS / RD_PLOT)
     (DOCS / "benchmarks.md").write_text(markdown(result))
 
 

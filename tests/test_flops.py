@@ -43,3 +43,13 @@ def test_rtn_offsets_cost_group_sums():
     flops = layer_flops(coded(nn.Linear(64, 8), k=4, dim=1, scale_group=16, offset=True), positions=1)
     assert flops.lut_multiplies == 64 * 4 + 8 * 4 + 8 * 4
     assert flops.lut_adds == 8 * 63 + 4 * 15 + 8 * 4  # d = 1: no adds inside the table
+
+
+def test_factor_form_sums_s_weighted_picks_per_sub_vector():
+    layer = nn.Linear(64, 32)
+    lay = CodeLayout((32, 64), k=16, dim=4, terms=3, coef_bits=2, scale_group=64)
+    positions = torch.stack([torch.randperm(16)[:3] for _ in range(32 * 16)]).reshape(32, 16, 3)
+    code = CodedWeight.encode(lay, torch.randn(1, 16, 4), positions, torch.ones(32), coefficients=torch.ones(32, 16, 3))
+    flops = layer_flops(coded_from_dense(layer, code), positions=1)
+    assert flops.lut_multiplies == 16 * 16 * 4 + 32 * 16 * 3 + 32  # table, coefficients, row scales
+    assert flops.lut_adds == 16 * 16 * 3 + 32 * (16 * 3 - 1)

@@ -2,7 +2,8 @@
 
 Counts are per call for ``positions`` input vectors (batch × tokens for a Linear, batch × output
 pixels for a convolution). The lookup table costs ``k·n`` multiplies per (input group, codebook)
-pair instead of ``m·n``: it pays when k is small against the number of output rows m.
+pair instead of ``m·n``: it pays when k is small against the number of output rows m. In the
+factor form (W = Z·C) each output sums s picks per sub-vector, each times its coefficient.
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ def layer_flops(layer: CodedLayer, positions: int) -> Flops:
     m, n, d, k = lay.rows, lay.cols, lay.dim, lay.k
     segments = n // d
     tables = _table_pairs(layer)
-    lut_mul = tables * segments * k * d
-    lut_add = tables * segments * k * (d - 1) + m * (segments - 1)
+    picks = segments * lay.terms  # table entries summed per output (the factor form: s per sub-vector)
+    lut_mul = tables * segments * k * d + (m * picks if lay.coef_bits else 0)  # each pick × its coefficient
+    lut_add = tables * segments * k * (d - 1) + m * (picks - 1)
     if lay.scale_group:  # sum each scale group's segments, then one multiply per row and group
         groups = n // lay.scale_group
         lut_mul += m * groups
