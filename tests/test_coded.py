@@ -215,6 +215,7 @@ def test_empty_has_same_buffers_and_loads(case):
 def test_nbits_is_every_stored_byte(case):
     code = CodedWeight.encode(case[0], *case[1:])
     assert code.nbits() == 8 * sum(t.numel() * t.element_size() for t in code.state_dict().values())
+    assert case[0].nbits() == code.nbits()  # known from the layout alone
 
 
 def test_nbits_hand_count():
@@ -359,7 +360,7 @@ def test_factor_form_round_trips_and_counts_every_stored_byte(form):
     assert {n: (t.shape, t.dtype) for n, t in shell.state_dict().items()} == {n: (t.shape, t.dtype) for n, t in state.items()}
     shell.load_state_dict(state)
     assert torch.equal(shell.decode(), code.decode())
-    assert code.nbits() == sum(t.numel() * t.element_size() * 8 for t in state.values())
+    assert code.nbits() == sum(t.numel() * t.element_size() * 8 for t in state.values()) == code.layout.nbits()
 
 
 @pytest.mark.parametrize("form", FACTOR_FORMS)

@@ -157,6 +157,27 @@ class CodeLayout:
         """Bits of the positions of one sub-vector."""
         return self.k if self.masked else self.terms * self.bits
 
+    def nbits(self) -> int:
+        """Exact bits of the buffers a weight of this layout stores (``CodedWeight.nbits`` of it),
+        known before any fitting: what budgets are checked against."""
+        def packed(values: int, width: int) -> int:
+            return 8 * ((values * width + 7) // 8)
+
+        sub_vectors = self.rows * self.segments
+        if self.codebook_sha256 is not None:
+            codebook = 0
+        elif self.codebook_bits:
+            codebook = packed(self.groups * self.k * self.dim, self.codebook_bits) + 16 * self.groups
+        else:
+            codebook = self.groups * self.k * self.dim * getattr(torch, self.codebook_dtype).itemsize * 8
+        codes = packed(sub_vectors, self.position_bits if self.factored else self.bits)
+        coefficients = (16 * sub_vectors * self.terms if self.coef_bits == FP16_COEFFICIENTS
+                        else packed(sub_vectors * self.terms, self.coef_bits))
+        scale_bits = getattr(torch, self.scale_dtype).itemsize * 8
+        scales = self.rows * (self.cols // self.scale_group) * scale_bits * (1 + self.offset) if self.scale_group else 0
+        return (codebook + codes + coefficients + scales + (packed(self.rows, code_bits(self.rows)) if self.permuted else 0)
+                + (scale_bits if self.gain else 0))
+
     def describe_form(self) -> str:
         """One line for reports: plain index, or the factor form with its settings."""
         if not self.factored and not self.codebook_bits:

@@ -69,12 +69,6 @@ RATE_TABLE: list[tuple[float, tuple[int, int, int, int]]] = [
 ]
 
 
-def index_bits(dim: int, k: int, terms: int, coef_bits: int) -> float:
-    """Bits per weight of positions and coefficients (indices or a mask, whichever is smaller)."""
-    positions = min(terms * max(1, math.ceil(math.log2(k))), k) if terms > 1 or coef_bits else math.ceil(math.log2(k))
-    return (positions + terms * coef_bits) / dim
-
-
 class QSWD:
     name = "qswd"
     learns_assignments = False  # positions stay as fitted; codebook, coefficients and scales train
@@ -115,10 +109,7 @@ class QSWD:
     @staticmethod
     def bits_per_weight(shape: tuple[int, ...], settings: dict) -> float:
         """The exact cost: positions, coefficients, codebook (and its scale) and row scales."""
-        rows, cols = shape[0], math.prod(shape[1:])
-        codebook = settings["k"] * settings["dim"] * (settings["codebook_bits"] or 16) + 16 * bool(settings["codebook_bits"])
-        scales = 16 * rows if settings["scale"] == "row" else 0
-        return index_bits(settings["dim"], settings["k"], settings["terms"], settings["coef_bits"]) + (codebook + scales) / (rows * cols)
+        return _layout(shape, settings).nbits() / math.prod(shape)
 
     def _from_budget(self, bits: float, shape: tuple[int, ...], given: dict, options: dict) -> dict:
         """The richest ``RATE_TABLE`` row whose total cost on this layer fits the budget (the
@@ -147,9 +138,7 @@ class QSWD:
         return settings | {"iterations": 1}
 
     def layout(self, shape: tuple[int, ...], settings: dict) -> CodeLayout:
-        layout = CodeLayout(tuple(shape), k=settings["k"], dim=settings["dim"], terms=settings["terms"],
-                            coef_bits=settings["coef_bits"], codebook_bits=settings["codebook_bits"],
-                            scale_group=math.prod(shape[1:]) if settings["scale"] == "row" else None)
+        layout = _layout(shape, settings)
         layout.validate()
         if layout.rows * layout.segments < layout.k:
             raise VQCError(f"k = {layout.k} codewords exceed the {layout.rows * layout.segments} sub-vectors of shape "
@@ -315,6 +304,12 @@ class Problem:
         points, w = self.points.reshape(self.rows, -1), self.weights.reshape(self.rows, -1)
         factor = (w * points * approx).sum(1) / (w * approx.square()).sum(1).clamp_min(1e-30)
         return torch.where(factor[:, None] > 0, factor[:, None], step)
+
+
+def _layout(shape: tuple[int, ...], settings: dict) -> CodeLayout:
+    return CodeLayout(tuple(shape), k=settings["k"], dim=settings["dim"], terms=settings["terms"],
+                      coef_bits=settings["coef_bits"], codebook_bits=settings["codebook_bits"],
+                      scale_group=math.prod(shape[1:]) if settings["scale"] == "row" else None)
 
 
 def _ridge(gram: Tensor) -> Tensor:
