@@ -50,7 +50,8 @@ DKM_STEPS = 1000
 # The rate–distortion curve (fashion-cnn, no training; the first and last layer by kmeans' 4-bit
 # scalar codebooks for every method): each method's budgets from 0.5 to 6 bits per weight.
 RATES = {"qswd": (0.6, 0.85, 1.1, 1.6, 2.1, 3.1, 4.1, 5.1, 6.1), "kmeans": (0.5, 1, 1.5, 2, 3, 4, 6),
-         "rtn": (1, 2, 3, 4, 6), "jlcm": (1.1, 2.1, 3.1, 4.1, 6.1)}
+         "rtn": (1, 2, 3, 4), "jlcm": (1.1, 2.1, 3.1, 4.1, 6.1)}
+RTN_GROUP = 16  # the largest group dividing every coded layer's inputs (144, 288, 3136): 2 bits of scales
 LR = {"kmeans": 1e-4, "vqdnn": 1e-4, "dkm": 1e-4}
 BATCHES = (1, 8, 64)
 REPEATS = 15
@@ -96,7 +97,8 @@ def run_ours(model_name: str, method: str, bits: float, steps: int, device: str,
     model, _ = load_model(model_name)
     start = time.perf_counter()
     calibrated = bool(steps) or method == "jlcm"
-    options = MODEL_OPTIONS[model_name] if method in ("kmeans", "vqdnn") else {}
+    options = (MODEL_OPTIONS[model_name] if method in ("kmeans", "vqdnn")
+               else {"group_size": RTN_GROUP} if method == "rtn" else {})
     vqc.compress(model.to(device), method, bits=bits, plan=plan_for(model_name, edge_method), progress=False,
                  finetune_steps=steps, calibration=training_batches(device) if calibrated else None,
                  lr=LR.get(method, LR["kmeans"]), assignments=assignments, **options)

@@ -64,7 +64,8 @@ def test_budget_picks_settings_that_fit_and_says_which():
         assert QSWD.bits_per_weight(shape, settings) <= bits
         code = QSWD.fit(_weight(*shape), settings, seed=0)
         assert code.nbits() / (shape[0] * shape[1]) == pytest.approx(QSWD.bits_per_weight(shape, settings), abs=1e-3)
-    assert QSWD.settings((384, 1536), 2.7, {})["coef_bits"] == 2  # a quantized gain per sub-vector
+    picked = QSWD.settings((384, 1536), 2.7, {})
+    assert (picked["dim"], picked["k"], picked["terms"], picked["coef_bits"]) == (2, 32, 1, 0)  # the table's 2.5 row
 
 
 def test_error_falls_with_bits():
