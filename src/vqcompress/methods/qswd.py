@@ -6,8 +6,8 @@ codewords of a k × d dictionary C (``coded.py`` stores it). Special cases: s = 
 coefficients is k-means VQ; a dense, unquantized Z with k < d is a truncated SVD; real
 coefficients with s < k are sparse PCA.
 
-Fitting minimises the error weighted by each input's energy (Σx², from calibration data when
-given): C starts from weighted k-means (or the top right singular vectors, k ≤ d), Z from
+Fitting minimises each row's relative error, or with calibration data the output error (each
+weight's error times its input's energy Σx²): C starts from weighted k-means (or the top right singular vectors, k ≤ d), Z from
 orthogonal matching pursuit. Then, ``iterations`` times, projected gradient descent: C by
 least squares (the gradient step with the exact step length), Z by a gradient step projected
 onto its s largest entries per row, its coefficients then refitted on that support (hard
@@ -148,9 +148,12 @@ class QSWD:
         layout = self.layout(tuple(weight.shape), settings)
         matrix = weight.reshape(layout.rows, layout.cols).float().cpu()
         rms = _row_rms(matrix) if layout.scale_group else torch.ones(layout.rows, 1)
-        importance = torch.ones(1, layout.cols) if inputs is None else inputs.importance().cpu().float()
-        importance = importance / importance.mean().clamp_min(1e-30)
-        problem = Problem(matrix / rms, (importance * rms.square()).expand(layout.rows, layout.cols), layout.dim)
+        if inputs is None:  # each row's own relative error (a norm after the layer rescales each output)
+            weights = torch.ones(layout.rows, layout.cols)
+        else:  # the output error, in the weight's units
+            importance = inputs.importance().cpu().float()
+            weights = (importance / importance.mean().clamp_min(1e-30) * rms.square()).expand(layout.rows, layout.cols)
+        problem = Problem(matrix / rms, weights, layout.dim)
         codebook = problem.initial_codebook(layout.k, settings["init"], seed)
         unit = layout.coef_bits == 0
         support, coefs = problem.pursue(codebook, layout.terms, unit)
