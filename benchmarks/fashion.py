@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -58,14 +59,16 @@ REPEATS = 15
 RESUME_STEPS = 300
 
 
-def plan_for(model_name: str, edge_method: str | None = None):
-    """Every layer by the method under test, but the first and last at 4-bit scalar codebooks
-    (by ``edge_method`` where given: the rate–distortion rows keep them alike for every method)."""
+def plan_for(model_name: str, edge_method: str | None = None, inner: dict | None = None):
+    """Every layer by the method under test (with the ``inner`` options), but the first and last
+    at 4-bit scalar codebooks (by ``edge_method`` where given: the rate–distortion rows keep them
+    alike for every method)."""
     from vqcompress.plan import Plan
 
     first, last = MODELS[model_name]
     edge = dict(EDGE_SPEC) | ({"method": edge_method} if edge_method else {})
-    return Plan(by_name={".*": {}, **{f"{name}": dict(edge) for name in (first, last)}})
+    edges = "|".join(re.escape(name) for name in (first, last))
+    return Plan(by_name={".*": {}, f"(?!({edges})$).*": dict(inner or {}), **{name: dict(edge) for name in (first, last)}})
 
 
 def training_batches(device: str):
@@ -97,9 +100,9 @@ def run_ours(model_name: str, method: str, bits: float, steps: int, device: str,
     model, _ = load_model(model_name)
     start = time.perf_counter()
     calibrated = bool(steps) or method == "jlcm"
-    options = (MODEL_OPTIONS[model_name] if method in ("kmeans", "vqdnn")
-               else {"group_size": RTN_GROUP} if method == "rtn" else {})
-    vqc.compress(model.to(device), method, bits=bits, plan=plan_for(model_name, edge_method), progress=False,
+    options = MODEL_OPTIONS[model_name] if method in ("kmeans", "vqdnn") else {}
+    inner = {"group_size": RTN_GROUP} if method == "rtn" else {}
+    vqc.compress(model.to(device), method, bits=bits, plan=plan_for(model_name, edge_method, inner), progress=False,
                  finetune_steps=steps, calibration=training_batches(device) if calibrated else None,
                  lr=LR.get(method, LR["kmeans"]), assignments=assignments, **options)
     seconds = time.perf_counter() - start
