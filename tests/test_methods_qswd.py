@@ -136,3 +136,17 @@ def test_fine_tuning_trains_factors_with_positions_fixed():
     assert distillation_loss(student, teacher) < 0.9 * before
     assert all(torch.equal(p, code.positions()) for p, code in zip(positions, codes))
     assert [code.nbits() for code in codes] == sizes and not any(list(code.parameters()) for code in codes)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+def test_factor_form_runs_on_cuda():
+    model = _mlp()
+    vqc.compress(model, "qswd", dim=4, k=16, terms=3, coef_bits=2, codebook_bits=6, progress=False)
+    x = torch.randn(8, 128)
+    with torch.no_grad():
+        expected = model(x)
+        model.to("cuda")
+        assert all(b.device.type == "cuda" for b in model.buffers())
+        torch.testing.assert_close(model(x.cuda()).cpu(), expected, rtol=1e-4, atol=1e-4)
+        vqc.set_forward_path(model, "lut")
+        torch.testing.assert_close(model(x.cuda()).cpu(), expected, rtol=1e-4, atol=1e-4)
