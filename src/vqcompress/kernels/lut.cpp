@@ -9,10 +9,12 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <numeric>
 #include <vector>
 
 namespace {
 
+constexpr int64_t PARALLEL_WORK = 1 << 18;  // codes read per call below which one thread does it all
 constexpr int32_t LANES = 8;  // independent partial sums per row: loads in flight instead of one chain of adds
 
 struct Coded {
@@ -110,33 +112,28 @@ void vqc_lut_matmul(const Coded* weight, const float* x, int64_t batch, int64_t 
   static thread_local std::vector<float> kept;  // the caller's table, kept between calls: no page faults
   kept.resize(pairs * segments * k);
   float* const table = kept.data();  // (threads see their own thread_local: share this pointer)
-  std::vector<float> sums(input_groups * std::max<int64_t>(scales_per_row, 1));
+  std::vector<float> sums(w.offset ? batch * input_groups * scales_per_row : 0);  // inputs summed per scale group
+  for (int64_t i = 0; i < int64_t(sums.size()); ++i)
+    sums[i] = std::accumulate(x + i * w.scale_group, x + (i + 1) * w.scale_group, 0.0f);
 
-  for (int64_t b = 0; b < batch; ++b) {
-    const float* xb = x + b * input_groups * w.cols;
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t ps = 0; ps < pairs * segments; ++ps) {
-      const int64_t p = ps / segments, s = ps % segments, j = p / w.groups, g = p % w.groups;
-      if (!used[p]) continue;
-      float* __restrict__ t = table + ps * k;
-      std::fill(t, t + k, 0.0f);
-      for (int64_t e = 0; e < w.dim; ++e) {
-        const float v = xb[j * w.cols + s * w.dim + e];
-        const float* __restrict__ column = codebook.data() + (g * w.dim + e) * k;
-        for (int64_t c = 0; c < k; ++c) t[c] += v * column[c];
-      }
-    }
-    if (w.offset)  // each row adds offset × (sum of its inputs in the scale group)
-      for (int64_t j = 0; j < input_groups; ++j)
-        for (int64_t q = 0; q < scales_per_row; ++q) {
-          float total = 0;
-          for (int64_t i = 0; i < w.scale_group; ++i) total += xb[j * w.cols + q * w.scale_group + i];
-          sums[j * scales_per_row + q] = total;
+  // Threads only for enough work: waking them costs tens of microseconds, more on a busy machine.
+  #pragma omp parallel num_threads(threads) if (batch * w.rows * segments >= PARALLEL_WORK)
+  {
+    std::vector<uint16_t> unpacked(w.bits == 8 || w.bits == 16 ? 0 : segments);
+    for (int64_t b = 0; b < batch; ++b) {
+      const float* xb = x + b * input_groups * w.cols;
+      #pragma omp for schedule(static)
+      for (int64_t ps = 0; ps < pairs * segments; ++ps) {
+        const int64_t p = ps / segments, s = ps % segments, j = p / w.groups, g = p % w.groups;
+        if (!used[p]) continue;
+        float* __restrict__ t = table + ps * k;
+        std::fill(t, t + k, 0.0f);
+        for (int64_t e = 0; e < w.dim; ++e) {
+          const float v = xb[j * w.cols + s * w.dim + e];
+          const float* __restrict__ column = codebook.data() + (g * w.dim + e) * k;
+          for (int64_t c = 0; c < k; ++c) t[c] += v * column[c];
         }
-
-    #pragma omp parallel num_threads(threads)
-    {
-      std::vector<uint16_t> unpacked(w.bits == 8 || w.bits == 16 ? 0 : segments);
+      }
       #pragma omp for schedule(static)
       for (int64_t r = 0; r < w.rows; ++r) {
         const float* t = table + pair_of[r] * segments * k;
@@ -156,8 +153,8 @@ void vqc_lut_matmul(const Coded* weight, const float* x, int64_t batch, int64_t 
         }
         float total = 0;
         for (int32_t j = 0; j < LANES; ++j) total += acc[j];
-        if (w.offset) {
-          const float* s = sums.data() + pair_of[r] / w.groups * scales_per_row;
+        if (w.offset) {  // offset × (sum of the row's inputs in the scale group)
+          const float* s = sums.data() + (b * input_groups + pair_of[r] / w.groups) * scales_per_row;
           for (int64_t q = 0; q < scales_per_row; ++q) total += half(w.offset[r * scales_per_row + q]) * s[q];
         }
         y[b * w.rows + original[r]] = total * w.gain;
@@ -174,7 +171,7 @@ void vqc_decode(const Coded* weight, int64_t first, int64_t last, float* out, in
   const int64_t group_segments = w.scale_group ? w.scale_group / d : segments;
   const int64_t scales_per_row = w.scale_group ? w.cols / w.scale_group : 0;
   const std::vector<float> codebook = float_codebook(w, false);
-  #pragma omp parallel num_threads(threads)
+  #pragma omp parallel num_threads(threads) if ((last - first) * w.cols >= PARALLEL_WORK)
   {
     std::vector<uint16_t> code(segments);
     #pragma omp for schedule(static)
