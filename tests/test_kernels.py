@@ -21,13 +21,8 @@ needs_kernel = pytest.mark.skipif(kernels._lib() is None, reason=f"no compiled k
 def kernel_path(request, monkeypatch):
     """Every way a "lut" forward can go: the compiled table, the compiled decode-then-multiply,
     and the pure-torch fallback; the compiled ones are checked to be the ones that ran."""
-    if request.param == "torch":
-        monkeypatch.setenv(kernels.FORCE_TORCH, "torch")
-    elif kernels._lib() is None:
+    if request.param != "torch" and kernels._lib() is None:
         pytest.skip(f"no compiled kernel: {kernels.backend()}")
-    else:
-        monkeypatch.setattr(kernels, "lut_is_cheaper", lambda *args: request.param == "table")
-    kernels.reset()
     compiled, real = [], kernels.lut_matmul
 
     def spy(*args):
@@ -36,8 +31,8 @@ def kernel_path(request, monkeypatch):
         return result
 
     monkeypatch.setattr(kernels, "lut_matmul", spy)
-    yield request.param
-    kernels.reset()
+    with kernels.forced(request.param):
+        yield request.param
     assert compiled and all(compiled) == (request.param != "torch") and any(compiled) == all(compiled)
 
 
@@ -95,13 +90,8 @@ def test_any_layout_agrees_with_the_decode_path(bits, dim, groups, input_groups,
     scale_group = {None: None, "row": cols, "block": 2 * dim}[scale]
     code = coded((8 * input_groups, cols), 1 << bits, dim, groups, scale_group, offset and scale is not None,
                   permuted, gain)
-    x = torch.randn(batch, input_groups, cols)
-    original = kernels.lut_is_cheaper
-    kernels.lut_is_cheaper = lambda *args: table
-    try:
-        assert_close_to_decoded(x, code, input_groups)
-    finally:
-        kernels.lut_is_cheaper = original
+    with kernels.forced("table" if table else "decode"):
+        assert_close_to_decoded(torch.randn(batch, input_groups, cols), code, input_groups)
 
 
 @needs_kernel

@@ -37,6 +37,8 @@ import hashlib
 import os
 import platform
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -111,6 +113,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
 
 _library: ctypes.CDLL | None = None
 _backend: str | None = None
+_forced: str | None = None  # see ``forced``
 
 
 def _lib() -> ctypes.CDLL | None:
@@ -131,6 +134,20 @@ def reset() -> None:
     """Forget the choice, so the next call chooses again (after changing ``VQC_KERNEL``)."""
     global _library, _backend
     _library, _backend = None, None
+
+
+@contextmanager
+def forced(path: str) -> Iterator[None]:
+    """Inside the block every call takes ``path``: "table" or "decode" (the compiled kernel's two
+    ways, when it is available) or "torch" (the fallback); for tests and benchmarks."""
+    global _forced
+    if path not in ("table", "decode", "torch"):
+        raise ValueError(f"unknown kernel path {path!r}")
+    saved, _forced = _forced, path
+    try:
+        yield
+    finally:
+        _forced = saved
 
 
 def _pointer(tensor: Tensor | None) -> int | None:
@@ -169,12 +186,13 @@ def lut_matmul(x: Tensor, code: CodedWeight, input_groups: int = 1) -> Tensor | 
     compiled kernel: the table when it is cheaper, else decode-then-multiply. None when the
     kernel does not serve this call (see the module docstring): the caller falls back to torch."""
     lib = _lib()
-    if lib is None or not _serves(x, code):
+    if lib is None or _forced == "torch" or not _serves(x, code):
         return None
     lay = code.layout
     x = x.contiguous()
     batch, weight, threads = x.shape[0], _describe(code), torch.get_num_threads()
-    if lut_is_cheaper(batch, lay.rows, lay.cols, lay.k, lay.dim, input_groups * lay.groups):
+    cheaper = lut_is_cheaper(batch, lay.rows, lay.cols, lay.k, lay.dim, input_groups * lay.groups)
+    if _forced == "table" or (_forced is None and cheaper):
         y = torch.empty(batch, lay.rows)
         lib.vqc_lut_matmul(ctypes.byref(weight), x.data_ptr(), batch, input_groups, y.data_ptr(), threads)
         return y
