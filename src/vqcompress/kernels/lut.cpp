@@ -102,13 +102,12 @@ void vqc_lut_matmul(const Coded* weight, const float* x, int64_t batch, int64_t 
   const int64_t scales_per_row = w.scale_group ? w.cols / w.scale_group : 0;
 
   const std::vector<float> codebook = float_codebook(w, true);
-  std::vector<int64_t> pair_of(w.rows), original(w.rows);
-  std::vector<char> used(pairs, 0);
-  for (int64_t r = 0; r < w.rows; ++r) {
-    original[r] = original_row(w, r);
-    pair_of[r] = original[r] / (w.rows / input_groups) * w.groups + r / (w.rows / w.groups);
-    used[pair_of[r]] = 1;
-  }
+  // The (input group, codebook) pair each row reads: only the pairs some row uses get a table.
+  auto pair_of = [&](int64_t r, int64_t original) {
+    return original / (w.rows / input_groups) * w.groups + r / (w.rows / w.groups);
+  };
+  std::vector<char> used(pairs, pairs == 1);
+  for (int64_t r = 0; pairs > 1 && r < w.rows; ++r) used[pair_of(r, original_row(w, r))] = 1;
   static thread_local std::vector<float> kept;  // the caller's table, kept between calls: no page faults
   kept.resize(pairs * segments * k);
   float* const table = kept.data();  // (threads see their own thread_local: share this pointer)
@@ -136,7 +135,8 @@ void vqc_lut_matmul(const Coded* weight, const float* x, int64_t batch, int64_t 
       }
       #pragma omp for schedule(static)
       for (int64_t r = 0; r < w.rows; ++r) {
-        const float* t = table + pair_of[r] * segments * k;
+        const int64_t original = original_row(w, r), pair = pair_of(r, original);
+        const float* t = table + pair * segments * k;
         float acc[LANES] = {};
         auto add_row = [&](const auto* code) {  // one piece per scale group
           for (int64_t q = 0; q * group_segments < segments; ++q)
@@ -154,10 +154,10 @@ void vqc_lut_matmul(const Coded* weight, const float* x, int64_t batch, int64_t 
         float total = 0;
         for (int32_t j = 0; j < LANES; ++j) total += acc[j];
         if (w.offset) {  // offset × (sum of the row's inputs in the scale group)
-          const float* s = sums.data() + (b * input_groups + pair_of[r] / w.groups) * scales_per_row;
+          const float* s = sums.data() + (b * input_groups + pair / w.groups) * scales_per_row;
           for (int64_t q = 0; q < scales_per_row; ++q) total += half(w.offset[r * scales_per_row + q]) * s[q];
         }
-        y[b * w.rows + original[r]] = total * w.gain;
+        y[b * w.rows + original] = total * w.gain;
       }
     }
   }
