@@ -329,7 +329,9 @@ def speed_markdown(result: dict) -> list[str]:
     lines = ["## Speed: the compiled lookup-table kernel", "",
              f"Measured by `make bench-speed` (`benchmarks/speed.py`), {result['started']}, on {where}, torch "
              f"{m['torch']}; coded path: {result['backend']}. Every figure is the median of {layer['repeats']} "
-             "rounds in one process, each round calling every variant once in turn.", "",
+             "rounds in one process, each round calling every variant once in turn. The machine is shared: its "
+             f"1-minute load average was {result['load_average_before']:.1f} at the start and "
+             f"{result['load_average_after']:.1f} at the end (0 = idle, 2 = both cores busy).", "",
              f"### {' × '.join(map(str, layer['shape']))} Linear at 2 bits per weight", "",
              f"d = {layer['dim']}, k = {layer['k']} (8-bit codes), an fp16 scale per row: 2.004 bits per weight. "
              "*kernel* is the coded layer's `lut` path as it runs (the compiled kernel choosing the table or "

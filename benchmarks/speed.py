@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -152,7 +153,8 @@ def main() -> None:
     from vqcompress import kernels
 
     started = now()
-    result = {"started": started, "machine": machine() | {"threads": torch.get_num_threads()}, "device": args.device,
+    result = {"started": started, "load_average_before": os.getloadavg()[0],
+              "machine": machine() | {"threads": torch.get_num_threads()}, "device": args.device,
               "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
               "backend": kernels.backend() if args.device == "cpu" else "pure torch on CUDA (no compiled kernel)",
               "layer": {"shape": [SIDE, SIDE], "dim": DIM, "k": K, "scale": "row", "repeats": args.repeats,
@@ -160,7 +162,7 @@ def main() -> None:
     if not args.skip_gemma:
         result["gemma"] = gemma_bench(gemma_file(args.gemma_file), args.device, args.generations)
         print(json.dumps(result["gemma"], indent=1))
-    result["finished"] = now()
+    result["finished"], result["load_average_after"] = now(), os.getloadavg()[0]
     write_json(args.output, result)
     print(f"wrote {args.output}")
 
