@@ -145,6 +145,7 @@ def main() -> None:
     parser.add_argument("--generations", type=int, default=GENERATIONS)
     parser.add_argument("--gemma-file", type=Path, help="a compressed Gemma-270M (default: compressed once to out/)")
     parser.add_argument("--skip-gemma", action="store_true")
+    parser.add_argument("--threads", type=int, help="CPU threads for dense and coded alike (default: torch's)")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
 
@@ -152,6 +153,8 @@ def main() -> None:
 
     from vqcompress import kernels
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     started = now()
     result = {"started": started, "load_average_before": os.getloadavg()[0],
               "machine": machine() | {"threads": torch.get_num_threads()}, "device": args.device,
