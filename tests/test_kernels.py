@@ -95,6 +95,14 @@ def test_any_layout_agrees_with_the_decode_path(bits, dim, groups, input_groups,
 
 
 @needs_kernel
+def test_decode_then_multiply_goes_in_blocks_of_rows(monkeypatch):
+    monkeypatch.setattr(kernels, "DECODE_BLOCK", 3 * 16)  # 3 rows a block: 17 blocks, the last one short
+    code = coded((50, 16), 16, 2, scale_group=8, offset=True, permuted=True)
+    with kernels.forced("decode"):
+        assert_close_to_decoded(torch.randn(3, 1, 16), code)
+
+
+@needs_kernel
 def test_the_kernel_ran_and_is_repeatable_whatever_the_threads():
     code = coded((300, 64), 256, 4, scale_group=64)
     x = torch.randn(2, 1, 64)
