@@ -115,8 +115,8 @@ class SpeedReport:
         return asdict(self) | {"layers": [layer.to_json() for layer in self.layers]}
 
     def __str__(self) -> str:
-        lines = [f"kernel: {self.backend}; {self.threads} threads; median of {self.repeats} repeats", "",
-                 f"{'layer':<44} {'shape':>16} {'k':>6} {'d':>2} {'batch':>5} {'dense ms':>9} {'coded ms':>9} {'speedup':>7}"]
+        header = f"{'layer':<44} {'shape':>16} {'k':>6} {'d':>2} {'batch':>5} {'dense ms':>9} {'coded ms':>9} speedup"
+        lines = [f"kernel: {self.backend}; {self.threads} threads; median of {self.repeats} repeats", "", header]
         for r in self.layers:
             shape = "×".join(map(str, r.shape))
             lines.append(f"{r.name[-44:]:<44} {shape:>16} {r.k:>6} {r.dim:>2} {r.batch:>5} {r.dense_ms:>9.3f} "
@@ -127,13 +127,14 @@ class SpeedReport:
                           f"({m['dense_ms'] / m['coded_ms']:.2f}×)"]
         if self.generation:
             g = self.generation
+            dense, coded = g["dense_tokens_per_s"], g["coded_tokens_per_s"]
             lines += [f"generation, {g['new_tokens']} new tokens after a {g['prompt_tokens']}-token prompt, greedy, "
-                      f"batch 1, KV cache: dense {g['dense_tokens_per_s']:.1f} tokens/s, coded "
-                      f"{g['coded_tokens_per_s']:.1f} tokens/s ({g['coded_tokens_per_s'] / g['dense_tokens_per_s']:.2f}×)"]
+                      f"batch 1, KV cache: dense {dense:.1f} tokens/s, coded {coded:.1f} tokens/s ({coded / dense:.2f}×)"]
         mem = self.memory
-        lines += ["", f"resident weights: dense {mem['dense_weight_bytes'] / 2**20:,.1f} MiB, coded "
-                      f"{mem['coded_weight_bytes'] / 2**20:,.1f} MiB (1/{mem['dense_weight_bytes'] / mem['coded_weight_bytes']:.1f}); "
-                      f"process RSS {mem['rss_mib']:,.0f} MiB (peak {mem['peak_rss_mib']:,.0f} MiB, both models loaded)"]
+        dense, coded = mem["dense_weight_bytes"] / 2**20, mem["coded_weight_bytes"] / 2**20
+        rss = "?" if mem["rss_mib"] is None else f"{mem['rss_mib']:,.0f}"
+        lines += ["", f"resident weights: dense {dense:,.1f} MiB, coded {coded:,.1f} MiB (1/{dense / coded:.1f}); "
+                      f"process RSS {rss} MiB (peak {mem['peak_rss_mib']:,.0f} MiB, both models loaded)"]
         return "\n".join(lines)
 
 
@@ -188,7 +189,7 @@ def tokens_per_second(model: nn.Module, ids: Tensor, new_tokens: int, repeats: i
 
 def check_settings(repeats: int, batches: tuple[int, ...], new_tokens: int, threads: int | None) -> None:
     """Reject impossible settings before any work."""
-    if repeats < 1 or new_tokens < 1 or not batches or any(b < 1 for b in batches) or (threads is not None and threads < 1):
+    if not batches or min(repeats, new_tokens, *batches, 1 if threads is None else threads) < 1:
         raise VQCError("repeats, tokens, batch sizes and threads must be at least 1")
 
 
