@@ -1,4 +1,4 @@
-"""docs/benchmarks.md and the rate–distortion plot, from benchmarks/results/{minilm,fashion}.json alone.
+"""docs/benchmarks.md and the rate–distortion plot, from benchmarks/results/*.json alone.
 
     .venv/bin/python -m benchmarks.render     # re-render without re-measuring
 
@@ -15,6 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULT = ROOT / "benchmarks" / "results" / "minilm.json"
 FASHION = ROOT / "benchmarks" / "results" / "fashion.json"
 UNIVERSAL = ROOT / "benchmarks" / "results" / "universal.json"
+SPEED = ROOT / "benchmarks" / "results" / "speed.json"
+SPEED_COLUMNS = ("dense", "kernel", "kernel, table", "kernel, decode-then-multiply", "decode path", "torch fallback")
 FASHION_TARGETS = {"≤ 1.6": 0.5, "≤ 1.0": 1.5}  # points of accuracy a budget may lose against fp32
 DOCS = ROOT / "docs"
 PLOT = "minilm_rate_distortion.png"
@@ -380,6 +382,62 @@ def plot_rate_distortion(minilm: dict, fashion: dict | None, path: Path) -> None
     plt.close(figure)
 
 
+def met(ok: bool) -> str:
+    return "**met**" if ok else "**not met**"
+
+
+def speed_markdown(result: dict) -> list[str]:
+    """The Speed section: the 4096² layer against dense fp32 and the decode path, Gemma's tokens/s."""
+    m, layer = result["machine"], result["layer"]
+    where = result.get("gpu") or f"{m['cpu']}, {m['cores']} cores, {m['threads']} threads"
+    columns = [c for c in SPEED_COLUMNS if c in layer["rows"][0]["ms"]]
+    lines = ["## Speed: the compiled lookup-table kernel", "",
+             f"Measured by `make bench-speed` (`benchmarks/speed.py`), {result['started']}, on {where}, torch "
+             f"{m['torch']}; coded path: {result['backend']}. Every figure is the median of {layer['repeats']} "
+             "rounds in one process, each round calling every variant once in turn. The machine is shared: its "
+             f"1-minute load average was {result['load_average_before']:.1f} at the start and "
+             f"{result['load_average_after']:.1f} at the end (0 = idle, 2 = both cores busy).", "",
+             f"### {' × '.join(map(str, layer['shape']))} Linear at 2 bits per weight", "",
+             f"d = {layer['dim']}, k = {layer['k']} (8-bit codes), an fp16 scale per row: 2.004 bits per weight. "
+             "*kernel* is the coded layer's `lut` path as it runs (the compiled kernel choosing the table or "
+             "decode-then-multiply by its cost model); the two after it are those ways forced; *decode path* is "
+             "the coded layer's `decode` path (torch decodes the weight, then `F.linear`); *torch fallback* "
+             "is the `lut` path without the compiled kernel. Milliseconds per call:", "",
+             "| batch | " + " | ".join(columns) + " | dense / kernel |", "|--:|" + "--:|" * (len(columns) + 1)]
+    for row in layer["rows"]:
+        ms = row["ms"]
+        lines.append(f"| {row['batch']} | " + " | ".join(f"{ms[c]:.2f}" for c in columns)
+                     + f" | {ms['dense'] / ms['kernel']:.2f}× |")
+    by_batch = {row["batch"]: row["ms"] for row in layer["rows"]}
+    lines.append("")
+    if 1 in by_batch:
+        ratio = by_batch[1]["dense"] / by_batch[1]["kernel"]
+        lines.append(f"- Batch 1, at least 1.5× faster than dense fp32: {ratio:.2f}× — {met(ratio >= 1.5)}.")
+    if 64 in by_batch:
+        kernel, decode = by_batch[64]["kernel"], by_batch[64]["decode path"]
+        lines.append(f"- Batch 64, never slower than the decode path: {kernel:.1f} ms against {decode:.1f} ms — "
+                     f"{met(kernel <= decode)}.")
+    gemma = result.get("gemma")
+    if gemma:
+        dense_mib, coded_mib = gemma["dense_weight_bytes"] / 2**20, gemma["coded_weight_bytes"] / 2**20
+        lines += ["", "### Gemma-270M generating text", "",
+                  f"The dense fp32 model against `vqc compress gemma-270m {gemma['settings']}` "
+                  f"({gemma['model_bits_per_weight']:.3f} bits per weight for the whole model, "
+                  f"{gemma['coded_bits_per_weight']:.3f} for its coded layers) reloaded from its file with the "
+                  f"`lut` path; greedy generation of {gemma['new_tokens']} tokens after a "
+                  f"{gemma['prompt_tokens']}-token prompt with the KV cache, batch 1, prompt included in the time, "
+                  f"median of {gemma['generations']} generations each, the two models in turn. Resident weights: "
+                  "the bytes of every parameter and buffer each model holds, tied tensors once.", "",
+                  "| model | tokens/s | resident weights MiB |", "|---|--:|--:|",
+                  f"| dense fp32 | {gemma['dense_tokens_per_s']:.1f} | {dense_mib:,.1f} |",
+                  f"| coded, 2 bits | {gemma['coded_tokens_per_s']:.1f} | {coded_mib:,.1f} |", "",
+                  f"- At least as many tokens per second as dense: {gemma['coded_tokens_per_s']:.1f} against "
+                  f"{gemma['dense_tokens_per_s']:.1f} — {met(gemma['coded_tokens_per_s'] >= gemma['dense_tokens_per_s'])}.",
+                  f"- Resident weight memory ≤ 1/8 of dense: 1/{dense_mib / coded_mib:.1f} — "
+                  f"{met(coded_mib <= dense_mib / 8)}."]
+    return lines + [""]
+
+
 def markdown(result: dict) -> str:
     rows = result["rows"]
     lines = [
@@ -404,6 +462,8 @@ def markdown(result: dict) -> str:
         lines += rd_markdown(result, fashion)
     if UNIVERSAL.exists():
         lines += universal_markdown(json.loads(UNIVERSAL.read_text()))
+    if SPEED.exists():
+        lines += speed_markdown(json.loads(SPEED.read_text()))
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""The ``vqc`` command: compress, inspect, eval, decompress, demo.
+"""The ``vqc`` command: compress, inspect, eval, decompress, demo, bench-speed.
 
 User mistakes (``VQCError``) print one line and exit 2; nothing half-written is left behind.
 """
@@ -290,6 +290,26 @@ def codebook_inspect(
             points = universal.sample_subvectors([w for _, w in layers], book.dim, 2000, torch.Generator().manual_seed(0))
         universal.plot(book, png, points)
         typer.echo(f"wrote {png}")
+
+
+@app.command("bench-speed")
+def bench_speed(
+    file: Path,
+    repeats: int = typer.Option(20, help="timed calls per measurement (the median is reported)"),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (default: torch's)"),
+    tokens: int = typer.Option(32, help="causal LMs: new tokens per generation"),
+    batch: list[int] = typer.Option([1], help="batch sizes for the per-layer times (repeatable)"),
+    json_out: bool = typer.Option(False, "--json", help="print JSON"),
+    codebooks: list[Path] = typer.Option([], help=CODEBOOKS_HELP),
+) -> None:
+    """Latency per layer and of the whole model, tokens/s (causal LMs) and resident memory: the coded
+    model (compiled lookup-table kernel) against its dense fp32 twin, medians of repeats."""
+    from .io import load
+    from .speed import bench_speed as measure, check_settings
+
+    check_settings(repeats, tuple(batch), tokens, threads)
+    result = measure(load(file, codebooks=codebooks), repeats, tuple(batch), tokens, threads)
+    typer.echo(json.dumps(result.to_json(), indent=1) if json_out else str(result))
 
 
 def main() -> None:

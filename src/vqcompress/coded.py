@@ -32,7 +32,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .codebook import assign, weighted_assign
@@ -66,11 +65,13 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
 
 
 def unpack_codes(packed: Tensor, bits: int, index: Tensor) -> Tensor:
-    """Read the codes at positions ``index`` straight from the packed stream (no full copy)."""
+    """Read the codes at positions ``index`` straight from the packed stream (no full copy): the
+    three bytes that can hold each code. A byte past the end is read as the last one instead; its
+    bits land above the code's and are masked off."""
     position = index.to(torch.int64) * bits
     byte, shift = position // 8, position % 8
-    stream = F.pad(packed.to(torch.int32), (0, 2))
-    word = stream[byte] | (stream[byte + 1] << 8) | (stream[byte + 2] << 16)
+    last = packed.numel() - 1
+    word = sum(packed[(byte + i).clamp(max=last)].to(torch.int32) << (8 * i) for i in range(3))
     return ((word >> shift) & ((1 << bits) - 1)).to(torch.int64)
 
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernels
 from .coded import CodedWeight
 from .errors import VQCError
 
@@ -39,7 +40,12 @@ def lut_matmul(x: Tensor, code: CodedWeight, input_groups: int = 1) -> Tensor:
 
     ``x`` is (batch, input_groups, cols): grouped convolutions split their rows into
     ``input_groups`` contiguous blocks, block j reading input group j. Returns (batch, rows).
+    The compiled kernel computes it where it can (``kernels``); this torch code is the reference
+    and the fallback.
     """
+    compiled = kernels.lut_matmul(x, code, input_groups)
+    if compiled is not None:
+        return compiled
     lay = code.layout
     batch, dtype, device = x.shape[0], x.dtype, x.device
     segments = x.reshape(batch, input_groups, lay.segments, lay.dim)

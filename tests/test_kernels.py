@@ -1,0 +1,166 @@
+"""The compiled kernels: the lookup-table product and the decode-then-multiply path agree with the
+decode path (the dense product with the decoded weight) on every coded layer type and layout, the
+torch fallback is taken when asked or when the kernel cannot be built, and it says so."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.test_layers import HANDBUILT, MATMUL_CASES, assert_paths_agree, make
+from vqcompress import kernels
+from vqcompress.coded import CodedWeight, CodeLayout
+from vqcompress.layers import coded_from_dense, lut_matmul
+
+needs_kernel = pytest.mark.skipif(kernels._lib() is None, reason=f"no compiled kernel: {kernels.backend()}")
+
+
+@pytest.fixture(params=["table", "decode", "torch"])
+def kernel_path(request, monkeypatch):
+    """Every way a "lut" forward can go: the compiled table, the compiled decode-then-multiply,
+    and the pure-torch fallback; the compiled ones are checked to be the ones that ran."""
+    if request.param != "torch" and kernels._lib() is None:
+        pytest.skip(f"no compiled kernel: {kernels.backend()}")
+    compiled, real = [], kernels.lut_matmul
+
+    def spy(*args):
+        result = real(*args)
+        compiled.append(result is not None)
+        return result
+
+    monkeypatch.setattr(kernels, "lut_matmul", spy)
+    with kernels.forced(request.param):
+        yield request.param
+    assert compiled and all(compiled) == (request.param != "torch") and any(compiled) == all(compiled)
+
+
+def coded(shape: tuple[int, ...], k: int, dim: int, groups: int = 1, scale_group: int | None = None,
+          offset: bool = False, permuted: bool = False, gain: bool = False, seed: int = 0) -> CodedWeight:
+    """Random codes of any width, with every optional part of the layout."""
+    layout = CodeLayout(shape, k=k, dim=dim, groups=groups, scale_group=scale_group, offset=offset,
+                        permuted=permuted, gain=gain)
+    g = torch.Generator().manual_seed(seed)
+    scales = (layout.rows, layout.cols // scale_group) if scale_group else None
+    return CodedWeight.encode(
+        layout, torch.randn(groups, k, dim, generator=g), torch.randint(0, k, (layout.rows, layout.segments), generator=g),
+        torch.rand(*scales, generator=g) + 0.5 if scales else None,
+        torch.randn(*scales, generator=g) * 0.1 if offset else None,
+        torch.randperm(layout.rows, generator=g) if permuted else None,
+        torch.tensor([1.5]) if gain else None)
+
+
+def decoded_product(x: torch.Tensor, code: CodedWeight, input_groups: int) -> torch.Tensor:
+    """The decode path's answer for (batch, input_groups, cols) inputs: each row block reads its group."""
+    weight = code.decode().reshape(input_groups, code.layout.rows // input_groups, code.layout.cols)
+    return torch.einsum("bjc,jrc->bjr", x, weight).reshape(x.shape[0], code.layout.rows)
+
+
+def assert_close_to_decoded(x: torch.Tensor, code: CodedWeight, input_groups: int = 1) -> None:
+    with torch.no_grad():
+        expected, got = decoded_product(x, code, input_groups), lut_matmul(x, code, input_groups)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4 * max(1.0, expected.abs().max().item()))
+
+
+@pytest.mark.parametrize("kind", MATMUL_CASES + HANDBUILT)
+def test_every_layer_type_agrees_with_the_decode_path(kind, kernel_path):
+    dense, code, x = make(kind)
+    assert_paths_agree(coded_from_dense(dense, code), x)
+
+
+@pytest.mark.parametrize("bits", range(1, 17))
+@pytest.mark.parametrize("batch", [1, 3])
+def test_every_code_width(bits, batch, kernel_path):
+    k = (1 << bits) - (bits > 2)  # not always a power of two: the width is what counts
+    dim = 1 if bits > 12 else 2
+    code = coded((24, 16), k, dim, scale_group=8, offset=bits % 2 == 1, permuted=bits % 3 == 0, gain=bits % 4 == 0,
+                 seed=bits)
+    assert code.layout.bits == bits
+    assert_close_to_decoded(torch.randn(batch, 1, 16), code)
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=st.integers(1, 9), dim=st.sampled_from([1, 2, 3, 4]), groups=st.sampled_from([1, 2]),
+       input_groups=st.sampled_from([1, 2, 4]), scale=st.sampled_from([None, "row", "block"]), offset=st.booleans(),
+       permuted=st.booleans(), gain=st.booleans(), batch=st.integers(1, 5), table=st.booleans())
+def test_any_layout_agrees_with_the_decode_path(bits, dim, groups, input_groups, scale, offset, permuted, gain, batch,
+                                                table):
+    cols = 12 * dim
+    scale_group = {None: None, "row": cols, "block": 2 * dim}[scale]
+    code = coded((8 * input_groups, cols), 1 << bits, dim, groups, scale_group, offset and scale is not None,
+                  permuted, gain)
+    with kernels.forced("table" if table else "decode"):
+        assert_close_to_decoded(torch.randn(batch, input_groups, cols), code, input_groups)
+
+
+@needs_kernel
+def test_decode_then_multiply_goes_in_blocks_of_rows(monkeypatch):
+    monkeypatch.setattr(kernels, "DECODE_BLOCK", 3 * 16)  # 3 rows a block: 17 blocks, the last one short
+    code = coded((50, 16), 16, 2, scale_group=8, offset=True, permuted=True)
+    with kernels.forced("decode"):
+        assert_close_to_decoded(torch.randn(3, 1, 16), code)
+
+
+@needs_kernel
+def test_the_kernel_ran_and_is_repeatable_whatever_the_threads():
+    code = coded((300, 64), 256, 4, scale_group=64)
+    x = torch.randn(2, 1, 64)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernels.lut_matmul(x, code)
+        torch.set_num_threads(2)
+        two = kernels.lut_matmul(x, code)
+    finally:
+        torch.set_num_threads(threads)
+    assert one is not None and torch.equal(one, two)
+
+
+def test_forced_fallback_is_reported_and_used(monkeypatch):
+    monkeypatch.setenv(kernels.FORCE_TORCH, "torch")
+    kernels.reset()
+    try:
+        assert kernels.backend().startswith("torch (forced")
+        code = coded((16, 8), 16, 2)
+        assert kernels.lut_matmul(torch.randn(1, 1, 8), code) is None
+        assert_close_to_decoded(torch.randn(2, 1, 8), code)
+    finally:
+        monkeypatch.delenv(kernels.FORCE_TORCH)
+        kernels.reset()
+
+
+def test_a_failed_build_falls_back_and_says_why(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("VQC_CACHE", str(tmp_path))
+    kernels.reset()
+    try:
+        assert kernels.backend().startswith("torch (the C++ kernel could not be built")
+        assert_close_to_decoded(torch.randn(2, 1, 8), coded((16, 8), 16, 2))
+    finally:
+        monkeypatch.undo()
+        kernels.reset()
+
+
+def test_gradients_take_the_torch_path():
+    code = coded((16, 8), 16, 2, scale_group=8)
+    x = torch.randn(3, 1, 8, requires_grad=True)
+    assert kernels.lut_matmul(x, code) is None
+    lut_matmul(x, code).sum().backward()
+    torch.testing.assert_close(x.grad, code.decode().sum(0).expand(3, 1, 8))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", MATMUL_CASES + HANDBUILT)
+def test_cuda_agrees_with_the_decode_path(kind):
+    dense, code, x = make(kind)
+    layer = coded_from_dense(dense, code).cuda()
+    assert_paths_agree(layer, x.cuda())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_layer_matches_the_cpu_kernel():
+    code = coded((64, 32), 256, 4, scale_group=32, permuted=True)
+    x = torch.randn(2, 1, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(lut_matmul(x.cuda(), code.cuda()).cpu(), lut_matmul(x, code), rtol=0, atol=1e-4)
