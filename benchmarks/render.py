@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULT = ROOT / "benchmarks" / "results" / "minilm.json"
 FASHION = ROOT / "benchmarks" / "results" / "fashion.json"
 UNIVERSAL = ROOT / "benchmarks" / "results" / "universal.json"
-SPEED = ROOT / "benchmarks" / "results" / "speed.json"
+SPEED_RUNS = "speed*.json"  # speed.json (make bench-speed), and runs with other settings beside it
 SPEED_COLUMNS = ("dense", "kernel", "kernel, table", "kernel, decode-then-multiply", "decode path", "torch fallback")
 FASHION_TARGETS = {"≤ 1.6": 0.5, "≤ 1.0": 1.5}  # points of accuracy a budget may lose against fp32
 DOCS = ROOT / "docs"
@@ -386,13 +386,14 @@ def met(ok: bool) -> str:
     return "**met**" if ok else "**not met**"
 
 
-def speed_markdown(result: dict) -> list[str]:
-    """The Speed section: the 4096² layer against dense fp32 and the decode path, Gemma's tokens/s."""
+def speed_markdown(result: dict, name: str) -> list[str]:
+    """A Speed section: the 4096² layer against dense fp32 and the decode path, Gemma's tokens/s."""
     m, layer = result["machine"], result["layer"]
     where = result.get("gpu") or f"{m['cpu']}, {m['cores']} cores, {m['threads']} threads"
     columns = [c for c in SPEED_COLUMNS if c in layer["rows"][0]["ms"]]
-    lines = ["## Speed: the compiled lookup-table kernel", "",
-             f"Measured by `make bench-speed` (`benchmarks/speed.py`), {result['started']}, on {where}, torch "
+    threads = f"{m['threads']} thread" + ("s" if m["threads"] > 1 else "")
+    lines = [f"## Speed: the compiled lookup-table kernel, {threads}", "",
+             f"From `benchmarks/results/{name}`, measured by `benchmarks/speed.py`, {result['started']}, on {where}, torch "
              f"{m['torch']}; coded path: {result['backend']}. Every figure is the median of {layer['repeats']} "
              "rounds in one process, each round calling every variant once in turn. The machine is shared: its "
              f"1-minute load average was {result['load_average_before']:.1f} at the start and "
@@ -462,8 +463,8 @@ def markdown(result: dict) -> str:
         lines += rd_markdown(result, fashion)
     if UNIVERSAL.exists():
         lines += universal_markdown(json.loads(UNIVERSAL.read_text()))
-    if SPEED.exists():
-        lines += speed_markdown(json.loads(SPEED.read_text()))
+    for path in sorted((ROOT / "benchmarks" / "results").glob(SPEED_RUNS)):
+        lines += speed_markdown(json.loads(path.read_text()), path.name)
     return "\n".join(lines)
 
 
