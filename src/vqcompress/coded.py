@@ -93,18 +93,27 @@ def on_grid(values: Tensor, bits: int) -> Tensor:
     return values + (projected - values).detach()
 
 
-def codebook_grid_scale(codebook: Tensor, bits: int) -> Tensor:
-    """One scale per codebook (groups, 1, 1) for its ``bits``-bit grid: the candidate between
-    half and all of absmax / (2^bits − 1) with the least squared error, rounded to fp16."""
-    top = 2**bits - 1
-    absmax = codebook.abs().amax(dim=(1, 2), keepdim=True).clamp_min(2**-14) / top
+def best_grid_step(values: Tensor, bits: int, dims: tuple[int, ...], shrinks: Tensor,
+                   stored: torch.dtype | None = None) -> Tensor:
+    """One step per slice of ``values`` (``dims`` reduced, kept as 1) for their ``bits``-bit grid:
+    the candidate shrink × absmax / (2^bits − 1) with the least squared error, rounded to the
+    ``stored`` dtype where the step is stored."""
+    absmax = values.abs().amax(dim=dims, keepdim=True).clamp_min(1e-12) / (2**bits - 1)
     best, best_error = absmax, torch.full_like(absmax, math.inf)
-    for shrink in torch.linspace(0.5, 1.0, 11):
-        scale = (absmax * shrink).half().float()
-        error = (grid_values(grid_levels(codebook / scale, bits), bits) * scale - codebook).square().sum(dim=(1, 2), keepdim=True)
-        best = torch.where(error < best_error, scale, best)
+    for shrink in shrinks:
+        step = absmax * shrink
+        if stored is not None:
+            step = step.to(stored).float().clamp_min(torch.finfo(stored).tiny)
+        error = (grid_values(grid_levels(values / step, bits), bits) * step - values).square().sum(dim=dims, keepdim=True)
+        best = torch.where(error < best_error, step, best)
         best_error = torch.minimum(error, best_error)
     return best
+
+
+def codebook_grid_scale(codebook: Tensor, bits: int) -> Tensor:
+    """One fp16 scale per codebook (groups, 1, 1) for its ``bits``-bit grid: searched between half
+    and all of absmax / (2^bits − 1)."""
+    return best_grid_step(codebook, bits, (1, 2), torch.linspace(0.5, 1.0, 11), torch.float16)
 
 
 @dataclass(frozen=True)
@@ -337,11 +346,17 @@ class CodedWeight(nn.Module):
         if not lay.factored:
             return self.code_matrix(stored_rows)[..., None]
         rows = torch.arange(lay.rows, device=self.codes.device) if stored_rows is None else stored_rows
-        sub = rows[:, None] * lay.segments + torch.arange(lay.segments, device=rows.device)
         if lay.masked:
-            mask = unpack_codes(self.codes, 1, sub[..., None] * lay.k + torch.arange(lay.k, device=rows.device))
+            mask = unpack_codes(self.codes, 1, self._per_sub_vector(rows, lay.k))
             return torch.nonzero(mask)[:, -1].reshape(len(rows), lay.segments, lay.terms)
-        return unpack_codes(self.codes, lay.bits, sub[..., None] * lay.terms + torch.arange(lay.terms, device=rows.device))
+        return unpack_codes(self.codes, lay.bits, self._per_sub_vector(rows, lay.terms))
+
+    def _per_sub_vector(self, rows: Tensor, count: int) -> Tensor:
+        """Stream positions of ``count`` consecutive entries per sub-vector of the given stored rows,
+        as (rows, segments, count): where the factor form's positions and coefficients lie."""
+        lay = self.layout
+        sub = rows[:, None] * lay.segments + torch.arange(lay.segments, device=rows.device)
+        return sub[..., None] * count + torch.arange(count, device=rows.device)
 
     def coefficients(self, stored_rows: Tensor | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
         """Coefficients of the given stored rows as (rows, segments, terms), in codeword units
@@ -356,8 +371,7 @@ class CodedWeight(nn.Module):
             return torch.ones(shape, dtype=dtype, device=rows.device)
         if lay.coef_bits == FP16_COEFFICIENTS:
             return self.coef[rows].reshape(shape).to(dtype)
-        sub = rows[:, None] * lay.segments + torch.arange(lay.segments, device=rows.device)
-        levels = unpack_codes(self.coef, lay.coef_bits, sub[..., None] * lay.terms + torch.arange(lay.terms, device=rows.device))
+        levels = unpack_codes(self.coef, lay.coef_bits, self._per_sub_vector(rows, lay.terms))
         return grid_values(levels, lay.coef_bits).to(dtype)
 
     def codewords(self, dtype: torch.dtype = torch.float32) -> Tensor:
