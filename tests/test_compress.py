@@ -180,13 +180,14 @@ def test_jlcm_compresses_a_model_block_by_block_and_round_trips(tmp_path):
         assert torch.allclose(loaded(**batch).last_hidden_state, model(**batch).last_hidden_state, atol=1e-5)
 
 
-def test_an_interrupted_calibrated_compression_resumes_to_the_same_file(tmp_path, monkeypatch):
+@pytest.mark.parametrize("tune_blocks", [0, 2])
+def test_an_interrupted_calibrated_compression_resumes_to_the_same_file(tmp_path, monkeypatch, tune_blocks):
     import importlib
 
     from tests.test_allocate import PLAN, text_batches, tiny_bert
 
-    whole = vqc.save(vqc.compress(tiny_bert(), "jlcm", 3, text_batches(), plan=PLAN, progress=False, steps=3),
-                     tmp_path / "whole.vqc")
+    options = {"plan": PLAN, "progress": False, "steps": 3, "tune_blocks": tune_blocks}
+    whole = vqc.save(vqc.compress(tiny_bert(), "jlcm", 3, text_batches(), **options), tmp_path / "whole.vqc")
     checkpoint = tmp_path / "partial.vqc"
     compress_module = importlib.import_module("vqcompress.compress")  # the package's name is the function
     real_fit_runs, calls = compress_module._fit_runs, []
@@ -199,13 +200,43 @@ def test_an_interrupted_calibrated_compression_resumes_to_the_same_file(tmp_path
 
     monkeypatch.setattr(compress_module, "_fit_runs", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        vqc.compress(tiny_bert(), "jlcm", 3, text_batches(), plan=PLAN, progress=False, steps=3, checkpoint=checkpoint)
+        vqc.compress(tiny_bert(), "jlcm", 3, text_batches(), checkpoint=checkpoint, **options)
     assert checkpoint.exists()
     monkeypatch.setattr(compress_module, "_fit_runs", real_fit_runs)
-    resumed = vqc.compress(tiny_bert(), "jlcm", 3, text_batches(), plan=PLAN, progress=False, steps=3,
-                           checkpoint=checkpoint)
+    resumed = vqc.compress(tiny_bert(), "jlcm", 3, text_batches(), checkpoint=checkpoint, **options)
     assert not checkpoint.exists()
     assert vqc.save(resumed, tmp_path / "resumed.vqc").read_bytes() == whole.read_bytes()
+
+
+def test_tuned_blocks_give_outputs_closer_to_the_original():
+    """Block tuning trains each block's codebooks and scales towards the original block's outputs:
+    the whole model's output error falls, and the run is deterministic."""
+    from tests.test_allocate import PLAN, text_batches, tiny_bert
+
+    data = text_batches()
+    batch = data.batch_at(0)
+    with torch.no_grad():
+        target = tiny_bert()(**batch).last_hidden_state
+    errors, outputs = [], []
+    for tune_blocks in (0, 4, 4):
+        model = vqc.compress(tiny_bert(), "kmeans", 2, data, plan=PLAN, progress=False, allocation=False,
+                             scale="row", tune_blocks=tune_blocks, block_lr=1e-2)
+        with torch.no_grad():
+            outputs.append(model(**batch).last_hidden_state)
+        errors.append(float((outputs[-1] - target).square().mean()))
+    assert errors[1] < 0.9 * errors[0]
+    assert torch.equal(outputs[1], outputs[2])
+
+
+def test_tuning_blocks_needs_data_and_blocks():
+    from tests.test_allocate import PLAN, text_batches, tiny_bert
+
+    with pytest.raises(VQCError, match="needs calibration data"):
+        vqc.compress(tiny_bert(), "kmeans", 2, plan=PLAN, progress=False, tune_blocks=1)
+    with pytest.raises(VQCError, match="needs repeated blocks"):
+        vqc.compress(mlp(), "kmeans", 2, DATA, plan=EVERY_LAYER, progress=False, tune_blocks=1)
+    with pytest.raises(VQCError, match="≥ 0"):
+        vqc.compress(tiny_bert(), "kmeans", 2, text_batches(), plan=PLAN, progress=False, tune_blocks=-1)
 
 
 class _ScaledEmbedding(nn.Embedding):

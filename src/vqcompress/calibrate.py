@@ -155,26 +155,27 @@ class _Stop(Exception):
 
 
 class Blocks:
-    """A model's blocks run one at a time on captured inputs (a list of (args, kwargs) per batch)."""
+    """A model's blocks run one at a time on captured hidden states (one tensor per batch)."""
 
     def __init__(self, model: nn.Module, blocks: nn.ModuleList, forward: Callable[[nn.Module, Any], Any],
                  batches: Iterable[Any], positions: Callable[[Any], Tensor | None] = lambda batch: None):
         self.model, self.blocks, self.forward, self.batches = model, blocks, forward, list(batches)
         self.positions = [positions(batch) for batch in self.batches]  # which count in statistics
 
-    def first_inputs(self) -> list[tuple[tuple, dict]]:
-        """What the first block receives for every batch (hidden states first); also records, in
+    def first_inputs(self) -> list[Tensor]:
+        """The hidden states the first block receives for every batch; also records, in
         ``self.extras``, the other arguments every block receives, which may differ by block (a
         decoder passes sliding-window and full-attention layers their own masks and rotary
         tables). The model runs to its end once, without the blocks' work past the arguments."""
-        inputs: list[tuple[tuple, dict]] = []
+        inputs: list[Tensor] = []
         self.extras: list[list[tuple[tuple, dict]]] = [[] for _ in self.blocks]
 
         def recorder(index: int):
             def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
-                self.extras[index].append((args[1:], kwargs))
+                hidden = args[0] if args else kwargs["hidden_states"]
+                self.extras[index].append((args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"}))
                 if index == 0:
-                    inputs.append((args, kwargs))
+                    inputs.append(hidden)
                 if index == len(self.blocks) - 1:
                     raise _Stop
             return record
@@ -193,15 +194,16 @@ class Blocks:
                 handle.remove()
         return inputs
 
-    def run(self, index: int, inputs: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
-        """Run block ``index`` on every captured input (with that block's own other arguments);
-        returns the next block's inputs."""
-        block, outputs = self.blocks[index], []
+    def call(self, index: int, batch: int, hidden: Tensor, block: nn.Module | None = None) -> Tensor:
+        """Block ``index`` (or ``block`` in its place, e.g. its uncompressed twin) on the hidden
+        states of batch number ``batch``, with that block's own other arguments; gradients flow."""
+        args, kwargs = self.extras[index][batch]
+        with counting(self.positions[batch]):
+            result = (block or self.blocks[index])(hidden, *args, **kwargs)
+        return result[0] if isinstance(result, (tuple, list)) else result
+
+    def run(self, index: int, inputs: list[Tensor], block: nn.Module | None = None) -> list[Tensor]:
+        """Block ``index`` (or ``block`` in its place) on every batch's hidden states: the next
+        block's inputs."""
         with torch.no_grad():
-            for (args, kwargs), (extra_args, extra_kwargs), positions in zip(inputs, self.extras[index], self.positions):
-                hidden = args[0] if args else kwargs["hidden_states"]
-                with counting(positions):
-                    result = block(hidden, *extra_args, **{k: v for k, v in extra_kwargs.items() if k != "hidden_states"})
-                hidden = result[0] if isinstance(result, (tuple, list)) else result
-                outputs.append(((hidden,), {}))
-        return outputs
+            return [self.call(index, batch, hidden, block) for batch, hidden in enumerate(inputs)]

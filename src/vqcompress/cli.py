@@ -58,7 +58,7 @@ def _settings_summary(model) -> list[str]:
 def compress(
     model: str = typer.Argument(..., help="bundled model (minilm), zoo model (fashion-cnn, fashion-vit) or a transformers model folder"),
     output: Path = typer.Option(..., "-o", "--output", help="the .vqc file to write"),
-    method: str = typer.Option("kmeans", help="rtn, kmeans, vqdnn, jlcm or vq4all"),
+    method: str = typer.Option("kmeans", help="rtn, kmeans, vqdnn, jlcm, vq4all or qswd"),
     codebook: Optional[Path] = typer.Option(None, help="vq4all: the universal codebook file (.vqcb)"),
     bits: Optional[float] = typer.Option(None, help="bit budget per weight; picks the method's settings"),
     dim: Optional[int] = typer.Option(None, help="kmeans: sub-vector length d (overrides the budget's)"),
@@ -82,6 +82,8 @@ def compress(
     finetune_steps: int = typer.Option(0, help="distil from the original for N steps on the model's training data"),
     lr: float = typer.Option(1e-3, help="fine-tuning learning rate"),
     tune_dense: bool = typer.Option(True, help="fine-tuning also tunes norms, biases and layers left dense"),
+    tune_blocks: int = typer.Option(0, help="with calibration: train each block's codebooks and scales for N passes "
+                                            "over the calibration data to give the original block's outputs"),
     assignments: Optional[str] = typer.Option(None, help="how fine-tuning learns assignments: 'ste' (straight-through, "
                                                          "periodic nearest-codeword refresh), 'soft' (annealed "
                                                          "temperature) or 'progressive' (candidates frozen as they "
@@ -106,12 +108,12 @@ def compress(
     plan = Plan(by_name={**{pattern: {} for pattern in include}, **{pattern: None for pattern in skip}})
     _say(f"loading {model} …", quiet)
     dense, source = load_model(model, seed)
-    calibrate = bool(calib or calib_samples or method in ("jlcm", "vq4all"))
+    calibrate = bool(calib or calib_samples or tune_blocks or method in ("jlcm", "vq4all"))
     calibration = training_data(source.to_json(), seed, calib, calib_samples) if calibrate or finetune_steps else None
     checkpoint = output.with_name(f".{output.name}.partial")  # work so far, resumed from if found
     compressed = compress_model(dense.to(device), method, bits, calibration, plan=plan, seed=seed, progress=not quiet,
                                 finetune_steps=finetune_steps, lr=lr, assignments=assignments, checkpoint=checkpoint,
-                                tune_dense=tune_dense,
+                                tune_dense=tune_dense, tune_blocks=tune_blocks,
                                 allocation=not per_layer_bits, calibrate=calibrate, **options)
     save(compressed, output, source)
     seconds, result = time.perf_counter() - started, report(output)

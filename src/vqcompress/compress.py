@@ -19,7 +19,7 @@ from .calibrate import Blocks, InputStatistics, capturing, counting, find_blocks
 from .coded import CodedWeight
 from .io import load, save
 from .errors import VQCError
-from .finetune import TrainingData, check_assignments, finetune
+from .finetune import BLOCK_LR, TrainingData, check_assignments, finetune, relative_error, tune_block
 from .layers import coded_from_dense, iter_coded
 from .methods import Method, get_method
 from .plan import Plan
@@ -130,7 +130,8 @@ def compress(model: nn.Module, method: str = "kmeans", bits: float | None = None
              calibration: TrainingData | None = None, *, plan: Plan | None = None, seed: int = 0,
              progress: bool = True, finetune_steps: int = 0, lr: float = 1e-3,
              assignments: str | None = None, checkpoint: str | os.PathLike | None = None, allocation: bool = True,
-             calibrate: bool | None = None, tune_dense: bool = True, **options) -> nn.Module:
+             calibrate: bool | None = None, tune_dense: bool = True, tune_blocks: int = 0,
+             block_lr: float = BLOCK_LR, **options) -> nn.Module:
     """Replace the planned layers of ``model`` (in place) by coded layers; returns the model
     (a new object only when ``model`` is itself a single layer).
 
@@ -143,7 +144,10 @@ def compress(model: nn.Module, method: str = "kmeans", bits: float | None = None
     the compressed model is then distilled from a copy of the original by the shared fine-tuning
     engine: norms and biases too unless ``tune_dense=False``, and methods that learn assignments
     do so by ``assignments`` ("ste", "soft" or "progressive", see ``finetune``; by default the
-    method's own way). Every layer's settings are resolved and checked before any work starts, so
+    method's own way). With ``tune_blocks`` = N (calibrated, block by block), each block's coded
+    weights (and, with ``tune_dense``, its norms and biases) are trained for N passes over the
+    calibration batches at ``block_lr`` to give the uncompressed block's outputs (codes fixed).
+    Every layer's settings are resolved and checked before any work starts, so
     a bad budget or a bad weight fails in a second, not after minutes of work.
     """
     if calibration is not None and not isinstance(calibration, TrainingData):
@@ -153,11 +157,16 @@ def compress(model: nn.Module, method: str = "kmeans", bits: float | None = None
     if not jobs:
         raise VQCError("the plan selects no layer to compress")
     jobs, followers = _untie(jobs)
-    _check_training(jobs, calibration, finetune_steps)
+    _check_training(jobs, calibration, finetune_steps, tune_blocks)
     assignments = assignments or getattr(jobs[0].method, "assignments", "ste")
     check_assignments(assignments)
     teacher = copy.deepcopy(model).eval() if finetune_steps else None
-    calibrate = calibration is not None and (not finetune_steps if calibrate is None else calibrate)
+    calibrate = calibration is not None and (not finetune_steps or bool(tune_blocks) if calibrate is None else calibrate)
+    if tune_blocks and not calibrate:
+        raise VQCError("tuning blocks works on the calibrated, block-by-block fit: leave calibrate on")
+    if tune_blocks and (find_blocks(model) is None or any(job.settings.get("shared") for job in jobs)):
+        raise VQCError("tuning blocks needs repeated blocks (transformer layers) and no shared codebooks: "
+                       "use fine-tuning steps instead")
     if calibrate and bits is not None and allocation and any(has_levels(job) for job in jobs):
         _allocate(model, jobs, calibration, bits, seed)
     bar = tqdm(total=len(jobs), desc=f"{method}", unit="layer", disable=not progress)
@@ -165,7 +174,8 @@ def compress(model: nn.Module, method: str = "kmeans", bits: float | None = None
     if not calibrate:
         model = _fit_runs(model, shared_runs(jobs), seed, bar, followers=followers)
     else:
-        model = _fit_calibrated(model, jobs, calibration, seed, bar, checkpoint, followers)
+        model = _fit_calibrated(model, jobs, calibration, seed, bar, checkpoint, followers, tune_blocks, block_lr,
+                                tune_dense)
     bar.close()
     if finetune_steps:
         finetune(model, teacher, calibration.task, calibration.batch_at, finetune_steps, lr=lr,
@@ -249,21 +259,30 @@ def correct_bias(layer: nn.Module, weight: torch.Tensor, inputs: InputStatistics
 
 
 def _fit_calibrated(model: nn.Module, jobs: list[Job], data: TrainingData, seed: int, bar: tqdm,
-                    checkpoint: Path | None = None, followers: dict[str, list[Job]] | None = None) -> nn.Module:
+                    checkpoint: Path | None = None, followers: dict[str, list[Job]] | None = None,
+                    tune_blocks: int = 0, block_lr: float = BLOCK_LR, tune_dense: bool = True) -> nn.Module:
     """Fit every layer on the statistics of its inputs. A model with repeated blocks is done block
     by block: layers before the blocks first, then each block on inputs that went through the
     blocks already compressed (one block's activations in memory), then the layers after them.
+    With ``tune_blocks`` (passes over the calibration batches), each block's coded weights are
+    then trained to give the uncompressed block's outputs on the uncompressed model's inputs
+    (``tune_block``), which also repairs the error of the blocks before it.
     With ``checkpoint``, the model so far is saved there (a .vqc file) after every stage, and a
     run that finds the file starts from it: the layers it holds are not fitted again, and the
     result is the same file as an uninterrupted run's."""
     batches = [data.batch_at(i) for i in range(data.calibration_batches)]
+    found = find_blocks(model) if all(job.name for job in jobs) else None
+    blockwise = found is not None and not any(job.settings.get("shared") for job in jobs)
+    originals = list(copy.deepcopy(found[1])) if blockwise and tune_blocks else None  # the teacher's blocks
+    teacher_inputs = Blocks(model, found[1], data.task.forward, batches).first_inputs() if originals else None
     done: set[str] = set()
     if checkpoint is not None and checkpoint.exists():
         model = load(checkpoint, like=model, device=str(next(model.parameters()).device))
         done = {name for name, _ in iter_coded(model)}
         bar.update(len(done))
 
-    def fit_stage(stage: list[Job], run: Callable[[], object]) -> nn.Module:
+    def fit_stage(stage: list[Job], run: Callable[[], object], keep: bool = True) -> nn.Module:
+        """Fit the stage's layers not done yet; with ``keep``, checkpoint the model after them."""
         stage = [job for job in stage if job.name not in done]
         if not stage:
             return model
@@ -271,7 +290,7 @@ def _fit_calibrated(model: nn.Module, jobs: list[Job], data: TrainingData, seed:
             run()
             statistics = collected()
         fitted = _fit_runs(model, shared_runs(stage), seed, bar, statistics, followers)
-        if checkpoint is not None:
+        if checkpoint is not None and keep:
             save(fitted, checkpoint)
         return fitted
 
@@ -280,16 +299,29 @@ def _fit_calibrated(model: nn.Module, jobs: list[Job], data: TrainingData, seed:
             with counting(data.task.positions(batch)):
                 data.task.forward(model, batch)
 
-    found = find_blocks(model) if all(job.name for job in jobs) else None
-    if found is None or any(job.settings.get("shared") for job in jobs):
+    if not blockwise:
         return fit_stage(jobs, run_model)
     before, per_block, after = _stages(model, jobs, found[0], len(found[1]))
     blocks = Blocks(model, found[1], data.task.forward, batches, data.task.positions)
     model = fit_stage(before, blocks.first_inputs)
     inputs = blocks.first_inputs()  # the first block sees what the compressed layers before it give
     for index, stage in enumerate(per_block):
-        model = fit_stage(stage, lambda: blocks.run(index, inputs))
-        inputs = blocks.run(index, inputs)
+        fresh = any(job.name not in done for job in stage)
+        model = fit_stage(stage, lambda: blocks.run(index, inputs), keep=originals is None)  # kept once tuned
+        outputs = blocks.run(index, inputs)
+        if originals is not None:
+            targets = blocks.run(index, teacher_inputs, originals[index])
+            originals[index] = None  # one uncompressed block less in memory
+            if fresh and any(iter_coded(blocks.blocks[index])):
+                error = relative_error(outputs, targets, blocks.positions)
+                tune_block(blocks, index, inputs, targets, tune_blocks, lr=block_lr, tune_dense=tune_dense)
+                outputs = blocks.run(index, inputs)
+                if not bar.disable:
+                    bar.write(f"block {index}: output error {error:.4f} → {relative_error(outputs, targets, blocks.positions):.4f}")
+                if checkpoint is not None:
+                    save(model, checkpoint)
+            teacher_inputs = targets
+        inputs = outputs
     return fit_stage(after, run_model)
 
 
@@ -307,11 +339,15 @@ def _stages(model: nn.Module, jobs: list[Job], prefix: str, count: int) -> tuple
     return before, per_block, after
 
 
-def _check_training(jobs: list[Job], calibration: TrainingData | None, finetune_steps: int) -> None:
+def _check_training(jobs: list[Job], calibration: TrainingData | None, finetune_steps: int, tune_blocks: int = 0) -> None:
     """Methods that train need training data and fine-tuning steps; fine-tuning needs data."""
     trains = sorted({job.method.name for job in jobs if job.method.needs_training})
     if finetune_steps < 0:
         raise VQCError(f"finetune_steps must be ≥ 0, got {finetune_steps}")
+    if tune_blocks < 0:
+        raise VQCError(f"tune_blocks must be ≥ 0, got {tune_blocks}")
+    if tune_blocks and calibration is None:
+        raise VQCError("tuning blocks needs calibration data (calibration=TrainingData(task, batch_at))")
     if trains and not (calibration and finetune_steps):
         raise VQCError(f"{', '.join(trains)} learns its codebooks in training: give training data and fine-tuning steps")
     if finetune_steps and calibration is None:

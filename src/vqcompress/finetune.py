@@ -53,6 +53,8 @@ ONE_HOT_WEIGHT = 0.5
 CANDIDATES = 4
 FREEZE_EVERY = 10
 ASSIGNMENTS = ("ste", "soft", "progressive")
+#: Block tuning: Adam's step size (codebooks and scales are O(1) numbers after row scaling).
+BLOCK_LR = 1e-4
 
 
 @dataclass
@@ -304,3 +306,59 @@ def finetune(student: nn.Module, teacher: nn.Module, task: Task, batch_at: Calla
     if checkpoint and checkpoint.exists():
         checkpoint.unlink()
     return student
+
+
+def _positions_weight(positions: Tensor | None, output: Tensor) -> Tensor | float:
+    """1 where an output position is a real input (not padding), broadcastable to ``output``."""
+    if positions is None or tuple(output.shape[:positions.dim()]) != tuple(positions.shape):
+        return 1.0
+    return positions.to(output.dtype).reshape(*positions.shape, *[1] * (output.dim() - positions.dim()))
+
+
+def relative_error(outputs: list[Tensor], targets: list[Tensor], positions: list[Tensor | None]) -> float:
+    """‖outputs − targets‖² / ‖targets‖² over every batch, padding left out."""
+    error = energy = 0.0
+    for output, target, where in zip(outputs, targets, positions):
+        weight = _positions_weight(where, target)
+        error += float(((output - target).square() * weight).sum())
+        energy += float((target.square() * weight).sum())
+    return error / energy
+
+
+def tune_block(blocks: Any, index: int, inputs: list[Tensor], targets: list[Tensor], epochs: int, *,
+               lr: float = BLOCK_LR, tune_dense: bool = True) -> None:
+    """Train the coded weights of block ``index`` of ``blocks`` (a ``calibrate.Blocks``) so that
+    its outputs on ``inputs`` match ``targets``: codebooks, scales, offsets and coefficients
+    (codes fixed), with ``tune_dense`` the block's norms and biases too; Adam, one step per
+    calibration batch, ``epochs`` passes, cosine-decayed step size. Targets are the uncompressed
+    block's outputs on the uncompressed model's inputs, so the block also learns to undo the
+    error of the compressed blocks before it (AQLM's block fine-tuning; the loss is
+    ``relative_error``)."""
+    block = blocks.blocks[index]
+    codes = list({id(layer.weight_code): layer.weight_code for _, layer in iter_coded(block)}.values())
+    trainable = {parameter: parameter.requires_grad for parameter in block.parameters()}
+    shared: dict[int, tuple] = {}
+    for code in codes:
+        code.start_training(None, shared)
+    block.requires_grad_(tune_dense)
+    for code in codes:
+        code.requires_grad_(True)
+    optimizer = torch.optim.Adam([p for p in block.parameters() if p.requires_grad], lr=lr)
+    energy = sum(float((t.square() * _positions_weight(w, t)).sum()) for t, w in zip(targets, blocks.positions))
+    steps = epochs * len(inputs)
+    with _deterministic_algorithms():
+        for step in range(steps):
+            batch = step % len(inputs)
+            for group in optimizer.param_groups:
+                group["lr"] = _learning_rate(lr, step, steps, warmup=max(1, steps // 20))
+            output = blocks.call(index, batch, inputs[batch])
+            weight = _positions_weight(blocks.positions[batch], output)
+            loss = ((output - targets[batch]).square() * weight).sum() * (len(inputs) / energy)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    for parameter, flag in trainable.items():
+        parameter.requires_grad_(flag)
+    finished: dict[int, tuple] = {}
+    for code in codes:
+        code.finish_training(finished)

@@ -1,0 +1,102 @@
+"""`python -m benchmarks.gemma`: Gemma-270M compressed by our methods, perplexity against dense.
+
+    .venv/bin/python -m benchmarks.gemma                 # every configuration (each takes minutes)
+    .venv/bin/python -m benchmarks.gemma --only "qswd"   # rerun matching rows, keep the rest
+    .venv/bin/python -m benchmarks.gemma --list
+
+Each configuration is the command line a user types, ``vqc compress gemma-270m … --json``, run in
+a fresh process pinned to two cores: its wall time and peak memory are the whole command's (model
+load, calibration, fit, file write). The file it writes is then scored with ``vqc eval`` (the
+``gemma-270m`` suite: perplexity on the first 2,048 tokens of lee_background in 512-token
+windows); the dense model is scored in the same run. Calibration uses the wiki corpus (never the
+evaluation text). Results go to benchmarks/results/gemma.json and from there (render.py) to
+docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import render
+from .run import CORES, ROOT, machine, now, run_measured, write_json
+
+RESULTS = ROOT / "benchmarks" / "results" / "gemma.json"
+#: label → the arguments after ``vqc compress gemma-270m``
+CONFIGS = {
+    "kmeans 2 bits, row scales (data-free)": ["--method", "kmeans", "--dim", "4", "--k", "256", "--scale", "row"],
+    "jlcm 2.1 bits": ["--method", "jlcm", "--bits", "2.1"],
+    "jlcm 2.1 bits, tuned blocks": ["--method", "jlcm", "--bits", "2.1", "--tune-blocks", "2"],
+    "qswd 3.1 bits, calibrated": ["--method", "qswd", "--bits", "3.1", "--calib", "wiki"],
+    "qswd 3.1 bits, calibrated, tuned blocks": ["--method", "qswd", "--bits", "3.1", "--calib", "wiki",
+                                                "--tune-blocks", "2"],
+    "kmeans 3.1 bits, row scales, calibrated, tuned blocks": ["--method", "kmeans", "--bits", "3.1", "--scale", "row",
+                                                              "--calib", "wiki", "--tune-blocks", "2"],
+}
+DENSE_SCRIPT = ("import json; from vqcompress.models import load_model; from vqcompress.suites import run_suite; "
+                "model, source = load_model('gemma-270m'); "
+                "print(json.dumps(run_suite('gemma-270m', model, source.to_json(), 'cpu')))")
+
+
+def vqc(*args: str) -> list[str]:
+    return [str(Path(sys.executable).with_name("vqc")), *args]
+
+
+def measure(label: str) -> dict:
+    """Compress as the configuration says (timed, peak memory), then score the file."""
+    with tempfile.TemporaryDirectory() as workdir:
+        path = Path(workdir) / "gemma.vqc"
+        stdout, seconds, peak = run_measured(vqc("compress", "gemma-270m", *CONFIGS[label], "-o", str(path),
+                                                 "--json", "--quiet"))
+        compressed = json.loads(stdout)
+        scored, _, _ = run_measured(vqc("eval", str(path), "--json"))
+    figures = json.loads(scored)
+    row = {"label": label, "args": CONFIGS[label], "seconds": seconds, "peak_memory_mib": peak,
+           "perplexity": figures["perplexity"], "file_bytes": compressed["file_bytes"],
+           "model_bits_per_weight": compressed["model_bits_per_weight"],
+           "coded_bits_per_weight": compressed["coded_bits_per_weight"],
+           "settings": compressed["settings"], "machine": machine(), "date": now()}
+    print(f"{label:<58} {row['model_bits_per_weight']:.3f} bits/w  perplexity {row['perplexity']:.2f}  "
+          f"({seconds:.0f} s, {peak:.0f} MiB)", file=sys.stderr, flush=True)
+    return row
+
+
+def dense() -> dict:
+    stdout, seconds, peak = run_measured([sys.executable, "-c", DENSE_SCRIPT])
+    figures = json.loads(stdout.strip().splitlines()[-1])
+    return {"perplexity": figures["perplexity"], "seconds": seconds, "machine": machine(), "date": now()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", metavar="LABEL_SUBSTRING", action="append",
+                        help="measure only the configurations whose label contains this text (repeatable), "
+                             "keeping the other rows")
+    parser.add_argument("--list", action="store_true", help="print the configurations' labels and exit")
+    args = parser.parse_args()
+    if args.list:
+        print("\n".join(CONFIGS))
+        return
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:CORES])  # children inherit the pinning
+    labels = [label for label in CONFIGS if not args.only or any(p in label for p in args.only)]
+    if not labels:
+        raise SystemExit(f"no configuration matches {args.only}; see --list")
+    result = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"suite": "gemma-270m", "rows": []}
+    result["dense"] = dense()
+    write_json(RESULTS, result)
+    for label in labels:
+        row = measure(label)
+        rows = {r["label"]: r for r in result["rows"]} | {label: row}
+        result["rows"] = [rows[name] for name in CONFIGS if name in rows]
+        result["updated"] = now()
+        write_json(RESULTS, result)
+    render.main()
+
+
+if __name__ == "__main__":
+    main()
