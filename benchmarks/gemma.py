@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -27,6 +28,7 @@ from . import render
 from .run import CORES, ROOT, machine, now, run_measured, write_json
 
 RESULTS = ROOT / "benchmarks" / "results" / "gemma.json"
+LOGS = ROOT / "out" / "gemma-bench"
 #: label → the arguments after ``vqc compress gemma-270m``
 CONFIGS = {
     "kmeans 2 bits, row scales (data-free)": ["--method", "kmeans", "--dim", "4", "--k", "256", "--scale", "row"],
@@ -39,8 +41,9 @@ CONFIGS = {
                                                               "--calib", "wiki", "--tune-blocks", "2"],
 }
 DENSE_SCRIPT = ("import json; from vqcompress.models import load_model; from vqcompress.suites import run_suite; "
-                "model, source = load_model('gemma-270m'); "
-                "print(json.dumps(run_suite('gemma-270m', model, source.to_json(), 'cpu')))")
+                "from vqcompress.speed import resident_bytes; model, source = load_model('gemma-270m'); "
+                "print(json.dumps({**run_suite('gemma-270m', model, source.to_json(), 'cpu')['compressed'], "
+                "'weight_bytes': resident_bytes(model)}))")
 
 
 def vqc(*args: str) -> list[str]:
@@ -48,16 +51,19 @@ def vqc(*args: str) -> list[str]:
 
 
 def measure(label: str) -> dict:
-    """Compress as the configuration says (timed, peak memory), then score the file."""
+    """Compress as the configuration says (timed, peak memory; its progress, with each tuned
+    block's output error, goes to out/gemma-bench/), then score the file."""
+    LOGS.mkdir(parents=True, exist_ok=True)
+    log = LOGS / (re.sub(r"[^a-z0-9.]+", "-", label.lower()).strip("-") + ".log")
     with tempfile.TemporaryDirectory() as workdir:
         path = Path(workdir) / "gemma.vqc"
-        stdout, seconds, peak = run_measured(vqc("compress", "gemma-270m", *CONFIGS[label], "-o", str(path),
-                                                 "--json", "--quiet"))
+        stdout, seconds, peak = run_measured(vqc("compress", "gemma-270m", *CONFIGS[label], "-o", str(path), "--json"),
+                                             log)
         compressed = json.loads(stdout)
         scored, _, _ = run_measured(vqc("eval", str(path), "--json"))
     figures = json.loads(scored)
     row = {"label": label, "args": CONFIGS[label], "seconds": seconds, "peak_memory_mib": peak,
-           "perplexity": figures["perplexity"], "file_bytes": compressed["file_bytes"],
+           "perplexity": figures["compressed"]["perplexity"], "file_bytes": compressed["file_bytes"],
            "model_bits_per_weight": compressed["model_bits_per_weight"],
            "coded_bits_per_weight": compressed["coded_bits_per_weight"],
            "settings": compressed["settings"], "machine": machine(), "date": now()}
@@ -69,7 +75,8 @@ def measure(label: str) -> dict:
 def dense() -> dict:
     stdout, seconds, peak = run_measured([sys.executable, "-c", DENSE_SCRIPT])
     figures = json.loads(stdout.strip().splitlines()[-1])
-    return {"perplexity": figures["perplexity"], "seconds": seconds, "machine": machine(), "date": now()}
+    return {"perplexity": figures["perplexity"], "weight_bytes": figures["weight_bytes"], "seconds": seconds,
+            "machine": machine(), "date": now()}
 
 
 def main() -> None:

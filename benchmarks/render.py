@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULT = ROOT / "benchmarks" / "results" / "minilm.json"
 FASHION = ROOT / "benchmarks" / "results" / "fashion.json"
 UNIVERSAL = ROOT / "benchmarks" / "results" / "universal.json"
+GEMMA = ROOT / "benchmarks" / "results" / "gemma.json"
 SPEED_RUNS = "speed*.json"  # speed.json (make bench-speed), and runs with other settings beside it
 SPEED_COLUMNS = ("dense", "kernel", "kernel, table", "kernel, decode-then-multiply", "decode path", "torch fallback")
 FASHION_TARGETS = {"≤ 1.6": 0.5, "≤ 1.0": 1.5}  # points of accuracy a budget may lose against fp32
@@ -439,6 +440,26 @@ def speed_markdown(result: dict, name: str) -> list[str]:
     return lines + [""]
 
 
+def gemma_markdown(result: dict) -> list[str]:
+    """The Gemma-270M section: each command line's bits, perplexity against dense, time and memory."""
+    dense = result["dense"]["perplexity"]
+    lines = ["## gemma-270m: perplexity of the compressed model", "",
+             "Generated from `benchmarks/results/gemma.json` (`.venv/bin/python -m benchmarks.gemma`). Each row is "
+             "`vqc compress gemma-270m ARGS --json` in a fresh process pinned to 2 cores (time and peak memory of "
+             "the whole command: load, calibration on wiki windows, fit, file write), then `vqc eval` on its file "
+             "(perplexity on the first 2,048 tokens of lee_background, 512-token windows). "
+             f"Dense fp32 model, scored in the same run: perplexity {dense:.2f}; its weights take "
+             f"{result['dense']['weight_bytes'] / 2**20:,.0f} MiB.", "",
+             "| configuration | arguments | bits/w (model) | bits/w (coded layers) | perplexity | × dense | time | peak memory |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for row in result["rows"]:
+        lines.append(f"| {row['label']} | `{' '.join(row['args'])}` | {row['model_bits_per_weight']:.3f} | "
+                     f"{row['coded_bits_per_weight']:.3f} | {row['perplexity']:,.2f} | {row['perplexity'] / dense:.2f}× | "
+                     f"{row['seconds'] / 60:.1f} min | {row['peak_memory_mib']:,.0f} MiB |")
+    return lines + ["", f"Machine: {rows_machines(result['rows'])}; rows measured "
+                        f"{min(r['date'] for r in result['rows'])[:10]} to {max(r['date'] for r in result['rows'])[:10]}.", ""]
+
+
 def markdown(result: dict) -> str:
     rows = result["rows"]
     lines = [
@@ -461,6 +482,8 @@ def markdown(result: dict) -> str:
         lines += fashion_markdown(fashion)
     if any(r["method"] == "qswd" for r in rows):
         lines += rd_markdown(result, fashion)
+    if GEMMA.exists():
+        lines += gemma_markdown(json.loads(GEMMA.read_text()))
     if UNIVERSAL.exists():
         lines += universal_markdown(json.loads(UNIVERSAL.read_text()))
     for path in sorted((ROOT / "benchmarks" / "results").glob(SPEED_RUNS)):

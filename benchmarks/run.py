@@ -194,13 +194,14 @@ def measure(config: dict) -> dict:
 
 # --- in the parent: every configuration, the timing, the files -----------------------------------
 
-def run_measured(argv: list[str]) -> tuple[str, float, float]:
-    """Run a command to its end; return its stdout, wall seconds and its own peak memory (MiB).
+def run_measured(argv: list[str], log: Path | None = None) -> tuple[str, float, float]:
+    """Run a command to its end; return its stdout, wall seconds and its own peak memory (MiB);
+    its stderr goes to ``log`` where given.
 
     ``os.wait4`` gives the resource use of exactly this child, where RUSAGE_CHILDREN would give
     the largest of all children so far.
     """
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+    with tempfile.TemporaryFile("w+") as out, (open(log, "w+") if log else tempfile.TemporaryFile("w+")) as err:
         start = time.perf_counter()
         process = subprocess.Popen(argv, stdout=out, stderr=err, cwd=ROOT)
         _, status, usage = os.wait4(process.pid, 0)

@@ -58,3 +58,11 @@ def test_an_impossible_budget_fails_before_any_layer_is_coded():
 def test_a_method_without_codebook_options_is_allocated_too():
     model = vqc.compress(tiny_bert(), "rtn", 3, text_batches(), plan=PLAN, progress=False, group_size=64)
     assert vqc.report(model).model_bits_per_weight <= 3
+
+
+def test_high_budgets_are_measured_at_high_levels():
+    from vqcompress.allocate import LEVELS, levels
+
+    assert levels(2.1) == LEVELS
+    assert levels(3.1) == (*LEVELS, 5.0, 6.0)
+    assert max(levels(4.1)) == 8.0

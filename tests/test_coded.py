@@ -383,3 +383,35 @@ def test_factor_form_trains_through_its_grids_and_lands_back_on_them(form):
     shell = CodedWeight.empty(code.layout)
     shell.load_state_dict(code.state_dict())
     assert torch.equal(shell.decode(), code.decode())
+
+
+def _full_featured_code() -> tuple[CodedWeight, torch.Tensor]:
+    """Two codebook groups, scales and offsets per half row, a permutation and a gain; a weight near it."""
+    gen = torch.Generator().manual_seed(1)
+    layout = CodeLayout((16, 12), k=6, dim=3, groups=2, scale_group=6, offset=True, permuted=True, gain=True)
+    code = CodedWeight.encode(layout, torch.randn(2, 6, 3, generator=gen), torch.randint(0, 6, (16, 4), generator=gen),
+                              torch.rand(16, 2, generator=gen) + 0.5, torch.randn(16, 2, generator=gen) / 4,
+                              torch.randperm(16, generator=gen), torch.tensor([1.5]))
+    return code, code.decode() + 0.3 * torch.randn(16, 12, generator=gen)
+
+
+def test_feedback_with_uncorrelated_equal_inputs_is_the_nearest_codeword():
+    code, weight = _full_featured_code()
+    code.reassign(weight)
+    nearest = code.codes.clone()
+    code.reassign_with_feedback(weight, torch.eye(12))
+    assert torch.equal(code.codes, nearest)
+
+
+def test_feedback_lowers_the_output_error_on_correlated_inputs():
+    from vqcompress.calibrate import InputStatistics
+
+    code, weight = _full_featured_code()
+    gen = torch.Generator().manual_seed(2)
+    mixing = torch.eye(12) + 0.8 * torch.randn(12, 12, generator=gen)
+    inputs = torch.randn(2000, 12, generator=gen) @ mixing
+    stats = InputStatistics(gram=inputs.T @ inputs / len(inputs)).damped(0.01)
+    code.reassign(weight, stats.importance())
+    weighted = float(stats.error(weight - code.decode()))
+    code.reassign_with_feedback(weight, stats.gram)
+    assert float(stats.error(weight - code.decode())) < 0.9 * weighted

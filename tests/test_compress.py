@@ -283,3 +283,27 @@ def test_tied_scaled_embedding_is_coded_once_and_keeps_its_scale(tmp_path):
     loaded = vqc.load(path, like=_TiedLM().eval())
     assert torch.allclose(loaded(ids), compressed(ids), atol=1e-5)
     assert torch.allclose(densify(loaded)(ids), compressed(ids), atol=1e-5)
+
+
+def test_tuned_blocks_on_a_decoder_with_sliding_and_full_attention(tmp_path):
+    """A tiny Gemma-3 (sliding-window and full-attention layers, each with its own mask and
+    rotary table): block tuning runs, and the file it writes gives the same logits."""
+    from transformers import Gemma3TextConfig, Gemma3ForCausalLM
+
+    from vqcompress.finetune import causal_lm_task
+
+    def tiny() -> nn.Module:
+        torch.manual_seed(0)
+        config = Gemma3TextConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                  num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=4,
+                                  layer_types=["sliding_attention", "sliding_attention", "full_attention"])
+        return Gemma3ForCausalLM(config).eval()
+
+    ids = torch.randint(0, 128, (4, 2, 16), generator=torch.Generator().manual_seed(0))
+    data = TrainingData(causal_lm_task(), lambda step: {"input_ids": ids[step % 4]}, calibration_batches=4)
+    plan = vqc.Plan(min_weights=0, by_name={r"embed_tokens|lm_head": None})
+    model = vqc.compress(tiny(), "kmeans", 3, data, plan=plan, progress=False, allocation=False, scale="row",
+                         tune_blocks=2)
+    loaded = vqc.load(vqc.save(model, tmp_path / "tiny.vqc"), like=tiny())
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids[0]).logits, model(ids[0]).logits, atol=1e-4)

@@ -1,6 +1,6 @@
 """A bit budget is the model's average: sensitive layers get more bits, robust ones fewer.
 
-For every layer and every index budget in ``LEVELS`` the method's own settings give a layout
+For every layer and every index budget in ``levels(bits)`` the method's own settings give a layout
 whose exact storage (codes, codebooks, scales, permutation) is known before any fitting; a
 quick input-weighted k-means on a sample of the layer's rows measures its output error on the
 calibration data, relative to the layer's output energy. The choice minimises the summed
@@ -26,6 +26,7 @@ from .errors import VQCError
 from .io import model_tensors
 
 LEVELS = (1.0, 1.5, 2.0, 3.0, 4.0)
+HIGH_LEVELS = (5.0, 6.0, 8.0)  # offered where the budget is at least half of them (``levels``)
 NOISE = 0.03  # relative weight noise that probes a layer's sensitivity: small, so the response is quadratic
 SAMPLE_ROWS = 1024  # rows the sensitivity fit sees: enough for a stable error ratio, fast
 
@@ -62,6 +63,12 @@ def sensitivities(jobs: list, statistics: dict[str, InputStatistics], loss: Call
     return gains
 
 
+def levels(bits: float) -> tuple[float, ...]:
+    """The index budgets each layer is measured at: ``LEVELS``, and above them those of
+    ``HIGH_LEVELS`` up to twice the model's budget, so that a high budget is not capped at 4."""
+    return LEVELS + tuple(level for level in HIGH_LEVELS if level <= 2 * bits)
+
+
 def allocate(model: nn.Module, jobs: list, statistics: dict[str, InputStatistics], bits: float, seed: int = 0,
              gains: list[float] | None = None) -> list[Option]:
     """The option each job gets so that the model averages at most ``bits`` per weight, minimising
@@ -71,7 +78,8 @@ def allocate(model: nn.Module, jobs: list, statistics: dict[str, InputStatistics
     parameters = sum(t.numel() for t in tensors.values() if t.is_floating_point())
     fixed = sum(t.numel() * t.element_size() * 8 for n, t in tensors.items() if n not in coded_names)
     available = bits * parameters - fixed
-    options = [_options(job, statistics.get(job.name), seed, gain) for job, gain in zip(jobs, gains or [1.0] * len(jobs))]
+    options = [_options(job, statistics.get(job.name), seed, gain, levels(bits))
+               for job, gain in zip(jobs, gains or [1.0] * len(jobs))]
     chosen = [0] * len(jobs)
     spent = sum(o[0].bits for o in options)
     if spent > available:
@@ -92,10 +100,10 @@ def allocate(model: nn.Module, jobs: list, statistics: dict[str, InputStatistics
         chosen[i], spent = j, spent + extra
 
 
-def _level_settings(job) -> list[tuple[dict, CodeLayout]]:
-    """The distinct (settings, layout) the job's method gives at the levels it can meet."""
+def _level_settings(job, budgets: tuple[float, ...] = LEVELS) -> list[tuple[dict, CodeLayout]]:
+    """The distinct (settings, layout) the job's method gives at the ``budgets`` it can meet."""
     shape, found = tuple(job.module.weight.shape), []
-    for level in LEVELS:
+    for level in budgets:
         try:
             settings = job.method.settings(shape, level, job.options)
             layout = job.method.layout(shape, settings)
@@ -112,12 +120,13 @@ def has_levels(job) -> bool:
     return len(_level_settings(job)) > 1
 
 
-def _options(job, inputs: InputStatistics | None, seed: int, gain: float) -> list[Option]:
+def _options(job, inputs: InputStatistics | None, seed: int, gain: float,
+             budgets: tuple[float, ...] = LEVELS) -> list[Option]:
     """The job's options by level, cheapest first, each dearer one strictly better (the hull)."""
     found = [Option(settings, CodedWeight.empty(layout).nbits(), gain * _measure(job, inputs, settings, layout, seed))
-             for settings, layout in _level_settings(job)]
+             for settings, layout in _level_settings(job, budgets)]
     if not found:
-        raise VQCError(f"{job.name}: no bit level in {LEVELS} fits shape {tuple(job.module.weight.shape)}")
+        raise VQCError(f"{job.name}: no bit level in {budgets} fits shape {tuple(job.module.weight.shape)}")
     found.sort(key=lambda o: o.bits)
     hull = [found[0]]
     for option in found[1:]:

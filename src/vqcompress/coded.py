@@ -453,6 +453,35 @@ class CodedWeight(nn.Module):
                 matrix.reshape(lay.groups, -1, lay.dim), weights.reshape(lay.groups, -1, lay.dim), self.codebook.detach())])
         self.codes = pack_codes(codes, lay.bits).to(self.codes.device)
 
+    def reassign_with_feedback(self, weight: Tensor, gram: Tensor) -> None:
+        """Assign codes so that the layer's output error tr(ΔGΔᵀ) is small, not each weight's own
+        (GPTQ's error feedback, for vectors as in GPTVQ): segments are taken in column order;
+        with G⁻¹ = UᵀU, each row's sub-vector goes to the codeword nearest in the metric
+        ‖(w − q) U_bb⁻¹‖², and its error is passed on to the columns not yet assigned
+        (w_rest −= (w − q) U_bb⁻¹ U_b,rest), which then absorb it. ``gram`` should be damped."""
+        lay = self.layout
+        if lay.factored or lay.scale_group and lay.scale_group % lay.dim:
+            raise VQCError("error feedback needs plain codes whose scales cover whole sub-vectors")
+        device = self.codes.device
+        stored = torch.arange(lay.rows, device=device)
+        matrix = weight.detach().reshape(lay.rows, lay.cols)[self.permutation()].float().clone()
+        unit = self.unit(stored)
+        shift = -unit * self._in_codeword_units(torch.zeros_like(matrix), stored)  # the offsets, in weight units
+        factor = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(gram.double().to(device))), upper=True)
+        books = self.codebook.detach().float()
+        group = self.codebook_of_rows(stored)
+        codes = torch.empty(lay.rows, lay.segments, dtype=torch.int64, device=device)
+        for segment in range(lay.segments):
+            cols = slice(segment * lay.dim, (segment + 1) * lay.dim)
+            inverse = torch.linalg.inv(factor[cols, cols]).float()
+            points = ((matrix[:, cols] - shift[:, cols]) / unit[:, cols]) @ inverse
+            for g in range(lay.groups):
+                mine = group == g
+                codes[mine, segment] = torch.cdist(points[mine], books[g] @ inverse).argmin(1)
+            chosen = books[group, codes[:, segment]] * unit[:, cols] + shift[:, cols]
+            matrix[:, cols.stop:] -= ((matrix[:, cols] - chosen) @ inverse) @ factor[cols, cols.stop:].float()
+        self.codes = pack_codes(codes.reshape(-1), lay.bits).to(device)
+
     def unit(self, stored: Tensor) -> Tensor:
         """Size of one codeword unit at each weight of the given stored rows (gain × scale): an
         error of e in codeword units is an error of e × unit in the weight."""

@@ -75,9 +75,21 @@ def _fitting_statistics(job: Job, inputs: InputStatistics | None) -> InputStatis
 
 
 def fit_layer(job: Job, seed: int, inputs: InputStatistics | None = None) -> CodedWeight:
-    code = job.method.fit(job.module.weight.detach().float(), job.settings, _layer_seed(seed, job.name),
-                          _fitting_statistics(job, inputs))
+    statistics = _fitting_statistics(job, inputs)
+    code = job.method.fit(job.module.weight.detach().float(), job.settings, _layer_seed(seed, job.name), statistics)
+    return _finished(code, job, statistics)
+
+
+def _finished(code: CodedWeight, job: Job, statistics: InputStatistics | None) -> CodedWeight:
+    """The method's coded weight with its recipe and, where the layer's input Gram matrix is known
+    and its codes are plain, codes re-chosen with error feedback (``reassign_with_feedback``:
+    the layer's output error is what the choices then reduce, as in GPTQ)."""
     code.recipe = {"method": job.method.name, **job.settings}
+    layout = code.layout
+    if (getattr(job.method, "feedback", True) and statistics is not None and statistics.gram is not None
+            and not layout.factored
+            and not (layout.scale_group and layout.scale_group % layout.dim)):
+        code.reassign_with_feedback(job.module.weight.detach().float().to(code.codes.device), statistics.gram)
     return code
 
 
@@ -88,12 +100,10 @@ def fit_run(run: list[Job], seed: int, statistics: dict[str, InputStatistics] | 
     if len(run) == 1 and not run[0].settings.get("shared"):
         return [fit_layer(run[0], seed, statistics.get(run[0].name))]
     first = run[0]
+    fitting = [_fitting_statistics(job, statistics.get(job.name)) for job in run]
     codes = first.method.fit_shared([job.module.weight.detach().float() for job in run], first.settings,
-                                    _layer_seed(seed, first.name),
-                                    [_fitting_statistics(job, statistics.get(job.name)) for job in run])
-    for code in codes:
-        code.recipe = {"method": first.method.name, **first.settings}
-    return codes
+                                    _layer_seed(seed, first.name), fitting)
+    return [_finished(code, job, stats) for code, job, stats in zip(codes, run, fitting)]
 
 
 def shared_runs(jobs: list[Job]) -> list[list[Job]]:

@@ -54,7 +54,7 @@ CANDIDATES = 4
 FREEZE_EVERY = 10
 ASSIGNMENTS = ("ste", "soft", "progressive")
 #: Block tuning: Adam's step size (codebooks and scales are O(1) numbers after row scaling).
-BLOCK_LR = 1e-4
+BLOCK_LR = 1e-3
 
 
 @dataclass

@@ -18,8 +18,9 @@ from ..errors import VQCError
 class Method(Protocol):
     """Also read where a method defines them: ``assignments`` (how fine-tuning learns its
     assignments by default, else "ste"), ``corrects_bias`` (False: the layer's bias does not
-    absorb the mean output error after fitting, see ``compress.correct_bias``) and
-    ``quick_settings(settings)`` (cheap settings of the same form, with which the budget
+    absorb the mean output error after fitting, see ``compress.correct_bias``), ``feedback``
+    (False: with calibration the codes stay the method's own, not re-chosen with error feedback,
+    see ``compress._finished``) and ``quick_settings(settings)`` (cheap settings of the same form, with which the budget
     allocation measures each level; else it measures a k-means of the layout's d and k)."""
 
     name: str

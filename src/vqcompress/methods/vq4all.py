@@ -37,6 +37,8 @@ class VQ4All:
     #: calibration text overshoots on other text (MiniLM, held-out cosine 0.56 with the correction,
     #: 0.70 without, codebook from MiniLM alone; 0.16 with it for one from all three networks).
     corrects_bias = False
+    #: The nearest codeword, as the method describes; its assignments are then learned (progressive).
+    feedback = False
 
     def settings(self, shape: tuple[int, ...], bits: float | None, options: dict) -> dict:
         reject_unknown(options, OPTIONS, self.name)
