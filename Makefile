@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test test-slow bench bench-fashion bench-speed clean
+.PHONY: setup demo test test-slow bench bench-fashion bench-gemma bench-speed clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,10 @@ bench-fashion: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run
+
+# Gemma-270M: each configuration's `vqc compress` command timed, its file scored (perplexity); slow (minutes each)
+bench-gemma: $(STAMP)
+	$(PY) -m benchmarks.gemma
 
 # the compiled kernel against dense fp32: a 4096² layer and Gemma-270M tokens/s; then re-render the docs
 bench-speed: $(STAMP)

@@ -163,3 +163,10 @@ def test_same_seed_same_weights_through_convolutions():
     first, second = run(), run()
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert not torch.are_deterministic_algorithms_enabled()  # the global setting is left as it was
+
+
+def test_causal_lm_sensitivities_probe_a_short_slice():
+    from vqcompress.finetune import PROBE_TOKENS, causal_lm_task
+
+    batch = {"input_ids": torch.zeros(4, 512, dtype=torch.int64)}
+    assert causal_lm_task().probe(batch)["input_ids"].shape == (1, PROBE_TOKENS)

@@ -208,7 +208,7 @@ def _allocate(model: nn.Module, jobs: list[Job], data: TrainingData, bits: float
                 data.task.forward(model, batch)
         statistics = collected()
     statistics = {job.name: _fitting_statistics(job, statistics.get(job.name)) for job in jobs}
-    probe = [data.batch_at(0)]
+    probe = [data.task.probe(data.batch_at(0))]
     with torch.no_grad():
         targets = [data.task.forward(model, batch) for batch in probe]
 

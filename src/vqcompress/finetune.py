@@ -53,6 +53,8 @@ ONE_HOT_WEIGHT = 0.5
 CANDIDATES = 4
 FREEZE_EVERY = 10
 ASSIGNMENTS = ("ste", "soft", "progressive")
+#: Causal LMs: tokens of the batch the allocation probes each layer's sensitivity on.
+PROBE_TOKENS = 256
 #: Block tuning: Adam's step size (codebooks and scales are O(1) numbers after row scaling).
 BLOCK_LR = 1e-3
 
@@ -66,6 +68,9 @@ class Task:
     #: the (batch, sequence) positions of a batch that are real inputs (not padding), for
     #: calibration statistics; None: all of them
     positions: Callable[[Any], Tensor | None] = lambda batch: None
+    #: the part of a batch that the allocation's sensitivities are measured on (a forward pass
+    #: per layer): the whole batch unless that is costly
+    probe: Callable[[Any], Any] = lambda batch: batch
 
 
 @dataclass
@@ -117,7 +122,12 @@ def causal_lm_task(temperature: float = 1.0) -> Task:
                         F.log_softmax(teacher.reshape(-1, vocab) / temperature, -1),
                         reduction="batchmean", log_target=True) * temperature**2
 
-    return Task(forward=forward, loss=loss)
+    def probe(batch: dict) -> dict:
+        """The first PROBE_TOKENS tokens of the first window: an LM with a large vocabulary pays
+        for every position's logits, once per layer probed."""
+        return {key: value[:1, :PROBE_TOKENS] for key, value in batch.items()}
+
+    return Task(forward=forward, loss=loss, probe=probe)
 
 
 def _learning_rate(base: float, step: int, steps: int, warmup: int) -> float:
