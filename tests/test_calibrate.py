@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertModel
 
-from vqcompress.calibrate import Blocks, InputStatistics, capturing, counting, find_blocks
+from vqcompress.calibrate import Blocks, InputStatistics, capturing, counting, find_blocks, statistics_pass
 
 
 def _captured(module: nn.Module, *inputs: torch.Tensor) -> InputStatistics:
@@ -99,3 +99,14 @@ def test_padding_positions_do_not_count():
     real = embed.weight[torch.tensor([1, 2, 3, 4, 5])].detach()
     assert torch.allclose(stats["layer"].gram, real.T @ real / 5, atol=1e-6)
     assert stats["embed"].row_weight[0] == 0 and torch.allclose(stats["embed"].row_weight[1:6], torch.full((5,), 0.2))
+
+
+def test_a_statistics_pass_stops_before_an_uncollected_output_layer():
+    body, head, calls = nn.Linear(4, 4), nn.Linear(4, 50), []
+    model = nn.Sequential(body, head)
+    head.register_forward_hook(lambda *args: calls.append(1))
+    x = torch.randn(3, 4)
+    with capturing({"body": body}) as collected:
+        statistics_pass(model, lambda m, batch: m(batch), x, None, skip=head)
+    assert not calls
+    assert torch.allclose(collected()["body"].gram, x.T @ x / 3)

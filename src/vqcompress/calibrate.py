@@ -154,6 +154,26 @@ class _Stop(Exception):
     """Raised by the capture hook so that a forward pass ends at the first block."""
 
 
+def _stop(module: nn.Module, args: tuple) -> None:
+    raise _Stop
+
+
+def statistics_pass(model: nn.Module, forward: Callable[[nn.Module, Any], Any], batch: Any,
+                    positions: Tensor | None, skip: nn.Module | None = None) -> None:
+    """One forward pass whose only use is the statistics hooks collect. With ``skip`` (a final
+    layer nobody collects from, such as a language model's output layer, which over Gemma's
+    262,144 words costs more than all its blocks together), the pass stops before it."""
+    handle = skip.register_forward_pre_hook(_stop) if skip is not None else None
+    try:
+        with counting(positions), torch.no_grad():
+            forward(model, batch)
+    except _Stop:
+        pass
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
 class Blocks:
     """A model's blocks run one at a time on captured hidden states (one tensor per batch)."""
 

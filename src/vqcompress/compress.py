@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .allocate import allocate, describe, has_levels, sensitivities
-from .calibrate import Blocks, InputStatistics, capturing, counting, find_blocks
+from .calibrate import Blocks, InputStatistics, capturing, find_blocks, statistics_pass
 from .coded import CodedWeight
 from .io import load, save
 from .errors import VQCError
@@ -201,11 +201,10 @@ def _allocate(model: nn.Module, jobs: list[Job], data: TrainingData, bits: float
     """Give each job the settings of its share of the model's bit budget (``allocate``), measured
     on the statistics of one pass of the uncompressed model; the table is kept in
     ``model.vqc_allocation``."""
-    with capturing({job.name: job.module for job in jobs}) as collected, torch.no_grad():
+    with capturing({job.name: job.module for job in jobs}) as collected:
         for i in range(data.calibration_batches):
             batch = data.batch_at(i)
-            with counting(data.task.positions(batch)):
-                data.task.forward(model, batch)
+            statistics_pass(model, data.task.forward, batch, data.task.positions(batch), _uncollected_head(model, jobs))
         statistics = collected()
     statistics = {job.name: _fitting_statistics(job, statistics.get(job.name)) for job in jobs}
     probe = [data.task.probe(data.batch_at(0))]
@@ -219,6 +218,13 @@ def _allocate(model: nn.Module, jobs: list[Job], data: TrainingData, bits: float
     for job, option in zip(jobs, chosen):
         job.settings = option.settings
     model.vqc_allocation = describe(jobs, chosen)
+
+
+def _uncollected_head(model: nn.Module, jobs: list[Job]) -> nn.Module | None:
+    """The model's output layer (``get_output_embeddings``) where no job collects its inputs: a
+    statistics pass can stop before it."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return None if head is None or any(job.module is head for job in jobs) else head
 
 
 def _untie(jobs: list[Job]) -> tuple[list[Job], dict[str, list[Job]]]:
@@ -306,8 +312,7 @@ def _fit_calibrated(model: nn.Module, jobs: list[Job], data: TrainingData, seed:
 
     def run_model() -> None:
         for batch in batches:
-            with counting(data.task.positions(batch)):
-                data.task.forward(model, batch)
+            statistics_pass(model, data.task.forward, batch, data.task.positions(batch), _uncollected_head(model, jobs))
 
     if not blockwise:
         return fit_stage(jobs, run_model)
