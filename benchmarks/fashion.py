@@ -52,6 +52,10 @@ DKM_STEPS = 1000
 # scalar codebooks for every method): each method's budgets from 0.5 to 6 bits per weight.
 RATES = {"qswd": (0.6, 0.85, 1.1, 1.6, 2.1, 3.1, 4.1, 5.1, 6.1), "kmeans": (0.5, 1, 1.5, 2, 3, 4, 6),
          "rtn": (1, 2, 3, 4), "jlcm": (1.25, 2.1, 3.1, 4.1, 6.1)}  # jlcm: 1.21 is its least here
+# qswd's whole pipeline at the low end (is it usable at 0.5–1 bit?): fitted on the calibration
+# images' statistics, then fine-tuned end to end with positions fixed, RATE_STEPS steps.
+TUNED_RATES = {"qswd": (0.6, 0.85, 1.1)}
+RATE_STEPS = 1000
 RTN_GROUP = 16  # the largest group dividing every coded layer's inputs (144, 288, 3136): 2 bits of scales
 LR = {"kmeans": 1e-4, "vqdnn": 1e-4, "dkm": 1e-4}
 BATCHES = (1, 8, 64)
@@ -90,9 +94,10 @@ def run_fp32(model_name: str, device: str) -> dict:
 
 
 def run_ours(model_name: str, method: str, bits: float, steps: int, device: str, assignments: str = "ste",
-             edge_method: str | None = None) -> dict:
+             edge_method: str | None = None, calibrate: bool | None = None) -> dict:
     """Compress with vqcompress, write the file, reload it (on CPU), score it. jlcm always learns
-    on the training images; the model's options are kmeans' (and vqdnn's, which starts from it)."""
+    on the training images; the model's options are kmeans' (and vqdnn's, which starts from it);
+    ``calibrate`` as in ``vqcompress.compress`` (fine-tuned rows fit without statistics unless True)."""
     import vqcompress as vqc
     from vqcompress.models import load_model
     from vqcompress.models.fashion import accuracy
@@ -104,7 +109,7 @@ def run_ours(model_name: str, method: str, bits: float, steps: int, device: str,
     inner = {"group_size": RTN_GROUP} if method == "rtn" else {}
     vqc.compress(model.to(device), method, bits=bits, plan=plan_for(model_name, edge_method, inner), progress=False,
                  finetune_steps=steps, calibration=training_batches(device) if calibrated else None,
-                 lr=LR.get(method, LR["kmeans"]), assignments=assignments, **options)
+                 lr=LR.get(method, LR["kmeans"]), assignments=assignments, calibrate=calibrate, **options)
     seconds = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as workdir:
         path = Path(workdir) / "model.vqc"
@@ -153,9 +158,12 @@ def accuracy_configs() -> list[dict]:
 
 
 def rate_configs() -> list[dict]:
-    """The rate–distortion rows: fashion-cnn by each method at each budget, no training."""
-    return [{"model": "fashion-cnn", "budget": "rate", "method": method, "steps": 0, "bits": bits}
-            for method, rates in RATES.items() for bits in rates]
+    """The rate–distortion rows: fashion-cnn by each method at each budget, no training; then
+    qswd calibrated and fine-tuned at the low budgets."""
+    return [*({"model": "fashion-cnn", "budget": "rate", "method": method, "steps": 0, "bits": bits}
+              for method, rates in RATES.items() for bits in rates),
+            *({"model": "fashion-cnn", "budget": "rate", "method": method, "steps": RATE_STEPS, "bits": bits,
+               "calibrate": True} for method, rates in TUNED_RATES.items() for bits in rates)]
 
 
 def measure(config: dict, device: str) -> dict:
@@ -170,7 +178,7 @@ def measure(config: dict, device: str) -> dict:
         row = run_dkm(model, config["n_bits"], config["cluster_dim"], steps, device)
     else:
         row = run_ours(model, method, config["bits"], steps, device, config.get("assignments", "ste"),
-                       "kmeans" if config["budget"] == "rate" else None)
+                       "kmeans" if config["budget"] == "rate" else None, config.get("calibrate"))
     gpu = torch.cuda.get_device_name() if device.startswith("cuda") else None
     return {**config, **row, "zoo": zoo_build(model), "device": device, "gpu": gpu, "machine": machine(), "date": now()}
 

@@ -328,16 +328,24 @@ def _fit_calibrated(model: nn.Module, jobs: list[Job], data: TrainingData, seed:
             targets = blocks.run(index, teacher_inputs, originals[index])
             originals[index] = None  # one uncompressed block less in memory
             if fresh and any(iter_coded(blocks.blocks[index])):
-                error = relative_error(outputs, targets, blocks.positions)
-                tune_block(blocks, index, inputs, targets, tune_blocks, lr=block_lr, tune_dense=tune_dense)
-                outputs = blocks.run(index, inputs)
-                if not bar.disable:
-                    bar.write(f"block {index}: output error {error:.4f} → {relative_error(outputs, targets, blocks.positions):.4f}")
+                outputs = _tuned(blocks, index, inputs, outputs, targets, tune_blocks, block_lr, tune_dense, bar)
                 if checkpoint is not None:
                     save(model, checkpoint)
             teacher_inputs = targets
         inputs = outputs
     return fit_stage(after, run_model)
+
+
+def _tuned(blocks: Blocks, index: int, inputs: list[torch.Tensor], outputs: list[torch.Tensor],
+           targets: list[torch.Tensor], epochs: int, lr: float, tune_dense: bool, bar: tqdm) -> list[torch.Tensor]:
+    """Tune block ``index`` towards ``targets`` (``tune_block``), say how far its output error
+    fell, and return its new outputs."""
+    before = relative_error(outputs, targets, blocks.positions)
+    tune_block(blocks, index, inputs, targets, epochs, lr=lr, tune_dense=tune_dense)
+    outputs = blocks.run(index, inputs)
+    if not bar.disable:
+        bar.write(f"block {index}: output error {before:.4f} → {relative_error(outputs, targets, blocks.positions):.4f}")
+    return outputs
 
 
 def _stages(model: nn.Module, jobs: list[Job], prefix: str, count: int) -> tuple[list[Job], list[list[Job]], list[Job]]:
