@@ -307,3 +307,13 @@ def test_tuned_blocks_on_a_decoder_with_sliding_and_full_attention(tmp_path):
     loaded = vqc.load(vqc.save(model, tmp_path / "tiny.vqc"), like=tiny())
     with torch.no_grad():
         assert torch.allclose(loaded(ids[0]).logits, model(ids[0]).logits, atol=1e-4)
+
+
+def test_block_tuning_reports_on_stderr_only(capsys):
+    """stdout is the result's (`vqc compress --json`); progress and each block's error go to stderr."""
+    from tests.test_allocate import PLAN, text_batches, tiny_bert
+
+    vqc.compress(tiny_bert(), "kmeans", 2, text_batches(), plan=PLAN, allocation=False, tune_blocks=1)
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "block 0: output error" in captured.err

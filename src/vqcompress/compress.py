@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import sys
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -344,7 +345,8 @@ def _tuned(blocks: Blocks, index: int, inputs: list[torch.Tensor], outputs: list
     tune_block(blocks, index, inputs, targets, epochs, lr=lr, tune_dense=tune_dense)
     outputs = blocks.run(index, inputs)
     if not bar.disable:
-        bar.write(f"block {index}: output error {before:.4f} → {relative_error(outputs, targets, blocks.positions):.4f}")
+        bar.write(f"block {index}: output error {before:.4f} → {relative_error(outputs, targets, blocks.positions):.4f}",
+                  file=sys.stderr)  # beside the bars: stdout is the result's (``vqc compress --json``)
     return outputs
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from contextlib import contextmanager
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -235,7 +236,7 @@ def _freeze(codes: dict[str, nn.Module], step: int, steps: int, hard: set[str], 
         if progress:
             softest = ", ".join(f"{n} {v:.0%}" for v, n in sorted((v, n) for n, v in shares.items() if n not in hard)[:3])
             tqdm.write(f"step {step + 1}: {name} is hard ({len(hard)}/{len(shares)})"
-                       + (f"; least frozen: {softest}" if softest else ""))
+                       + (f"; least frozen: {softest}" if softest else ""), file=sys.stderr)
     least = min(shares, key=shares.get)
     return {"frozen": f"{sum(shares[n] * sizes[n] for n in shares) / sum(sizes.values()):.0%}",
             "hard": f"{len(hard)}/{len(shares)}",
