@@ -69,7 +69,8 @@ CONFIGS = [
     *({"method": "hqq", "settings": {"nbits": b, "group_size": HQQ_MATCHED_GROUP}} for b in (2, 3)),
     # the rate–distortion curve from 0.5 to 6 bits per weight: qswd against kmeans, rtn and jlcm
     *({"method": "qswd", "settings": {"bits": b}} for b in RATES),
-    *({"method": "qswd", "settings": {"bits": b, "calib": True}} for b in (2.1, 4.1)),
+    *({"method": "qswd", "settings": {"bits": b, "calib": True}} for b in (1.1, 2.1, 4.1, 5.1, 6.1)),
+    {"method": "qswd", "settings": {"bits": 4.1, "calib": True, "tune_blocks": 25}},
     *({"method": "kmeans", "settings": {"bits": b}} for b in (0.5, 5, 6)),
     *({"method": "rtn", "settings": {"bits": b, "group_size": GROUP_SIZE}} for b in (1, 5, 6)),
     *({"method": "jlcm", "settings": {"bits": b}} for b in (1.25, 4.1, 6.1)),  # 1.21 is its least here
