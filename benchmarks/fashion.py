@@ -94,10 +94,12 @@ def run_fp32(model_name: str, device: str) -> dict:
 
 
 def run_ours(model_name: str, method: str, bits: float, steps: int, device: str, assignments: str = "ste",
-             edge_method: str | None = None, calibrate: bool | None = None) -> dict:
+             edge_method: str | None = None, calibrate: bool | None = None, allocation: bool = True) -> dict:
     """Compress with vqcompress, write the file, reload it (on CPU), score it. jlcm always learns
     on the training images; the model's options are kmeans' (and vqdnn's, which starts from it);
-    ``calibrate`` as in ``vqcompress.compress`` (fine-tuned rows fit without statistics unless True)."""
+    ``calibrate`` and ``allocation`` as in ``vqcompress.compress`` (fine-tuned rows fit without
+    statistics unless True; without allocation ``bits`` is each layer's ceiling, as in the
+    data-free rows)."""
     import vqcompress as vqc
     from vqcompress.models import load_model
     from vqcompress.models.fashion import accuracy
@@ -109,7 +111,7 @@ def run_ours(model_name: str, method: str, bits: float, steps: int, device: str,
     inner = {"group_size": RTN_GROUP} if method == "rtn" else {}
     vqc.compress(model.to(device), method, bits=bits, plan=plan_for(model_name, edge_method, inner), progress=False,
                  finetune_steps=steps, calibration=training_batches(device) if calibrated else None,
-                 lr=LR.get(method, LR["kmeans"]), assignments=assignments, calibrate=calibrate, **options)
+                 lr=LR.get(method, LR["kmeans"]), assignments=assignments, calibrate=calibrate, allocation=allocation, **options)
     seconds = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as workdir:
         path = Path(workdir) / "model.vqc"
@@ -163,7 +165,7 @@ def rate_configs() -> list[dict]:
     return [*({"model": "fashion-cnn", "budget": "rate", "method": method, "steps": 0, "bits": bits}
               for method, rates in RATES.items() for bits in rates),
             *({"model": "fashion-cnn", "budget": "rate", "method": method, "steps": RATE_STEPS, "bits": bits,
-               "calibrate": True} for method, rates in TUNED_RATES.items() for bits in rates)]
+               "calibrate": True, "allocation": False} for method, rates in TUNED_RATES.items() for bits in rates)]
 
 
 def measure(config: dict, device: str) -> dict:
@@ -178,7 +180,8 @@ def measure(config: dict, device: str) -> dict:
         row = run_dkm(model, config["n_bits"], config["cluster_dim"], steps, device)
     else:
         row = run_ours(model, method, config["bits"], steps, device, config.get("assignments", "ste"),
-                       "kmeans" if config["budget"] == "rate" else None, config.get("calibrate"))
+                       "kmeans" if config["budget"] == "rate" else None, config.get("calibrate"),
+                       config.get("allocation", True))
     gpu = torch.cuda.get_device_name() if device.startswith("cuda") else None
     return {**config, **row, "zoo": zoo_build(model), "device": device, "gpu": gpu, "machine": machine(), "date": now()}
 
