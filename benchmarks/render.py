@@ -478,6 +478,8 @@ def gemma_markdown(result: dict) -> list[str]:
         lines.append(f"| {row['label']} | `{' '.join(row['args'])}` | {row['model_bits_per_weight']:.3f} | "
                      f"{row['coded_bits_per_weight']:.3f} | {row['perplexity']:,.2f} | {row['perplexity'] / dense:.2f}× | "
                      f"{row['seconds'] / 60:.1f} min | {row['peak_memory_mib']:,.0f} MiB |")
+    notes = [f"- {row['label']}: {row['note']}." for row in result["rows"] if row.get("note")]
+    lines += ["", *notes] if notes else []
     return lines + ["", f"Machine: {rows_machines(result['rows'])}; rows measured "
                         f"{min(r['date'] for r in result['rows'])[:10]} to {max(r['date'] for r in result['rows'])[:10]}.", ""]
 
