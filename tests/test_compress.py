@@ -317,3 +317,16 @@ def test_block_tuning_reports_on_stderr_only(capsys):
     captured = capsys.readouterr()
     assert captured.out == ""
     assert "block 0: output error" in captured.err
+
+
+def test_a_tuning_that_makes_a_block_worse_is_undone():
+    """At a step size far too large the tuned blocks would be worse: each is put back as fitted."""
+    from tests.test_allocate import PLAN, text_batches, tiny_bert
+
+    data = text_batches()
+    options = {"plan": PLAN, "progress": False, "allocation": False, "scale": "row"}
+    fitted = vqc.compress(tiny_bert(), "kmeans", 2, data, **options)
+    wild = vqc.compress(tiny_bert(), "kmeans", 2, data, tune_blocks=2, block_lr=10.0, **options)
+    batch = data.batch_at(0)
+    with torch.no_grad():
+        assert torch.equal(wild(**batch).last_hidden_state, fitted(**batch).last_hidden_state)

@@ -339,15 +339,21 @@ def _fit_calibrated(model: nn.Module, jobs: list[Job], data: TrainingData, seed:
 
 def _tuned(blocks: Blocks, index: int, inputs: list[torch.Tensor], outputs: list[torch.Tensor],
            targets: list[torch.Tensor], epochs: int, lr: float, tune_dense: bool, bar: tqdm) -> list[torch.Tensor]:
-    """Tune block ``index`` towards ``targets`` (``tune_block``), say how far its output error
-    fell, and return its new outputs."""
-    before = relative_error(outputs, targets, blocks.positions)
+    """Tune block ``index`` towards ``targets`` (``tune_block``) and return its new outputs; a
+    tuning that leaves the output error on the calibration data higher is undone (a few Adam
+    steps move every parameter by about the step size, which can cost a block that was already
+    close more than it gains). Says how far the error fell."""
+    block = blocks.blocks[index]
+    before, kept = relative_error(outputs, targets, blocks.positions), copy.deepcopy(block.state_dict())
     tune_block(blocks, index, inputs, targets, epochs, lr=lr, tune_dense=tune_dense)
-    outputs = blocks.run(index, inputs)
+    tuned = blocks.run(index, inputs)
+    after = relative_error(tuned, targets, blocks.positions)
+    if after > before:
+        block.load_state_dict(kept)
     if not bar.disable:
-        bar.write(f"block {index}: output error {before:.4f} → {relative_error(outputs, targets, blocks.positions):.4f}",
+        bar.write(f"block {index}: output error {before:.4f} → {after:.4f}" + (" (undone)" if after > before else ""),
                   file=sys.stderr)  # beside the bars: stdout is the result's (``vqc compress --json``)
-    return outputs
+    return tuned if after <= before else outputs
 
 
 def _stages(model: nn.Module, jobs: list[Job], prefix: str, count: int) -> tuple[list[Job], list[list[Job]], list[Job]]:
