@@ -158,6 +158,12 @@ class CodeLayout:
         return self.terms > 1 or self.coef_bits > 0
 
     @property
+    def takes_feedback(self) -> bool:
+        """Whether codes can be re-chosen with error feedback: plain codes, scales covering whole
+        sub-vectors (``CodedWeight.reassign_with_feedback``)."""
+        return not self.factored and not (self.scale_group and self.scale_group % self.dim)
+
+    @property
     def masked(self) -> bool:
         """Positions stored as a k-bit mask per sub-vector (cheaper than ``terms`` indices)."""
         return self.terms * self.bits > self.k
@@ -460,7 +466,7 @@ class CodedWeight(nn.Module):
         ‖(w − q) U_bb⁻¹‖², and its error is passed on to the columns not yet assigned
         (w_rest −= (w − q) U_bb⁻¹ U_b,rest), which then absorb it. ``gram`` should be damped."""
         lay = self.layout
-        if lay.factored or lay.scale_group and lay.scale_group % lay.dim:
+        if not lay.takes_feedback:
             raise VQCError("error feedback needs plain codes whose scales cover whole sub-vectors")
         device = self.codes.device
         stored = torch.arange(lay.rows, device=device)

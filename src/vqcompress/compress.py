@@ -86,10 +86,8 @@ def _finished(code: CodedWeight, job: Job, statistics: InputStatistics | None) -
     and its codes are plain, codes re-chosen with error feedback (``reassign_with_feedback``:
     the layer's output error is what the choices then reduce, as in GPTQ)."""
     code.recipe = {"method": job.method.name, **job.settings}
-    layout = code.layout
     if (getattr(job.method, "feedback", True) and statistics is not None and statistics.gram is not None
-            and not layout.factored
-            and not (layout.scale_group and layout.scale_group % layout.dim)):
+            and code.layout.takes_feedback):
         code.reassign_with_feedback(job.module.weight.detach().float().to(code.codes.device), statistics.gram)
     return code
 
