@@ -37,6 +37,8 @@ CONFIGS = {
     "qswd 3.1 bits, calibrated": ["--method", "qswd", "--bits", "3.1", "--calib", "wiki"],
     "qswd 3.1 bits, calibrated, tuned blocks": ["--method", "qswd", "--bits", "3.1", "--calib", "wiki",
                                                 "--tune-blocks", "2"],
+    "qswd 3.0 bits, calibrated, 4096 token rows kept": ["--method", "qswd", "--bits", "3.0", "--calib", "wiki",
+                                                        "--keep-rows", "4096"],
     "kmeans 3.1 bits, row scales, calibrated, tuned blocks": ["--method", "kmeans", "--bits", "3.1", "--scale", "row",
                                                               "--calib", "wiki", "--tune-blocks", "2"],
 }

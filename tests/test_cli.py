@@ -150,3 +150,13 @@ def test_codebook_build_inspect_and_vq4all_errors(tmp_path):
     assert_clean_failure(vqc_cli("compress", "minilm", "-o", str(out), "--method", "vq4all", "--codebook", str(book),
                                  "--bits", "1"), "below that")
     assert not out.exists()
+
+
+def test_keep_rows_goes_to_the_token_embeddings_larger_than_it():
+    from torch import nn
+
+    from vqcompress.cli import kept_rows_plan
+
+    model = nn.ModuleDict({"words": nn.Embedding(1000, 8), "positions": nn.Embedding(64, 8), "mix": nn.Linear(8, 8)})
+    assert kept_rows_plan(model, 64) == {"words": {"keep_rows": 64}}
+    assert kept_rows_plan(model, 0) == {}

@@ -415,3 +415,34 @@ def test_feedback_lowers_the_output_error_on_correlated_inputs():
     weighted = float(stats.error(weight - code.decode()))
     code.reassign_with_feedback(weight, stats.gram)
     assert float(stats.error(weight - code.decode())) < 0.9 * weighted
+
+
+def test_kept_rows_decode_exactly_everywhere_and_are_counted():
+    """Kept rows decode to their stored fp16 values (whole decode, row lookups, the lookup-table
+    product in torch and compiled), the others as coded; every stored byte is counted, also
+    in the layout before any fitting, and an empty shell of the layout loads them."""
+    from vqcompress import kernels
+    from vqcompress.layers import lut_matmul
+
+    code, weight = _full_featured_code()
+    coded = code.decode()
+    code.keep_rows(weight, torch.tensor([9, 2, 14]))
+    decoded = code.decode()
+    assert torch.equal(decoded[[2, 9, 14]], weight[[2, 9, 14]].half().float())
+    others = [r for r in range(16) if r not in (2, 9, 14)]
+    assert torch.equal(decoded[others], coded[others])
+    assert torch.equal(code.decode_rows(torch.tensor([14, 3, 2])), decoded[[14, 3, 2]])
+    assert code.layout.kept_rows == 3 and code.nbits() == code.layout.nbits()
+    assert code.nbits() == CodedWeight.empty(code.layout).nbits()
+    x = torch.randn(5, 1, 12)
+    for path in ("torch", "table", "decode"):
+        with kernels.forced(path):
+            assert torch.allclose(lut_matmul(x, code), x[:, 0] @ decoded.T, atol=1e-4)
+    shell = CodedWeight.empty(CodeLayout.from_json(code.layout.to_json()))
+    shell.load_state_dict(code.state_dict())
+    assert torch.equal(shell.decode(), decoded)
+
+
+def test_kept_rows_beyond_the_weight_are_refused():
+    with pytest.raises(VQCError, match="kept rows"):
+        CodeLayout((4, 8), k=4, dim=2, kept_rows=5).validate()

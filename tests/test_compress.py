@@ -330,3 +330,35 @@ def test_a_tuning_that_makes_a_block_worse_is_undone():
     batch = data.batch_at(0)
     with torch.no_grad():
         assert torch.equal(wild(**batch).last_hidden_state, fitted(**batch).last_hidden_state)
+
+
+def test_kept_rows_are_the_most_used_token_rows_of_a_tied_embedding(tmp_path):
+    """With ``keep_rows``, a tied embedding stores the rows the calibration text uses most
+    (``TrainingData.token_counts``, not only the few calibration batches) exactly, for both its
+    roles; the file keeps them."""
+    from vqcompress.finetune import Task
+
+    torch.manual_seed(0)
+    model = _TiedLM().eval()
+    original = model.embed.weight.detach().clone()
+    counts = torch.zeros(400, dtype=torch.int64)  # shorter than the vocabulary: the rest never occur
+    counts[[7, 100, 300]] = torch.tensor([50, 40, 30])
+    ids = torch.randint(0, 512, (2, 9))
+    task = Task(forward=lambda m, batch: m(batch), loss=lambda s, t, batch: (s - t).square().mean())
+    data = TrainingData(task, lambda step: ids, calibration_batches=1, token_counts=counts)
+    compressed = vqc.compress(model, "kmeans", 2, data, plan=vqc.Plan(by_name={"embed": {"keep_rows": 3}}),
+                              progress=False, allocation=False, scale="row")
+    code = compressed.embed.weight_code
+    assert code is compressed.head.weight_code and code.layout.kept_rows == 3
+    assert code.kept_row_numbers().tolist() == [7, 100, 300]
+    assert torch.equal(code.decode()[[7, 100, 300]], original[[7, 100, 300]].half().float())
+    path = vqc.save(compressed, tmp_path / "kept.vqc")
+    assert vqc.report(path).total_bits == vqc.report(compressed).total_bits
+    loaded = vqc.load(path, like=_TiedLM().eval())
+    assert torch.equal(loaded(ids), compressed(ids))
+
+
+@pytest.mark.parametrize("kept", [-1, 513, 2.5, "all"])
+def test_bad_kept_rows_are_refused_before_work(kept):
+    with pytest.raises(VQCError, match="keep_rows"):
+        vqc.compress(_TiedLM(), "kmeans", 2, plan=vqc.Plan(by_name={"embed": {"keep_rows": kept}}), progress=False)

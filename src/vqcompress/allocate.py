@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -106,7 +106,7 @@ def _level_settings(job, budgets: tuple[float, ...] = LEVELS) -> list[tuple[dict
     for level in budgets:
         try:
             settings = job.method.settings(shape, level, job.options)
-            layout = job.method.layout(shape, settings)
+            layout = replace(job.method.layout(shape, settings), kept_rows=getattr(job, "kept", 0))
         except VQCError:
             continue
         if all(settings != known for known, _ in found):
@@ -142,7 +142,7 @@ def _measure(job, inputs: InputStatistics | None, settings: dict, layout: CodeLa
 
     weight = job.module.weight.detach().float().reshape(job.module.weight.shape[0], -1)
     stats = inputs or InputStatistics(gram=torch.eye(weight.shape[1]))
-    rows = _sample_rows(weight, stats, seed)
+    rows = _sample_rows(weight, stats, seed, layout.kept_rows)
     sample = stats if stats.gram is not None else InputStatistics(row_weight=stats.row_weight[rows])
     k = min(layout.k, len(rows) * layout.segments)
     if hasattr(job.method, "quick_settings"):
@@ -156,14 +156,15 @@ def _measure(job, inputs: InputStatistics | None, settings: dict, layout: CodeLa
     return float(sample.error(difference) / sample.error(weight[rows]).clamp_min(1e-30))
 
 
-def _sample_rows(weight: torch.Tensor, stats: InputStatistics, seed: int) -> torch.Tensor:
+def _sample_rows(weight: torch.Tensor, stats: InputStatistics, seed: int, kept: int = 0) -> torch.Tensor:
     """Rows the sensitivity fit uses: all of a small layer; of an embedding its most used rows
-    (where its error lands); of any other layer an even random sample."""
+    but the ``kept`` ones (which will be stored exactly: its error lands on the next ones); of any
+    other layer an even random sample."""
     rows = weight.shape[0]
     if rows <= SAMPLE_ROWS:
         return torch.arange(rows)
     if stats.gram is None:
-        return stats.row_weight.topk(SAMPLE_ROWS).indices.sort().values
+        return stats.row_weight.topk(min(rows, SAMPLE_ROWS + kept)).indices[kept:].sort().values
     return torch.randperm(rows, generator=torch.Generator().manual_seed(seed))[:SAMPLE_ROWS].sort().values
 
 

@@ -57,9 +57,13 @@ class InputStatistics:
 
     def error(self, difference: Tensor) -> Tensor:
         """Output error E‖x·Δᵀ‖² of a weight difference Δ (rows × cols)."""
+        return self.row_errors(difference).sum()
+
+    def row_errors(self, difference: Tensor) -> Tensor:
+        """Each row's share of the output error of a weight difference Δ (rows × cols)."""
         if self.gram is not None:
-            return ((difference @ self.gram) * difference).sum()
-        return (self.row_weight[:, None] * difference.square()).sum()
+            return ((difference @ self.gram) * difference).sum(1)
+        return self.row_weight * difference.square().sum(1)
 
 
 class _Accumulator:

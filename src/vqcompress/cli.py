@@ -6,6 +6,7 @@ User mistakes (``VQCError``) print one line and exit 2; nothing half-written is 
 from __future__ import annotations
 
 import json
+import re
 import resource
 import shutil
 import sys
@@ -82,6 +83,8 @@ def compress(
     finetune_steps: int = typer.Option(0, help="distil from the original for N steps on the model's training data"),
     lr: float = typer.Option(1e-3, help="fine-tuning learning rate"),
     tune_dense: bool = typer.Option(True, help="fine-tuning also tunes norms, biases and layers left dense"),
+    keep_rows: int = typer.Option(0, help="each token embedding also stores its N most used rows (by the calibration "
+                                          "text) exactly, in fp16: the rows every text meets"),
     tune_blocks: int = typer.Option(0, help="with calibration: train each block's codebooks and scales for N passes "
                                             "over the calibration data to give the original block's outputs"),
     assignments: Optional[str] = typer.Option(None, help="how fine-tuning learns assignments: 'ste' (straight-through, "
@@ -108,6 +111,7 @@ def compress(
     plan = Plan(by_name={**{pattern: {} for pattern in include}, **{pattern: None for pattern in skip}})
     _say(f"loading {model} …", quiet)
     dense, source = load_model(model, seed)
+    plan.by_name.update(kept_rows_plan(dense, keep_rows))
     calibrate = bool(calib or calib_samples or tune_blocks or method in ("jlcm", "vq4all"))
     calibration = training_data(source.to_json(), seed, calib, calib_samples) if calibrate or finetune_steps else None
     checkpoint = output.with_name(f".{output.name}.partial")  # work so far, resumed from if found
@@ -124,6 +128,15 @@ def compress(
     allocation = [getattr(compressed, "vqc_allocation", "")] if hasattr(compressed, "vqc_allocation") else []
     typer.echo("\n".join([*allocation, *_settings_summary(compressed), str(result)]))
     typer.echo(f"wrote {output} in {seconds:.1f} s (peak memory {_peak_memory_mib():.0f} MiB)")
+
+
+def kept_rows_plan(model: torch.nn.Module, rows: int) -> dict[str, dict]:
+    """``--keep-rows``: plan entries that give every token embedding with more than ``rows`` rows
+    that many kept rows (a position or segment table of fewer rows is left as it is)."""
+    if not rows:
+        return {}
+    return {re.escape(name): {"keep_rows": rows} for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Embedding) and module.num_embeddings > rows}
 
 
 def _key_values(pairs: list[str]) -> dict:

@@ -14,7 +14,10 @@ stored as the index of a codeword, bit-packed at ``ceil(log2 k)`` bits. On top o
   of different magnitude can share one codebook: the same codebook tensor held by several coded
   weights is stored once in the file and trained as one parameter;
 - or a universal codebook (``codebook_sha256``, see ``universal.py``): a file of its own, shared
-  by many models, never stored in a model's file, never counted in its bits and never trained.
+  by many models, never stored in a model's file, never counted in its bits and never trained;
+- optional kept rows (``kept_rows``): a few rows also stored exactly, in fp16, with their row
+  numbers, and decoded as stored (a language model's most used token rows, whose error every
+  text meets; their codes stay in the stream, unused, so the code layout stays uniform).
 
 The factor form (quantized sparse decomposition, ``qswd``) generalises the index: a sub-vector is
 ``Σ_t z_t · C[p_t]`` over ``terms`` (s) distinct codewords. The positions p are stored as
@@ -28,7 +31,7 @@ same buffers either way.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -134,6 +137,7 @@ class CodeLayout:
     terms: int = 1  # s: codewords summed per sub-vector (the factor form when > 1)
     coef_bits: int = 0  # 0: unit coefficients; 1–8: mid-rise grid × row scale; 16: fp16
     codebook_bits: int = 0  # 0: codebook stored as ``codebook_dtype``; 1–8: grid with a scale per codebook
+    kept_rows: int = 0  # rows also stored exactly (fp16, with their row numbers), decoded as stored
 
     @property
     def rows(self) -> int:
@@ -192,15 +196,20 @@ class CodeLayout:
         scale_bits = getattr(torch, self.scale_dtype).itemsize * 8
         scales = self.rows * (self.cols // self.scale_group) * scale_bits * (1 + self.offset) if self.scale_group else 0
         return (codebook + codes + coefficients + scales + (packed(self.rows, code_bits(self.rows)) if self.permuted else 0)
-                + (scale_bits if self.gain else 0))
+                + (scale_bits if self.gain else 0) + self.kept_bits())
+
+    def kept_bits(self) -> int:
+        """Bits of the kept rows: their fp16 values and their packed row numbers."""
+        return self.kept_rows * self.cols * 16 + 8 * ((self.kept_rows * code_bits(self.rows) + 7) // 8)
 
     def describe_form(self) -> str:
-        """One line for reports: plain index, or the factor form with its settings."""
+        """One line for reports: plain index, or the factor form with its settings; and the kept rows."""
+        kept = f" +{self.kept_rows} rows fp16" if self.kept_rows else ""
         if not self.factored and not self.codebook_bits:
-            return "index"
+            return "index" + kept
         coefficients = {0: "unit", FP16_COEFFICIENTS: "fp16"}.get(self.coef_bits, f"{self.coef_bits}b")
         codebook = f"{self.codebook_bits}b" if self.codebook_bits else self.codebook_dtype.replace("float", "fp")
-        return f"Z·C s={self.terms} z={coefficients} C={codebook} {'mask' if self.masked else 'idx'}"
+        return f"Z·C s={self.terms} z={coefficients} C={codebook} {'mask' if self.masked else 'idx'}" + kept
 
     def validate(self) -> None:
         """Reject layouts that cannot describe this weight, with the reason in words."""
@@ -226,6 +235,8 @@ class CodeLayout:
             raise VQCError(f"coefficient bits must be 0 (unit), 1–{MAX_GRID_BITS} or 16 (fp16), got {self.coef_bits}")
         if not 0 <= self.codebook_bits <= MAX_GRID_BITS:
             raise VQCError(f"codebook bits must be 0 (stored as {self.codebook_dtype}) or 1–{MAX_GRID_BITS}, got {self.codebook_bits}")
+        if not 0 <= self.kept_rows <= self.rows:
+            raise VQCError(f"{self.kept_rows} kept rows: must be between 0 and the {self.rows} rows")
         if self.codebook_bits and (self.codebook_sha256 is not None or self.gain):
             raise VQCError("a codebook on a grid is the layer's own: not a universal or shared one")
 
@@ -246,7 +257,8 @@ class CodedWeight(nn.Module):
 
     def __init__(self, layout: CodeLayout, codebook: Tensor, codes: Tensor, scale: Tensor | None = None,
                  offset: Tensor | None = None, perm: Tensor | None = None, gain: Tensor | None = None,
-                 coef: Tensor | None = None, codebook_levels: Tensor | None = None, codebook_scale: Tensor | None = None):
+                 coef: Tensor | None = None, codebook_levels: Tensor | None = None, codebook_scale: Tensor | None = None,
+                 kept_index: Tensor | None = None, kept_values: Tensor | None = None):
         super().__init__()
         layout.validate()
         self.layout = layout
@@ -257,7 +269,8 @@ class CodedWeight(nn.Module):
         self.register_buffer("codebook", codebook, persistent=not layout.codebook_bits)
         self.register_buffer("codes", codes)
         for name, value in (("scale", scale), ("offset", offset), ("perm", perm), ("gain", gain), ("coef", coef),
-                            ("codebook_levels", codebook_levels), ("codebook_scale", codebook_scale)):
+                            ("codebook_levels", codebook_levels), ("codebook_scale", codebook_scale),
+                            ("kept_index", kept_index), ("kept_values", kept_values)):
             if value is not None:
                 self.register_buffer(name, value)
         if layout.codebook_bits:
@@ -325,6 +338,8 @@ class CodedWeight(nn.Module):
             coef,
             torch.zeros((layout.groups * layout.k * layout.dim * grid + 7) // 8, dtype=torch.uint8) if grid else None,
             torch.ones(layout.groups, 1, 1, dtype=torch.float16) if grid else None,
+            pack_codes(torch.arange(layout.kept_rows), code_bits(layout.rows)) if layout.kept_rows else None,
+            torch.zeros(layout.kept_rows, layout.cols, dtype=torch.float16) if layout.kept_rows else None,
         )
 
     def _derive_codebook(self) -> None:
@@ -429,7 +444,36 @@ class CodedWeight(nn.Module):
         if "latent" in self._parameters and not soft:  # straight-through: quantized value, gradient to the latent
             latent = self.latent.reshape(lay.rows, lay.cols)[rows].to(dtype)
             values = values + latent - latent.detach()
+        if lay.kept_rows:
+            slot, kept = self._kept_slots(rows.to(torch.int64))
+            values = torch.where(kept[:, None], self.kept_values[slot].to(dtype), values)
         return values
+
+    def kept_row_numbers(self) -> Tensor:
+        """The original numbers of the kept rows, ascending (int64; empty when none)."""
+        count = torch.arange(self.layout.kept_rows, device=self.codes.device)
+        return unpack_codes(self.kept_index, code_bits(self.layout.rows), count) if self.layout.kept_rows else count
+
+    def _kept_slots(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """For original ``rows``: the slot of each among the kept rows, and whether it is kept."""
+        kept = self.kept_row_numbers()
+        slot = torch.searchsorted(kept, rows).clamp_max(len(kept) - 1)
+        return slot, kept[slot] == rows
+
+    def keep_rows(self, weight: Tensor, rows: Tensor) -> None:
+        """Store original ``rows`` of ``weight`` exactly (fp16) from now on; as many as the layout's
+        ``kept_rows``, which this sets."""
+        rows = torch.unique(rows.to(torch.int64).cpu())
+        layout = replace(self.layout, kept_rows=len(rows))
+        layout.validate()
+        self.layout, device = layout, self.codes.device
+        for name in ("kept_index", "kept_values"):
+            self._buffers.pop(name, None)
+        if not len(rows):
+            return
+        self.register_buffer("kept_index", pack_codes(rows, code_bits(layout.rows)).to(device))
+        self.register_buffer("kept_values", weight.detach().reshape(layout.rows, layout.cols)[rows.to(weight.device)].to(
+            device=device, dtype=torch.float16).contiguous())
 
     def decode(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The dense weight in its original shape."""

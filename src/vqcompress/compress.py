@@ -38,14 +38,17 @@ class Job:
     method: Method
     settings: dict
     options: dict  # what the user asked for (no method, no bits): the allocator's starting point
+    kept: int = 0  # rows stored exactly beside the codes (``keep_rows``): those with the most output error
 
 
 def _job(name: str, module: nn.Module, spec: dict) -> Job:
     """Resolve a layer's spec into concrete settings, refusing bad weights or budgets up front."""
     spec = dict(spec)
     method = get_method(spec.pop("method"))
-    bits = spec.pop("bits", None)
+    bits, kept = spec.pop("bits", None), spec.pop("keep_rows", 0) or 0
     weight = module.weight.detach()
+    if isinstance(kept, bool) or not isinstance(kept, int) or not 0 <= kept <= len(weight):
+        raise VQCError(f"{name}: keep_rows must be a whole number of rows from 0 to {len(weight)}, got {kept!r}")
     if not torch.isfinite(weight.sum()) and not torch.isfinite(weight).all():  # one cheap sum first
         raise VQCError(f"{name}: the weight holds NaN or Inf values; fix the model before compressing it")
     try:
@@ -53,7 +56,7 @@ def _job(name: str, module: nn.Module, spec: dict) -> Job:
         method.layout(tuple(weight.shape), settings).validate()
     except VQCError as error:
         raise VQCError(f"{name}: {error}") from None
-    return Job(name, module, method, settings, spec)
+    return Job(name, module, method, settings, spec, kept)
 
 
 def _layer_seed(seed: int, name: str) -> int:
@@ -86,9 +89,14 @@ def _finished(code: CodedWeight, job: Job, statistics: InputStatistics | None) -
     and its codes are plain, codes re-chosen with error feedback (``reassign_with_feedback``:
     the layer's output error is what the choices then reduce, as in GPTQ)."""
     code.recipe = {"method": job.method.name, **job.settings}
+    weight = job.module.weight.detach().float().to(code.codes.device)
     if (getattr(job.method, "feedback", True) and statistics is not None and statistics.gram is not None
             and code.layout.takes_feedback):
-        code.reassign_with_feedback(job.module.weight.detach().float().to(code.codes.device), statistics.gram)
+        code.reassign_with_feedback(weight, statistics.gram)
+    if job.kept:
+        difference = code.decode().reshape(len(weight), -1) - weight.reshape(len(weight), -1)
+        errors = (statistics or InputStatistics(row_weight=torch.ones(len(weight)))).row_errors(difference)
+        code.keep_rows(weight, errors.topk(job.kept).indices)
     return code
 
 
@@ -204,7 +212,7 @@ def _allocate(model: nn.Module, jobs: list[Job], data: TrainingData, bits: float
         for i in range(data.calibration_batches):
             batch = data.batch_at(i)
             statistics_pass(model, data.task.forward, batch, data.task.positions(batch), _uncollected_head(model, jobs))
-        statistics = collected()
+        statistics = _with_token_counts(collected(), jobs, data)
     statistics = {job.name: _fitting_statistics(job, statistics.get(job.name)) for job in jobs}
     probe = [data.task.probe(data.batch_at(0))]
     with torch.no_grad():
@@ -217,6 +225,21 @@ def _allocate(model: nn.Module, jobs: list[Job], data: TrainingData, bits: float
     for job, option in zip(jobs, chosen):
         job.settings = option.settings
     model.vqc_allocation = describe(jobs, chosen)
+
+
+def _with_token_counts(statistics: dict[str, InputStatistics], jobs: list[Job],
+                       data: TrainingData) -> dict[str, InputStatistics]:
+    """Embeddings' statistics from how often each token occurs in all the calibration text
+    (``TrainingData.token_counts``) where the data gives that: far more of the vocabulary than
+    the calibration batches look up, for the price of tokenizing."""
+    if data.token_counts is None:
+        return statistics
+    for job in jobs:
+        if isinstance(job.module, nn.Embedding):
+            counts = data.token_counts.float()[:job.module.num_embeddings]
+            counts = torch.cat([counts, counts.new_zeros(job.module.num_embeddings - len(counts))])
+            statistics[job.name] = InputStatistics(row_weight=(counts / counts.sum().clamp_min(1)).to(job.module.weight.device))
+    return statistics
 
 
 def _uncollected_head(model: nn.Module, jobs: list[Job]) -> nn.Module | None:
@@ -303,7 +326,7 @@ def _fit_calibrated(model: nn.Module, jobs: list[Job], data: TrainingData, seed:
             return model
         with capturing({job.name: job.module for job in stage}) as collected, torch.no_grad():
             run()
-            statistics = collected()
+            statistics = _with_token_counts(collected(), stage, data)
         fitted = _fit_runs(model, shared_runs(stage), seed, bar, statistics, followers)
         if checkpoint is not None and keep:
             save(fitted, checkpoint)

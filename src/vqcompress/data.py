@@ -163,7 +163,8 @@ def causal_lm_data(tokenizer, seed: int = 0, batch_size: int = 4, calib: str = "
     pool = torch.stack(windows)[:size]
     batch_size = _batch_size(size, size, batch_size)
     order = _epoch_order(size, seed, batch_size)
-    return TrainingData(causal_lm_task(), lambda s: {"input_ids": pool[order(s)]}, calibration_batches=size // batch_size)
+    return TrainingData(causal_lm_task(), lambda s: {"input_ids": pool[order(s)]}, calibration_batches=size // batch_size,
+                        token_counts=torch.bincount(ids))
 
 
 def training_data(source: dict, seed: int = 0, calib: str | None = None, samples: int | None = None) -> TrainingData:

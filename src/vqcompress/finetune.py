@@ -81,6 +81,7 @@ class TrainingData:
     task: Task
     batch_at: Callable[[int], Any]
     calibration_batches: int = 8  # the first batches, which calibration statistics are taken on
+    token_counts: Tensor | None = None  # how often each token id occurs in all the calibration text
 
 
 def classification_task(temperature: float = 2.0, label_weight: float = 0.5) -> Task:

@@ -44,8 +44,18 @@ def lut_matmul(x: Tensor, code: CodedWeight, input_groups: int = 1) -> Tensor:
     and the fallback.
     """
     compiled = kernels.lut_matmul(x, code, input_groups)
-    if compiled is not None:
-        return compiled
+    y = compiled if compiled is not None else _table_product(x, code, input_groups)
+    if code.layout.kept_rows:  # kept rows: their exact values instead of their codes'
+        kept = code.kept_row_numbers()
+        group = kept // (code.layout.rows // input_groups)
+        exact = (x[:, 0] @ code.kept_values.to(x.dtype).T if input_groups == 1
+                 else torch.einsum("brc,rc->br", x[:, group], code.kept_values.to(x.dtype)))
+        y = y.index_copy(1, kept, exact)
+    return y
+
+
+def _table_product(x: Tensor, code: CodedWeight, input_groups: int) -> Tensor:
+    """``lut_matmul`` in torch, from the codes alone."""
     lay = code.layout
     batch, dtype, device = x.shape[0], x.dtype, x.device
     segments = x.reshape(batch, input_groups, lay.segments, lay.dim)
