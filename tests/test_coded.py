@@ -446,3 +446,13 @@ def test_kept_rows_decode_exactly_everywhere_and_are_counted():
 def test_kept_rows_beyond_the_weight_are_refused():
     with pytest.raises(VQCError, match="kept rows"):
         CodeLayout((4, 8), k=4, dim=2, kept_rows=5).validate()
+
+
+def test_kept_rows_of_a_table_too_tall_for_packed_row_numbers():
+    """Gemma's 262,144 token rows need 18-bit row numbers: kept rows still work there."""
+    layout = CodeLayout((1 << 17, 2), k=2, dim=2)
+    code = CodedWeight.encode(layout, torch.zeros(1, 2, 2), torch.zeros(1 << 17, 1, dtype=torch.int64))
+    weight = torch.randn(1 << 17, 2)
+    code.keep_rows(weight, torch.tensor([(1 << 17) - 1, 3]))
+    assert torch.equal(code.decode()[[3, (1 << 17) - 1]], weight[[3, (1 << 17) - 1]].half().float())
+    assert code.nbits() == code.layout.nbits() == CodedWeight.empty(code.layout).nbits()

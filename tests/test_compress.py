@@ -332,10 +332,11 @@ def test_a_tuning_that_makes_a_block_worse_is_undone():
         assert torch.equal(wild(**batch).last_hidden_state, fitted(**batch).last_hidden_state)
 
 
-def test_kept_rows_are_the_most_used_token_rows_of_a_tied_embedding(tmp_path):
+@pytest.mark.parametrize("allocation", [False, True])
+def test_kept_rows_are_the_most_used_token_rows_of_a_tied_embedding(tmp_path, allocation):
     """With ``keep_rows``, a tied embedding stores the rows the calibration text uses most
     (``TrainingData.token_counts``, not only the few calibration batches) exactly, for both its
-    roles; the file keeps them."""
+    roles; the file keeps them; a model-average budget pays for them."""
     from vqcompress.finetune import Task
 
     torch.manual_seed(0)
@@ -346,8 +347,9 @@ def test_kept_rows_are_the_most_used_token_rows_of_a_tied_embedding(tmp_path):
     ids = torch.randint(0, 512, (2, 9))
     task = Task(forward=lambda m, batch: m(batch), loss=lambda s, t, batch: (s - t).square().mean())
     data = TrainingData(task, lambda step: ids, calibration_batches=1, token_counts=counts)
-    compressed = vqc.compress(model, "kmeans", 2, data, plan=vqc.Plan(by_name={"embed": {"keep_rows": 3}}),
-                              progress=False, allocation=False, scale="row")
+    compressed = vqc.compress(model, "kmeans", 3, data, plan=vqc.Plan(by_name={"embed": {"keep_rows": 3}}),
+                              progress=False, allocation=allocation, scale="row")
+    assert vqc.report(compressed).model_bits_per_weight <= 3 or not allocation
     code = compressed.embed.weight_code
     assert code is compressed.head.weight_code and code.layout.kept_rows == 3
     assert code.kept_row_numbers().tolist() == [7, 100, 300]

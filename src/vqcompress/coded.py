@@ -16,7 +16,7 @@ stored as the index of a codeword, bit-packed at ``ceil(log2 k)`` bits. On top o
 - or a universal codebook (``codebook_sha256``, see ``universal.py``): a file of its own, shared
   by many models, never stored in a model's file, never counted in its bits and never trained;
 - optional kept rows (``kept_rows``): a few rows also stored exactly, in fp16, with their row
-  numbers, and decoded as stored (a language model's most used token rows, whose error every
+  numbers (int32), and decoded as stored (a language model's most used token rows, whose error every
   text meets; their codes stay in the stream, unused, so the code layout stays uniform).
 
 The factor form (quantized sparse decomposition, ``qswd``) generalises the index: a sub-vector is
@@ -199,8 +199,9 @@ class CodeLayout:
                 + (scale_bits if self.gain else 0) + self.kept_bits())
 
     def kept_bits(self) -> int:
-        """Bits of the kept rows: their fp16 values and their packed row numbers."""
-        return self.kept_rows * self.cols * 16 + 8 * ((self.kept_rows * code_bits(self.rows) + 7) // 8)
+        """Bits of the kept rows: their fp16 values and their int32 row numbers (a packed width
+        would save 0.01% of them: not worth a second packing scheme for widths past 16 bits)."""
+        return self.kept_rows * (self.cols * 16 + 32)
 
     def describe_form(self) -> str:
         """One line for reports: plain index, or the factor form with its settings; and the kept rows."""
@@ -338,7 +339,7 @@ class CodedWeight(nn.Module):
             coef,
             torch.zeros((layout.groups * layout.k * layout.dim * grid + 7) // 8, dtype=torch.uint8) if grid else None,
             torch.ones(layout.groups, 1, 1, dtype=torch.float16) if grid else None,
-            pack_codes(torch.arange(layout.kept_rows), code_bits(layout.rows)) if layout.kept_rows else None,
+            torch.zeros(layout.kept_rows, dtype=torch.int32) if layout.kept_rows else None,
             torch.zeros(layout.kept_rows, layout.cols, dtype=torch.float16) if layout.kept_rows else None,
         )
 
@@ -451,8 +452,9 @@ class CodedWeight(nn.Module):
 
     def kept_row_numbers(self) -> Tensor:
         """The original numbers of the kept rows, ascending (int64; empty when none)."""
-        count = torch.arange(self.layout.kept_rows, device=self.codes.device)
-        return unpack_codes(self.kept_index, code_bits(self.layout.rows), count) if self.layout.kept_rows else count
+        if not self.layout.kept_rows:
+            return torch.zeros(0, dtype=torch.int64, device=self.codes.device)
+        return self.kept_index.to(torch.int64)
 
     def _kept_slots(self, rows: Tensor) -> tuple[Tensor, Tensor]:
         """For original ``rows``: the slot of each among the kept rows, and whether it is kept."""
@@ -471,7 +473,7 @@ class CodedWeight(nn.Module):
             self._buffers.pop(name, None)
         if not len(rows):
             return
-        self.register_buffer("kept_index", pack_codes(rows, code_bits(layout.rows)).to(device))
+        self.register_buffer("kept_index", rows.to(device=device, dtype=torch.int32))
         self.register_buffer("kept_values", weight.detach().reshape(layout.rows, layout.cols)[rows.to(weight.device)].to(
             device=device, dtype=torch.float16).contiguous())
 
