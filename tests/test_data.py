@@ -74,3 +74,13 @@ def test_causal_windows_have_the_window_length(minilm_tokenizer):
     data = causal_lm_data(minilm_tokenizer, calib="lee-background", samples=4, batch_size=2)
     batch = data.batch_at(0)["input_ids"]
     assert batch.shape == (2, WINDOW) and data.calibration_batches == 2
+
+
+def test_causal_data_counts_every_token_of_the_calibration_text(minilm_tokenizer):
+    """Token counts cover the whole text, not only the calibration windows."""
+    from vqcompress.data import causal_lm_data, calibration_text
+
+    data = causal_lm_data(minilm_tokenizer, calib="lee-background", samples=1, batch_size=1)
+    ids = minilm_tokenizer(calibration_text("lee-background"), add_special_tokens=False)["input_ids"]
+    assert int(data.token_counts.sum()) == len(ids) > int(data.batch_at(0)["input_ids"].numel())
+    assert int(data.token_counts[ids[0]]) == ids.count(ids[0])
