@@ -20,7 +20,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -57,18 +56,17 @@ def measure(label: str) -> dict:
     block's output error, goes to out/gemma-bench/), then score the file."""
     LOGS.mkdir(parents=True, exist_ok=True)
     log = LOGS / (re.sub(r"[^a-z0-9.]+", "-", label.lower()).strip("-") + ".log")
-    with tempfile.TemporaryDirectory() as workdir:
-        path = Path(workdir) / "gemma.vqc"
-        stdout, seconds, peak = run_measured(vqc("compress", "gemma-270m", *CONFIGS[label], "-o", str(path), "--json"),
-                                             log)
-        compressed = json.loads(stdout)
-        scored, _, _ = run_measured(vqc("eval", str(path), "--json"))
+    path = log.with_suffix(".vqc")  # kept for `vqc inspect` (out/ is not in the repository)
+    stdout, seconds, peak = run_measured(vqc("compress", "gemma-270m", *CONFIGS[label], "-o", str(path), "--json"), log)
+    compressed = json.loads(stdout)
+    scored, _, _ = run_measured(vqc("eval", str(path), "--json"))
     figures = json.loads(scored)
     row = {"label": label, "args": CONFIGS[label], "seconds": seconds, "peak_memory_mib": peak,
            "perplexity": figures["compressed"]["perplexity"], "file_bytes": compressed["file_bytes"],
            "model_bits_per_weight": compressed["model_bits_per_weight"],
            "coded_bits_per_weight": compressed["coded_bits_per_weight"],
-           "settings": compressed["settings"], "machine": machine(), "date": now()}
+           "settings": compressed["settings"], "allocation": compressed["allocation"], "machine": machine(),
+           "date": now()}
     print(f"{label:<58} {row['model_bits_per_weight']:.3f} bits/w  perplexity {row['perplexity']:.2f}  "
           f"({seconds:.0f} s, {peak:.0f} MiB)", file=sys.stderr, flush=True)
     return row

@@ -123,7 +123,8 @@ def compress(
     seconds, result = time.perf_counter() - started, report(output)
     if json_out:
         typer.echo(json.dumps({"output": str(output), "seconds": seconds, "peak_memory_mib": _peak_memory_mib(),
-                               "settings": _settings_summary(compressed), **result.to_json()}, indent=1))
+                               "settings": _settings_summary(compressed),
+                               "allocation": getattr(compressed, "vqc_allocation", None), **result.to_json()}, indent=1))
         return
     allocation = [getattr(compressed, "vqc_allocation", "")] if hasattr(compressed, "vqc_allocation") else []
     typer.echo("\n".join([*allocation, *_settings_summary(compressed), str(result)]))
