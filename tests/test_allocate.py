@@ -66,3 +66,25 @@ def test_high_budgets_are_measured_at_high_levels():
     assert levels(2.1) == LEVELS
     assert levels(3.1) == (*LEVELS, 5.0, 6.0)
     assert max(levels(4.1)) == 8.0
+
+
+def test_an_embeddings_kept_rows_get_no_noise_in_the_sensitivity_probe():
+    """Rows stored exactly leave no error: a loss that only they move makes the layer insensitive."""
+    from types import SimpleNamespace
+
+    from vqcompress.allocate import sensitivities
+    from vqcompress.calibrate import InputStatistics
+
+    torch.manual_seed(0)
+    table = torch.nn.Embedding(100, 8)
+    original = table.weight.detach().clone()
+    used = torch.cat([torch.full((10,), 10.0), torch.ones(90)])  # rows 0–9 are the most used
+    statistics = {"table": InputStatistics(row_weight=used)}
+
+    def loss() -> float:
+        return float((table.weight[:10] - original[:10]).square().sum())
+
+    plain, kept = (sensitivities([SimpleNamespace(name="table", module=table, kept=n)], statistics, loss)[0]
+                   for n in (0, 10))
+    assert plain > 0 and kept < 1e-9 * plain  # what is left: the rounding of adding and taking off the noise
+    assert torch.allclose(table.weight, original)

@@ -45,7 +45,9 @@ def sensitivities(jobs: list, statistics: dict[str, InputStatistics], loss: Call
     """How much the model's output loss grows per unit of each layer's relative output error:
     each weight in turn gets a small relative noise, ``loss()`` measures the model's distance to
     its uncompressed outputs, and the ratio to the noise's relative output error is the layer's
-    gain. A layer's relative error then counts in proportion to what it does to the output."""
+    gain. A layer's relative error then counts in proportion to what it does to the output.
+    An embedding's kept rows (``keep_rows``: its most used ones, stored exactly) get no noise and
+    do not count: the error its codes leave is on the other rows."""
     gains = []
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -53,8 +55,12 @@ def sensitivities(jobs: list, statistics: dict[str, InputStatistics], loss: Call
             weight = job.module.weight
             noise = NOISE * weight * torch.randn(weight.shape, generator=generator).to(weight)
             stats = statistics.get(job.name) or InputStatistics(gram=torch.eye(weight[0].numel(), device=weight.device))
+            coded = torch.ones(len(weight), dtype=torch.bool, device=weight.device)
+            if getattr(job, "kept", 0) and stats.row_weight is not None:
+                coded[stats.row_weight.topk(job.kept).indices] = False
+                noise[~coded] = 0
             flat, flat_noise = weight.reshape(len(weight), -1), noise.reshape(len(weight), -1)
-            relative = float(stats.error(flat_noise) / stats.error(flat).clamp_min(1e-30))
+            relative = float(stats.row_errors(flat_noise)[coded].sum() / stats.row_errors(flat)[coded].sum().clamp_min(1e-30))
             weight.add_(noise)
             try:
                 gains.append(loss() / max(relative, 1e-30))
