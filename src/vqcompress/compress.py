@@ -87,7 +87,8 @@ def fit_layer(job: Job, seed: int, inputs: InputStatistics | None = None) -> Cod
 def _finished(code: CodedWeight, job: Job, statistics: InputStatistics | None) -> CodedWeight:
     """The method's coded weight with its recipe and, where the layer's input Gram matrix is known
     and its codes are plain, codes re-chosen with error feedback (``reassign_with_feedback``:
-    the layer's output error is what the choices then reduce, as in GPTQ)."""
+    the layer's output error is what the choices then reduce, as in GPTQ); then, with
+    ``keep_rows``, the rows of largest weighted error kept exact (an embedding's most used ones)."""
     code.recipe = {"method": job.method.name, **job.settings}
     weight = job.module.weight.detach().float().to(code.codes.device)
     if (getattr(job.method, "feedback", True) and statistics is not None and statistics.gram is not None
