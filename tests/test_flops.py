@@ -53,3 +53,12 @@ def test_factor_form_sums_s_weighted_picks_per_sub_vector():
     flops = layer_flops(coded_from_dense(layer, code), positions=1)
     assert flops.lut_multiplies == 16 * 16 * 4 + 32 * 16 * 3 + 32  # table, coefficients, row scales
     assert flops.lut_adds == 16 * 16 * 3 + 32 * (16 * 3 - 1)
+
+
+def test_kept_rows_add_their_dense_products():
+    layer = coded(nn.Linear(512, 1024), k=256, dim=4)
+    plain = layer_flops(layer, positions=8)
+    layer.weight_code.keep_rows(torch.randn(1024, 512), torch.arange(10))
+    kept = layer_flops(layer, positions=8)
+    assert kept.lut_multiplies - plain.lut_multiplies == 8 * 10 * 512
+    assert kept.lut_adds - plain.lut_adds == 8 * 10 * 511

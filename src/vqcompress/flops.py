@@ -62,4 +62,6 @@ def layer_flops(layer: CodedLayer, positions: int) -> Flops:
             lut_mul += m * groups
     if lay.gain:  # one multiply per output
         lut_mul += m
+    lut_mul += lay.kept_rows * n  # kept rows: their exact products, done densely (their table sums are counted above)
+    lut_add += lay.kept_rows * (n - 1)
     return Flops(positions * m * n, positions * m * (n - 1), positions * lut_mul, positions * lut_add)
