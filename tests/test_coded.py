@@ -456,3 +456,16 @@ def test_kept_rows_of_a_table_too_tall_for_packed_row_numbers():
     code.keep_rows(weight, torch.tensor([(1 << 17) - 1, 3]))
     assert torch.equal(code.decode()[[3, (1 << 17) - 1]], weight[[3, (1 << 17) - 1]].half().float())
     assert code.nbits() == code.layout.nbits() == CodedWeight.empty(code.layout).nbits()
+
+
+def test_kept_rows_in_a_grouped_product_read_their_own_input_group():
+    from vqcompress import kernels
+    from vqcompress.layers import lut_matmul
+
+    code, weight = _full_featured_code()
+    code.keep_rows(weight, torch.tensor([1, 12]))
+    decoded = code.decode()
+    x = torch.randn(5, 2, 12)
+    reference = torch.cat([x[:, 0] @ decoded[:8].T, x[:, 1] @ decoded[8:].T], dim=1)
+    with kernels.forced("torch"):
+        assert torch.allclose(lut_matmul(x, code, input_groups=2), reference, atol=1e-4)

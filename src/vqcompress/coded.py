@@ -451,9 +451,7 @@ class CodedWeight(nn.Module):
         return values
 
     def kept_row_numbers(self) -> Tensor:
-        """The original numbers of the kept rows, ascending (int64; empty when none)."""
-        if not self.layout.kept_rows:
-            return torch.zeros(0, dtype=torch.int64, device=self.codes.device)
+        """The original numbers of the kept rows, ascending (int64; the layout must have some)."""
         return self.kept_index.to(torch.int64)
 
     def _kept_slots(self, rows: Tensor) -> tuple[Tensor, Tensor]:
