@@ -88,3 +88,17 @@ def test_an_embeddings_kept_rows_get_no_noise_in_the_sensitivity_probe():
                    for n in (0, 10))
     assert plain > 0 and kept < 1e-9 * plain  # what is left: the rounding of adding and taking off the noise
     assert torch.allclose(table.weight, original)
+
+
+def test_a_layer_the_plan_gives_bits_keeps_them_and_the_others_share_the_rest():
+    pinned = "encoder\\.layer\\.1\\.output\\.dense"
+    plan = vqc.Plan(by_name={pinned: {"bits": 1.0}}, min_weights=2048)
+    model = vqc.compress(tiny_bert(), "kmeans", 3.0, text_batches(), plan=plan, progress=False, scale="row")
+    result = vqc.report(model)
+    rows = {row.name: row for row in result.coded}
+    # the most sensitive layer would get the most bits; pinned, it gets its own budget's settings
+    expected = vqc.compress(tiny_bert(), "kmeans", 1.0, plan=vqc.Plan(by_name={pinned: {}}, min_weights=10**9),
+                            progress=False, scale="row")
+    assert rows["encoder.layer.1.output.dense"].bits_per_weight == vqc.report(expected).coded[0].bits_per_weight
+    assert result.model_bits_per_weight <= 3.0
+    assert max(row.bits_per_weight for row in result.coded) > 3.0  # the bits it left went to others

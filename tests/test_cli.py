@@ -160,3 +160,28 @@ def test_keep_rows_goes_to_the_token_embeddings_larger_than_it():
     model = nn.ModuleDict({"words": nn.Embedding(1000, 8), "positions": nn.Embedding(64, 8), "mix": nn.Linear(8, 8)})
     assert kept_rows_plan(model, 64) == {"words": {"keep_rows": 64}}
     assert kept_rows_plan(model, 0) == {}
+
+
+def test_layer_options_become_plan_entries_and_bad_ones_fail_in_one_line():
+    from vqcompress.cli import layer_plan
+    from vqcompress.errors import VQCError
+
+    assert layer_plan(["model\\.embed_tokens:bits=4,method=kmeans", "model\\.embed_tokens:k=16"]) == {
+        "model\\.embed_tokens": {"bits": 4, "method": "kmeans", "k": 16}}
+    assert layer_plan(["lm_head:bits=3.5,dim=2"]) == {"lm_head": {"bits": 3.5, "dim": 2}}
+    for bad, message in [("no-colon", "NAME_REGEX:KEY=VALUE"), ("x:", "NAME_REGEX:KEY=VALUE"),
+                         ("x:bits", "--layer takes KEY=VALUE"), ("(:bits=2", "not a regular expression")]:
+        with pytest.raises(VQCError, match=message):
+            layer_plan([bad])
+
+
+def test_the_demo_runs_its_commands_as_a_user_types_them(tmp_path):
+    """Each of the demo's commands parses with every option at its default (none left unset)."""
+    import typer.main
+
+    from vqcompress.cli import app, demo_commands
+
+    group = typer.main.get_command(app)
+    for command in demo_commands(tmp_path / "demo.vqc", "cpu"):
+        context = group.commands[command[0]].make_context(command[0], command[1:])
+        assert not any(type(value).__name__ == "OptionInfo" for value in context.params.values()), context.params

@@ -40,6 +40,12 @@ def permuted(code: CodedWeight, seed: int = 0) -> CodedWeight:
     return shuffled
 
 
+def with_kept_rows(code: CodedWeight, weight: torch.Tensor, rows: list[int]) -> CodedWeight:
+    """The same code with a few rows stored exactly (the paths must override those rows)."""
+    code.keep_rows(weight.detach().float(), torch.tensor(rows))
+    return code
+
+
 def handbuilt(shape, dim: int, k: int, scale_group: int, offset: bool, groups: int = 1, perm: bool = False) -> CodedWeight:
     """A code no method makes yet: d > 1 with scales (and offsets) on blocks shorter than a row."""
     layout = CodeLayout(tuple(shape), k=k, dim=dim, groups=groups, scale_group=scale_group, offset=offset, permuted=perm)
@@ -129,6 +135,14 @@ def _make(kind: str):
     if kind == "conv2d-nobias":
         dense = nn.Conv2d(8, 16, 3, padding=1, bias=False)
         return dense, fit(dense.weight, "rtn", 4, group_size=9), torch.randn(2, 8, 6, 6, generator=g)
+    if kind == "linear-kept-rows":
+        dense = nn.Linear(32, 48)
+        code = fit(dense.weight, "kmeans", None, dim=4, k=16, scale="row")
+        return dense, with_kept_rows(code, dense.weight, [47, 0, 9]), torch.randn(4, 32, generator=g)
+    if kind == "conv2d-groups4-kept-rows":
+        dense = nn.Conv2d(8, 16, 3, padding=1, groups=4)
+        code = fit(dense.weight, "kmeans", None, dim=2, k=16, groups=2)
+        return dense, with_kept_rows(code, dense.weight, [3, 15]), torch.randn(2, 8, 6, 6, generator=g)
     if kind == "linear-handbuilt":
         dense = nn.Linear(32, 48)
         return dense, handbuilt((48, 32), dim=4, k=16, scale_group=8, offset=True, groups=2, perm=True), torch.randn(4, 32, generator=g)
@@ -138,6 +152,10 @@ def _make(kind: str):
     if kind == "embedding":
         dense = nn.Embedding(50, 16, padding_idx=3)
         return dense, fit(dense.weight, "kmeans", None, dim=4, k=16), torch.tensor([[0, 3, 49, 7, 7], [3, 1, 0, 2, 49]])
+    if kind == "embedding-kept-rows":
+        dense = nn.Embedding(50, 16)
+        code = fit(dense.weight, "kmeans", None, dim=4, k=16)
+        return dense, with_kept_rows(code, dense.weight, [49, 7]), torch.tensor([[0, 3, 49, 7, 7], [3, 1, 0, 2, 49]])
     if kind == "embedding-permuted":
         dense = nn.Embedding(50, 16)
         return dense, permuted(fit(dense.weight, "rtn", 4, group_size=8)), torch.tensor([[0, 3, 49, 7, 7], [3, 1, 0, 2, 49]])
@@ -147,8 +165,8 @@ def _make(kind: str):
 MATMUL_CASES = ["linear", "linear-3d", "linear-rowscale-groups", "linear-rtn", "linear-permuted",
                 "linear-rtn-permuted", "conv1d", "conv1d-rtn-permuted", "conv2d", "conv2d-stride2",
                 "conv2d-groups4", "conv2d-groups2-rtn", "conv2d-groups4-permuted", "conv2d-depthwise",
-                "conv2d-reflect", "conv2d-same", "conv2d-nobias"]
-ALL_CASES = MATMUL_CASES + ["embedding", "embedding-permuted"]
+                "conv2d-reflect", "conv2d-same", "conv2d-nobias", "linear-kept-rows", "conv2d-groups4-kept-rows"]
+ALL_CASES = MATMUL_CASES + ["embedding", "embedding-permuted", "embedding-kept-rows"]
 HANDBUILT = ["linear-handbuilt", "conv2d-handbuilt"]  # not approximations of the dense layer
 CODED_OF = {nn.Linear: CodedLinear, nn.Conv1d: CodedConv1d, nn.Conv2d: CodedConv2d, nn.Embedding: CodedEmbedding}
 

@@ -107,7 +107,10 @@ def allocate(model: nn.Module, jobs: list, statistics: dict[str, InputStatistics
 
 
 def _level_settings(job, budgets: tuple[float, ...] = LEVELS) -> list[tuple[dict, CodeLayout]]:
-    """The distinct (settings, layout) the job's method gives at the ``budgets`` it can meet."""
+    """The distinct (settings, layout) the job's method gives at the ``budgets`` it can meet (only
+    at its own budget where the plan pinned one)."""
+    if getattr(job, "pinned_bits", None) is not None:
+        budgets = (job.pinned_bits,)
     shape, found = tuple(job.module.weight.shape), []
     for level in budgets:
         try:

@@ -80,6 +80,9 @@ def compress(
                                                     "of the whole model's average"),
     skip: list[str] = typer.Option([], help="regex of layer names to leave dense (repeatable)"),
     include: list[str] = typer.Option([], help="regex of layer names to code even when small (repeatable)"),
+    layer: list[str] = typer.Option([], "--layer", "-L", help="NAME_REGEX:KEY=VALUE[,KEY=VALUE…]: options for the "
+                                    "layers the regex names (repeatable), e.g. 'model\\.embed_tokens:bits=4' pins "
+                                    "that layer's budget (the others share the rest)"),
     finetune_steps: int = typer.Option(0, help="distil from the original for N steps on the model's training data"),
     lr: float = typer.Option(1e-3, help="fine-tuning learning rate"),
     tune_dense: bool = typer.Option(True, help="fine-tuning also tunes norms, biases and layers left dense"),
@@ -111,7 +114,8 @@ def compress(
     plan = Plan(by_name={**{pattern: {} for pattern in include}, **{pattern: None for pattern in skip}})
     _say(f"loading {model} …", quiet)
     dense, source = load_model(model, seed)
-    plan.by_name.update(kept_rows_plan(dense, keep_rows))
+    for pattern, spec in [*kept_rows_plan(dense, keep_rows).items(), *layer_plan(layer).items()]:
+        plan.by_name[pattern] = {**(plan.by_name.get(pattern) or {}), **spec}
     calibrate = bool(calib or calib_samples or tune_blocks or method in ("jlcm", "vq4all"))
     calibration = training_data(source.to_json(), seed, calib, calib_samples) if calibrate or finetune_steps else None
     checkpoint = output.with_name(f".{output.name}.partial")  # work so far, resumed from if found
@@ -140,13 +144,29 @@ def kept_rows_plan(model: torch.nn.Module, rows: int) -> dict[str, dict]:
             if isinstance(module, torch.nn.Embedding) and module.num_embeddings > rows}
 
 
-def _key_values(pairs: list[str]) -> dict:
+def layer_plan(entries: list[str]) -> dict[str, dict]:
+    """``--layer NAME_REGEX:KEY=VALUE,…``: plan entries by layer name (a bad regex is the user's
+    mistake, said in one line)."""
+    plan = {}
+    for entry in entries:
+        pattern, sep, pairs = entry.rpartition(":")
+        if not sep or not pattern or not pairs:
+            raise VQCError(f"--layer takes NAME_REGEX:KEY=VALUE[,KEY=VALUE…], got {entry!r}")
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise VQCError(f"--layer {entry!r}: {pattern!r} is not a regular expression ({error})") from None
+        plan[pattern] = {**plan.get(pattern, {}), **_key_values(pairs.split(","), "--layer")}
+    return plan
+
+
+def _key_values(pairs: list[str], flag: str = "--option") -> dict:
     """KEY=VALUE options, numbers as numbers."""
     options = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise VQCError(f"--option takes KEY=VALUE, got {pair!r}")
+            raise VQCError(f"{flag} takes KEY=VALUE, got {pair!r}")
         for kind in (int, float):
             try:
                 value = kind(value)
@@ -217,16 +237,19 @@ def decompress(file: Path, output: Path = typer.Option(..., "-o", "--output", he
     typer.echo(f"wrote {output}")
 
 
+def demo_commands(output: Path, device: str) -> list[list[str]]:
+    """The demo's two commands, exactly as a user would type them (so they parse like theirs)."""
+    return [["compress", "minilm", "-o", str(output), "--method", "jlcm", "--bits", "2.1", "--device", device],
+            ["eval", str(output), "--suite", "minilm", "--device", device]]
+
+
 @app.command()
 def demo(output: Path = typer.Option(DEMO_OUTPUT, "-o", "--output"), device: str = typer.Option("cpu")) -> None:
     """The main job on the bundled MiniLM: jlcm at 2.1 bits per weight for the whole model
-    (calibrated on Lee background sentences, about 2 minutes), bit report, quality."""
-    compress("minilm", output, method="jlcm", bits=2.1, dim=None, k=None, scale=None, groups=None,
-             group_size=None, shared_codebooks=None, codebook=None, option=[], calib=None, calib_samples=None, per_layer_bits=False,
-             skip=[], include=[], finetune_steps=0, lr=1e-3, tune_dense=True, assignments=None, seed=0, device=device,
-             json_out=False, quiet=False)
-    typer.echo("")
-    evaluate(output, suite="minilm", device=device, json_out=False)
+    (calibrated on Lee background sentences), bit report, quality."""
+    for i, command in enumerate(demo_commands(output, device)):
+        typer.echo(("\n" if i else "") + "$ vqc " + " ".join(command))
+        app(command, standalone_mode=False)
 
 
 zoo = typer.Typer(help="The small models trained in the project (Fashion-MNIST).", no_args_is_help=True)

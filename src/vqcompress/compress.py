@@ -39,13 +39,16 @@ class Job:
     settings: dict
     options: dict  # what the user asked for (no method, no bits): the allocator's starting point
     kept: int = 0  # rows stored exactly beside the codes (``keep_rows``): those with the most output error
+    pinned_bits: float | None = None  # a budget the plan gave this layer by name or type: not allocated
 
 
-def _job(name: str, module: nn.Module, spec: dict) -> Job:
-    """Resolve a layer's spec into concrete settings, refusing bad weights or budgets up front."""
+def _job(name: str, module: nn.Module, spec: dict, bits: float | None) -> Job:
+    """Resolve a layer's spec into concrete settings, refusing bad weights or budgets up front.
+    ``bits`` is the model's budget; a ``bits`` in the layer's own spec pins the layer to it."""
     spec = dict(spec)
     method = get_method(spec.pop("method"))
-    bits, kept = spec.pop("bits", None), spec.pop("keep_rows", 0) or 0
+    pinned, kept = spec.pop("bits", None), spec.pop("keep_rows", 0) or 0
+    bits = bits if pinned is None else pinned
     weight = module.weight.detach()
     if isinstance(kept, bool) or not isinstance(kept, int) or not 0 <= kept <= len(weight):
         raise VQCError(f"{name}: keep_rows must be a whole number of rows from 0 to {len(weight)}, got {kept!r}")
@@ -56,7 +59,7 @@ def _job(name: str, module: nn.Module, spec: dict) -> Job:
         method.layout(tuple(weight.shape), settings).validate()
     except VQCError as error:
         raise VQCError(f"{name}: {error}") from None
-    return Job(name, module, method, settings, spec, kept)
+    return Job(name, module, method, settings, spec, kept, pinned)
 
 
 def _layer_seed(seed: int, name: str) -> int:
@@ -170,8 +173,8 @@ def compress(model: nn.Module, method: str = "kmeans", bits: float | None = None
     """
     if calibration is not None and not isinstance(calibration, TrainingData):
         raise VQCError(f"calibration must be a TrainingData(task, batch_at), got a {type(calibration).__name__}")
-    jobs = [_job(name, module, spec) for name, module, spec in
-            (plan or Plan()).resolve(model, {"method": method, "bits": bits, **options})]
+    jobs = [_job(name, module, spec, bits) for name, module, spec in
+            (plan or Plan()).resolve(model, {"method": method, **options})]
     if not jobs:
         raise VQCError("the plan selects no layer to compress")
     jobs, followers = _untie(jobs)
