@@ -33,6 +33,9 @@ CONFIGS = {
     "kmeans 2 bits, row scales (data-free)": ["--method", "kmeans", "--dim", "4", "--k", "256", "--scale", "row"],
     "jlcm 2.1 bits": ["--method", "jlcm", "--bits", "2.1"],
     "jlcm 2.1 bits, tuned blocks": ["--method", "jlcm", "--bits", "2.1", "--tune-blocks", "2"],
+    "jlcm 2.1 bits per Linear layer, embedding kmeans 4 bits + 8192 rows kept": [
+        "--method", "jlcm", "--bits", "2.1", "--per-layer-bits", "--calib", "wiki", "--keep-rows", "8192",
+        "-L", "model\\.embed_tokens:method=kmeans,bits=4,scale=row"],
     "qswd 3.1 bits, calibrated": ["--method", "qswd", "--bits", "3.1", "--calib", "wiki"],
     "qswd 3.1 bits, calibrated, tuned blocks": ["--method", "qswd", "--bits", "3.1", "--calib", "wiki",
                                                 "--tune-blocks", "2"],
