@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vqcompress.coded import CodedWeight, CodeLayout, code_bits, pack_codes, unpack_codes
+import vqcompress.coded as coded_module
 from vqcompress.errors import VQCError
 
 FAST = settings(max_examples=80, deadline=None)
@@ -469,3 +470,30 @@ def test_kept_rows_in_a_grouped_product_read_their_own_input_group():
     reference = torch.cat([x[:, 0] @ decoded[:8].T, x[:, 1] @ decoded[8:].T], dim=1)
     with kernels.forced("torch"):
         assert torch.allclose(lut_matmul(x, code, input_groups=2), reference, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [1, 3, 5, 8, 11, 16])
+def test_packing_in_slices_gives_the_same_stream(bits, monkeypatch):
+    codes = torch.randint(0, 2**bits, (1000,), generator=torch.Generator().manual_seed(bits))
+    whole = pack_codes(codes, bits)
+    monkeypatch.setattr(coded_module, "PACK_SLICE", 64)
+    sliced = pack_codes(codes, bits)
+    assert torch.equal(sliced, whole) and len(sliced) == (1000 * bits + 7) // 8
+    assert torch.equal(unpack_codes(sliced, bits, torch.arange(1000)), codes)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_reassigning_in_slices_of_rows_gives_the_same_codes(weighted, monkeypatch):
+    """Slices of rows that cut across codebook groups, a permutation and per-weight importance."""
+    g = torch.Generator().manual_seed(4)
+    layout = CodeLayout((60, 12), k=8, dim=3, groups=3, scale_group=12, permuted=True)
+    code = CodedWeight.encode(layout, torch.randn(3, 8, 3, generator=g), torch.zeros(60, 4, dtype=torch.int64),
+                              torch.rand(60, 1, generator=g) + 0.5, perm=torch.randperm(60, generator=g))
+    weight = torch.randn(60, 12, generator=g)
+    importance = torch.rand(60, 12, generator=g) if weighted else None
+    code.reassign(weight, importance)
+    whole = code.codes.clone()
+    assert code.code_matrix().unique().numel() > 4  # real choices, not the zeros it started from
+    monkeypatch.setattr(coded_module, "REASSIGN_WEIGHTS", 12 * 8)  # 8 rows a slice: 20 rows per group
+    code.reassign(weight, importance)
+    assert torch.equal(code.codes, whole)

@@ -59,11 +59,12 @@ class InputStatistics:
         """Output error E‖x·Δᵀ‖² of a weight difference Δ (rows × cols)."""
         return self.row_errors(difference).sum()
 
-    def row_errors(self, difference: Tensor) -> Tensor:
-        """Each row's share of the output error of a weight difference Δ (rows × cols)."""
+    def row_errors(self, difference: Tensor, rows: Tensor | None = None) -> Tensor:
+        """Each row's share of the output error of a weight difference Δ (rows × cols), or of Δ's
+        rows being the weight's ``rows`` (a slice of a large weight)."""
         if self.gram is not None:
             return ((difference @ self.gram) * difference).sum(1)
-        return self.row_weight * difference.square().sum(1)
+        return (self.row_weight if rows is None else self.row_weight[rows]) * difference.square().sum(1)
 
 
 class _Accumulator:

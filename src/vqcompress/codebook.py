@@ -71,8 +71,8 @@ def kmeans(points: np.ndarray, k: int, seed: int = 0, iterations: int = 20,
 def _subsample(points: np.ndarray, weights: np.ndarray | None, k: int, size: int, rng: np.random.Generator) -> np.ndarray:
     """Sorted indices of a random sample of ``size`` points plus the ``k`` of largest (weighted)
     norm: a sample alone drops the rare outlier weights, whose error then dwarfs all the rest."""
-    energy = (points * points).sum(1) * (1 if weights is None else weights)
-    extremes = np.argpartition(-energy, k)[:k]
+    energy = np.einsum("ij,ij->i", points, points) * (1 if weights is None else weights)  # no (n, d) temporary
+    extremes = torch.from_numpy(energy).topk(k).indices.numpy()  # k indices, not a sorted copy of all n
     return np.union1d(rng.choice(len(points), size, replace=False), extremes)
 
 

@@ -41,6 +41,8 @@ from .codebook import assign, weighted_assign
 from .errors import VQCError
 
 MAX_CODE_BITS = 16
+PACK_SLICE = 1 << 20  # codes packed at a time (a multiple of 8, so each slice fills whole bytes)
+REASSIGN_WEIGHTS = 1 << 22  # weights per slice of rows that ``reassign`` holds in float at a time
 MAX_GRID_BITS = 8  # coefficient and codebook grids: more bits than this is fp16
 FP16_COEFFICIENTS = 16
 TRAINABLE = ("codebook", "scale", "offset", "gain")  # what fine-tuning may change; codes change by reassignment
@@ -55,16 +57,20 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
     """Pack integer codes LSB-first into a uint8 stream of exactly ceil(n·bits/8) bytes.
 
     Each code is spread into its ``bits`` low bits and the bit stream is packed by numpy:
-    any width from 1 to 16 bits with the same two vector operations.
+    any width from 1 to 16 bits with the same two vector operations, on slices of
+    ``PACK_SLICE`` codes (whole bytes each), so a table of 10⁸ codes needs no 16-byte-per-code
+    bit matrix at once.
     """
     if not 1 <= bits <= MAX_CODE_BITS:
         raise ValueError(f"code width {bits} outside 1..{MAX_CODE_BITS}")
-    codes = codes.detach().reshape(-1).cpu().to(torch.int64)
-    if codes.numel() and (codes.min() < 0 or codes.max() >= (1 << bits)):
+    codes = codes.detach().reshape(-1).cpu()
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= (1 << bits)):
         raise ValueError(f"codes do not fit in {bits} bits")
-    as_bytes = codes.numpy().astype("<u2").view(np.uint8).reshape(-1, 2)
-    bit_matrix = np.unpackbits(as_bytes, axis=1, bitorder="little")[:, :bits]
-    return torch.from_numpy(np.packbits(bit_matrix.reshape(-1), bitorder="little"))
+    slices = [codes[start:start + PACK_SLICE].numpy().astype("<u2").view(np.uint8).reshape(-1, 2)
+              for start in range(0, max(codes.numel(), 1), PACK_SLICE)]
+    return torch.from_numpy(np.concatenate([
+        np.packbits(np.unpackbits(as_bytes, axis=1, bitorder="little")[:, :bits].reshape(-1), bitorder="little")
+        for as_bytes in slices]))
 
 
 def unpack_codes(packed: Tensor, bits: int, index: Tensor) -> Tensor:
@@ -490,18 +496,32 @@ class CodedWeight(nn.Module):
         lay = self.layout
         if lay.factored:
             raise VQCError("a factor-form weight keeps the positions and coefficients its method fitted: no reassignment")
-        stored = torch.arange(lay.rows, device=self.codes.device)
-        original = self.permutation()
-        matrix = self._in_codeword_units(weight.detach().reshape(lay.rows, lay.cols)[original].float(), stored)
-        if importance is None:
-            points = matrix.reshape(lay.groups, -1, lay.dim).cpu().numpy()
-            codebooks = self.codebook.detach().float().cpu().numpy()
-            codes = torch.cat([torch.from_numpy(assign(p, c)) for p, c in zip(points, codebooks)])
-        else:
-            weights = importance.to(matrix).expand(lay.rows, lay.cols)[original] * self.unit(stored).square()
-            codes = torch.cat([weighted_assign(p, w, c.float()) for p, w, c in zip(
-                matrix.reshape(lay.groups, -1, lay.dim), weights.reshape(lay.groups, -1, lay.dim), self.codebook.detach())])
-        self.codes = pack_codes(codes, lay.bits).to(self.codes.device)
+        weight, original = weight.detach().reshape(lay.rows, lay.cols), self.permutation()
+        if importance is not None:
+            importance = importance.expand(lay.rows, lay.cols)  # a view: each slice takes its rows
+        step = max(8, REASSIGN_WEIGHTS // lay.cols // 8 * 8)  # whole bytes of codes per slice of rows
+        self.codes = torch.cat([pack_codes(self._nearest_codes(
+            weight, original, importance, torch.arange(start, min(start + step, lay.rows), device=self.codes.device)),
+            lay.bits) for start in range(0, lay.rows, step)]).to(self.codes.device)
+
+    def _nearest_codes(self, weight: Tensor, original: Tensor, importance: Tensor | None, stored: Tensor) -> Tensor:
+        """``reassign``'s codes for a slice of stored rows, (rows, segments) int64."""
+        lay = self.layout
+        rows = original[stored]
+        matrix = self._in_codeword_units(weight[rows.to(weight.device)].to(stored.device).float(), stored)
+        if importance is not None:
+            importance = importance[rows.to(importance.device)].to(matrix) * self.unit(stored).square()
+        codes = torch.empty(len(stored), lay.segments, dtype=torch.int64)
+        group = self.codebook_of_rows(stored).cpu()
+        for g in group.unique().tolist():
+            mine = group == g
+            points, book = matrix[mine.to(matrix.device)].reshape(-1, lay.dim), self.codebook.detach()[g].float()
+            if importance is None:
+                nearest = torch.from_numpy(assign(points.cpu().numpy(), book.cpu().numpy()))
+            else:
+                nearest = weighted_assign(points, importance[mine.to(matrix.device)].reshape(-1, lay.dim), book).cpu()
+            codes[mine] = nearest.reshape(-1, lay.segments).to(torch.int64)
+        return codes
 
     def reassign_with_feedback(self, weight: Tensor, gram: Tensor) -> None:
         """Assign codes so that the layer's output error tr(ΔGΔᵀ) is small, not each weight's own

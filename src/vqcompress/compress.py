@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .allocate import allocate, describe, has_levels, sensitivities
 from .calibrate import Blocks, InputStatistics, capturing, find_blocks, statistics_pass
-from .coded import CodedWeight
+from .coded import REASSIGN_WEIGHTS, CodedWeight
 from .io import load, save
 from .errors import VQCError
 from .finetune import BLOCK_LR, TrainingData, check_assignments, finetune, relative_error, tune_block
@@ -98,10 +98,18 @@ def _finished(code: CodedWeight, job: Job, statistics: InputStatistics | None) -
             and code.layout.takes_feedback):
         code.reassign_with_feedback(weight, statistics.gram)
     if job.kept:
-        difference = code.decode().reshape(len(weight), -1) - weight.reshape(len(weight), -1)
-        errors = (statistics or InputStatistics(row_weight=torch.ones(len(weight)))).row_errors(difference)
+        errors = _row_errors(code, weight, statistics or InputStatistics(row_weight=torch.ones(len(weight))))
         code.keep_rows(weight, errors.topk(job.kept).indices)
     return code
+
+
+def _row_errors(code: CodedWeight, weight: Tensor, statistics: InputStatistics) -> Tensor:
+    """Each row's weighted error under ``code``, a slice of rows at a time: a token embedding's
+    decoded table is as large as the weight itself."""
+    matrix = weight.reshape(len(weight), -1)
+    step = max(1, REASSIGN_WEIGHTS // matrix.shape[1])
+    return torch.cat([statistics.row_errors(code.decode_rows(rows) - matrix[rows], rows)
+                      for rows in torch.arange(len(matrix), device=matrix.device).split(step)])
 
 
 def fit_run(run: list[Job], seed: int, statistics: dict[str, InputStatistics] | None = None) -> list[CodedWeight]:

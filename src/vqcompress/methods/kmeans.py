@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..calibrate import InputStatistics
 from ..codebook import kmeans
-from ..coded import CodedWeight, CodeLayout
+from ..coded import REASSIGN_WEIGHTS, CodedWeight, CodeLayout
 from ..errors import VQCError
 from . import register, reject_unknown
 
@@ -115,9 +115,9 @@ class KMeans:
         layout = self.layout(tuple(weight.shape), settings)
         matrix = weight.reshape(layout.rows, layout.cols).float().cpu()
         scale = _rms(matrix, rows=True) if settings["scale"] == "row" else None
-        normalised = matrix if scale is None else matrix / scale
         importance = None if inputs is None else inputs.importance().cpu()
-        codebook = _codebooks(normalised, importance, 1 if scale is None else scale, layout.groups, settings, seed)
+        codebook = _codebooks(matrix if scale is None else matrix / scale, importance, 1 if scale is None else scale,
+                              layout.groups, settings, seed)  # the normalised copy is gone before encoding
         return _encode(layout, codebook, matrix, scale, importance=importance)
 
     def fit_shared(self, weights: list[Tensor], settings: dict, seed: int,
@@ -148,25 +148,37 @@ def _codebooks(normalised: Tensor, importance: Tensor | None, unit: Tensor | flo
     the inputs put it (the exact per-weight weighting then chooses the codes)."""
     dim, k = settings["dim"], settings["k"]
     blocks = normalised.reshape(groups, -1, dim).numpy()
-    if importance is None:
-        weights = [None] * groups
-    else:
-        weights = (importance * torch.as_tensor(unit).square()).expand(normalised.shape).reshape(groups, -1, dim).mean(-1).numpy()
+    weights = [None] * groups if importance is None else _sub_vector_weights(
+        importance * torch.as_tensor(unit).square(), normalised.shape, dim).reshape(groups, -1).numpy()
     books = [kmeans(b, k, seed, settings["iterations"], settings["max_points_per_centroid"], w) for b, w in zip(blocks, weights)]
     return torch.from_numpy(np.stack(books)).half()
 
 
+def _sub_vector_weights(weighting: Tensor, shape: torch.Size, dim: int) -> Tensor:
+    """The mean of ``weighting`` (broadcastable to ``shape``) over each sub-vector of ``dim``
+    weights, (rows, cols / dim), a slice of rows at a time: no full-size expanded copy."""
+    rows, cols = shape
+    weighting = weighting.expand(rows, cols)
+    step = max(1, REASSIGN_WEIGHTS // cols)
+    return torch.cat([weighting[start:start + step].reshape(-1, cols // dim, dim).mean(-1)
+                      for start in range(0, rows, step)])
+
+
 def _rms(values: Tensor, rows: bool = False) -> Tensor:
     """Root mean square (of each row, or of all), rounded to fp16 as stored and kept > 0 there."""
-    squares = values.pow(2)
-    return (squares.mean(1, keepdim=True) if rows else squares.mean()).sqrt().half().float().clamp_min(2**-24)
+    if rows:  # a slice of rows at a time: no squared copy of a whole token embedding
+        step = max(1, REASSIGN_WEIGHTS // values.shape[1])
+        mean_square = torch.cat([part.pow(2).mean(1, keepdim=True) for part in values.split(step)])
+    else:
+        mean_square = values.pow(2).mean()
+    return mean_square.sqrt().half().float().clamp_min(2**-24)
 
 
 def _encode(layout: CodeLayout, codebook: Tensor, matrix: Tensor, scale: Tensor | None,
             gain: Tensor | None = None, importance: Tensor | None = None) -> CodedWeight:
     """The coded weight, its codes assigned against the stored (fp16) codebook, scales and gain
     (weighted by ``importance`` when given), so decoding gives what was chosen."""
-    unassigned = torch.zeros(layout.rows, layout.segments, dtype=torch.int64)
+    unassigned = torch.zeros(layout.rows, layout.segments, dtype=torch.uint8)  # any code; 1 byte each
     code = CodedWeight.encode(layout, codebook, unassigned, scale, gain=gain)
     code.reassign(matrix, importance)
     return code
