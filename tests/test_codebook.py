@@ -78,3 +78,12 @@ def test_kmeans_pp_seed_picks_distinct_points():
     assert all((points == s).all(1).any() for s in seeds)
     owner = np.linalg.norm(seeds[:, None] - centres[None], axis=-1).argmin(1)
     assert sorted(owner.tolist()) == list(range(6))
+
+
+def test_the_largest_values_are_found_chunk_by_chunk():
+    from vqcompress.codebook import _largest
+
+    values = np.random.default_rng(0).standard_normal(10_000).astype(np.float32)
+    for k in (1, 7, 300):
+        found = _largest(values, k, chunk=256)
+        assert sorted(found.tolist()) == sorted(np.argsort(-values)[:k].tolist())

@@ -72,7 +72,7 @@ def _subsample(points: np.ndarray, weights: np.ndarray | None, k: int, size: int
     """Sorted indices of a random sample of ``size`` points plus the ``k`` of largest (weighted)
     norm: a sample alone drops the rare outlier weights, whose error then dwarfs all the rest."""
     energy = np.einsum("ij,ij->i", points, points) * (1 if weights is None else weights)  # no (n, d) temporary
-    extremes = torch.from_numpy(energy).topk(k).indices.numpy()  # k indices, not a sorted copy of all n
+    extremes = _largest(energy, k)
     return np.union1d(rng.choice(len(points), size, replace=False), extremes)
 
 
@@ -82,6 +82,16 @@ def assign(points: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     index.add(np.ascontiguousarray(centroids, dtype=np.float32))
     _, nearest = index.search(np.ascontiguousarray(points, dtype=np.float32), 1)
     return nearest[:, 0]
+
+
+def _largest(values: np.ndarray, k: int, chunk: int = 1 << 20) -> np.ndarray:
+    """Indices of the ``k`` largest ``values``: each chunk's k largest, then the k largest of those
+    (no full-length index array for 10⁸ values)."""
+    def top(part: np.ndarray) -> np.ndarray:
+        return np.argpartition(-part, k)[:k] if len(part) > k else np.arange(len(part))
+
+    candidates = np.concatenate([start + top(values[start:start + chunk]) for start in range(0, len(values), chunk)])
+    return candidates[top(values[candidates])]
 
 
 def _weighted_distances(points: torch.Tensor, weights: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
