@@ -415,7 +415,9 @@ def speed_markdown(result: dict, name: str) -> list[str]:
     where = result.get("gpu") or f"{m['cpu']}, {m['cores']} cores, {m['threads']} threads"
     columns = [c for c in SPEED_COLUMNS if c in layer["rows"][0]["ms"]]
     threads = f"{m['threads']} thread" + ("s" if m["threads"] > 1 else "")
-    lines = [f"## Speed: the compiled lookup-table kernel, {threads}", "",
+    title = f"on {result['gpu']} (pure torch: no compiled GPU kernel yet)" if result.get("gpu") else \
+        f"the compiled lookup-table kernel, {threads}"
+    lines = [f"## Speed: {title}", "",
              f"From `benchmarks/results/{name}`, measured by `benchmarks/speed.py`, {result['started']}, on {where}, torch "
              f"{m['torch']}; coded path: {result['backend']}. Every figure is the median of {layer['repeats']} "
              "rounds in one process, each round calling every variant once in turn. The machine is shared: its "
