@@ -551,9 +551,8 @@ class CodedWeight(nn.Module):
             cols = slice(segment * lay.dim, (segment + 1) * lay.dim)
             inverse = torch.linalg.inv(factor[cols, cols]).float()
             points = ((matrix[:, cols] - shift[:, cols]) / unit[:, cols]) @ inverse
-            for g in range(lay.groups):
-                mine = group == g
-                codes[mine, segment] = torch.cdist(points[mine], books[g] @ inverse).argmin(1)
+            # each group's rows are a contiguous block: one batched distance for all groups
+            codes[:, segment] = torch.cdist(points.reshape(lay.groups, -1, lay.dim), books @ inverse).argmin(-1).reshape(-1)
             chosen = books[group, codes[:, segment]] * unit[:, cols] + shift[:, cols]
             matrix[:, cols.stop:] -= ((matrix[:, cols] - chosen) @ inverse) @ factor[cols, cols.stop:].float()
         self.codes = pack_codes(codes.reshape(-1), lay.bits).to(device)

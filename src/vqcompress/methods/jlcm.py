@@ -38,6 +38,7 @@ from .kmeans import KMeans, _codebooks, _rms
 
 OPTIONS = {"dim", "k", "groups", "scale", "grouping", "gradient", "steps", "lr", "candidates"}
 GRADIENTS = ("proximal", "soft", "ste")
+STEPS = 10  # joint-learning steps: 40 gave no better MiniLM cosine (docs/methods.md), in twice the time
 DEFAULT_GROUPS = 4  # codebooks per layer unless asked: the most of 1 … 4 that divides the rows
 TUNE_HARD = 0.2  # share of the steps spent on codebooks and scales with the mapping fixed
 TEMPERATURES = (1.0, 0.02)  # τ at the first step and at the switch to the hard mapping
@@ -60,7 +61,7 @@ class JLCM:
             raise VQCError(f"jlcm gradient must be one of {', '.join(GRADIENTS)}, got {gradient!r}")
         if grouping not in ("stats", "none"):
             raise VQCError(f"jlcm grouping must be 'stats' or 'none', got {grouping!r}")
-        steps, candidates = int(options.get("steps", 40)), int(options.get("candidates", 4))
+        steps, candidates = int(options.get("steps", STEPS)), int(options.get("candidates", 4))
         if steps < 0 or candidates < 1:
             raise VQCError(f"jlcm steps must be ≥ 0 and candidates ≥ 1, got {steps} and {candidates}")
         return {"dim": base["dim"], "k": base["k"], "groups": groups, "scale": base["scale"], "grouping": grouping,
