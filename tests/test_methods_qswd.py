@@ -150,3 +150,14 @@ def test_factor_form_runs_on_cuda():
         torch.testing.assert_close(model(x.cuda()).cpu(), expected, rtol=1e-4, atol=1e-4)
         vqc.set_forward_path(model, "lut")
         torch.testing.assert_close(model(x.cuda()).cpu(), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("options", [{"dim": 4, "k": 16, "terms": 1, "coef_bits": 0},
+                                     {"dim": 4, "k": 16, "terms": 2, "coef_bits": 2}])
+def test_row_scales_in_slices_of_rows_give_the_same_weight(options, monkeypatch):
+    import vqcompress.methods.qswd as qswd_module
+
+    weight = _weight()
+    whole = _fit(weight, scale="row", **options)
+    monkeypatch.setattr(qswd_module, "REASSIGN_WEIGHTS", 64 * 5)  # 5 rows a slice: 96 rows end mid-slice
+    torch.testing.assert_close(_fit(weight, scale="row", **options), whole, rtol=0, atol=0)
