@@ -494,6 +494,6 @@ def test_reassigning_in_slices_of_rows_gives_the_same_codes(weighted, monkeypatc
     code.reassign(weight, importance)
     whole = code.codes.clone()
     assert code.code_matrix().unique().numel() > 4  # real choices, not the zeros it started from
-    monkeypatch.setattr(coded_module, "REASSIGN_WEIGHTS", 12 * 8)  # 8 rows a slice: 20 rows per group
+    monkeypatch.setattr(coded_module, "SLICE_WEIGHTS", 12 * 8)  # 8 rows a slice: 20 rows per group
     code.reassign(weight, importance)
     assert torch.equal(code.codes, whole)

@@ -155,9 +155,9 @@ def test_factor_form_runs_on_cuda():
 @pytest.mark.parametrize("options", [{"dim": 4, "k": 16, "terms": 1, "coef_bits": 0},
                                      {"dim": 4, "k": 16, "terms": 2, "coef_bits": 2}])
 def test_row_scales_in_slices_of_rows_give_the_same_weight(options, monkeypatch):
-    import vqcompress.methods.qswd as qswd_module
+    import vqcompress.coded as coded_module
 
     weight = _weight()
     whole = _fit(weight, scale="row", **options)
-    monkeypatch.setattr(qswd_module, "REASSIGN_WEIGHTS", 64 * 5)  # 5 rows a slice: 96 rows end mid-slice
+    monkeypatch.setattr(coded_module, "SLICE_WEIGHTS", 64 * 5)  # 5 rows a slice: 96 rows end mid-slice
     torch.testing.assert_close(_fit(weight, scale="row", **options), whole, rtol=0, atol=0)

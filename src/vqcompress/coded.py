@@ -42,7 +42,7 @@ from .errors import VQCError
 
 MAX_CODE_BITS = 16
 PACK_SLICE = 1 << 20  # codes packed at a time (a multiple of 8, so each slice fills whole bytes)
-REASSIGN_WEIGHTS = 1 << 22  # weights per slice of rows that ``reassign`` holds in float at a time
+SLICE_WEIGHTS = 1 << 22  # weights per slice of rows that a pass over a whole layer holds in float at a time
 MAX_GRID_BITS = 8  # coefficient and codebook grids: more bits than this is fp16
 FP16_COEFFICIENTS = 16
 TRAINABLE = ("codebook", "scale", "offset", "gain")  # what fine-tuning may change; codes change by reassignment
@@ -71,6 +71,14 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
     return torch.from_numpy(np.concatenate([
         np.packbits(np.unpackbits(as_bytes, axis=1, bitorder="little")[:, :bits].reshape(-1), bitorder="little")
         for as_bytes in slices]))
+
+
+def row_slices(rows: int, cols: int, multiple: int = 1) -> list[slice]:
+    """Slices of about ``SLICE_WEIGHTS`` weights covering ``rows`` rows of ``cols`` (each but the
+    last a multiple of ``multiple`` rows): a pass over a 262k-row embedding never holds a whole
+    float copy of it."""
+    step = max(multiple, SLICE_WEIGHTS // cols // multiple * multiple)
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
 def unpack_codes(packed: Tensor, bits: int, index: Tensor) -> Tensor:
@@ -505,10 +513,9 @@ class CodedWeight(nn.Module):
         weight, original = weight.detach().reshape(lay.rows, lay.cols), self.permutation()
         if importance is not None:
             importance = importance.expand(lay.rows, lay.cols)  # a view: each slice takes its rows
-        step = max(8, REASSIGN_WEIGHTS // lay.cols // 8 * 8)  # whole bytes of codes per slice of rows
-        self.codes = torch.cat([pack_codes(self._nearest_codes(
-            weight, original, importance, torch.arange(start, min(start + step, lay.rows), device=self.codes.device)),
-            lay.bits) for start in range(0, lay.rows, step)]).to(self.codes.device)
+        self.codes = torch.cat([pack_codes(self._nearest_codes(  # slices of 8 rows' multiples: whole bytes of codes
+            weight, original, importance, torch.arange(part.start, part.stop, device=self.codes.device)), lay.bits)
+            for part in row_slices(lay.rows, lay.cols, 8)]).to(self.codes.device)
 
     def _nearest_codes(self, weight: Tensor, original: Tensor, importance: Tensor | None, stored: Tensor) -> Tensor:
         """``reassign``'s codes for a slice of stored rows, (rows, segments) int64."""

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .allocate import allocate, describe, has_levels, sensitivities
 from .calibrate import Blocks, InputStatistics, capturing, find_blocks, statistics_pass
-from .coded import REASSIGN_WEIGHTS, CodedWeight
+from .coded import CodedWeight, row_slices
 from .io import load, save
 from .errors import VQCError
 from .finetune import BLOCK_LR, TrainingData, check_assignments, finetune, relative_error, tune_block
@@ -107,9 +107,8 @@ def _row_errors(code: CodedWeight, weight: Tensor, statistics: InputStatistics) 
     """Each row's weighted error under ``code``, a slice of rows at a time: a token embedding's
     decoded table is as large as the weight itself."""
     matrix = weight.reshape(len(weight), -1)
-    step = max(1, REASSIGN_WEIGHTS // matrix.shape[1])
-    return torch.cat([statistics.row_errors(code.decode_rows(rows) - matrix[rows], rows)
-                      for rows in torch.arange(len(matrix), device=matrix.device).split(step)])
+    slices = [torch.arange(part.start, part.stop, device=matrix.device) for part in row_slices(*matrix.shape)]
+    return torch.cat([statistics.row_errors(code.decode_rows(rows) - matrix[rows], rows) for rows in slices])
 
 
 def fit_run(run: list[Job], seed: int, statistics: dict[str, InputStatistics] | None = None) -> list[CodedWeight]:

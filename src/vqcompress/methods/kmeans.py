@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..calibrate import InputStatistics
 from ..codebook import kmeans
-from ..coded import REASSIGN_WEIGHTS, CodedWeight, CodeLayout
+from ..coded import CodedWeight, CodeLayout, row_slices
 from ..errors import VQCError
 from . import register, reject_unknown
 
@@ -159,16 +159,13 @@ def _sub_vector_weights(weighting: Tensor, shape: torch.Size, dim: int) -> Tenso
     weights, (rows, cols / dim), a slice of rows at a time: no full-size expanded copy."""
     rows, cols = shape
     weighting = weighting.expand(rows, cols)
-    step = max(1, REASSIGN_WEIGHTS // cols)
-    return torch.cat([weighting[start:start + step].reshape(-1, cols // dim, dim).mean(-1)
-                      for start in range(0, rows, step)])
+    return torch.cat([weighting[part].reshape(-1, cols // dim, dim).mean(-1) for part in row_slices(rows, cols)])
 
 
 def _rms(values: Tensor, rows: bool = False) -> Tensor:
     """Root mean square (of each row, or of all), rounded to fp16 as stored and kept > 0 there."""
     if rows:  # a slice of rows at a time: no squared copy of a whole token embedding
-        step = max(1, REASSIGN_WEIGHTS // values.shape[1])
-        mean_square = torch.cat([part.pow(2).mean(1, keepdim=True) for part in values.split(step)])
+        mean_square = torch.cat([values[part].pow(2).mean(1, keepdim=True) for part in row_slices(*values.shape)])
     else:
         mean_square = values.pow(2).mean()
     return mean_square.sqrt().half().float().clamp_min(2**-24)

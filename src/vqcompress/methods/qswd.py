@@ -32,8 +32,8 @@ from torch import Tensor
 
 from ..calibrate import InputStatistics
 from ..codebook import kmeans
-from ..coded import (FP16_COEFFICIENTS, MAX_GRID_BITS, REASSIGN_WEIGHTS, CodedWeight, CodeLayout, best_grid_step,
-                     codebook_grid_scale, grid_levels, grid_values)
+from ..coded import (FP16_COEFFICIENTS, MAX_GRID_BITS, CodedWeight, CodeLayout, best_grid_step, codebook_grid_scale,
+                     grid_levels, grid_values, row_slices)
 from ..errors import VQCError
 from . import register, reject_unknown
 
@@ -305,12 +305,10 @@ class Problem:
         the coefficient step, where that fails); a slice of rows at a time (a token embedding's
         approximation would be one more copy of the whole table)."""
         points, w = self.points.reshape(self.rows, -1), self.weights.reshape(self.rows, -1)
-        step_rows, segments = max(1, REASSIGN_WEIGHTS // points.shape[1]), len(support) // self.rows
-        factors = []
-        for start in range(0, self.rows, step_rows):
-            part = slice(start * segments, (start + step_rows) * segments)
+        segments, factors = len(support) // self.rows, []
+        for rows in row_slices(*points.shape):
+            part = slice(rows.start * segments, rows.stop * segments)
             approx = (codebook[support[part]] * coefs[part, :, None]).sum(1).reshape(-1, points.shape[1])
-            rows = slice(start, start + step_rows)
             factors.append((w[rows] * points[rows] * approx).sum(1) / (w[rows] * approx.square()).sum(1).clamp_min(1e-30))
         factor = torch.cat(factors)
         return torch.where(factor[:, None] > 0, factor[:, None], step)
