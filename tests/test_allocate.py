@@ -48,11 +48,15 @@ def test_without_allocation_every_layer_gets_the_budget_as_its_ceiling():
     assert not hasattr(model, "vqc_allocation")
 
 
-def test_an_impossible_budget_fails_before_any_layer_is_coded():
-    model = tiny_bert()
+def test_an_impossible_budget_fails_before_any_layer_is_coded_or_batch_is_read():
+    from dataclasses import replace
+
+    model, data, reads = tiny_bert(), text_batches(), []
+    counted = replace(data, batch_at=lambda step: reads.append(step) or data.batch_at(step))
     with pytest.raises(VQCError, match="cannot hold this model"):
-        vqc.compress(model, "kmeans", 0.5, text_batches(), plan=PLAN, progress=False)
+        vqc.compress(model, "kmeans", 0.5, counted, plan=PLAN, progress=False)
     assert not any(type(m).__name__.startswith("Coded") for m in model.modules())
+    assert reads == []  # not one calibration batch: the check comes before the long work
 
 
 def test_a_method_without_codebook_options_is_allocated_too():

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vqcompress.coded import CodedWeight, CodeLayout, code_bits, pack_codes, unpack_codes
+from vqcompress.coded import KEPT_DTYPES, CodedWeight, CodeLayout, code_bits, pack_codes, unpack_codes
 import vqcompress.coded as coded_module
 from vqcompress.errors import VQCError
 
@@ -418,18 +418,26 @@ def test_feedback_lowers_the_output_error_on_correlated_inputs():
     assert float(stats.error(weight - code.decode())) < 0.9 * weighted
 
 
-def test_kept_rows_decode_exactly_everywhere_and_are_counted():
-    """Kept rows decode to their stored fp16 values (whole decode, row lookups, the lookup-table
-    product in torch and compiled), the others as coded; every stored byte is counted, also
-    in the layout before any fitting, and an empty shell of the layout loads them."""
+@pytest.mark.parametrize("dtype", KEPT_DTYPES)
+def test_kept_rows_decode_as_stored_everywhere_and_are_counted(dtype):
+    """Kept rows decode to their stored values (whole decode, row lookups, the lookup-table
+    product in torch and compiled): fp16 exactly, int8 within half a step of its row's grid;
+    the others as coded; every stored byte is counted, also in the layout before any fitting,
+    and an empty shell of the layout loads them."""
     from vqcompress import kernels
     from vqcompress.layers import lut_matmul
 
     code, weight = _full_featured_code()
     coded = code.decode()
-    code.keep_rows(weight, torch.tensor([9, 2, 14]))
+    code.keep_rows(weight, torch.tensor([9, 2, 14]), dtype)
     decoded = code.decode()
-    assert torch.equal(decoded[[2, 9, 14]], weight[[2, 9, 14]].half().float())
+    kept = weight[[2, 9, 14]]
+    if dtype == "float16":
+        assert torch.equal(decoded[[2, 9, 14]], kept.half().float())
+    else:
+        step = kept.abs().amax(1, keepdim=True) / 127
+        assert ((decoded[[2, 9, 14]] - kept).abs() <= step * 0.502).all()
+        assert code.layout.kept_bits() == 3 * (12 * 8 + 16 + 32)
     others = [r for r in range(16) if r not in (2, 9, 14)]
     assert torch.equal(decoded[others], coded[others])
     assert torch.equal(code.decode_rows(torch.tensor([14, 3, 2])), decoded[[14, 3, 2]])
@@ -447,6 +455,15 @@ def test_kept_rows_decode_exactly_everywhere_and_are_counted():
 def test_kept_rows_beyond_the_weight_are_refused():
     with pytest.raises(VQCError, match="kept rows"):
         CodeLayout((4, 8), k=4, dim=2, kept_rows=5).validate()
+    with pytest.raises(VQCError, match="kept rows are stored as"):
+        CodeLayout((4, 8), k=4, dim=2, kept_rows=1, kept_dtype="int4").validate()
+
+
+def test_a_manifest_from_before_int8_kept_rows_reads_them_as_fp16():
+    """Files written before ``kept_dtype`` existed kept their rows in fp16 and do not say so."""
+    data = CodeLayout((4, 8), k=4, dim=2, kept_rows=1).to_json()
+    assert data.pop("kept_dtype") == "int8"
+    assert CodeLayout.from_json(data).kept_dtype == "float16"
 
 
 def test_kept_rows_of_a_table_too_tall_for_packed_row_numbers():
@@ -454,7 +471,7 @@ def test_kept_rows_of_a_table_too_tall_for_packed_row_numbers():
     layout = CodeLayout((1 << 17, 2), k=2, dim=2)
     code = CodedWeight.encode(layout, torch.zeros(1, 2, 2), torch.zeros(1 << 17, 1, dtype=torch.int64))
     weight = torch.randn(1 << 17, 2)
-    code.keep_rows(weight, torch.tensor([(1 << 17) - 1, 3]))
+    code.keep_rows(weight, torch.tensor([(1 << 17) - 1, 3]), "float16")
     assert torch.equal(code.decode()[[3, (1 << 17) - 1]], weight[[3, (1 << 17) - 1]].half().float())
     assert code.nbits() == code.layout.nbits() == CodedWeight.empty(code.layout).nbits()
 

@@ -335,8 +335,8 @@ def test_a_tuning_that_makes_a_block_worse_is_undone():
 @pytest.mark.parametrize("allocation", [False, True])
 def test_kept_rows_are_the_most_used_token_rows_of_a_tied_embedding(tmp_path, allocation):
     """With ``keep_rows``, a tied embedding stores the rows the calibration text uses most
-    (``TrainingData.token_counts``, not only the few calibration batches) exactly, for both its
-    roles; the file keeps them; a model-average budget pays for them."""
+    (``TrainingData.token_counts``, not only the few calibration batches) apart, in int8, for
+    both its roles; the file keeps them; a model-average budget pays for them."""
     from vqcompress.finetune import Task
 
     torch.manual_seed(0)
@@ -353,7 +353,8 @@ def test_kept_rows_are_the_most_used_token_rows_of_a_tied_embedding(tmp_path, al
     code = compressed.embed.weight_code
     assert code is compressed.head.weight_code and code.layout.kept_rows == 3
     assert code.kept_row_numbers().tolist() == [7, 100, 300]
-    assert torch.equal(code.decode()[[7, 100, 300]], original[[7, 100, 300]].half().float())
+    kept = original[[7, 100, 300]]
+    assert (code.decode()[[7, 100, 300]] - kept).abs().max() <= kept.abs().max() / 254 * 1.01  # int8: half a step
     path = vqc.save(compressed, tmp_path / "kept.vqc")
     assert vqc.report(path).total_bits == vqc.report(compressed).total_bits
     loaded = vqc.load(path, like=_TiedLM().eval())

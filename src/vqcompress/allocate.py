@@ -46,7 +46,7 @@ def sensitivities(jobs: list, statistics: dict[str, InputStatistics], loss: Call
     each weight in turn gets a small relative noise, ``loss()`` measures the model's distance to
     its uncompressed outputs, and the ratio to the noise's relative output error is the layer's
     gain. A layer's relative error then counts in proportion to what it does to the output.
-    An embedding's kept rows (``keep_rows``: its most used ones, stored exactly) get no noise and
+    An embedding's kept rows (``keep_rows``: its most used ones, stored apart in int8) get no noise and
     do not count: the error its codes leave is on the other rows."""
     gains = []
     generator = torch.Generator().manual_seed(seed)
@@ -79,18 +79,11 @@ def allocate(model: nn.Module, jobs: list, statistics: dict[str, InputStatistics
              gains: list[float] | None = None) -> list[Option]:
     """The option each job gets so that the model averages at most ``bits`` per weight, minimising
     the sum of relative errors times each layer's gain (``sensitivities``; 1 each by default)."""
-    tensors, _ = model_tensors(model)
-    coded_names = {job.name + ".weight" for job in jobs}
-    parameters = sum(t.numel() for t in tensors.values() if t.is_floating_point())
-    fixed = sum(t.numel() * t.element_size() * 8 for n, t in tensors.items() if n not in coded_names)
-    available = bits * parameters - fixed
+    available = check_budget(model, jobs, bits)
     options = [_options(job, statistics.get(job.name), seed, gain, levels(bits))
                for job, gain in zip(jobs, gains or [1.0] * len(jobs))]
     chosen = [0] * len(jobs)
     spent = sum(o[0].bits for o in options)
-    if spent > available:
-        raise VQCError(f"{bits} bits per weight cannot hold this model: its cheapest coding takes "
-                       f"{(spent + fixed) / parameters:.3f} (layers left dense included)")
     while True:
         best = None
         for i, layer_options in enumerate(options):
@@ -104,6 +97,22 @@ def allocate(model: nn.Module, jobs: list, statistics: dict[str, InputStatistics
             return [layer_options[c] for layer_options, c in zip(options, chosen)]
         _, i, j, extra = best
         chosen[i], spent = j, spent + extra
+
+
+def check_budget(model: nn.Module, jobs: list, bits: float) -> int:
+    """The bits the coded layers may spend for the model to average ``bits`` per weight, once
+    everything else the file stores is paid for; an error, before any measuring, where even
+    each layer's cheapest coding does not fit."""
+    tensors, _ = model_tensors(model)
+    coded_names = {job.name + ".weight" for job in jobs}
+    parameters = sum(t.numel() for t in tensors.values() if t.is_floating_point())
+    fixed = sum(t.numel() * t.element_size() * 8 for n, t in tensors.items() if n not in coded_names)
+    available = bits * parameters - fixed
+    cheapest = sum(min((layout.nbits() for _, layout in _level_settings(job, levels(bits))), default=0) for job in jobs)
+    if cheapest > available:
+        raise VQCError(f"{bits} bits per weight cannot hold this model: its cheapest coding takes "
+                       f"{(cheapest + fixed) / parameters:.3f} (layers left dense included)")
+    return available
 
 
 def _level_settings(job, budgets: tuple[float, ...] = LEVELS) -> list[tuple[dict, CodeLayout]]:
@@ -167,7 +176,7 @@ def _measure(job, inputs: InputStatistics | None, settings: dict, layout: CodeLa
 
 def _sample_rows(weight: torch.Tensor, stats: InputStatistics, seed: int, kept: int = 0) -> torch.Tensor:
     """Rows the sensitivity fit uses: all of a small layer; of an embedding its most used rows
-    but the ``kept`` ones (which will be stored exactly: its error lands on the next ones); of any
+    but the ``kept`` ones (which will be stored apart: its error lands on the next ones); of any
     other layer an even random sample."""
     rows = weight.shape[0]
     if rows <= SAMPLE_ROWS:

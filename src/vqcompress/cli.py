@@ -88,7 +88,7 @@ def compress(
     lr: float = typer.Option(1e-3, help="fine-tuning learning rate"),
     tune_dense: bool = typer.Option(True, help="fine-tuning also tunes norms, biases and layers left dense"),
     keep_rows: int = typer.Option(0, help="each token embedding also stores its N most used rows (by the calibration "
-                                          "text) exactly, in fp16: the rows every text meets"),
+                                          "text) apart, in int8 with a scale per row: the rows every text meets"),
     tune_blocks: int = typer.Option(0, help="with calibration: train each block's codebooks and scales for N passes "
                                             "over the calibration data to give the original block's outputs"),
     assignments: Optional[str] = typer.Option(None, help="how fine-tuning learns assignments: 'ste' (straight-through, "

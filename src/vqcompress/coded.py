@@ -15,8 +15,8 @@ stored as the index of a codeword, bit-packed at ``ceil(log2 k)`` bits. On top o
   weights is stored once in the file and trained as one parameter;
 - or a universal codebook (``codebook_sha256``, see ``universal.py``): a file of its own, shared
   by many models, never stored in a model's file, never counted in its bits and never trained;
-- optional kept rows (``kept_rows``): a few rows also stored exactly, in fp16, with their row
-  numbers (int32), and decoded as stored (a language model's most used token rows, whose error every
+- optional kept rows (``kept_rows``): a few rows also stored apart, in int8 with an fp16 scale
+  per row (or exactly, in fp16: ``kept_dtype``), with their row numbers (int32), and decoded as stored (a language model's most used token rows, whose error every
   text meets; their codes stay in the stream, unused, so the code layout stays uniform).
 
 The factor form (quantized sparse decomposition, ``qswd``) generalises the index: a sub-vector is
@@ -45,6 +45,7 @@ PACK_SLICE = 1 << 20  # codes packed at a time (a multiple of 8, so each slice f
 SLICE_WEIGHTS = 1 << 22  # weights per slice of rows that a pass over a whole layer holds in float at a time
 MAX_GRID_BITS = 8  # coefficient and codebook grids: more bits than this is fp16
 FP16_COEFFICIENTS = 16
+KEPT_DTYPES = ("int8", "float16")
 TRAINABLE = ("codebook", "scale", "offset", "gain")  # what fine-tuning may change; codes change by reassignment
 
 
@@ -157,7 +158,8 @@ class CodeLayout:
     terms: int = 1  # s: codewords summed per sub-vector (the factor form when > 1)
     coef_bits: int = 0  # 0: unit coefficients; 1–8: mid-rise grid × row scale; 16: fp16
     codebook_bits: int = 0  # 0: codebook stored as ``codebook_dtype``; 1–8: grid with a scale per codebook
-    kept_rows: int = 0  # rows also stored exactly (fp16, with their row numbers), decoded as stored
+    kept_rows: int = 0  # rows also stored apart (with their row numbers), decoded as stored
+    kept_dtype: str = "int8"  # kept rows: "int8" (an fp16 absmax scale per row) or "float16" (exact)
 
     @property
     def rows(self) -> int:
@@ -221,11 +223,12 @@ class CodeLayout:
     def kept_bits(self) -> int:
         """Bits of the kept rows: their fp16 values and their int32 row numbers (a packed width
         would save 0.01% of them: not worth a second packing scheme for widths past 16 bits)."""
-        return self.kept_rows * (self.cols * 16 + 32)
+        per_row = self.cols * 8 + 16 if self.kept_dtype == "int8" else self.cols * 16
+        return self.kept_rows * (per_row + 32)
 
     def describe_form(self) -> str:
         """One line for reports: plain index, or the factor form with its settings; and the kept rows."""
-        kept = f" +{self.kept_rows} rows fp16" if self.kept_rows else ""
+        kept = f" +{self.kept_rows} rows {self.kept_dtype.replace('float', 'fp')}" if self.kept_rows else ""
         if not self.factored and not self.codebook_bits:
             return "index" + kept
         coefficients = {0: "unit", FP16_COEFFICIENTS: "fp16"}.get(self.coef_bits, f"{self.coef_bits}b")
@@ -258,6 +261,8 @@ class CodeLayout:
             raise VQCError(f"codebook bits must be 0 (stored as {self.codebook_dtype}) or 1–{MAX_GRID_BITS}, got {self.codebook_bits}")
         if not 0 <= self.kept_rows <= self.rows:
             raise VQCError(f"{self.kept_rows} kept rows: must be between 0 and the {self.rows} rows")
+        if self.kept_dtype not in KEPT_DTYPES:
+            raise VQCError(f"kept rows are stored as {' or '.join(KEPT_DTYPES)}, not {self.kept_dtype!r}")
         if self.codebook_bits and (self.codebook_sha256 is not None or self.gain):
             raise VQCError("a codebook on a grid is the layer's own: not a universal or shared one")
 
@@ -266,7 +271,8 @@ class CodeLayout:
 
     @classmethod
     def from_json(cls, data: dict) -> CodeLayout:
-        return cls(**{**data, "shape": tuple(data["shape"])})
+        # files written before kept rows could be int8 kept them in fp16 and do not say so
+        return cls(**{"kept_dtype": "float16", **data, "shape": tuple(data["shape"])})
 
 
 class CodedWeight(nn.Module):
@@ -279,7 +285,7 @@ class CodedWeight(nn.Module):
     def __init__(self, layout: CodeLayout, codebook: Tensor, codes: Tensor, scale: Tensor | None = None,
                  offset: Tensor | None = None, perm: Tensor | None = None, gain: Tensor | None = None,
                  coef: Tensor | None = None, codebook_levels: Tensor | None = None, codebook_scale: Tensor | None = None,
-                 kept_index: Tensor | None = None, kept_values: Tensor | None = None):
+                 kept_index: Tensor | None = None, kept_values: Tensor | None = None, kept_scale: Tensor | None = None):
         super().__init__()
         layout.validate()
         self.layout = layout
@@ -291,7 +297,7 @@ class CodedWeight(nn.Module):
         self.register_buffer("codes", codes)
         for name, value in (("scale", scale), ("offset", offset), ("perm", perm), ("gain", gain), ("coef", coef),
                             ("codebook_levels", codebook_levels), ("codebook_scale", codebook_scale),
-                            ("kept_index", kept_index), ("kept_values", kept_values)):
+                            ("kept_index", kept_index), ("kept_values", kept_values), ("kept_scale", kept_scale)):
             if value is not None:
                 self.register_buffer(name, value)
         if layout.codebook_bits:
@@ -360,7 +366,8 @@ class CodedWeight(nn.Module):
             torch.zeros((layout.groups * layout.k * layout.dim * grid + 7) // 8, dtype=torch.uint8) if grid else None,
             torch.ones(layout.groups, 1, 1, dtype=torch.float16) if grid else None,
             torch.zeros(layout.kept_rows, dtype=torch.int32) if layout.kept_rows else None,
-            torch.zeros(layout.kept_rows, layout.cols, dtype=torch.float16) if layout.kept_rows else None,
+            torch.zeros(layout.kept_rows, layout.cols, dtype=getattr(torch, layout.kept_dtype)) if layout.kept_rows else None,
+            torch.ones(layout.kept_rows, 1, dtype=torch.float16) if layout.kept_rows and layout.kept_dtype == "int8" else None,
         )
 
     def _derive_codebook(self) -> None:
@@ -467,8 +474,15 @@ class CodedWeight(nn.Module):
             values = values + latent - latent.detach()
         if lay.kept_rows:
             slot, kept = self._kept_slots(rows.to(torch.int64))
-            values = torch.where(kept[:, None], self.kept_values[slot].to(dtype), values)
+            values = torch.where(kept[:, None], self.kept_matrix(dtype, slot), values)
         return values
+
+    def kept_matrix(self, dtype: torch.dtype = torch.float32, slots: Tensor | None = None) -> Tensor:
+        """The kept rows' values as stored (all of them, or those in ``slots``), in ``dtype``."""
+        values = self.kept_values if slots is None else self.kept_values[slots]
+        if self.layout.kept_dtype == "int8":
+            values = values.to(dtype) * (self.kept_scale if slots is None else self.kept_scale[slots]).to(dtype)
+        return values.to(dtype)
 
     def kept_row_numbers(self) -> Tensor:
         """The original numbers of the kept rows, ascending (int64; the layout must have some)."""
@@ -480,20 +494,26 @@ class CodedWeight(nn.Module):
         slot = torch.searchsorted(kept, rows).clamp_max(len(kept) - 1)
         return slot, kept[slot] == rows
 
-    def keep_rows(self, weight: Tensor, rows: Tensor) -> None:
-        """Store original ``rows`` of ``weight`` exactly (fp16) from now on; as many as the layout's
-        ``kept_rows``, which this sets."""
+    def keep_rows(self, weight: Tensor, rows: Tensor, dtype: str = "int8") -> None:
+        """Store original ``rows`` of ``weight`` apart from now on: ``int8`` on a symmetric grid
+        with an fp16 scale per row (as good as exact on Gemma's embedding at half the bits of
+        fp16, docs/benchmarks.md), or ``float16``; as many as the layout's ``kept_rows``, which
+        this sets, and ``kept_dtype``."""
         rows = torch.unique(rows.to(torch.int64).cpu())
-        layout = replace(self.layout, kept_rows=len(rows))
+        layout = replace(self.layout, kept_rows=len(rows), kept_dtype=dtype)
         layout.validate()
         self.layout, device = layout, self.codes.device
-        for name in ("kept_index", "kept_values"):
+        for name in ("kept_index", "kept_values", "kept_scale"):
             self._buffers.pop(name, None)
         if not len(rows):
             return
+        values = weight.detach().reshape(layout.rows, layout.cols)[rows.to(weight.device)].to(device=device, dtype=torch.float32)
         self.register_buffer("kept_index", rows.to(device=device, dtype=torch.int32))
-        self.register_buffer("kept_values", weight.detach().reshape(layout.rows, layout.cols)[rows.to(weight.device)].to(
-            device=device, dtype=torch.float16).contiguous())
+        if dtype == "int8":
+            scale = (values.abs().amax(1, keepdim=True) / 127).clamp_min(torch.finfo(torch.float16).tiny).half()
+            values = (values / scale.float()).round().clamp(-127, 127)
+            self.register_buffer("kept_scale", scale)
+        self.register_buffer("kept_values", values.to(getattr(torch, dtype)).contiguous())
 
     def decode(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The dense weight in its original shape."""

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .allocate import allocate, describe, has_levels, sensitivities
+from .allocate import allocate, check_budget, describe, has_levels, sensitivities
 from .calibrate import Blocks, InputStatistics, capturing, find_blocks, statistics_pass
 from .coded import CodedWeight, row_slices
 from .io import load, save
@@ -38,7 +38,7 @@ class Job:
     method: Method
     settings: dict
     options: dict  # what the user asked for (no method, no bits): the allocator's starting point
-    kept: int = 0  # rows stored exactly beside the codes (``keep_rows``): those with the most output error
+    kept: int = 0  # rows stored apart in int8 beside the codes (``keep_rows``): those with the most output error
     pinned_bits: float | None = None  # a budget the plan gave this layer by name or type: not allocated
 
 
@@ -91,7 +91,7 @@ def _finished(code: CodedWeight, job: Job, statistics: InputStatistics | None) -
     """The method's coded weight with its recipe and, where the layer's input Gram matrix is known
     and its codes are plain, codes re-chosen with error feedback (``reassign_with_feedback``:
     the layer's output error is what the choices then reduce, as in GPTQ); then, with
-    ``keep_rows``, the rows of largest weighted error kept exact (an embedding's most used ones)."""
+    ``keep_rows``, the rows of largest weighted error kept apart in int8 (an embedding's most used ones)."""
     code.recipe = {"method": job.method.name, **job.settings}
     weight = job.module.weight.detach().float().to(code.codes.device)
     if (getattr(job.method, "feedback", True) and statistics is not None and statistics.gram is not None
@@ -196,6 +196,7 @@ def compress(model: nn.Module, method: str = "kmeans", bits: float | None = None
         raise VQCError("tuning blocks needs repeated blocks (transformer layers) and no shared codebooks: "
                        "use fine-tuning steps instead")
     if calibrate and bits is not None and allocation and any(has_levels(job) for job in jobs):
+        check_budget(model, jobs, bits)  # now, not after the calibration pass
         _allocate(model, jobs, calibration, bits, seed)
     bar = tqdm(total=len(jobs), desc=f"{method}", unit="layer", disable=not progress)
     checkpoint = Path(checkpoint) if checkpoint else None

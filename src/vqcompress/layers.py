@@ -45,11 +45,11 @@ def lut_matmul(x: Tensor, code: CodedWeight, input_groups: int = 1) -> Tensor:
     """
     compiled = kernels.lut_matmul(x, code, input_groups)
     y = compiled if compiled is not None else _table_product(x, code, input_groups)
-    if code.layout.kept_rows:  # kept rows: their exact values instead of their codes'
+    if code.layout.kept_rows:  # kept rows: their stored values instead of their codes'
         kept = code.kept_row_numbers()
         group = kept // (code.layout.rows // input_groups)
-        exact = (x[:, 0] @ code.kept_values.to(x.dtype).T if input_groups == 1
-                 else torch.einsum("brc,rc->br", x[:, group], code.kept_values.to(x.dtype)))
+        exact = (x[:, 0] @ code.kept_matrix(x.dtype).T if input_groups == 1
+                 else torch.einsum("brc,rc->br", x[:, group], code.kept_matrix(x.dtype)))
         y = y.index_copy(1, kept, exact)
     return y
 
