@@ -16,6 +16,7 @@ RESULT = ROOT / "benchmarks" / "results" / "minilm.json"
 FASHION = ROOT / "benchmarks" / "results" / "fashion.json"
 UNIVERSAL = ROOT / "benchmarks" / "results" / "universal.json"
 GEMMA = ROOT / "benchmarks" / "results" / "gemma.json"
+GEMMA_PARTS = ROOT / "benchmarks" / "results" / "gemma-parts.json"
 SPEED_RUNS = "speed*.json"  # speed.json (make bench-speed), and runs with other settings beside it
 SPEED_COLUMNS = ("dense", "kernel", "kernel, table", "kernel, decode-then-multiply", "decode path", "torch fallback")
 FASHION_TARGETS = {"≤ 1.6": 0.5, "≤ 1.0": 1.5}  # points of accuracy a budget may lose against fp32
@@ -486,6 +487,34 @@ def gemma_markdown(result: dict) -> list[str]:
                         f"{min(r['date'] for r in result['rows'])[:10]} to {max(r['date'] for r in result['rows'])[:10]}.", ""]
 
 
+def _grid(spec: list | None) -> str:
+    bits, group = spec
+    return "fp16" if bits == 16 else f"{bits}-bit per row" if group == 640 else f"{bits}-bit per {group}"
+
+
+def gemma_parts_markdown(result: dict, dense: float) -> list[str]:
+    """Where a Gemma file's perplexity goes: each part decoded alone; the embedding's tiers."""
+    lines = ["### Where the perplexity goes", "",
+             "Generated from `benchmarks/results/gemma-parts.json` (`.venv/bin/python -m benchmarks.gemma_parts FILE… "
+             "--embedding`). The dense model with only one part's weights replaced by a bench file's decoded ones "
+             f"(perplexity, dense {dense:.2f}):", ""]
+    names = list(result["files"][0]["perplexity"]) if result["files"] else []
+    lines += ["| file | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for row in result["files"]:
+        lines.append(f"| {row['file']} | " + " | ".join(f"{row['perplexity'][n]:.2f}" for n in names) + " |")
+    study = result.get("embedding")
+    if study:
+        lines += ["", "The tied embedding alone under round-to-nearest (asymmetric, fp16 scale and offset per group), "
+                  "uniform or in two tiers: the rows the wiki calibration text uses most on one grid, the rest on another "
+                  "(the evaluation text is not wiki):", "",
+                  "| most used rows | their grid | other rows' grid | bits/w | perplexity | × dense |", "|--:|---|---|--:|--:|--:|"]
+        for row in study["rows"]:
+            top = f"{row['top_rows']:,}" if row["top_rows"] else "—"
+            lines.append(f"| {top} | {_grid(row['top']) if row['top_rows'] else '—'} | {_grid(row['rest'])} | "
+                         f"{row['bits_per_weight']:.2f} | {row['perplexity']:,.2f} | {row['perplexity'] / dense:.2f}× |")
+    return lines + ["", f"Measured on {result['machine']['cpu']}, {max([r['date'] for r in result['files']] + ([study['date']] if study else []))[:10]}.", ""]
+
+
 def markdown(result: dict) -> str:
     rows = result["rows"]
     lines = [
@@ -511,6 +540,8 @@ def markdown(result: dict) -> str:
     gemma = json.loads(GEMMA.read_text()) if GEMMA.exists() else None
     if gemma and gemma["rows"]:
         lines += gemma_markdown(gemma)
+        if GEMMA_PARTS.exists():
+            lines += gemma_parts_markdown(json.loads(GEMMA_PARTS.read_text()), gemma["dense"]["perplexity"])
     if UNIVERSAL.exists():
         lines += universal_markdown(json.loads(UNIVERSAL.read_text()))
     for path in sorted((ROOT / "benchmarks" / "results").glob(SPEED_RUNS)):

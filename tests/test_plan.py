@@ -61,8 +61,15 @@ def test_type_then_names_merge_and_later_wins(net):
 
 
 def test_name_patterns_must_match_fully(net):
-    got = specs(Plan(by_name={r"lock\.0": {"bits": 1}, r"block": {"bits": 3}}), net)
-    assert got["block.0"] == GLOBAL and got["block.2"] == GLOBAL
+    got = specs(Plan(by_name={r"block\.0": {"bits": 1}}), net)
+    assert got["block.0"] == {**GLOBAL, "bits": 1} and got["block.2"] == GLOBAL
+
+
+@pytest.mark.parametrize("pattern", [r"lock\.0", "block", "embed_tokens"])
+def test_a_pattern_that_names_no_layer_is_refused_with_how_to_match(net, pattern):
+    """A part of a name ("embed" for model.embed_tokens) would otherwise be silently ignored."""
+    with pytest.raises(VQCError, match="names no layer: a pattern must match a whole name"):
+        specs(Plan(by_name={pattern: None}), net)
 
 
 @pytest.mark.parametrize("plan, skipped", [

@@ -53,6 +53,10 @@ class Plan:
         supported = ", ".join(t.__name__ for t in CODED_TYPES)
         for pattern, spec in self.by_name.items():
             matched = [(n, m) for n, m in leaves if re.fullmatch(pattern, n)]
+            if not matched:
+                example = next((n for n, m in leaves if codable(m)), "")
+                raise VQCError(f"layer pattern {pattern!r} names no layer: a pattern must match a whole name "
+                               f"(e.g. {example!r}; '.*embed.*' for any name with 'embed' in it)")
             if spec is not SKIP and matched and not any(codable(m) for _, m in matched):
                 name, module = matched[0]
                 raise VQCError(f"layer {name} is a {type(module).__name__}, which cannot be coded (supported: {supported})")
