@@ -33,14 +33,14 @@ CONFIGS = {
     "kmeans 2 bits, row scales (data-free)": ["--method", "kmeans", "--dim", "4", "--k", "256", "--scale", "row"],
     "jlcm 2.1 bits": ["--method", "jlcm", "--bits", "2.1"],
     "jlcm 2.1 bits, tuned blocks": ["--method", "jlcm", "--bits", "2.1", "--tune-blocks", "2"],
-    "jlcm 2.1 bits per Linear layer, embedding kmeans 4 bits + 8192 rows kept": [
+    "jlcm 2.1 bits per Linear layer, embedding kmeans 4 bits + 8192 rows kept in int8": [
         "--method", "jlcm", "--bits", "2.1", "--per-layer-bits", "--calib", "wiki", "--keep-rows", "8192",
         "-L", "model\\.embed_tokens:method=kmeans,bits=4,scale=row"],
     "qswd 3.1 bits, calibrated": ["--method", "qswd", "--bits", "3.1", "--calib", "wiki"],
     "qswd 3.1 bits, calibrated, tuned blocks": ["--method", "qswd", "--bits", "3.1", "--calib", "wiki",
                                                 "--tune-blocks", "2"],
-    "qswd 3.0 bits, calibrated, 4096 token rows kept": ["--method", "qswd", "--bits", "3.0", "--calib", "wiki",
-                                                        "--keep-rows", "4096"],
+    "qswd 3.0 bits, calibrated, 8192 token rows kept in int8": ["--method", "qswd", "--bits", "3.0", "--calib", "wiki",
+                                                                "--keep-rows", "8192"],
     "kmeans 3.1 bits, row scales, calibrated, tuned blocks": ["--method", "kmeans", "--bits", "3.1", "--scale", "row",
                                                               "--calib", "wiki", "--tune-blocks", "2"],
 }

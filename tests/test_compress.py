@@ -365,3 +365,27 @@ def test_kept_rows_are_the_most_used_token_rows_of_a_tied_embedding(tmp_path, al
 def test_bad_kept_rows_are_refused_before_work(kept):
     with pytest.raises(VQCError, match="keep_rows"):
         vqc.compress(_TiedLM(), "kmeans", 2, plan=vqc.Plan(by_name={"embed": {"keep_rows": kept}}), progress=False)
+
+
+def test_a_dense_weight_is_freed_as_soon_as_its_layer_is_coded(monkeypatch):
+    """Compression holds one dense copy of the model at most, and less as it goes: when the next
+    layer is fitted, the tied embedding's dense table (both its roles) is already gone."""
+    import gc
+    import sys
+    import weakref
+
+    compress_module = sys.modules["vqcompress.compress"]  # the package's ``compress`` is the function
+
+    model = _TiedLM().eval()
+    table = weakref.ref(model.embed.weight)
+    alive_when_fitting = []
+    fit_run = compress_module.fit_run
+
+    def watching(run, *args, **kwargs):
+        gc.collect()
+        alive_when_fitting.append((run[0].name, table() is not None))
+        return fit_run(run, *args, **kwargs)
+
+    monkeypatch.setattr(compress_module, "fit_run", watching)
+    vqc.compress(model, "kmeans", 3, progress=False, scale="row")
+    assert alive_when_fitting == [("embed", True), ("mix", False)]

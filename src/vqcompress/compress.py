@@ -278,7 +278,8 @@ def _fit_runs(model: nn.Module, runs: list[list[Job]], seed: int, bar: tqdm,
               statistics: dict[str, InputStatistics] | None = None,
               followers: dict[str, list[Job]] | None = None) -> nn.Module:
     """Fit each run of layers and swap the coded layers into ``model`` (each job's followers get
-    the very same coded weight)."""
+    the very same coded weight); each job then points at its coded layer, so that a dense weight
+    (Gemma's embedding: 671 MB) is freed when its layer is done, not when the whole model is."""
     for run in runs:
         codes = [code.to(run[0].module.weight.device) for code in fit_run(run, seed, statistics)]
         if run[0].settings.get("shared"):  # moved one by one, a shared codebook became copies: one tensor again
@@ -293,7 +294,9 @@ def _fit_runs(model: nn.Module, runs: list[list[Job]], seed: int, bar: tqdm,
             else:  # the model is itself one layer
                 model = layer
             for follower in (followers or {}).get(job.name, []):
-                model.set_submodule(follower.name, coded_from_dense(follower.module, code))
+                follower.module = coded_from_dense(follower.module, code)
+                model.set_submodule(follower.name, follower.module)
+            job.module = layer  # the job no longer holds the dense weight: freed as soon as it is coded
         bar.update(len(run))
     return model
 
