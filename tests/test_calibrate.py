@@ -110,3 +110,16 @@ def test_a_statistics_pass_stops_before_an_uncollected_output_layer():
         statistics_pass(model, lambda m, batch: m(batch), x, None, skip=head)
     assert not calls
     assert torch.allclose(collected()["body"].gram, x.T @ x / 3)
+
+
+@pytest.mark.parametrize("gram", [False, True])
+def test_row_errors_in_slices_are_the_whole_difference_s(gram, monkeypatch):
+    import vqcompress.coded as coded
+
+    generator = torch.Generator().manual_seed(0)
+    difference = torch.randn(50, 8, generator=generator)
+    stats = (InputStatistics(gram=torch.eye(8) + 0.1) if gram
+             else InputStatistics(row_weight=torch.rand(50, generator=generator)))
+    monkeypatch.setattr(coded, "SLICE_WEIGHTS", 64)  # slices of 8 rows: the last one shorter
+    sliced = stats.row_errors_in_slices(lambda rows: difference[rows], 50, 8)
+    assert torch.allclose(sliced, stats.row_errors(difference), rtol=1e-6)

@@ -53,14 +53,16 @@ def sensitivities(jobs: list, statistics: dict[str, InputStatistics], loss: Call
     with torch.no_grad():
         for job in jobs:
             weight = job.module.weight
-            noise = NOISE * weight * torch.randn(weight.shape, generator=generator).to(weight)
+            noise = NOISE * weight  # then times the normal draw in place: one weight-sized temporary less
+            noise.mul_(torch.randn(weight.shape, generator=generator).to(weight))
             stats = statistics.get(job.name) or InputStatistics(gram=torch.eye(weight[0].numel(), device=weight.device))
             coded = torch.ones(len(weight), dtype=torch.bool, device=weight.device)
             if getattr(job, "kept", 0) and stats.row_weight is not None:
                 coded[stats.row_weight.topk(job.kept).indices] = False
                 noise[~coded] = 0
             flat, flat_noise = weight.reshape(len(weight), -1), noise.reshape(len(weight), -1)
-            relative = float(stats.row_errors(flat_noise)[coded].sum() / stats.row_errors(flat)[coded].sum().clamp_min(1e-30))
+            errors = [stats.row_errors_in_slices(lambda rows: m[rows], *m.shape, m.device)[coded].sum() for m in (flat_noise, flat)]
+            relative = float(errors[0] / errors[1].clamp_min(1e-30))
             weight.add_(noise)
             try:
                 gains.append(loss() / max(relative, 1e-30))

@@ -66,6 +66,16 @@ class InputStatistics:
             return ((difference @ self.gram) * difference).sum(1)
         return (self.row_weight if rows is None else self.row_weight[rows]) * difference.square().sum(1)
 
+    def row_errors_in_slices(self, difference: Callable[[Tensor], Tensor], rows: int, cols: int,
+                             device: torch.device | str = "cpu") -> Tensor:
+        """``row_errors`` of a rows × cols difference given a slice of rows at a time
+        (``difference(row_numbers)``, ``coded.row_slices``): a token embedding's difference is as
+        large as its weight, and never made whole."""
+        from .coded import row_slices
+
+        slices = [torch.arange(part.start, part.stop, device=device) for part in row_slices(rows, cols)]
+        return torch.cat([self.row_errors(difference(numbers), numbers) for numbers in slices])
+
 
 class _Accumulator:
     """Running sums for one layer's statistics, filled by a forward hook."""

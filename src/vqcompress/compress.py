@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .allocate import allocate, check_budget, describe, has_levels, sensitivities
 from .calibrate import Blocks, InputStatistics, capturing, find_blocks, statistics_pass
-from .coded import CodedWeight, row_slices
+from .coded import CodedWeight
 from .io import load, save
 from .errors import VQCError
 from .finetune import BLOCK_LR, TrainingData, check_assignments, finetune, relative_error, tune_block
@@ -107,8 +107,7 @@ def _row_errors(code: CodedWeight, weight: Tensor, statistics: InputStatistics) 
     """Each row's weighted error under ``code``, a slice of rows at a time: a token embedding's
     decoded table is as large as the weight itself."""
     matrix = weight.reshape(len(weight), -1)
-    slices = [torch.arange(part.start, part.stop, device=matrix.device) for part in row_slices(*matrix.shape)]
-    return torch.cat([statistics.row_errors(code.decode_rows(rows) - matrix[rows], rows) for rows in slices])
+    return statistics.row_errors_in_slices(lambda rows: code.decode_rows(rows) - matrix[rows], *matrix.shape, matrix.device)
 
 
 def fit_run(run: list[Job], seed: int, statistics: dict[str, InputStatistics] | None = None) -> list[CodedWeight]:
