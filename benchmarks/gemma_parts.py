@@ -8,7 +8,8 @@ For each file, the dense model with only one part's weights replaced by the file
 decoded table on its input side only and on its output side (the tied head) only. With
 ``--embedding``, the embedding alone under round-to-nearest (an asymmetric grid per 32 weights of
 a row), uniform or in tiers by how often the calibration text (wiki, not the evaluation text)
-uses each token: this is what says how a budget should be spread over its rows. Perplexity is
+uses each token: this is what says how a budget should be spread over its rows; and, for
+scale, every Linear layer under round-to-nearest. Perplexity is
 the ``gemma-270m`` suite's. Results go to benchmarks/results/gemma-parts.json and from there
 (render.py) to docs/benchmarks.md.
 """
@@ -29,10 +30,13 @@ from .run import ROOT, machine, now, write_json
 RESULTS = ROOT / "benchmarks" / "results" / "gemma-parts.json"
 PARTS = {"token embedding (tied head)": r"embed_tokens", "every Linear layer": r"_proj\.", "attention": r"self_attn\.",
          "MLP": r"mlp\."}
-#: (rows in the high tier, its (bits, group), the other rows' (bits, group)); group = the row: one scale
+USED = -1  # the high tier is every row the calibration text uses
+#: (rows in the high tier, its (bits, group), the other rows' (bits, group)); 16 bits: fp16;
+#: a group of 640: one grid per row
 TIERS = [(0, None, (4, 32)), (0, None, (3, 32)), (0, None, (2, 32)),
-         (44290, (16, 0), (3, 32)), (44290, (16, 0), (2, 32)),
+         (USED, (16, 0), (3, 32)), (USED, (16, 0), (2, 32)),
          (16384, (8, 640), (3, 32)), (4096, (8, 640), (3, 32)), (16384, (8, 640), (2, 32))]
+LINEAR_GRIDS = [(4, 32), (4, 128), (3, 32)]
 
 
 def perplexity(model: nn.Module, tokenizer) -> float:
@@ -97,6 +101,7 @@ def embedding_study() -> list[dict]:
     dense = table.detach().clone()
     counts = causal_lm_data(tokenizer, calib="wiki").token_counts
     order = torch.nn.functional.pad(counts, (0, len(dense) - len(counts))).argsort(descending=True, stable=True)
+    used = int((counts > 0).sum())
 
     def coded(bits: int, group: int) -> tuple[torch.Tensor, float]:
         if bits == 16:
@@ -105,6 +110,7 @@ def embedding_study() -> list[dict]:
 
     rows = []
     for top, high, low in TIERS:
+        top = used if top == USED else top
         values, low_bits = coded(*low)
         bits = low_bits
         if top:
@@ -119,12 +125,29 @@ def embedding_study() -> list[dict]:
     return rows
 
 
+def linear_study() -> list[dict]:
+    """Every Linear layer (the embedding dense) under round-to-nearest at ``LINEAR_GRIDS``: how
+    sensitive the blocks are to plain grids, for scale."""
+    model, tokenizer = dense_model()
+    dense = {name: p.detach().clone() for name, p in model.named_parameters() if re.search(PARTS["every Linear layer"], name)}
+    parameters = dict(model.named_parameters())
+    rows = []
+    for bits, group in LINEAR_GRIDS:
+        with torch.no_grad():
+            for name, weight in dense.items():
+                parameters[name].copy_(round_to_nearest(weight, bits, group))
+        rows.append({"grid": [bits, group], "bits_per_weight": bits + 32 / group, "perplexity": perplexity(model, tokenizer)})
+        print(rows[-1], file=sys.stderr, flush=True)
+    return rows
+
+
 def main() -> None:
     from . import render
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("files", nargs="*", type=Path, help=".vqc files of gemma-270m to split into parts")
-    parser.add_argument("--embedding", action="store_true", help="measure the embedding's tiers study")
+    parser.add_argument("--embedding", action="store_true",
+                        help="measure the embedding's tiers, and the Linear layers under plain grids")
     args = parser.parse_args()
     torch.set_num_threads(2)
     result = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"files": [], "embedding": None}
@@ -133,7 +156,7 @@ def main() -> None:
         result["files"] = [r for r in result["files"] if r["file"] != path.name] + [row]
         print(row, file=sys.stderr, flush=True)
     if args.embedding:
-        result["embedding"] = {"rows": embedding_study(), "date": now()}
+        result["embedding"] = {"rows": embedding_study(), "linear": linear_study(), "date": now()}
     result["machine"] = machine()
     write_json(RESULTS, result)
     render.main()

@@ -512,6 +512,10 @@ def gemma_parts_markdown(result: dict, dense: float) -> list[str]:
             top = f"{row['top_rows']:,}" if row["top_rows"] else "—"
             lines.append(f"| {top} | {_grid(row['top']) if row['top_rows'] else '—'} | {_grid(row['rest'])} | "
                          f"{row['bits_per_weight']:.2f} | {row['perplexity']:,.2f} | {row['perplexity'] / dense:.2f}× |")
+        lines += ["", "For scale, every Linear layer under round-to-nearest, the embedding dense:", "",
+                  "| grid | bits/w | perplexity | × dense |", "|---|--:|--:|--:|"]
+        lines += [f"| {_grid(row['grid'])} | {row['bits_per_weight']:.2f} | {row['perplexity']:,.2f} | "
+                  f"{row['perplexity'] / dense:.2f}× |" for row in study["linear"]]
     return lines + ["", f"Measured on {result['machine']['cpu']}, {max([r['date'] for r in result['files']] + ([study['date']] if study else []))[:10]}.", ""]
 
 
