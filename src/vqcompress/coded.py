@@ -16,8 +16,9 @@ stored as the index of a codeword, bit-packed at ``ceil(log2 k)`` bits. On top o
 - or a universal codebook (``codebook_sha256``, see ``universal.py``): a file of its own, shared
   by many models, never stored in a model's file, never counted in its bits and never trained;
 - optional kept rows (``kept_rows``): a few rows also stored apart, in int8 with an fp16 scale
-  per row (or exactly, in fp16: ``kept_dtype``), with their row numbers (int32), and decoded as stored (a language model's most used token rows, whose error every
-  text meets; their codes stay in the stream, unused, so the code layout stays uniform).
+  per row (or exactly, in fp16: ``kept_dtype``), with their row numbers (int32), and decoded as
+  stored (a language model's most used token rows, whose error every text meets; their codes
+  stay in the stream, unused, so the code layout stays uniform).
 
 The factor form (quantized sparse decomposition, ``qswd``) generalises the index: a sub-vector is
 ``Σ_t z_t · C[p_t]`` over ``terms`` (s) distinct codewords. The positions p are stored as
@@ -221,8 +222,9 @@ class CodeLayout:
                 + (scale_bits if self.gain else 0) + self.kept_bits())
 
     def kept_bits(self) -> int:
-        """Bits of the kept rows: their fp16 values and their int32 row numbers (a packed width
-        would save 0.01% of them: not worth a second packing scheme for widths past 16 bits)."""
+        """Bits of the kept rows: their values (int8 and an fp16 scale per row, or fp16) and their
+        int32 row numbers (a packed width would save 0.01% of them: not worth a second packing
+        scheme for widths past 16 bits)."""
         per_row = self.cols * 8 + 16 if self.kept_dtype == "int8" else self.cols * 16
         return self.kept_rows * (per_row + 32)
 
@@ -481,7 +483,7 @@ class CodedWeight(nn.Module):
         """The kept rows' values as stored (all of them, or those in ``slots``), in ``dtype``."""
         values = self.kept_values if slots is None else self.kept_values[slots]
         if self.layout.kept_dtype == "int8":
-            values = values.to(dtype) * (self.kept_scale if slots is None else self.kept_scale[slots]).to(dtype)
+            return values.to(dtype) * (self.kept_scale if slots is None else self.kept_scale[slots]).to(dtype)
         return values.to(dtype)
 
     def kept_row_numbers(self) -> Tensor:
@@ -496,9 +498,9 @@ class CodedWeight(nn.Module):
 
     def keep_rows(self, weight: Tensor, rows: Tensor, dtype: str = "int8") -> None:
         """Store original ``rows`` of ``weight`` apart from now on: ``int8`` on a symmetric grid
-        with an fp16 scale per row (as good as exact on Gemma's embedding at half the bits of
-        fp16, docs/benchmarks.md), or ``float16``; as many as the layout's ``kept_rows``, which
-        this sets, and ``kept_dtype``."""
+        with an fp16 scale per row (half the bits of fp16; on Gemma's embedding the rows a text
+        meets need about 8 bits, not 16: docs/benchmarks.md), or ``float16``; as many as the
+        layout's ``kept_rows``, which this sets, and ``kept_dtype``."""
         rows = torch.unique(rows.to(torch.int64).cpu())
         layout = replace(self.layout, kept_rows=len(rows), kept_dtype=dtype)
         layout.validate()
