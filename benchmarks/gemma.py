@@ -41,6 +41,8 @@ CONFIGS = {
                                                 "--tune-blocks", "2"],
     "qswd 3.0 bits, calibrated, 8192 token rows kept in int8": ["--method", "qswd", "--bits", "3.0", "--calib", "wiki",
                                                                 "--keep-rows", "8192"],
+    "qswd 3.0 bits, calibrated, 16384 token rows kept in int8": ["--method", "qswd", "--bits", "3.0", "--calib", "wiki",
+                                                                 "--keep-rows", "16384"],
     "kmeans 3.1 bits, row scales, calibrated, tuned blocks": ["--method", "kmeans", "--bits", "3.1", "--scale", "row",
                                                               "--calib", "wiki", "--tune-blocks", "2"],
 }
