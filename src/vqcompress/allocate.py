@@ -77,11 +77,11 @@ def levels(bits: float) -> tuple[float, ...]:
     return LEVELS + tuple(level for level in HIGH_LEVELS if level <= 2 * bits)
 
 
-def allocate(model: nn.Module, jobs: list, statistics: dict[str, InputStatistics], bits: float, seed: int = 0,
+def allocate(jobs: list, statistics: dict[str, InputStatistics], bits: float, available: float, seed: int = 0,
              gains: list[float] | None = None) -> list[Option]:
-    """The option each job gets so that the model averages at most ``bits`` per weight, minimising
-    the sum of relative errors times each layer's gain (``sensitivities``; 1 each by default)."""
-    available = check_budget(model, jobs, bits)
+    """The option each job gets so that the model averages at most ``bits`` per weight (its coded
+    layers spending at most ``available`` bits: ``check_budget``), minimising the sum of relative
+    errors times each layer's gain (``sensitivities``; 1 each by default)."""
     options = [_options(job, statistics.get(job.name), seed, gain, levels(bits))
                for job, gain in zip(jobs, gains or [1.0] * len(jobs))]
     chosen = [0] * len(jobs)
@@ -101,7 +101,7 @@ def allocate(model: nn.Module, jobs: list, statistics: dict[str, InputStatistics
         chosen[i], spent = j, spent + extra
 
 
-def check_budget(model: nn.Module, jobs: list, bits: float) -> int:
+def check_budget(model: nn.Module, jobs: list, bits: float) -> float:
     """The bits the coded layers may spend for the model to average ``bits`` per weight, once
     everything else the file stores is paid for; an error, before any measuring, where even
     each layer's cheapest coding does not fit."""

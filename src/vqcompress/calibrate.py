@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .coded import row_slices
+
 
 @dataclass
 class InputStatistics:
@@ -71,8 +73,6 @@ class InputStatistics:
         """``row_errors`` of a rows × cols difference given a slice of rows at a time
         (``difference(row_numbers)``, ``coded.row_slices``): a token embedding's difference is as
         large as its weight, and never made whole."""
-        from .coded import row_slices
-
         slices = [torch.arange(part.start, part.stop, device=device) for part in row_slices(rows, cols)]
         return torch.cat([self.row_errors(difference(numbers), numbers) for numbers in slices])
 

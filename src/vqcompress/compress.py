@@ -195,8 +195,8 @@ def compress(model: nn.Module, method: str = "kmeans", bits: float | None = None
         raise VQCError("tuning blocks needs repeated blocks (transformer layers) and no shared codebooks: "
                        "use fine-tuning steps instead")
     if calibrate and bits is not None and allocation and any(has_levels(job) for job in jobs):
-        check_budget(model, jobs, bits)  # now, not after the calibration pass
-        _allocate(model, jobs, calibration, bits, seed)
+        available = check_budget(model, jobs, bits)  # now, not after the calibration pass
+        _allocate(model, jobs, calibration, bits, available, seed)
     bar = tqdm(total=len(jobs), desc=f"{method}", unit="layer", disable=not progress)
     checkpoint = Path(checkpoint) if checkpoint else None
     if not calibrate:
@@ -215,7 +215,8 @@ def compress(model: nn.Module, method: str = "kmeans", bits: float | None = None
     return model
 
 
-def _allocate(model: nn.Module, jobs: list[Job], data: TrainingData, bits: float, seed: int) -> None:
+def _allocate(model: nn.Module, jobs: list[Job], data: TrainingData, bits: float, available: float,
+              seed: int) -> None:
     """Give each job the settings of its share of the model's bit budget (``allocate``), measured
     on the statistics of one pass of the uncompressed model; the table is kept in
     ``model.vqc_allocation``."""
@@ -232,7 +233,7 @@ def _allocate(model: nn.Module, jobs: list[Job], data: TrainingData, bits: float
     def loss() -> float:
         return sum(float(data.task.loss(data.task.forward(model, b), t, b)) for b, t in zip(probe, targets)) / len(probe)
 
-    chosen = allocate(model, jobs, statistics, bits, seed, sensitivities(jobs, statistics, loss, seed))
+    chosen = allocate(jobs, statistics, bits, available, seed, sensitivities(jobs, statistics, loss, seed))
     for job, option in zip(jobs, chosen):
         job.settings = option.settings
     model.vqc_allocation = describe(jobs, chosen)
