@@ -170,3 +170,21 @@ def test_causal_lm_sensitivities_probe_a_short_slice():
 
     batch = {"input_ids": torch.zeros(4, 512, dtype=torch.int64)}
     assert causal_lm_task().probe(batch)["input_ids"].shape == (1, PROBE_TOKENS)
+
+
+def test_a_block_error_counts_each_channel_against_its_own_energy():
+    """A residual stream with one huge channel: an error in a small channel counts as much as the
+    same relative error in the huge one, and padding positions do not count at all."""
+    from vqcompress.finetune import relative_error
+
+    target = torch.randn(2, 5, 3, generator=torch.Generator().manual_seed(0)) * torch.tensor([100.0, 1.0, 1.0])
+    positions = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
+    small = target.clone()
+    small[..., 1] *= 1.1
+    huge = target.clone()
+    huge[..., 0] *= 1.1
+    assert relative_error([small], [target], [positions]) == pytest.approx(0.01 / 3, rel=1e-5)
+    assert relative_error([huge], [target], [positions]) == pytest.approx(0.01 / 3, rel=1e-5)
+    padded = small.clone()
+    padded[1, 4] = 1e6
+    assert relative_error([padded], [target], [positions]) == pytest.approx(0.01 / 3, rel=1e-5)
