@@ -10,7 +10,7 @@ from torch import nn
 
 import vqcompress as vqc
 from vqcompress.errors import VQCError
-from vqcompress.finetune import classification_task, finetune
+from vqcompress.finetune import classification_task, finetune, relative_error
 from vqcompress.layers import iter_coded
 
 
@@ -175,8 +175,6 @@ def test_causal_lm_sensitivities_probe_a_short_slice():
 def test_a_block_error_counts_each_channel_against_its_own_energy():
     """A residual stream with one huge channel: an error in a small channel counts as much as the
     same relative error in the huge one, and padding positions do not count at all."""
-    from vqcompress.finetune import relative_error
-
     target = torch.randn(2, 5, 3, generator=torch.Generator().manual_seed(0)) * torch.tensor([100.0, 1.0, 1.0])
     positions = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
     small = target.clone()
