@@ -83,6 +83,22 @@ def test_blocks_run_one_at_a_time_give_the_model_output(bert):
     assert torch.allclose(inputs[0], expected, atol=1e-5)
 
 
+def test_first_inputs_skips_the_work_of_every_block_but_the_first(bert):
+    """Only the arguments of the later blocks are needed, not their work; their own forward is
+    back afterwards."""
+    _, found = find_blocks(bert)
+    calls = []
+    handles = [found[i].intermediate.dense.register_forward_hook(lambda *_, i=i: calls.append(i)) for i in range(3)]
+    batches = [{"input_ids": torch.randint(0, 50, (2, 7))}]
+    blocks = Blocks(bert, found, lambda model, batch: model(**batch).last_hidden_state, batches)
+    blocks.first_inputs()
+    assert calls == [0] and all(len(extras) == 1 for extras in blocks.extras)
+    blocks.run(2, [torch.zeros(2, 7, 16)])
+    for handle in handles:
+        handle.remove()
+    assert calls == [0, 2] and "forward" not in vars(found[2])
+
+
 def test_a_model_without_repeated_blocks_has_none():
     assert find_blocks(nn.Sequential(nn.Linear(2, 2), nn.ReLU())) is None
 
