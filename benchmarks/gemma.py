@@ -28,6 +28,9 @@ from .run import CORES, ROOT, machine, now, run_measured, write_json
 
 RESULTS = ROOT / "benchmarks" / "results" / "gemma.json"
 LOGS = ROOT / "out" / "gemma-bench"
+#: the tied token embedding and head, left dense where the peers' rows are compared (HQQ codes
+#: Linear layers only)
+SKIP_EMBEDDING = r"model\.embed_tokens|lm_head"
 #: label → the arguments after ``vqc compress gemma-270m``
 CONFIGS = {
     "kmeans 2 bits, row scales (data-free)": ["--method", "kmeans", "--dim", "4", "--k", "256", "--scale", "row"],
@@ -45,8 +48,26 @@ CONFIGS = {
                                                                  "--keep-rows", "16384"],
     "qswd 3.0 bits, calibrated, 16384 token rows kept in int8, tuned blocks": [
         "--method", "qswd", "--bits", "3.0", "--calib", "wiki", "--keep-rows", "16384", "--tune-blocks", "2"],
+    "qswd 3.0 bits, calibrated on 128 windows, 16384 token rows kept in int8, tuned blocks": [
+        "--method", "qswd", "--bits", "3.0", "--calib", "wiki", "--calib-samples", "128", "--keep-rows", "16384",
+        "--tune-blocks", "1"],
+    "kmeans 2 bits, row scales (data-free), Linear layers only (embedding dense)": [
+        "--method", "kmeans", "--dim", "4", "--k", "256", "--scale", "row", "--skip", SKIP_EMBEDDING],
+    "kmeans 2.1 bits per Linear layer, row scales, calibrated, Linear layers only (embedding dense)": [
+        "--method", "kmeans", "--bits", "2.1", "--per-layer-bits", "--scale", "row", "--calib", "wiki",
+        "--skip", SKIP_EMBEDDING],
+    "jlcm 2.1 bits per Linear layer, Linear layers only (embedding dense)": [
+        "--method", "jlcm", "--bits", "2.1", "--per-layer-bits", "--calib", "wiki", "--skip", SKIP_EMBEDDING],
     "kmeans 3.1 bits, row scales, calibrated, tuned blocks": ["--method", "kmeans", "--bits", "3.1", "--scale", "row",
                                                               "--calib", "wiki", "--tune-blocks", "2"],
+}
+#: label → a peer tool's settings. The peer codes every Linear layer of the blocks in place (HQQ
+#: handles Linear layers only), the tied embedding and head stay dense: it stands beside the
+#: "Linear layers only" rows above, whose files are written with the same layers dense.
+PEERS = {
+    "HQQ 2 bits, group 64": {"peer": "hqq", "nbits": 2, "group_size": 64},
+    "HQQ 2 bits, group 128": {"peer": "hqq", "nbits": 2, "group_size": 128},
+    "coremltools SKM 2 bits, one LUT per tensor": {"peer": "skm", "n_bits": 2},
 }
 DENSE_SCRIPT = ("import json; from vqcompress.models import load_model; from vqcompress.suites import run_suite; "
                 "from vqcompress.speed import resident_bytes; model, source = load_model('gemma-270m'); "
@@ -101,6 +122,65 @@ def measure(label: str) -> dict:
     return row
 
 
+def measure_peer(label: str) -> dict:
+    """A peer's row, from a fresh process (``--peer``): the peer's time and the process's peak
+    memory up to the end of compression (load included, evaluation not), then perplexity."""
+    stdout, _, _ = run_measured([sys.executable, "-m", "benchmarks.gemma", "--peer", json.dumps(PEERS[label])])
+    row = {"label": label, **json.loads(stdout.strip().splitlines()[-1]), "machine": machine(), "date": now()}
+    print(f"{label:<58} {row['coded_bits_per_weight']:.3f} bits/w coded  perplexity {row['perplexity']:.2f}  "
+          f"({row['seconds']:.0f} s)", file=sys.stderr, flush=True)
+    return row
+
+
+def run_peer(settings: dict) -> dict:
+    """In this process: the peer applied to the dense model's block Linear layers, then scored."""
+    import resource
+
+    from torch import nn
+    from transformers import AutoTokenizer
+
+    from vqcompress.models import load_model, model_folder
+    from vqcompress.suites.gemma import evaluate
+
+    from . import peers
+
+    model, source = load_model("gemma-270m")
+    tokenizer = AutoTokenizer.from_pretrained(str(model_folder(source.to_json())))
+    parameters = sum(p.numel() for p in model.parameters())  # the tied embedding once
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not re.fullmatch(SKIP_EMBEDDING, n)]
+    if settings["peer"] == "hqq":
+        result = peers.hqq_quantize(model, settings["nbits"], settings["group_size"], names)
+    else:
+        result = skm_on_windows(model, settings["n_bits"], names, source.to_json())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    model_bits = result.compressed_bits + 32 * (parameters - result.n_weights)
+    return {"args": [f"{key}={value}" for key, value in settings.items()], "seconds": result.seconds,
+            "peak_memory_mib": peak, "coded_bits_per_weight": result.bits_per_weight,
+            "model_bits_per_weight": model_bits / parameters, "layers": len(names),
+            "perplexity": evaluate(model, tokenizer)["perplexity"],
+            "perplexity_long": evaluate(model, tokenizer, tokens=LONG_TOKENS)["perplexity"]}
+
+
+def skm_on_windows(model, n_bits: int, names: list[str], source: dict):
+    """coremltools' SKMPalettizer as SqueezeLLM uses it on an LM: each weight's sensitivity is its
+    squared gradient of the model's own next-token loss, summed over vqcompress's calibration
+    windows (wiki, one 512-token window a sample)."""
+    from vqcompress.data import training_data
+
+    from . import peers
+
+    data = training_data(source, 0, "wiki")
+    samples = [{"input_ids": window[None]} for i in range(data.calibration_batches)
+               for window in data.batch_at(i)["input_ids"]]
+
+    def next_token_loss(module, sample: dict):
+        return module(**sample, labels=sample["input_ids"], use_cache=False).loss
+
+    result = peers.skm_palettize(model, n_bits, samples, next_token_loss, layer_names=names)
+    result.settings["loss"] = "next-token cross-entropy"
+    return result
+
+
 def dense() -> dict:
     stdout, seconds, peak = run_measured([sys.executable, "-c", DENSE_SCRIPT])
     figures = json.loads(stdout.strip().splitlines()[-1])
@@ -116,12 +196,16 @@ def main() -> None:
     parser.add_argument("--list", action="store_true", help="print the configurations' labels and exit")
     parser.add_argument("--long", action="store_true", help=f"only score the kept files of the rows (and dense) "
                                                             f"on {LONG_TOKENS:,} tokens, compressing nothing")
+    parser.add_argument("--peer", metavar="JSON", help=argparse.SUPPRESS)  # one peer row, in this process
     args = parser.parse_args()
+    if args.peer:
+        print(json.dumps(run_peer(json.loads(args.peer))))
+        return
     if args.list:
-        print("\n".join(CONFIGS))
+        print("\n".join([*CONFIGS, *PEERS]))
         return
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:CORES])  # children inherit the pinning
-    labels = [label for label in CONFIGS if not args.only or any(p in label for p in args.only)]
+    labels = [label for label in [*CONFIGS, *PEERS] if not args.only or any(p in label for p in args.only)]
     if not labels:
         raise SystemExit(f"no configuration matches {args.only}; see --list")
     result = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"suite": "gemma-270m", "rows": []}
@@ -131,9 +215,10 @@ def main() -> None:
     result["dense"] = dense()
     write_json(RESULTS, result)
     for label in labels:
-        row = measure(label)
-        rows = {r["label"]: r for r in result["rows"]} | {label: row}
-        result["rows"] = [rows[name] for name in CONFIGS if name in rows]
+        table = "peers" if label in PEERS else "rows"
+        row = measure_peer(label) if label in PEERS else measure(label)
+        rows = {r["label"]: r for r in result.get(table, [])} | {label: row}
+        result[table] = [rows[name] for name in (PEERS if label in PEERS else CONFIGS) if name in rows]
         result["updated"] = now()
         write_json(RESULTS, result)
     render.main()

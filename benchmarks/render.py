@@ -489,8 +489,39 @@ def gemma_markdown(result: dict) -> list[str]:
                      f"{long} | {row['seconds'] / 60:.1f} min | {row['peak_memory_mib']:,.0f} MiB |")
     notes = [f"- {row['label']}: {row['note']}." for row in result["rows"] if row.get("note")]
     lines += ["", *notes] if notes else []
-    return lines + ["", f"Machine: {rows_machines(result['rows'])}; rows measured "
-                        f"{min(r['date'] for r in result['rows'])[:10]} to {max(r['date'] for r in result['rows'])[:10]}.", ""]
+    rows = result["rows"] + result.get("peers", [])
+    return lines + ["", f"Machine: {rows_machines(rows)}; rows measured "
+                        f"{min(r['date'] for r in rows)[:10]} to {max(r['date'] for r in rows)[:10]}.", "",
+                    *gemma_peers_markdown(result)]
+
+
+def gemma_peers_markdown(result: dict) -> list[str]:
+    """Our rows that code only the Linear layers beside the peers' rows, which do the same."""
+    ours = [row for row in result["rows"] if "Linear layers only" in row["label"]]
+    if not result.get("peers"):
+        return []
+    dense, long_dense = result["dense"]["perplexity"], result["dense"].get("perplexity_long")
+    lines = ["### Side by side with HQQ and coremltools SKM: the Linear layers at about 2 bits", "",
+             "Every Linear layer of the 18 blocks coded, the tied token embedding and head left dense, so the "
+             "peers (HQQ codes Linear layers only) and ours code the same weights. The peers run in place in a "
+             "fresh process (`python -m benchmarks.gemma --only LABEL`); *time* is the peer's own quantization "
+             "call, *peak* the process's maximum RSS up to its end (model load included, evaluation not). HQQ "
+             "holds its scales and zeros in fp32 on CPU and is counted so. SKM's sensitivities are the squared "
+             "gradients of the next-token loss on the same 64 wiki windows our calibrated rows use (SqueezeLLM's "
+             "recipe).", "",
+             "| tool | configuration | bits/w (coded layers) | perplexity | × dense | 16,384 tokens | × dense | time | peak memory |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in ours + result["peers"]:
+        tool = "vqcompress" if row in ours else "peer"
+        lines.append(f"| {tool} | {row['label']} | {row['coded_bits_per_weight']:.3f} | {row['perplexity']:,.2f} | "
+                     f"{row['perplexity'] / dense:.2f}× | {row['perplexity_long']:,.2f} | "
+                     f"{row['perplexity_long'] / long_dense:.2f}× | {_minutes(row['seconds'])} | "
+                     f"{row['peak_memory_mib']:,.0f} MiB |")
+    return lines + [""]
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
 def _long(dense: dict) -> str:
