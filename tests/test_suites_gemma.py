@@ -73,3 +73,13 @@ def test_dense_gemma_reproduces_reference_perplexity_and_caches(tmp_path, monkey
     _, cached = load_model("gemma-270m")
     assert (cached.path, cached.sha256) == (source.path, source.sha256)
     shutil.rmtree(tmp_path / "gemma-270m")  # a gigabyte of weights; pytest keeps the last runs' folders
+
+
+@pytest.mark.parametrize(("suite", "tokens", "message"), [("minilm", 4096, "not minilm's"), ("gemma-270m", 1, "at least 2")])
+def test_tokens_is_for_gemma_and_at_least_two(suite, tokens, message):
+    """Refused before any model loads."""
+    from vqcompress.errors import VQCError
+    from vqcompress.suites import run_suite
+
+    with pytest.raises(VQCError, match=message):
+        run_suite(suite, torch.nn.Linear(2, 2), {"kind": "bundled", "name": suite}, tokens=tokens)

@@ -196,6 +196,8 @@ def evaluate(
     device: str = typer.Option("cpu", help="cpu, or cuda when present"),
     json_out: bool = typer.Option(False, "--json", help="print JSON"),
     codebooks: list[Path] = typer.Option([], help=CODEBOOKS_HELP),
+    tokens: Optional[int] = typer.Option(None, help="gemma-270m: score the first N tokens of the text (default "
+                                                    "2,048, the suite's protocol; more tells close files apart)"),
 ) -> None:
     """Quality of a compressed model against its uncompressed source, on real data."""
     from .io import load
@@ -203,7 +205,7 @@ def evaluate(
 
     device = _device(device)
     model = load(file, device=device, codebooks=codebooks)
-    figures = run_suite(suite, model, model.vqc_source.to_json(), device)
+    figures = run_suite(suite, model, model.vqc_source.to_json(), device, tokens)
     typer.echo(json.dumps(figures, indent=1) if json_out else figures.pop("table"))
 
 

@@ -20,8 +20,9 @@ def suite_for(source: dict) -> str:
     raise VQCError(f"no default quality suite for {source.get('name')!r}: choose one with --suite ({', '.join(SUITES)})")
 
 
-def _figures(name: str, model: nn.Module, reference: nn.Module, source: dict, device: str) -> tuple[dict, dict]:
-    """(compressed, fp32) figures of one suite."""
+def _figures(name: str, model: nn.Module, reference: nn.Module, source: dict, device: str,
+             tokens: int | None = None) -> tuple[dict, dict]:
+    """(compressed, fp32) figures of one suite; ``tokens``: how much text gemma-270m scores."""
     if name in ("minilm", "gemma-270m"):
         from transformers import AutoTokenizer
 
@@ -30,7 +31,9 @@ def _figures(name: str, model: nn.Module, reference: nn.Module, source: dict, de
 
         tokenizer = AutoTokenizer.from_pretrained(str(model_folder(source)))
         if name == "gemma-270m":  # perplexity: lower is better, so its ratio is above 1 for a loss
-            return gemma.evaluate(model, tokenizer, device=device), gemma.evaluate(reference, tokenizer, device=device)
+            size = {"tokens": tokens} if tokens else {}
+            return (gemma.evaluate(model, tokenizer, device=device, **size),
+                    gemma.evaluate(reference, tokenizer, device=device, **size))
         return (minilm.evaluate(model, tokenizer, reference=reference, device=device),
                 minilm.evaluate(reference, tokenizer, device=device))
     from . import fashion
@@ -38,15 +41,20 @@ def _figures(name: str, model: nn.Module, reference: nn.Module, source: dict, de
     return fashion.evaluate(model, device), fashion.evaluate(reference, device)
 
 
-def run_suite(name: str | None, model: nn.Module, source: dict, device: str = "cpu") -> dict:
-    """Figures of ``model`` and of its fp32 source on suite ``name``, plus a printable ``table``."""
+def run_suite(name: str | None, model: nn.Module, source: dict, device: str = "cpu", tokens: int | None = None) -> dict:
+    """Figures of ``model`` and of its fp32 source on suite ``name``, plus a printable ``table``.
+    ``tokens``: gemma-270m scores the first ``tokens`` tokens of its text instead of its 2,048 (a
+    larger sample tells close files apart; the reference figure is the 2,048 tokens')."""
     name = name or suite_for(source)
     if name not in SUITES:
         raise VQCError(f"unknown suite {name!r}: choose from {', '.join(SUITES)}")
+    if tokens is not None and (name != "gemma-270m" or tokens < 2):
+        raise VQCError(f"--tokens sets how much text gemma-270m scores (at least 2), not {name}'s"
+                       if name != "gemma-270m" else f"--tokens must be at least 2, got {tokens}")
     from ..models import load_model
 
     reference, _ = load_model(name, seed=(source.get("config") or {}).get("seed", 0))
-    compressed, dense = _figures(name, model, reference.to(device), source, device)
+    compressed, dense = _figures(name, model, reference.to(device), source, device, tokens)
     rows = [f"{'metric':<12} {'fp32':>8} {'compressed':>11} {'ratio':>7}"]
     rows += [f"{m:<12} {dense[m]:>8.3f} {compressed[m]:>11.3f} {compressed[m] / dense[m]:>7.3f}" for m in dense]
     if "cosine" in compressed:
