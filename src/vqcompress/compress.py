@@ -22,6 +22,7 @@ from .io import load, save
 from .errors import VQCError
 from .finetune import BLOCK_LR, TrainingData, check_assignments, finetune, relative_error, tune_block
 from .layers import coded_from_dense, iter_coded
+from .memory import release_free_memory
 from .methods import Method, get_method
 from .plan import Plan
 
@@ -343,6 +344,7 @@ def _fit_calibrated(model: nn.Module, jobs: list[Job], data: TrainingData, seed:
             run()
             statistics = _with_token_counts(collected(), stage, data)
         fitted = _fit_runs(model, shared_runs(stage), seed, bar, statistics, followers)
+        release_free_memory()  # the stage's activations and fitting temporaries
         if checkpoint is not None and keep:
             save(fitted, checkpoint)
         return fitted
