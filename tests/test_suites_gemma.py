@@ -83,3 +83,18 @@ def test_tokens_is_for_gemma_and_at_least_two(suite, tokens, message):
 
     with pytest.raises(VQCError, match=message):
         run_suite(suite, torch.nn.Linear(2, 2), {"kind": "bundled", "name": suite}, tokens=tokens)
+
+
+def test_tokens_reach_both_evaluations(monkeypatch):
+    """The compressed model and its reference are scored on the same, asked-for amount of text."""
+    import transformers
+
+    from vqcompress import models, suites
+
+    seen = []
+    monkeypatch.setattr(models, "model_folder", lambda source: "folder")
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda folder: "tokenizer")
+    monkeypatch.setattr(gemma, "evaluate", lambda model, tokenizer, device, **size: seen.append(size) or {"perplexity": 1.0})
+    suites._figures("gemma-270m", "compressed", "reference", {}, "cpu", tokens=16384)
+    suites._figures("gemma-270m", "compressed", "reference", {}, "cpu")
+    assert seen == [{"tokens": 16384}] * 2 + [{}] * 2
