@@ -36,23 +36,6 @@ def test_learning_beats_the_weighted_kmeans_start():
     assert error[1] < 0.8 * error[0]
 
 
-@pytest.mark.parametrize("steps", [10, 60])
-def test_fit_keeps_the_better_of_learned_codes_and_error_feedback(steps, monkeypatch):
-    """Error feedback after the learning can undo it (the pipeline did that before jlcm chose), and
-    the learning alone can lose to feedback: the fit is never worse than either."""
-    import copy
-
-    weight, stats = skewed_problem()
-    stats = stats.damped(0.01)
-    chosen = fit(weight, stats, steps=steps)
-    monkeypatch.setattr(type(JLCM), "_with_feedback", staticmethod(lambda learned, *rest: learned))
-    learned = fit(weight, stats, steps=steps)
-    fed_back = copy.deepcopy(learned)
-    fed_back.reassign_with_feedback(weight, stats.gram)
-    error = [float(stats.error(c.decode() - weight)) for c in (chosen, learned, fed_back)]
-    assert error[0] <= min(error[1:]) and JLCM.feedback is False
-
-
 @pytest.mark.parametrize("gradient", ["proximal", "soft", "ste"])
 def test_every_gradient_learns_and_decodes_what_it_stores(gradient):
     weight, stats = skewed_problem()

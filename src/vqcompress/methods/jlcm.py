@@ -24,7 +24,6 @@ Without calibration inputs the error is unweighted (G = I). An embedding's error
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -48,7 +47,6 @@ TEMPERATURES = (1.0, 0.02)  # τ at the first step and at the switch to the hard
 class JLCM:
     name = "jlcm"
     learns_assignments = False  # it learns them itself, on calibration inputs, before any fine-tuning
-    feedback = False  # it re-chooses its codes with error feedback itself, then re-learns codebooks and scales
     needs_training = False
 
     def settings(self, shape: tuple[int, ...], bits: float | None, options: dict) -> dict:
@@ -96,27 +94,7 @@ class JLCM:
         if stats.gram is None:  # an embedding: each row's error is its own, which weighted k-means already minimises
             settings = {**settings, "steps": 0}
         codes, codebook, scale = learn(rows, stats, layout, codebook.float(), scale, settings)
-        learned = CodedWeight.encode(layout, codebook, codes, scale, perm=perm)
-        if inputs is None or inputs.gram is None or not layout.takes_feedback:
-            return learned
-        return min(learned, self._with_feedback(learned, weight, rows, stats, settings, perm),
-                   key=lambda code: float(inputs.error(code.decode().reshape(matrix.shape) - matrix)))
-
-    @staticmethod
-    def _with_feedback(learned: CodedWeight, weight: Tensor, rows: Tensor, stats: InputStatistics,
-                       settings: dict, perm: Tensor | None) -> CodedWeight:
-        """The learned codebooks with codes re-chosen by error feedback (GPTQ's), then codebooks and
-        scales learned again for those codes. Neither way wins everywhere: on a skewed test layer,
-        60 learning steps gave an output error of 38.7k and feedback after them 53.3k, while after
-        10 steps feedback and re-learning gave 48.8k against 54.4k. So ``fit`` keeps the better
-        (and ``feedback`` is False: the pipeline must not re-choose the codes after it)."""
-        code = copy.deepcopy(learned)
-        code.reassign_with_feedback(weight, stats.gram)
-        if not settings["steps"]:
-            return code
-        scale = code.scale if code.layout.scale_group else None
-        codes, codebook, scale = learn(rows, stats, code.layout, code.codebook, scale, settings, fixed=code.code_matrix())
-        return CodedWeight.encode(code.layout, codebook, codes, scale, perm=perm)
+        return CodedWeight.encode(layout, codebook, codes, scale, perm=perm)
 
 
 def group_rows(matrix: Tensor, groups: int, by_magnitude: bool) -> Tensor:
@@ -163,29 +141,25 @@ class _Mixture(torch.autograd.Function):
 
 
 def learn(rows: Tensor, stats: InputStatistics, layout: CodeLayout, codebook: Tensor, scale: Tensor | None,
-          settings: dict, fixed: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+          settings: dict) -> tuple[Tensor, Tensor, Tensor | None]:
     """Jointly learn codebooks, scales and mappings on the output error; returns (codes, codebook,
-    scale) of the stored rows. With ``fixed`` codes (rows × segments), only codebooks and scales
-    are learned, for those codes, every step."""
+    scale) of the stored rows."""
     steps, n, dim = settings["steps"], settings["candidates"], layout.dim
     unit = torch.ones_like(rows) if scale is None else scale.expand_as(rows)
     per_group = layout.rows // layout.groups
     group_of_row = torch.arange(layout.rows, device=rows.device) // per_group
-    if fixed is None:
-        points = (rows / unit).reshape(layout.rows, layout.segments, dim)
-        weights = (stats.importance().expand_as(rows) * unit.square()).reshape(layout.rows, layout.segments, dim)
-        candidates, distances = nearest_candidates(points, weights, codebook, group_of_row, n)  # (rows, segments, n)
-        gaps = distances - distances[..., :1]
-        logits, switch = -gaps / gaps.mean().clamp_min(1e-20), round(steps * (1 - TUNE_HARD))
-    else:
-        candidates, switch = fixed.to(rows.device)[..., None], 0
-        logits = torch.zeros(candidates.shape, device=rows.device)
-    codebook = codebook.detach().float().clone().requires_grad_(True)
+    points = (rows / unit).reshape(layout.rows, layout.segments, dim)
+    weights = (stats.importance().expand_as(rows) * unit.square()).reshape(layout.rows, layout.segments, dim)
+    candidates, distances = nearest_candidates(points, weights, codebook, group_of_row, n)  # (rows, segments, n) each
+    gaps = distances - distances[..., :1]
+    logits = -gaps / gaps.mean().clamp_min(1e-20)
+    codebook = codebook.clone().requires_grad_(True)
     logits = logits.requires_grad_(True)
-    log_scale = None if scale is None else scale.detach().float().log().clone().requires_grad_(True)
+    log_scale = None if scale is None else scale.log().clone().requires_grad_(True)
     parameters = [p for p in (codebook, logits, log_scale) if p is not None]
     optimizer = torch.optim.Adam(parameters, lr=settings["lr"])
     reference = stats.error(rows).clamp_min(1e-20)
+    switch = round(steps * (1 - TUNE_HARD))
 
     def decoded(hard: bool, temperature: float) -> Tensor:
         chosen = codebook[group_of_row[:, None, None], candidates]  # (rows, segments, n, d)
