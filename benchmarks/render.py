@@ -514,8 +514,8 @@ def gemma_peers_markdown(result: dict) -> list[str]:
     for row in ours + result["peers"]:
         tool = "vqcompress" if row in ours else "peer"
         lines.append(f"| {tool} | {row['label']} | {row['coded_bits_per_weight']:.3f} | {row['perplexity']:,.2f} | "
-                     f"{row['perplexity'] / dense:.2f}× | {row['perplexity_long']:,.2f} | "
-                     f"{row['perplexity_long'] / long_dense:.2f}× | {_minutes(row['seconds'])} | "
+                     f"{row['perplexity'] / dense:,.2f}× | {row['perplexity_long']:,.2f} | "
+                     f"{row['perplexity_long'] / long_dense:,.2f}× | {_minutes(row['seconds'])} | "
                      f"{row['peak_memory_mib']:,.0f} MiB |")
     return lines + [""]
 
