@@ -9,7 +9,9 @@ a fresh process pinned to two cores: its wall time and peak memory are the whole
 load, calibration, fit, file write). The file it writes is then scored with ``vqc eval`` (the
 ``gemma-270m`` suite: perplexity on the first 2,048 tokens of lee_background in 512-token
 windows); the dense model is scored in the same run. Calibration uses the wiki corpus (never the
-evaluation text). Results go to benchmarks/results/gemma.json and from there (render.py) to
+evaluation text). Peers (``PEERS``: HQQ, coremltools SKM) code the blocks' Linear layers in place
+in a fresh process each, beside our rows that code the same layers (labels "… Linear layers
+only"). Results go to benchmarks/results/gemma.json and from there (render.py) to
 docs/benchmarks.md.
 """
 
