@@ -228,7 +228,8 @@ class Blocks:
 
         handles = [block.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, block in enumerate(self.blocks)]
         handles.append(self.blocks[0].register_forward_hook(note_output))
-        for block in list(self.blocks)[1:]:
+        later = [block for block in {id(b): b for b in self.blocks}.values() if block is not self.blocks[0]]  # shared once
+        for block in later:
             block.forward = pass_through
         try:
             with torch.no_grad():
@@ -241,7 +242,7 @@ class Blocks:
         finally:
             for handle in handles:
                 handle.remove()
-            for block in list(self.blocks)[1:]:
+            for block in later:
                 del block.forward  # the class's own forward again
         return inputs
 
