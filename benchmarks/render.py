@@ -497,9 +497,9 @@ def gemma_markdown(result: dict) -> list[str]:
 
 def gemma_peers_markdown(result: dict) -> list[str]:
     """Our rows that code only the Linear layers beside the peers' rows, which do the same."""
-    ours = [row for row in result["rows"] if "Linear layers only" in row["label"]]
     if not result.get("peers"):
         return []
+    ours = [row for row in result["rows"] if "Linear layers only" in row["label"]]
     dense, long_dense = result["dense"]["perplexity"], result["dense"].get("perplexity_long")
     lines = ["### Side by side with HQQ and coremltools SKM: the Linear layers at about 2 bits", "",
              "Every Linear layer of the 18 blocks coded, the tied token embedding and head left dense, so the "
@@ -511,8 +511,7 @@ def gemma_peers_markdown(result: dict) -> list[str]:
              "recipe).", "",
              "| tool | configuration | bits/w (coded layers) | perplexity | × dense | 16,384 tokens | × dense | time | peak memory |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for row in ours + result["peers"]:
-        tool = "vqcompress" if row in ours else "peer"
+    for tool, row in [*(("vqcompress", row) for row in ours), *(("peer", row) for row in result["peers"])]:
         lines.append(f"| {tool} | {row['label']} | {row['coded_bits_per_weight']:.3f} | {row['perplexity']:,.2f} | "
                      f"{row['perplexity'] / dense:,.2f}× | {row['perplexity_long']:,.2f} | "
                      f"{row['perplexity_long'] / long_dense:,.2f}× | {_minutes(row['seconds'])} | "

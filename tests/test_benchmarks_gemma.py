@@ -49,4 +49,3 @@ def test_peers_render_beside_our_rows_that_code_the_same_layers():
     assert "| vqcompress | jlcm, Linear layers only (embedding dense) | 2.100 | 80.00 | 2.00× | 100.00 | 2.00× | 10.0 min |" in table
     assert "| peer | HQQ 2 bits, group 64 | 3.000 | 4,000.00 | 100.00× | 5,000.00 | 100.00× | 30 s | 2,000 MiB |" in table
     assert "qswd 3.0 bits" not in table
-

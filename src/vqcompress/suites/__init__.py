@@ -48,9 +48,10 @@ def run_suite(name: str | None, model: nn.Module, source: dict, device: str = "c
     name = name or suite_for(source)
     if name not in SUITES:
         raise VQCError(f"unknown suite {name!r}: choose from {', '.join(SUITES)}")
-    if tokens is not None and (name != "gemma-270m" or tokens < 2):
-        raise VQCError(f"--tokens sets how much text gemma-270m scores (at least 2), not {name}'s"
-                       if name != "gemma-270m" else f"--tokens must be at least 2, got {tokens}")
+    if tokens is not None and name != "gemma-270m":
+        raise VQCError(f"--tokens sets how much text gemma-270m scores, not {name}'s")
+    if tokens is not None and tokens < 2:
+        raise VQCError(f"--tokens must be at least 2, got {tokens}")
     from ..models import load_model
 
     reference, _ = load_model(name, seed=(source.get("config") or {}).get("seed", 0))
