@@ -85,5 +85,5 @@ def test_the_largest_values_are_found_chunk_by_chunk():
 
     values = np.random.default_rng(0).standard_normal(10_000).astype(np.float32)
     for k in (1, 7, 300):
-        found = _largest(values, k, chunk=256)
+        found = _largest(lambda start, stop: values[start:stop], len(values), k, chunk=256)
         assert sorted(found.tolist()) == sorted(np.argsort(-values)[:k].tolist())

@@ -236,3 +236,25 @@ def test_rtn_fixed_grid_fits_small_layers():
     weight = torch.randn(16, 8)
     code = rtn.fit(weight, rtn.settings((16, 8), 8, {"group_size": 8}), seed=0)
     assert (code.decode() - weight).abs().max() < 0.02
+
+
+def test_kmeans_fits_a_large_layer_from_its_sample_alone():
+    """The sub-vectors of weight / row scale, read a few rows at a time, give the very codebook
+    that the whole normalised copy (each sub-vector weighted by its mean importance) gives."""
+    import numpy as np
+
+    from vqcompress.codebook import kmeans
+    from vqcompress.methods.kmeans import _sub_vectors
+
+    weight = torch.randn(1000, 96) * torch.rand(1000, 1)
+    scale, importance = weight.pow(2).mean(1, keepdim=True).sqrt(), torch.rand(1, 96)
+    source = _sub_vectors(weight, scale, importance.expand(weight.shape), 2)
+    whole = (weight / scale).reshape(-1, 2).numpy()
+    weights = (importance * scale.square()).reshape(-1, 2).mean(-1).numpy()
+    assert source.count == len(whole)
+    index = np.array([0, 47, 48, 30_000, len(whole) - 1])
+    points, taken = source.take(index)
+    assert np.array_equal(points, whole[index]) and np.array_equal(taken, weights[index])
+    assert np.array_equal(source.energies(40, 5000), np.einsum("ij,ij->i", whole[40:5000], whole[40:5000]) * weights[40:5000])
+    assert np.array_equal(kmeans(source, 64, seed=3, max_points_per_centroid=16),
+                          kmeans(whole, 64, seed=3, max_points_per_centroid=16, weights=weights))

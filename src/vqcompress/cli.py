@@ -103,9 +103,11 @@ def compress(
     """Compress a model into a .vqc file and print its bit report."""
     from . import compress as compress_model, report, save
     from .data import training_data
+    from .memory import map_large_blocks
     from .models import load_model
     from .plan import Plan
 
+    map_large_blocks()  # a lower peak for a slower fit: see there
     device = _device(device)
     started = time.perf_counter()
     options = {key: value for key, value in

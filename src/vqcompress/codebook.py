@@ -9,7 +9,9 @@ nearest-codeword assignment of every point.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import faiss
 import numpy as np
@@ -49,31 +51,48 @@ def kmeans_pp_seed(points: np.ndarray, k: int, rng: np.random.Generator) -> np.n
     return centres
 
 
-def kmeans(points: np.ndarray, k: int, seed: int = 0, iterations: int = 20,
+@dataclass
+class PointSource:
+    """``count`` points that k-means reads in two ways: the weighted squared norms of a range
+    (``energies(start, stop)``) and the points at chosen sorted indices with their weights
+    (``take(index)``, weights None when unweighted). A large layer's points (a token embedding's
+    84 million sub-vectors) need not exist as one array: k-means only fits a sample of them."""
+    count: int
+    energies: Callable[[int, int], np.ndarray]
+    take: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
+
+
+def in_memory(points: np.ndarray, weights: np.ndarray | None = None) -> PointSource:
+    """A ``PointSource`` over arrays: (n, d) float32 points and their (n,) weights."""
+    def energies(start: int, stop: int) -> np.ndarray:
+        part = points[start:stop]
+        return np.einsum("ij,ij->i", part, part) * (1 if weights is None else weights[start:stop])  # no (n, d) temporary
+
+    return PointSource(len(points), energies, lambda index: (points[index], None if weights is None else weights[index]))
+
+
+def kmeans(points: np.ndarray | PointSource, k: int, seed: int = 0, iterations: int = 20,
            max_points_per_centroid: int = 256, weights: np.ndarray | None = None) -> np.ndarray:
     """Train ``k`` centroids on (n, d) float32 ``points`` (each with its ``weight`` in the
-    objective, if given); deterministic for a given seed."""
+    objective, if given), or on a ``PointSource``; deterministic for a given seed."""
     rng = np.random.default_rng(seed)
-    points = np.ascontiguousarray(points, dtype=np.float32)
-    if len(points) > k * max_points_per_centroid:
-        keep = _subsample(points, weights, k, k * max_points_per_centroid, rng)
-        points, weights = points[keep], None if weights is None else weights[keep]
-    seeding_sample = points[_subsample(points, weights, k, 32 * k, rng)] if len(points) > 32 * k else points
+    source = points if isinstance(points, PointSource) else in_memory(np.ascontiguousarray(points, dtype=np.float32), weights)
+    points, weights = source.take(_subsample(source, k, k * max_points_per_centroid, rng)
+                                  if source.count > k * max_points_per_centroid else np.arange(source.count))
+    seeding_sample = points[_subsample(in_memory(points, weights), k, 32 * k, rng)] if len(points) > 32 * k else points
     init = kmeans_pp_seed(seeding_sample, k, rng)
     engine = faiss.Kmeans(points.shape[1], k, niter=iterations, seed=seed,  # already subsampled: faiss keeps all
                           max_points_per_centroid=len(points) // k + 1, min_points_per_centroid=1)
     with _threads(1 if len(points) * k < SMALL_FIT else faiss.omp_get_max_threads()):
-        engine.train(points, None if weights is None else np.ascontiguousarray(weights, dtype=np.float32),
-                     init_centroids=init)
+        engine.train(np.ascontiguousarray(points, dtype=np.float32),
+                     None if weights is None else np.ascontiguousarray(weights, dtype=np.float32), init_centroids=init)
     return engine.centroids
 
 
-def _subsample(points: np.ndarray, weights: np.ndarray | None, k: int, size: int, rng: np.random.Generator) -> np.ndarray:
+def _subsample(source: PointSource, k: int, size: int, rng: np.random.Generator) -> np.ndarray:
     """Sorted indices of a random sample of ``size`` points plus the ``k`` of largest (weighted)
     norm: a sample alone drops the rare outlier weights, whose error then dwarfs all the rest."""
-    energy = np.einsum("ij,ij->i", points, points) * (1 if weights is None else weights)  # no (n, d) temporary
-    extremes = _largest(energy, k)
-    return np.union1d(rng.choice(len(points), size, replace=False), extremes)
+    return np.union1d(rng.choice(source.count, size, replace=False), _largest(source.energies, source.count, k))
 
 
 def assign(points: np.ndarray, centroids: np.ndarray) -> np.ndarray:
@@ -84,14 +103,20 @@ def assign(points: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     return nearest[:, 0]
 
 
-def _largest(values: np.ndarray, k: int, chunk: int = 1 << 20) -> np.ndarray:
-    """Indices of the ``k`` largest ``values``: each chunk's k largest, then the k largest of those
-    (no full-length index array for 10⁸ values)."""
+def _largest(values: Callable[[int, int], np.ndarray], count: int, k: int, chunk: int = 1 << 20) -> np.ndarray:
+    """Indices of the ``k`` largest of ``count`` values, read a chunk at a time (``values(start,
+    stop)``): each chunk's k largest, then the k largest of those (no full-length array)."""
     def top(part: np.ndarray) -> np.ndarray:
         return np.argpartition(-part, k)[:k] if len(part) > k else np.arange(len(part))
 
-    candidates = np.concatenate([start + top(values[start:start + chunk]) for start in range(0, len(values), chunk)])
-    return candidates[top(values[candidates])]
+    candidates, candidate_values = [], []
+    for start in range(0, count, chunk):
+        part = values(start, min(start + chunk, count))
+        best = top(part)
+        candidates.append(start + best)
+        candidate_values.append(part[best])
+    candidates, candidate_values = np.concatenate(candidates), np.concatenate(candidate_values)
+    return candidates[top(candidate_values)]
 
 
 def _weighted_distances(points: torch.Tensor, weights: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
@@ -108,7 +133,7 @@ def weighted_assign(points: torch.Tensor, weights: torch.Tensor, centroids: torc
 
 
 def nearest_candidates(points: torch.Tensor, weights: torch.Tensor, codebooks: torch.Tensor, group_of_row: torch.Tensor,
-                       n: int, chunk: int = 1 << 24) -> tuple[torch.Tensor, torch.Tensor]:
+                       n: int, chunk: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:
     """Each sub-vector's ``n`` nearest codewords under its weighted squared distance, nearest first,
     and those distances. ``points`` and ``weights`` are (rows, segments, d), ``codebooks``
     (groups, k, d), row r using ``codebooks[group_of_row[r]]``; rows go in chunks of about

@@ -22,7 +22,7 @@ from .io import load, save
 from .errors import VQCError
 from .finetune import BLOCK_LR, TrainingData, check_assignments, finetune, relative_error, tune_block
 from .layers import coded_from_dense, iter_coded
-from .memory import release_free_memory
+from .memory import release_free_memory, release_pages
 from .methods import Method, get_method
 from .plan import Plan
 
@@ -55,6 +55,7 @@ def _job(name: str, module: nn.Module, spec: dict, bits: float | None) -> Job:
         raise VQCError(f"{name}: keep_rows must be a whole number of rows from 0 to {len(weight)}, got {kept!r}")
     if not torch.isfinite(weight.sum()) and not torch.isfinite(weight).all():  # one cheap sum first
         raise VQCError(f"{name}: the weight holds NaN or Inf values; fix the model before compressing it")
+    release_pages([weight])  # the check read every page of a memory-mapped weight: not needed until its fit
     try:
         settings = method.settings(tuple(weight.shape), bits, spec)
         method.layout(tuple(weight.shape), settings).validate()
@@ -235,6 +236,7 @@ def _allocate(model: nn.Module, jobs: list[Job], data: TrainingData, bits: float
         return sum(float(data.task.loss(data.task.forward(model, b), t, b)) for b, t in zip(probe, targets)) / len(probe)
 
     chosen = allocate(jobs, statistics, bits, available, seed, sensitivities(jobs, statistics, loss, seed))
+    release_pages(job.module.weight for job in jobs)  # the passes read every weight
     for job, option in zip(jobs, chosen):
         job.settings = option.settings
     model.vqc_allocation = describe(jobs, chosen)
@@ -297,6 +299,7 @@ def _fit_runs(model: nn.Module, runs: list[list[Job]], seed: int, bar: tqdm,
             for follower in (followers or {}).get(job.name, []):
                 follower.module = coded_from_dense(follower.module, code)
                 model.set_submodule(follower.name, follower.module)
+            release_pages([job.module.weight])  # never read again: a memory-mapped weight's pages go too
             job.module = layer  # the job no longer holds the dense weight: freed as soon as it is coded
         bar.update(len(run))
     return model
@@ -327,10 +330,13 @@ def _fit_calibrated(model: nn.Module, jobs: list[Job], data: TrainingData, seed:
     batches = [data.batch_at(i) for i in range(data.calibration_batches)]
     found = find_blocks(model) if all(job.name for job in jobs) else None
     blockwise = found is not None and not any(job.settings.get("shared") for job in jobs)
-    originals = list(copy.deepcopy(found[1])) if blockwise and tune_blocks else None  # the teacher's blocks
-    teacher_inputs = Blocks(model, found[1], data.task.forward, batches).first_inputs() if originals else None
+    tuning, resuming = blockwise and bool(tune_blocks), checkpoint is not None and checkpoint.exists()
+    # The teacher's block is the block itself until its stage codes it; copies only where the
+    # checkpoint is about to replace blocks (a copy of every block is the dense model over again).
+    originals = list(copy.deepcopy(found[1])) if tuning and resuming else None
+    teacher_inputs = Blocks(model, found[1], data.task.forward, batches).first_inputs() if tuning else None
     done: set[str] = set()
-    if checkpoint is not None and checkpoint.exists():
+    if resuming:
         model = load(checkpoint, like=model, device=str(next(model.parameters()).device))
         done = {name for name, _ in iter_coded(model)}
         bar.update(len(done))
@@ -361,11 +367,13 @@ def _fit_calibrated(model: nn.Module, jobs: list[Job], data: TrainingData, seed:
     inputs = blocks.first_inputs()  # the first block sees what the compressed layers before it give
     for index, stage in enumerate(per_block):
         fresh = any(job.name not in done for job in stage)
-        model = fit_stage(stage, lambda: blocks.run(index, inputs), keep=originals is None)  # kept once tuned
+        if tuning:
+            targets = blocks.run(index, teacher_inputs, originals[index] if originals else None)
+            if originals:
+                originals[index] = None  # one uncompressed block less in memory
+        model = fit_stage(stage, lambda: blocks.run(index, inputs), keep=not tuning)  # kept once tuned
         outputs = blocks.run(index, inputs)
-        if originals is not None:
-            targets = blocks.run(index, teacher_inputs, originals[index])
-            originals[index] = None  # one uncompressed block less in memory
+        if tuning:
             if fresh and any(iter_coded(blocks.blocks[index])):
                 outputs = _tuned(blocks, index, inputs, outputs, targets, tune_blocks, block_lr, tune_dense, bar)
                 if checkpoint is not None:

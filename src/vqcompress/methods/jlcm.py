@@ -87,9 +87,8 @@ class JLCM:
         if stats.row_weight is not None and perm is not None:
             stats = InputStatistics(row_weight=stats.row_weight[perm])
         scale = _rms(rows.cpu(), rows=True).to(rows.device) if settings["scale"] == "row" else None
-        normalised = rows if scale is None else rows / scale
         importance = stats.importance().expand(rows.shape)
-        codebook = _codebooks(normalised.cpu(), importance.cpu(), 1 if scale is None else scale.cpu(), layout.groups,
+        codebook = _codebooks(rows.cpu(), 1 if scale is None else scale.cpu(), importance.cpu(), layout.groups,
                               {**settings, "iterations": 12, "max_points_per_centroid": 128}, seed).to(rows.device)
         if stats.gram is None:  # an embedding: each row's error is its own, which weighted k-means already minimises
             settings = {**settings, "steps": 0}

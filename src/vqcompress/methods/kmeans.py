@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..calibrate import InputStatistics
-from ..codebook import kmeans
+from ..codebook import PointSource, in_memory, kmeans
 from ..coded import CodedWeight, CodeLayout, row_slices
 from ..errors import VQCError
 from . import register, reject_unknown
@@ -116,8 +116,7 @@ class KMeans:
         matrix = weight.reshape(layout.rows, layout.cols).float().cpu()
         scale = _rms(matrix, rows=True) if settings["scale"] == "row" else None
         importance = None if inputs is None else inputs.importance().cpu()
-        codebook = _codebooks(matrix if scale is None else matrix / scale, importance, 1 if scale is None else scale,
-                              layout.groups, settings, seed)  # the normalised copy is gone before encoding
+        codebook = _codebooks(matrix, 1 if scale is None else scale, importance, layout.groups, settings, seed)
         return _encode(layout, codebook, matrix, scale, importance=importance)
 
     def fit_shared(self, weights: list[Tensor], settings: dict, seed: int,
@@ -136,30 +135,52 @@ class KMeans:
         points = torch.cat([(m / u).reshape(-1, settings["dim"]) for m, u in zip(matrices, units)])
         weighting = None if importances[0] is None else torch.cat(
             [(i * u.square()).expand(m.shape).reshape(-1, settings["dim"]) for m, i, u in zip(matrices, importances, units)])
-        codebook = _codebooks(points, weighting, 1, 1, settings, seed)  # one tensor for all
+        codebook = _codebooks(points, 1, weighting, 1, settings, seed)  # one tensor for all
         return [_encode(lay, codebook, m, s, g, i) for lay, m, s, g, i in zip(layouts, matrices, scales, gains, importances)]
 
 
-def _codebooks(normalised: Tensor, importance: Tensor | None, unit: Tensor | float, groups: int, settings: dict,
+def _codebooks(matrix: Tensor, unit: Tensor | float, importance: Tensor | None, groups: int, settings: dict,
                seed: int) -> Tensor:
-    """(groups, k, d) fp16 codebooks by k-means on the sub-vectors of ``normalised`` (each group a
-    contiguous block of rows). With ``importance``, each sub-vector weighs by the mean of
+    """(groups, k, d) fp16 codebooks by k-means on the sub-vectors of ``matrix / unit`` (each
+    group a contiguous block of rows). With ``importance``, each sub-vector weighs by the mean of
     importance × ``unit``² over its weights: the error counted is the one in the weight, where
     the inputs put it (the exact per-weight weighting then chooses the codes)."""
-    dim, k = settings["dim"], settings["k"]
-    blocks = normalised.reshape(groups, -1, dim).numpy()
-    weights = [None] * groups if importance is None else _sub_vector_weights(
-        importance * torch.as_tensor(unit).square(), normalised.shape, dim).reshape(groups, -1).numpy()
-    books = [kmeans(b, k, seed, settings["iterations"], settings["max_points_per_centroid"], w) for b, w in zip(blocks, weights)]
+    rows = len(matrix) // groups
+    unit = torch.as_tensor(unit, dtype=torch.float32).reshape(-1, 1).expand(len(matrix), 1)
+    books = [kmeans(_sub_vectors(matrix[g * rows:(g + 1) * rows], unit[g * rows:(g + 1) * rows],
+                                 None if importance is None else importance.expand(matrix.shape)[g * rows:(g + 1) * rows],
+                                 settings["dim"]),
+                    settings["k"], seed, settings["iterations"], settings["max_points_per_centroid"])
+             for g in range(groups)]
     return torch.from_numpy(np.stack(books)).half()
 
 
-def _sub_vector_weights(weighting: Tensor, shape: torch.Size, dim: int) -> Tensor:
-    """The mean of ``weighting`` (broadcastable to ``shape``) over each sub-vector of ``dim``
-    weights, (rows, cols / dim), a slice of rows at a time: no full-size expanded copy."""
-    rows, cols = shape
-    weighting = weighting.expand(rows, cols)
-    return torch.cat([weighting[part].reshape(-1, cols // dim, dim).mean(-1) for part in row_slices(rows, cols)])
+def _sub_vectors(matrix: Tensor, unit: Tensor, importance: Tensor | None, dim: int) -> PointSource:
+    """The length-``dim`` sub-vectors of the rows of ``matrix / unit`` ((rows, 1) units), weighted by
+    the mean of importance × unit² over each, read a few rows at a time: no normalised copy of a
+    token embedding, only of the sample k-means fits."""
+    per_row = matrix.shape[1] // dim
+
+    def rows_of(start: int, stop: int) -> tuple[Tensor, Tensor | None]:
+        first, last = start // per_row, -(-stop // per_row)
+        points = (matrix[first:last] / unit[first:last]).reshape(-1, dim)
+        weights = None if importance is None else (
+            importance[first:last] * unit[first:last].square()).reshape(-1, dim).mean(-1)
+        offset = slice(start - first * per_row, stop - first * per_row)
+        return points[offset], None if weights is None else weights[offset]
+
+    def energies(start: int, stop: int) -> np.ndarray:
+        points, weights = rows_of(start, stop)
+        return in_memory(points.numpy(), None if weights is None else weights.numpy()).energies(0, stop - start)
+
+    def take(index: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        index = torch.from_numpy(index)
+        row, at = index // per_row, (index % per_row)[:, None] * dim + torch.arange(dim)
+        points = matrix[row[:, None], at] / unit[row]
+        weights = None if importance is None else (importance[row[:, None], at] * unit[row].square()).mean(-1)
+        return points.numpy(), None if weights is None else weights.numpy()
+
+    return PointSource(len(matrix) * per_row, energies, take)
 
 
 def _rms(values: Tensor, rows: bool = False) -> Tensor:
