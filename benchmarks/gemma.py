@@ -196,8 +196,8 @@ def dense() -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", metavar="LABEL_SUBSTRING", action="append",
-                        help="measure only the configurations whose label contains this text (repeatable), "
-                             "keeping the other rows")
+                        help="measure only the configurations whose label contains this text, or only the one "
+                             "it names exactly (repeatable), keeping the other rows")
     parser.add_argument("--list", action="store_true", help="print the configurations' labels and exit")
     parser.add_argument("--long", action="store_true", help=f"only score the kept files of the rows (and dense) "
                                                             f"on {LONG_TOKENS:,} tokens, compressing nothing")
@@ -210,7 +210,9 @@ def main() -> None:
         print("\n".join([*CONFIGS, *PEERS]))
         return
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:CORES])  # children inherit the pinning
-    labels = [label for label in [*CONFIGS, *PEERS] if not args.only or any(p in label for p in args.only)]
+    every = [*CONFIGS, *PEERS]
+    labels = [label for label in every if not args.only
+              or any(p == label or (p not in every and p in label) for p in args.only)]
     if not labels:
         raise SystemExit(f"no configuration matches {args.only}; see --list")
     result = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"suite": "gemma-270m", "rows": []}

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertModel
 
-from vqcompress.calibrate import Blocks, InputStatistics, capturing, counting, find_blocks, statistics_pass
+from vqcompress.calibrate import (Blocks, InputStatistics, capturing, counting, find_blocks, predicted_probabilities,
+                                  statistics_pass)
 
 
 def _captured(module: nn.Module, *inputs: torch.Tensor) -> InputStatistics:
@@ -49,6 +50,23 @@ def test_embedding_statistics_count_lookups():
     assert stats.row_weight.tolist() == pytest.approx([0, 3 / 6, 0, 2 / 6, 0, 0, 0, 0, 0, 1 / 6])
     delta = torch.ones(10, 4)
     assert stats.error(delta) == pytest.approx(4.0)  # each lookup's output moves by 4 (squared)
+
+
+def test_predicted_probabilities_are_the_mean_softmax_of_the_head_over_real_positions():
+    """A few positions at a time, padding left out, and the model's own pass stops at the head."""
+    torch.manual_seed(0)
+    body, head, calls = nn.Linear(4, 4), nn.Linear(4, 50), []
+    model = nn.Sequential(body, head)
+    head.register_forward_hook(lambda *args: calls.append(1))
+    batches = [torch.randn(2, 3, 4), torch.randn(2, 3, 4)]
+    real = [torch.tensor([[True, True, False], [True, False, False]]), torch.ones(2, 3, dtype=torch.bool)]
+    mean = predicted_probabilities(model, head, lambda m, batch: m(batch[0]), zip(batches, real),
+                                   lambda batch: batch[1], chunk=2)
+    assert not calls
+    with torch.no_grad():
+        logits = torch.cat([head(body(x[mask])) for x, mask in zip(batches, real)])
+    assert torch.allclose(mean, torch.softmax(logits, -1).mean(0), atol=1e-6)
+    assert mean.sum() == pytest.approx(1.0)
 
 
 def test_centred_statistics_leave_the_error_a_bias_cannot_absorb():

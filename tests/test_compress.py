@@ -389,3 +389,32 @@ def test_a_dense_weight_is_freed_as_soon_as_its_layer_is_coded(monkeypatch):
     monkeypatch.setattr(compress_module, "fit_run", watching)
     vqc.compress(model, "kmeans", 3, progress=False, scale="row")
     assert alive_when_fitting == [("embed", True), ("mix", False)]
+
+
+class _TiedCausalLM(_TiedLM):
+    def get_output_embeddings(self) -> nn.Module:  # as transformers models name their output head
+        return self.head
+
+
+def test_a_tied_output_head_weighs_rows_by_predicted_probability_too(monkeypatch):
+    """A tied table's row errors count half by how often the calibration text uses each token and
+    half by how much probability the uncompressed model gives it (its logit's noise costs that)."""
+    import sys
+
+    from vqcompress.finetune import Task
+
+    compress_module = sys.modules["vqcompress.compress"]
+    torch.manual_seed(0)
+    model = _TiedCausalLM().eval()
+    counts = torch.zeros(512, dtype=torch.int64)
+    counts[[7, 100, 300]] = torch.tensor([50, 40, 30])
+    ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(0))
+    task = Task(forward=lambda m, batch: m(batch), loss=lambda s, t, batch: (s - t).square().mean())
+    data = TrainingData(task, lambda step: ids, calibration_batches=2, token_counts=counts)
+    seen, fit_run = {}, compress_module.fit_run
+    monkeypatch.setattr(compress_module, "fit_run", lambda run, seed, statistics=None: (
+        seen.update(statistics or {}), fit_run(run, seed, statistics))[1])
+    with torch.no_grad():
+        predicted = torch.softmax(model(ids), -1).reshape(-1, 512).mean(0)
+    vqc.compress(model, "kmeans", 3, data, progress=False, allocation=False, scale="row")
+    assert torch.allclose(seen["embed"].row_weight, (counts / counts.sum() + predicted) / 2, atol=1e-6)

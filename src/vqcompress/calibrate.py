@@ -189,6 +189,38 @@ def statistics_pass(model: nn.Module, forward: Callable[[nn.Module, Any], Any], 
             handle.remove()
 
 
+def predicted_probabilities(model: nn.Module, head: nn.Module, forward: Callable[[nn.Module, Any], Any],
+                            batches: Iterable[Any], positions: Callable[[Any], Tensor | None] = lambda batch: None,
+                            chunk: int = 256) -> Tensor:
+    """The mean over every (real) position of the batches of the softmax of ``head``'s outputs: how
+    much probability a language model gives each token. Each pass stops before the head, which
+    then runs on ``chunk`` positions at a time, so a batch's full logits (Gemma: 2 GB) are never
+    held at once. Logit transforms outside the head (soft-capping) are not applied."""
+    total, count = torch.zeros(head.out_features, dtype=torch.float64), 0
+
+    def record(module: nn.Module, args: tuple) -> None:
+        nonlocal total, count
+        inputs, where = args[0].detach(), _POSITIONS.get()
+        inputs = inputs[where] if where is not None else inputs.reshape(-1, inputs.shape[-1])
+        for start in range(0, len(inputs), chunk):
+            logits = module.forward(inputs[start:start + chunk])  # not module(): that would call this hook again
+            total += torch.softmax(logits.float(), -1).sum(0).double().cpu()
+        count += len(inputs)
+        raise _Stop
+
+    handle = head.register_forward_pre_hook(record)
+    try:
+        for batch in batches:
+            with counting(positions(batch)), torch.no_grad():
+                try:
+                    forward(model, batch)
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    return (total / max(count, 1)).float()
+
+
 class Blocks:
     """A model's blocks run one at a time on captured hidden states (one tensor per batch)."""
 

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .allocate import allocate, check_budget, describe, has_levels, sensitivities
-from .calibrate import Blocks, InputStatistics, capturing, find_blocks, statistics_pass
+from .calibrate import Blocks, InputStatistics, capturing, find_blocks, predicted_probabilities, statistics_pass
 from .coded import CodedWeight
 from .io import load, save
 from .errors import VQCError
@@ -196,16 +196,17 @@ def compress(model: nn.Module, method: str = "kmeans", bits: float | None = None
     if tune_blocks and (find_blocks(model) is None or any(job.settings.get("shared") for job in jobs)):
         raise VQCError("tuning blocks needs repeated blocks (transformer layers) and no shared codebooks: "
                        "use fine-tuning steps instead")
+    predicted = _predicted_rows(model, jobs, followers, calibration) if calibrate else {}
     if calibrate and bits is not None and allocation and any(has_levels(job) for job in jobs):
         available = check_budget(model, jobs, bits)  # now, not after the calibration pass
-        _allocate(model, jobs, calibration, bits, available, seed)
+        _allocate(model, jobs, calibration, bits, available, seed, predicted)
     bar = tqdm(total=len(jobs), desc=f"{method}", unit="layer", disable=not progress)
     checkpoint = Path(checkpoint) if checkpoint else None
     if not calibrate:
         model = _fit_runs(model, shared_runs(jobs), seed, bar, followers=followers)
     else:
         model = _fit_calibrated(model, jobs, calibration, seed, bar, checkpoint, followers, tune_blocks, block_lr,
-                                tune_dense)
+                                tune_dense, predicted)
     bar.close()
     if finetune_steps:
         finetune(model, teacher, calibration.task, calibration.batch_at, finetune_steps, lr=lr,
@@ -218,7 +219,7 @@ def compress(model: nn.Module, method: str = "kmeans", bits: float | None = None
 
 
 def _allocate(model: nn.Module, jobs: list[Job], data: TrainingData, bits: float, available: float,
-              seed: int) -> None:
+              seed: int, predicted: dict[str, Tensor]) -> None:
     """Give each job the settings of its share of the model's bit budget (``allocate``), measured
     on the statistics of one pass of the uncompressed model; the table is kept in
     ``model.vqc_allocation``."""
@@ -226,7 +227,7 @@ def _allocate(model: nn.Module, jobs: list[Job], data: TrainingData, bits: float
         for i in range(data.calibration_batches):
             batch = data.batch_at(i)
             statistics_pass(model, data.task.forward, batch, data.task.positions(batch), _uncollected_head(model, jobs))
-        statistics = _with_token_counts(collected(), jobs, data)
+        statistics = _embedding_statistics(collected(), jobs, data, predicted)
     statistics = {job.name: _fitting_statistics(job, statistics.get(job.name)) for job in jobs}
     probe = [data.task.probe(data.batch_at(0))]
     with torch.no_grad():
@@ -242,19 +243,43 @@ def _allocate(model: nn.Module, jobs: list[Job], data: TrainingData, bits: float
     model.vqc_allocation = describe(jobs, chosen)
 
 
-def _with_token_counts(statistics: dict[str, InputStatistics], jobs: list[Job],
-                       data: TrainingData) -> dict[str, InputStatistics]:
-    """Embeddings' statistics from how often each token occurs in all the calibration text
-    (``TrainingData.token_counts``) where the data gives that: far more of the vocabulary than
-    the calibration batches look up, for the price of tokenizing."""
-    if data.token_counts is None:
-        return statistics
+def _embedding_statistics(statistics: dict[str, InputStatistics], jobs: list[Job], data: TrainingData,
+                          predicted: dict[str, Tensor]) -> dict[str, InputStatistics]:
+    """Embeddings' row weights: how often each token occurs in all the calibration text
+    (``TrainingData.token_counts``) where the data gives that, far more of the vocabulary than
+    the calibration batches look up, for the price of tokenizing; for a table tied to the output
+    head, half that and half the probability the model gives each token (``_predicted_rows``)."""
     for job in jobs:
-        if isinstance(job.module, nn.Embedding):
+        if not isinstance(job.module, nn.Embedding):
+            continue
+        weight = statistics[job.name].row_weight if job.name in statistics else None
+        if data.token_counts is not None:
             counts = data.token_counts.float()[:job.module.num_embeddings]
             counts = torch.cat([counts, counts.new_zeros(job.module.num_embeddings - len(counts))])
-            statistics[job.name] = InputStatistics(row_weight=(counts / counts.sum().clamp_min(1)).to(job.module.weight.device))
+            weight = counts / counts.sum().clamp_min(1)
+        if weight is not None and job.name in predicted:
+            weight = (weight + predicted[job.name].to(weight)) / 2
+        if weight is not None:
+            statistics[job.name] = InputStatistics(row_weight=weight.to(job.module.weight.device))
     return statistics
+
+
+def _predicted_rows(model: nn.Module, jobs: list[Job], followers: dict[str, list[Job]],
+                    data: TrainingData) -> dict[str, Tensor]:
+    """For an embedding whose table is also the model's output head (a tied language model), by
+    name: the mean probability the uncompressed model gives each token on the calibration batches.
+    A row's error lands twice, where its token is looked up and in its logit at every position;
+    there, noise in the logits of tokens the model finds likely costs most, and those include
+    tokens the calibration text never uses (on Gemma: 2.7% of the predicted probability)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = [job.name for job in jobs if isinstance(job.module, nn.Embedding)
+            and any(follower.module is head for follower in followers.get(job.name, []))]
+    if head is None or not tied:
+        return {}
+    batches = (data.batch_at(i) for i in range(data.calibration_batches))
+    probabilities = predicted_probabilities(model, head, data.task.forward, batches, data.task.positions)
+    release_pages(job.module.weight for job in jobs)  # the passes read every weight
+    return dict.fromkeys(tied, probabilities)
 
 
 def _uncollected_head(model: nn.Module, jobs: list[Job]) -> nn.Module | None:
@@ -317,7 +342,8 @@ def correct_bias(layer: nn.Module, weight: torch.Tensor, inputs: InputStatistics
 
 def _fit_calibrated(model: nn.Module, jobs: list[Job], data: TrainingData, seed: int, bar: tqdm,
                     checkpoint: Path | None = None, followers: dict[str, list[Job]] | None = None,
-                    tune_blocks: int = 0, block_lr: float = BLOCK_LR, tune_dense: bool = True) -> nn.Module:
+                    tune_blocks: int = 0, block_lr: float = BLOCK_LR, tune_dense: bool = True,
+                    predicted: dict[str, Tensor] | None = None) -> nn.Module:
     """Fit every layer on the statistics of its inputs. A model with repeated blocks is done block
     by block: layers before the blocks first, then each block on inputs that went through the
     blocks already compressed (one block's activations in memory), then the layers after them.
@@ -348,7 +374,7 @@ def _fit_calibrated(model: nn.Module, jobs: list[Job], data: TrainingData, seed:
             return model
         with capturing({job.name: job.module for job in stage}) as collected, torch.no_grad():
             run()
-            statistics = _with_token_counts(collected(), stage, data)
+            statistics = _embedding_statistics(collected(), stage, data, predicted or {})
         fitted = _fit_runs(model, shared_runs(stage), seed, bar, statistics, followers)
         release_free_memory()  # the stage's activations and fitting temporaries
         if checkpoint is not None and keep:
