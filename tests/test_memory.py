@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from vqcompress.memory import release_free_memory, release_pages
+from vqcompress.memory import release_free_memory, release_pages, released_after_use
 
 
 def resident_mib() -> float:
@@ -39,6 +39,24 @@ def test_a_memory_mapped_weight_leaves_the_resident_memory_and_keeps_its_values(
     assert resident_mib() < before - 32
     assert torch.equal(weight[:1024], torch.full((1024,), 7.0))
     assert torch.equal(weight[1024:], torch.from_numpy(np.fromfile(path, dtype=np.float32)[1024:]))
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="/proc and madvise")
+def test_a_module_s_mapped_weight_leaves_after_its_forward_pass(tmp_path):
+    path = tmp_path / "weight.bin"
+    np.random.default_rng(0).standard_normal(4096 * 4096, dtype=np.float32).tofile(path)  # 64 MiB
+    layer = torch.nn.Linear(4096, 4096, bias=False)
+    layer.weight = torch.nn.Parameter(torch.from_numpy(np.memmap(path, dtype=np.float32, mode="c")).reshape(4096, 4096),
+                                      requires_grad=False)
+    x = torch.randn(2, 4096)
+    expected = x @ torch.from_numpy(np.fromfile(path, dtype=np.float32)).reshape(4096, 4096).T
+    before = resident_mib()
+    with released_after_use([layer]):
+        assert torch.allclose(layer(x), expected, atol=1e-4)
+    assert resident_mib() < before + 32  # the pass read all 64 MiB
+    layer(x)
+    assert resident_mib() > before + 32  # outside the block they stay
+
 
 def test_a_weight_in_ordinary_memory_is_left_alone():
     weight = torch.arange(1 << 20, dtype=torch.float32)

@@ -22,7 +22,7 @@ from .io import load, save
 from .errors import VQCError
 from .finetune import BLOCK_LR, TrainingData, check_assignments, finetune, relative_error, tune_block
 from .layers import coded_from_dense, iter_coded
-from .memory import release_free_memory, release_pages
+from .memory import release_free_memory, release_pages, released_after_use
 from .methods import Method, get_method
 from .plan import Plan
 
@@ -277,7 +277,9 @@ def _predicted_rows(model: nn.Module, jobs: list[Job], followers: dict[str, list
     if head is None or not tied:
         return {}
     batches = (data.batch_at(i) for i in range(data.calibration_batches))
-    probabilities = predicted_probabilities(model, head, data.task.forward, batches, data.task.positions)
+    found = find_blocks(model)
+    with released_after_use(found[1] if found else []):
+        probabilities = predicted_probabilities(model, head, data.task.forward, batches, data.task.positions)
     release_pages(job.module.weight for job in jobs)  # the passes read every weight
     return dict.fromkeys(tied, probabilities)
 

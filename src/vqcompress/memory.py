@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import ctypes
 import mmap
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from torch import nn
 
 
 def release_free_memory() -> None:
@@ -71,6 +73,20 @@ def release_pages(tensors: Iterable[torch.Tensor]) -> None:
             first, last = -(-start // page) * page, end // page * page  # whole pages of this tensor's only
             if last > first:
                 libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_PAGEOUT)
+
+
+@contextmanager
+def released_after_use(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Within the block, each module's memory-mapped weights are paged out (``release_pages``) as
+    soon as its forward pass ends: a pass over a model read from its file then holds one block's
+    pages, not the whole model's (the page cache still has them for the next pass)."""
+    handles = [module.register_forward_hook(lambda module, args, output: release_pages(module.parameters()))
+               for module in modules]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _file_mappings() -> list[tuple[int, int]]:
