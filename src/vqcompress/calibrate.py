@@ -212,11 +212,7 @@ def predicted_probabilities(model: nn.Module, head: nn.Module, forward: Callable
     handle = head.register_forward_pre_hook(record)
     try:
         for batch in batches:
-            with counting(positions(batch)), torch.no_grad():
-                try:
-                    forward(model, batch)
-                except _Stop:
-                    pass
+            statistics_pass(model, forward, batch, positions(batch))
     finally:
         handle.remove()
     return (total / max(count, 1)).float()
