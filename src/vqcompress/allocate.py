@@ -25,7 +25,7 @@ from .coded import CodedWeight, CodeLayout
 from .errors import VQCError
 from .io import model_tensors
 
-LEVELS = (1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0)
+LEVELS = (1.0, 1.5, 2.0, 3.0, 4.0)
 HIGH_LEVELS = (5.0, 6.0, 8.0)  # offered where the budget is at least half of them (``levels``)
 NOISE = 0.03  # relative weight noise that probes a layer's sensitivity: small, so the response is quadratic
 SAMPLE_ROWS = 1024  # rows the sensitivity fit sees: enough for a stable error ratio, fast
@@ -118,16 +118,14 @@ def check_budget(model: nn.Module, jobs: list, bits: float) -> float:
 
 
 def _level_settings(job, budgets: tuple[float, ...] = LEVELS) -> list[tuple[dict, CodeLayout]]:
-    """The distinct (settings, layout) the job's method gives at the index ``budgets`` it can meet
-    (``level_settings`` where the method's own budget counts more than the index; only at its own
-    budget, counted as the user's, where the plan pinned one)."""
-    settings_at = getattr(job.method, "level_settings", job.method.settings)
+    """The distinct (settings, layout) the job's method gives at the ``budgets`` it can meet (only
+    at its own budget where the plan pinned one)."""
     if getattr(job, "pinned_bits", None) is not None:
-        budgets, settings_at = (job.pinned_bits,), job.method.settings
+        budgets = (job.pinned_bits,)
     shape, found = tuple(job.module.weight.shape), []
     for level in budgets:
         try:
-            settings = settings_at(shape, level, job.options)
+            settings = job.method.settings(shape, level, job.options)
             layout = replace(job.method.layout(shape, settings), kept_rows=getattr(job, "kept", 0))
         except VQCError:
             continue

@@ -20,10 +20,8 @@ class Method(Protocol):
     assignments by default, else "ste"), ``corrects_bias`` (False: the layer's bias does not
     absorb the mean output error after fitting, see ``compress.correct_bias``), ``feedback``
     (False: with calibration the codes stay the method's own, not re-chosen with error feedback,
-    see ``compress._finished``), ``quick_settings(settings)`` (cheap settings of the same form, with which the budget
-    allocation measures each level; else it measures a k-means of the layout's d and k) and
-    ``level_settings(shape, level, options)`` (the settings at an index budget, where ``settings``
-    counts codebooks and scales against the budget too: ``allocate._level_settings``)."""
+    see ``compress._finished``) and ``quick_settings(settings)`` (cheap settings of the same form, with which the budget
+    allocation measures each level; else it measures a k-means of the layout's d and k)."""
 
     name: str
     learns_assignments: bool  # fine-tuning may move sub-vectors to other codewords

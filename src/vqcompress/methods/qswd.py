@@ -74,9 +74,7 @@ class QSWD:
     learns_assignments = False  # positions stay as fitted; codebook, coefficients and scales train
     needs_training = False
 
-    def settings(self, shape: tuple[int, ...], bits: float | None, options: dict, counted: bool = True) -> dict:
-        """With ``counted`` (a user's ``--bits``) the codebook and row scales are paid from the
-        budget; without, the budget is an index rate as ``RATE_TABLE`` counts it (``level_settings``)."""
+    def settings(self, shape: tuple[int, ...], bits: float | None, options: dict) -> dict:
         reject_unknown(options, OPTIONS, self.name)
         cols = math.prod(shape[1:])
         given = {key: int(options[key]) for key in ("dim", "k", "terms", "coef_bits") if options.get(key) is not None}
@@ -84,7 +82,7 @@ class QSWD:
             raise VQCError("qswd needs --bits, or all of dim, k, terms and coef_bits (-O terms=… -O coef_bits=…)")
         if bits is not None and bits <= 0:
             raise VQCError(f"a bit budget must be positive, got {bits}")
-        picked = given if len(given) == 4 else self._from_budget(bits, shape, given, options, counted)
+        picked = given if len(given) == 4 else self._from_budget(bits, shape, given, options)
         settings = {
             "scale": options.get("scale", "row"), **picked, "codebook_bits": int(options.get("codebook_bits", 8)),
             "init": options.get("init", "kmeans"), "iterations": int(options.get("iterations", 4)),
@@ -102,7 +100,7 @@ class QSWD:
         if cols % settings["dim"]:
             raise VQCError(f"d = {settings['dim']} does not divide the {cols} inputs of shape {tuple(shape)}")
         cost = self.bits_per_weight(shape, settings)
-        if bits is not None and counted and cost > bits + 1e-9:
+        if bits is not None and cost > bits + 1e-9:
             raise VQCError(f"qswd with d={settings['dim']}, k={settings['k']}, s={settings['terms']}, "
                            f"b_z={settings['coef_bits']}, b_c={settings['codebook_bits']} costs {cost:.3f} bits per weight "
                            f"on shape {tuple(shape)}, above --bits {bits}")
@@ -113,17 +111,10 @@ class QSWD:
         """The exact cost: positions, coefficients, codebook (and its scale) and row scales."""
         return _layout(shape, settings).nbits() / math.prod(shape)
 
-    def level_settings(self, shape: tuple[int, ...], level: float, options: dict) -> dict:
-        """The settings the budget allocation measures at index budget ``level``: the richest
-        ``RATE_TABLE`` row at or under it, its codebook and scales then counted exactly. Counted
-        against the level instead, every row would sit just past its own level (d = 4, k = 256
-        costs 2.025 bits with its row scales) and be out of reach: level 2 would give k = 128."""
-        return self.settings(shape, level, options, counted=False)
-
-    def _from_budget(self, bits: float, shape: tuple[int, ...], given: dict, options: dict, counted: bool) -> dict:
-        """The richest ``RATE_TABLE`` row whose cost on this layer fits the budget (the codebook
-        and scales counted, or only the index rate), with any option the user gave kept; on a
-        layer too small for a row's codebook, that row with fewer codewords, then without row scales."""
+    def _from_budget(self, bits: float, shape: tuple[int, ...], given: dict, options: dict) -> dict:
+        """The richest ``RATE_TABLE`` row whose total cost on this layer fits the budget (the
+        codebook and scales counted), with any option the user gave kept; on a layer too small
+        for a row's codebook, that row with fewer codewords, then without row scales."""
         cols, codebook_bits = math.prod(shape[1:]), int(options.get("codebook_bits", 8))
         for rate, row in reversed(RATE_TABLE):
             picked = dict(zip(("dim", "k", "terms", "coef_bits"), row)) | given
@@ -135,8 +126,8 @@ class QSWD:
             ks = [picked["k"]] if "k" in given else [picked["k"] >> i for i in range(int(math.log2(picked["k"])))]
             for scale, k in ((scale, k) for scale in scales for k in ks if k >= picked["terms"]):
                 candidate = picked | {"k": k, "scale": scale, "codebook_bits": codebook_bits}
-                cost = self.bits_per_weight(shape, candidate) if counted else _index_rate(candidate)
-                if shape[0] * cols // picked["dim"] >= k and cost <= bits + 1e-9:
+                if (shape[0] * cols // picked["dim"] >= k
+                        and self.bits_per_weight(shape, candidate) <= bits + 1e-9):
                     return picked | {"k": k, "scale": scale}
         raise VQCError(f"no qswd setting fits {bits} bits per weight on shape {tuple(shape)} with its codebook and "
                        f"row scales counted: raise --bits or set dim, k, terms and coef_bits")
@@ -327,13 +318,6 @@ def _layout(shape: tuple[int, ...], settings: dict) -> CodeLayout:
     return CodeLayout(tuple(shape), k=settings["k"], dim=settings["dim"], terms=settings["terms"],
                       coef_bits=settings["coef_bits"], codebook_bits=settings["codebook_bits"],
                       scale_group=math.prod(shape[1:]) if settings["scale"] == "row" else None)
-
-
-def _index_rate(settings: dict) -> float:
-    """Bits per weight of a sub-vector's positions and coefficients, as ``RATE_TABLE`` counts them."""
-    layout = _layout((1, settings["dim"]), settings)
-    coefficients = layout.terms * layout.coef_bits
-    return ((layout.position_bits if layout.factored else layout.bits) + coefficients) / layout.dim
 
 
 def _ridge(gram: Tensor) -> Tensor:
