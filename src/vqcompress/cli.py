@@ -77,8 +77,8 @@ def compress(
                                                    "the model's own corpus)"),
     calib_samples: Optional[int] = typer.Option(None, help="calibration sentences, token windows or images"),
     per_layer_bits: bool = typer.Option(False, help="with calibration: --bits caps every layer's own index bits "
-                                                    "(its codebooks and scales come on top) instead of being the whole "
-                                                    "model's average"),
+                                                    "(its codebooks and scales come on top; qswd counts them in the cap) "
+                                                    "instead of being the whole model's average"),
     skip: list[str] = typer.Option([], help="regex of layer names to leave dense (repeatable)"),
     include: list[str] = typer.Option([], help="regex of layer names to code even when small (repeatable)"),
     layer: list[str] = typer.Option([], "--layer", "-L", help="NAME_REGEX:KEY=VALUE[,KEY=VALUE…]: options for the "
