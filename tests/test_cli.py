@@ -118,6 +118,28 @@ def test_zoo_model_compresses_fine_tunes_and_evaluates(untrained_zoo):
     evaluated = vqc_cli("eval", str(out), "--json")
     assert evaluated.returncode == 0, evaluated.stderr
     assert set(json.loads(evaluated.stdout)["compressed"]) == {"accuracy"}
+    tuned = untrained_zoo / "tuned.vqc"
+    result = vqc_cli("finetune", str(out), "-o", str(tuned), "--steps", "2", "--quiet", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["coded_bits_per_weight"] < 1.1
+    assert tuned.read_bytes() != out.read_bytes()  # the codebooks moved …
+    assert vqc.report(tuned).coded_bits == vqc.report(out).coded_bits  # … the sizes did not
+    assert not list(untrained_zoo.glob(".*finetune*"))
+    from safetensors.torch import save_file
+
+    from vqcompress.models.fashion import FashionCNN, checkpoint_path
+
+    torch.manual_seed(1)
+    save_file(FashionCNN().state_dict(), str(checkpoint_path("fashion-cnn")))  # other weights than the file's source
+    assert_clean_failure(vqc_cli("finetune", str(out), "-o", str(tuned), "--steps", "1"), "differ from those")
+
+
+def test_finetune_refuses_what_it_cannot_train(tmp_path, tiny_file):
+    assert_clean_failure(vqc_cli("finetune", str(tmp_path / "none.vqc"), "-o", str(tmp_path / "o.vqc"), "--steps", "1"),
+                         "none.vqc")
+    assert_clean_failure(vqc_cli("finetune", str(tiny_file), "-o", str(tmp_path / "o.vqc"), "--steps", "1"),
+                         "made from a plain module")
+    assert not (tmp_path / "o.vqc").exists()
 
 
 def test_vqdnn_without_fine_tuning_is_refused(untrained_zoo):

@@ -134,6 +134,13 @@ def test_needs_coded_layers_and_steps():
         finetune(compressed(teacher), teacher, classification_task(), batch_at, steps=5, assignments="hard", progress=False)
 
 
+def test_a_diverging_run_stops_before_its_weights_turn_nan():
+    teacher = mlp()
+    with pytest.raises(VQCError, match="diverged at step 1 .* lower the learning rate"):
+        finetune(compressed(teacher), teacher, classification_task(), lambda step: (batch_at(step)[0] * torch.nan, None),
+                 steps=5, progress=False)
+
+
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     teacher = mlp()
     checkpoint = tmp_path / "bad.ckpt"

@@ -1,4 +1,4 @@
-"""The ``vqc`` command: compress, inspect, eval, decompress, demo, bench-speed.
+"""The ``vqc`` command: compress, finetune, inspect, eval, decompress, demo, bench-speed.
 
 User mistakes (``VQCError``) print one line and exit 2; nothing half-written is left behind.
 """
@@ -136,6 +136,46 @@ def compress(
     allocation = [getattr(compressed, "vqc_allocation", "")] if hasattr(compressed, "vqc_allocation") else []
     typer.echo("\n".join([*allocation, *_settings_summary(compressed), str(result)]))
     typer.echo(f"wrote {output} in {seconds:.1f} s (peak memory {_peak_memory_mib():.0f} MiB)")
+
+
+@app.command("finetune")
+def finetune_file(
+    file: Path,
+    output: Path = typer.Option(..., "-o", "--output", help="the .vqc file to write (may be FILE itself)"),
+    steps: int = typer.Option(..., help="distillation steps, each one batch of the model's training data"),
+    lr: float = typer.Option(1e-3, help="fine-tuning learning rate"),
+    calib: Optional[str] = typer.Option(None, help="training data: a corpus (lee-background, wiki, fashion) or a UTF-8 "
+                                                   "text file (default: the model's own)"),
+    calib_samples: Optional[int] = typer.Option(None, help="sentences, token windows or images to draw batches from"),
+    tune_dense: bool = typer.Option(True, help="also train what is stored dense (norms, biases, layers left dense)"),
+    seed: int = typer.Option(0, help="seed: same inputs and seed, same file"),
+    device: str = typer.Option("cpu", help="cpu, or cuda when present"),
+    json_out: bool = typer.Option(False, "--json", help="print a JSON result instead of the table"),
+    quiet: bool = typer.Option(False, help="no progress bar"),
+) -> None:
+    """Fine-tune a .vqc file further: distil it from the model it was made from, its codes fixed
+    (codebooks, scales and what is stored dense train), and write it with its bit report."""
+    from . import report, save
+    from .data import training_data
+    from .finetune import finetune
+    from .io import load
+    from .models import original_model
+
+    device = _device(device)
+    started = time.perf_counter()
+    student = load(file, device=device)
+    source = student.vqc_source
+    teacher = original_model(source.to_json()).to(device)
+    data = training_data(source.to_json(), seed, calib, calib_samples)
+    finetune(student, teacher, data.task, data.batch_at, steps, lr=lr, progress=not quiet, tune_dense=tune_dense,
+             checkpoint=output.with_name(f".{output.name}.partial.finetune"))
+    save(student, output, source)
+    seconds, result = time.perf_counter() - started, report(output)
+    if json_out:
+        typer.echo(json.dumps({"output": str(output), "seconds": seconds, "peak_memory_mib": _peak_memory_mib(),
+                               **result.to_json()}, indent=1))
+        return
+    typer.echo(f"{result}\nwrote {output} in {seconds:.1f} s (peak memory {_peak_memory_mib():.0f} MiB)")
 
 
 def kept_rows_plan(model: torch.nn.Module, rows: int) -> dict[str, dict]:

@@ -299,6 +299,8 @@ def finetune(student: nn.Module, teacher: nn.Module, task: Task, batch_at: Calla
                     code.assigner.anneal(step / (FREEZE_AT * steps))
                 weight = ONE_HOT_WEIGHT * step / (FREEZE_AT * steps)
                 loss = loss + weight * sum(code.assigner.regulariser() for code in codes) / len(codes)
+            if not torch.isfinite(loss):  # a diverged run would write NaN weights
+                raise VQCError(f"fine-tuning diverged at step {step + 1} (the loss is {loss.item()}): lower the learning rate")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -143,6 +143,21 @@ def source_of(model: nn.Module) -> Source:
                   config=config.to_dict() if hasattr(config, "to_dict") else None)
 
 
+def original_model(source: dict) -> nn.Module:
+    """The uncompressed model a file was made from (fine-tuning distils from it), checked against
+    the weights' sha256 the file recorded, so a changed model folder is said, not trained towards."""
+    if source["kind"] == "module":
+        raise VQCError(f"this file was made from a plain module ({source['name']}): fine-tune it with the Python API "
+                       "(vqcompress.finetune.finetune) and the module as teacher")
+    if source["kind"] == "folder" and model_folder(source) is None:
+        raise VQCError(f"the model folder this file was made from ({source.get('path')}) is not on this machine")
+    name = source["name"] if source["kind"] in ("bundled", "zoo") else str(source["path"])
+    model, found = load_model(name, seed=(source.get("config") or {}).get("seed", 0))
+    if source.get("sha256") and found.sha256 != source["sha256"]:
+        raise VQCError(f"the weights of {source['name']} differ from those this file was made from")
+    return model
+
+
 def skeleton(source: dict) -> nn.Module:
     """An uninitialised model of the source's architecture, for loading a file without ``like=``."""
     if source["kind"] == "zoo":
