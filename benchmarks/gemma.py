@@ -9,7 +9,8 @@ a fresh process pinned to two cores: its wall time and peak memory are the whole
 load, calibration, fit, file write). The file it writes is then scored with ``vqc eval`` (the
 ``gemma-270m`` suite: perplexity on the first 2,048 tokens of lee_background in 512-token
 windows); the dense model is scored in the same run. Calibration uses the wiki corpus (never the
-evaluation text). Peers (``PEERS``: HQQ, coremltools SKM) code the blocks' Linear layers in place
+evaluation text). A ``FINETUNED`` row is ``vqc finetune`` of an earlier row's kept file (its time
+and peak memory are added to that row's). Peers (``PEERS``: HQQ, coremltools SKM) code the blocks' Linear layers in place
 in a fresh process each, beside our rows that code the same layers (labels "… Linear layers
 only"). Results go to benchmarks/results/gemma.json and from there (render.py) to
 docs/benchmarks.md.
@@ -62,11 +63,6 @@ CONFIGS = {
     "qswd 3.0 bits, calibrated on 128 windows, embedding d=4 k=256 + 16384 token rows kept in int8, tuned blocks": [
         "--method", "qswd", "--bits", "3.0", "--calib", "wiki", "--calib-samples", "128", "--keep-rows", "16384",
         "-L", r"model\.embed_tokens:dim=4,k=256,terms=1,coef_bits=0", "--tune-blocks", "1"],
-    "qswd 3.0 bits, calibrated on 128 windows, embedding d=4 k=256 + 16384 token rows kept in int8, tuned blocks, "
-    "24 distillation steps": [
-        "--method", "qswd", "--bits", "3.0", "--calib", "wiki", "--calib-samples", "128", "--keep-rows", "16384",
-        "-L", r"model\.embed_tokens:dim=4,k=256,terms=1,coef_bits=0", "--tune-blocks", "1",
-        "--finetune-steps", "24", "--lr", "1e-4"],
     "kmeans 2 bits, row scales (data-free), Linear layers only (embedding dense)": [
         "--method", "kmeans", "--dim", "4", "--k", "256", "--scale", "row", "--skip", SKIP_EMBEDDING],
     "kmeans 2.1 bits per Linear layer, row scales, calibrated, Linear layers only (embedding dense)": [
@@ -76,6 +72,14 @@ CONFIGS = {
         "--method", "jlcm", "--bits", "2.1", "--per-layer-bits", "--calib", "wiki", "--skip", SKIP_EMBEDDING],
     "kmeans 3.1 bits, row scales, calibrated, tuned blocks": ["--method", "kmeans", "--bits", "3.1", "--scale", "row",
                                                               "--calib", "wiki", "--tune-blocks", "2"],
+}
+#: label → (the row whose file it starts from, the arguments after ``vqc finetune FILE``): that row's
+#: file distilled further from the dense model, without fitting it again
+FINETUNED = {
+    "qswd 3.0 bits, calibrated on 128 windows, embedding d=4 k=256 + 16384 token rows kept in int8, tuned blocks, "
+    "then 48 distillation steps": (
+        "qswd 3.0 bits, calibrated on 128 windows, embedding d=4 k=256 + 16384 token rows kept in int8, tuned blocks",
+        ["--steps", "48", "--lr", "1e-4", "--calib", "wiki", "--calib-samples", "1024"]),
 }
 #: label → a peer tool's settings. The peer codes every Linear layer of the blocks in place (HQQ
 #: handles Linear layers only), the tied embedding and head stay dense: it stands beside the
@@ -116,22 +120,33 @@ def long_perplexity(path: Path | None) -> float:
     return float(stdout.strip().splitlines()[-1])
 
 
-def measure(label: str) -> dict:
-    """Compress as the configuration says (timed, peak memory; its progress, with each tuned
-    block's output error, goes to out/gemma-bench/), then score the file."""
+def measure(label: str, rows: dict[str, dict]) -> dict:
+    """Compress as the configuration says, or fine-tune an earlier row's file (``FINETUNED``; its
+    time and peak memory then add to that row's), timed, with its peak memory (its progress, with
+    each tuned block's output error, goes to out/gemma-bench/), then score the file."""
     LOGS.mkdir(parents=True, exist_ok=True)
     path = bench_file(label)
     log = path.with_suffix(".log")
-    stdout, seconds, peak = run_measured(vqc("compress", "gemma-270m", *CONFIGS[label], "-o", str(path), "--json"), log)
-    compressed = json.loads(stdout)
+    if label in FINETUNED:
+        base, extra = FINETUNED[label]
+        if base not in rows or not bench_file(base).exists():
+            raise SystemExit(f"{label!r} starts from the file of {base!r}: measure that row first")
+        command, args = vqc("finetune", str(bench_file(base)), *extra), [*rows[base]["args"], "&&", "vqc", "finetune", "FILE", *extra]
+    else:
+        command, args = vqc("compress", "gemma-270m", *CONFIGS[label]), CONFIGS[label]
+    stdout, seconds, peak = run_measured([*command, "-o", str(path), "--json"], log)
+    written = json.loads(stdout)
+    if label in FINETUNED:
+        written |= {key: rows[base][key] for key in ("settings", "allocation")}
+        seconds, peak = seconds + rows[base]["seconds"], max(peak, rows[base]["peak_memory_mib"])
     scored, _, _ = run_measured(vqc("eval", str(path), "--json"))
     figures = json.loads(scored)
-    row = {"label": label, "args": CONFIGS[label], "seconds": seconds, "peak_memory_mib": peak,
+    row = {"label": label, "args": args, "seconds": seconds, "peak_memory_mib": peak,
            "perplexity": figures["compressed"]["perplexity"], "perplexity_long": long_perplexity(path),
-           "file_bytes": compressed["file_bytes"],
-           "model_bits_per_weight": compressed["model_bits_per_weight"],
-           "coded_bits_per_weight": compressed["coded_bits_per_weight"],
-           "settings": compressed["settings"], "allocation": compressed["allocation"], "machine": machine(),
+           "file_bytes": written["file_bytes"],
+           "model_bits_per_weight": written["model_bits_per_weight"],
+           "coded_bits_per_weight": written["coded_bits_per_weight"],
+           "settings": written["settings"], "allocation": written["allocation"], "machine": machine(),
            "date": now()}
     print(f"{label:<58} {row['model_bits_per_weight']:.3f} bits/w  perplexity {row['perplexity']:.2f}  "
           f"({seconds:.0f} s, {peak:.0f} MiB)", file=sys.stderr, flush=True)
@@ -218,10 +233,10 @@ def main() -> None:
         print(json.dumps(run_peer(json.loads(args.peer))))
         return
     if args.list:
-        print("\n".join([*CONFIGS, *PEERS]))
+        print("\n".join([*CONFIGS, *FINETUNED, *PEERS]))
         return
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:CORES])  # children inherit the pinning
-    every = [*CONFIGS, *PEERS]
+    every = [*CONFIGS, *FINETUNED, *PEERS]
     labels = [label for label in every if not args.only
               or any(p == label or (p not in every and p in label) for p in args.only)]
     if not labels:
@@ -234,9 +249,9 @@ def main() -> None:
     write_json(RESULTS, result)
     for label in labels:
         table = "peers" if label in PEERS else "rows"
-        row = measure_peer(label) if label in PEERS else measure(label)
-        rows = {r["label"]: r for r in result.get(table, [])} | {label: row}
-        result[table] = [rows[name] for name in (PEERS if label in PEERS else CONFIGS) if name in rows]
+        kept = {r["label"]: r for r in result.get(table, [])}
+        rows = kept | {label: measure_peer(label) if label in PEERS else measure(label, kept)}
+        result[table] = [rows[name] for name in (PEERS if label in PEERS else [*CONFIGS, *FINETUNED]) if name in rows]
         result["updated"] = now()
         write_json(RESULTS, result)
     render.main()

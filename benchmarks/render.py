@@ -474,7 +474,8 @@ def gemma_markdown(result: dict) -> list[str]:
              "the whole command: load, calibration on wiki windows, fit, file write), then `vqc eval` on its file "
              "(perplexity on the first 2,048 tokens of lee_background, 512-token windows, the suite's protocol), "
              "and the same on the first 16,384 tokens (a larger sample: small differences at 2,048 tokens can be "
-             "noise). "
+             "noise). Arguments that go on with `&& vqc finetune FILE …` are that row's file distilled further "
+             "(time and peak memory: both commands'). "
              f"Dense fp32 model, scored in the same run: perplexity {dense:.2f}{_long(result['dense'])}; its weights take "
              f"{result['dense']['weight_bytes'] / 2**20:,.0f} MiB.", "",
              "| configuration | arguments | bits/w (model) | bits/w (coded layers) | perplexity | × dense | "

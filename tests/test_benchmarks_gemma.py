@@ -3,7 +3,7 @@ section renders each row against the dense model."""
 
 from typer.testing import CliRunner
 
-from benchmarks.gemma import CONFIGS
+from benchmarks.gemma import CONFIGS, FINETUNED
 from benchmarks.render import gemma_markdown
 
 
@@ -17,6 +17,19 @@ def test_every_configuration_is_a_valid_command_line(monkeypatch):
     monkeypatch.setattr(models, "load_model", stop)
     for args in CONFIGS.values():
         result = CliRunner().invoke(cli.app, ["compress", "gemma-270m", *args, "-o", "x.vqc", "--quiet"])
+        assert result.exit_code == 7, (args, result.output)
+
+
+def test_every_fine_tuned_row_starts_from_a_row_and_is_a_valid_command_line(monkeypatch):
+    from vqcompress import cli, io
+
+    def stop(*args, **kwargs):
+        raise SystemExit(7)
+
+    monkeypatch.setattr(io, "load", stop)
+    for base, args in FINETUNED.values():
+        assert base in CONFIGS
+        result = CliRunner().invoke(cli.app, ["finetune", "x.vqc", *args, "-o", "y.vqc", "--quiet"])
         assert result.exit_code == 7, (args, result.output)
 
 
