@@ -10,7 +10,7 @@ from torch import nn
 
 import vqcompress as vqc
 from vqcompress.errors import VQCError
-from vqcompress.finetune import TrainingData, classification_task
+from vqcompress.finetune import TrainingData, classification_task, finetune
 from vqcompress.layers import iter_coded
 from tests.test_finetune import batch_at, distillation_loss, mlp
 
@@ -281,8 +281,12 @@ def test_tied_scaled_embedding_is_coded_once_and_keeps_its_scale(tmp_path):
     assert vqc.report(path).total_bits == in_memory.total_bits
     torch.manual_seed(1)
     loaded = vqc.load(path, like=_TiedLM().eval())
+    assert loaded.embed.weight_code is loaded.head.weight_code  # tied again, so training moves both
     assert torch.allclose(loaded(ids), compressed(ids), atol=1e-5)
-    assert torch.allclose(densify(loaded)(ids), compressed(ids), atol=1e-5)
+    finetune(loaded, model, classification_task(), lambda step: (ids, None), steps=2, lr=1e-2, progress=False)
+    again = vqc.report(vqc.save(loaded, tmp_path / "tuned.vqc"))
+    assert (again.parameters, again.total_bits) == (in_memory.parameters, in_memory.total_bits)
+    assert torch.allclose(densify(loaded)(ids), loaded(ids), atol=1e-5)
 
 
 def test_tuned_blocks_on_a_decoder_with_sliding_and_full_attention(tmp_path):

@@ -134,6 +134,22 @@ def test_needs_coded_layers_and_steps():
         finetune(compressed(teacher), teacher, classification_task(), batch_at, steps=5, assignments="hard", progress=False)
 
 
+def test_causal_lm_loss_by_slices_is_the_mean_kl_and_its_gradient():
+    """Computed LOSS_ROWS positions at a time (memory), it is the plain batch-mean KL, gradient too."""
+    import torch.nn.functional as F
+
+    from vqcompress.finetune import LOSS_ROWS, causal_lm_task
+
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, LOSS_ROWS + 44, 50, requires_grad=True), torch.randn(2, LOSS_ROWS + 44, 50)
+    sliced = causal_lm_task(temperature=2.0).loss(student, teacher, {})
+    (gradient,) = torch.autograd.grad(sliced, student)
+    whole = F.kl_div(F.log_softmax(student.reshape(-1, 50) / 2, -1), F.log_softmax(teacher.reshape(-1, 50) / 2, -1),
+                     reduction="batchmean", log_target=True) * 4
+    assert torch.allclose(sliced, whole)
+    assert torch.allclose(gradient, torch.autograd.grad(whole, student)[0], atol=1e-7)
+
+
 def test_a_diverging_run_stops_before_its_weights_turn_nan():
     teacher = mlp()
     with pytest.raises(VQCError, match="diverged at step 1 .* lower the learning rate"):

@@ -128,9 +128,14 @@ def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, manifest
 
 
-def _install_coded_layers(model: nn.Module, manifest: dict) -> None:
-    """Put an empty coded layer wherever the file has one, checking the model has that layer."""
-    for name, entry in manifest["layers"].items():
+def _install_coded_layers(model: nn.Module, manifest: dict, stored: set[str]) -> None:
+    """Put an empty coded layer wherever the file has one, checking the model has that layer. A
+    layer whose coded weight is stored only as aliases of another's (a tied embedding and output
+    layer) gets that layer's very coded weight, as when it was compressed, so training moves both."""
+    leaders = _tied_leaders(manifest, stored)
+    codes: dict[str, CodedWeight] = {}
+    for name in sorted(manifest["layers"], key=lambda layer: layer in leaders):  # leaders' codes first
+        entry = manifest["layers"][name]
         layout = CodeLayout.from_json(entry["layout"])
         try:
             current = model.get_submodule(name)
@@ -140,11 +145,26 @@ def _install_coded_layers(model: nn.Module, manifest: dict) -> None:
             raise VQCError(f"layer {name} is a {type(current).__name__} in the model but a {entry['type']} in the file")
         if tuple(current.weight.shape) != layout.shape:
             raise VQCError(f"shape mismatch at {name}: the model has {tuple(current.weight.shape)}, the file {layout.shape}")
-        code = CodedWeight.empty(layout)
+        code = codes[leaders[name]] if name in leaders else CodedWeight.empty(layout)
         code.recipe = entry["recipe"]
+        codes[name] = code
         layer = coded_from_args(entry["type"], entry["args"], code, entry["bias"])
         carry_embed_scale(current, layer)
         model.set_submodule(name, layer)
+
+
+def _tied_leaders(manifest: dict, stored: set[str]) -> dict[str, str]:
+    """Layer → the layer whose coded weight it holds: every tensor of its coded weight is an alias
+    of that layer's, none is stored under its own name."""
+    leaders = {}
+    for name in manifest["layers"]:
+        prefix = f"{name}.weight_code."
+        targets = {original.removesuffix(alias.removeprefix(prefix)) for alias, original in manifest["aliases"].items()
+                   if alias.startswith(prefix)}
+        if len(targets) == 1 and not any(key.startswith(prefix) for key in stored):
+            leader = targets.pop().removesuffix(".weight_code.")
+            leaders[name] = leader if leader in manifest["layers"] and leader != name else None
+    return {name: leader for name, leader in leaders.items() if leader}
 
 
 def _universal_tables(model: nn.Module, folders: list[Path]) -> dict[str, torch.Tensor]:
@@ -170,7 +190,7 @@ def load(path: str | os.PathLike, like: nn.Module | None = None, device: str = "
     the search path (``universal.search_path``)."""
     tensors, manifest = read(path)
     model = skeleton(manifest["source"]) if like is None else like
-    _install_coded_layers(model, manifest)
+    _install_coded_layers(model, manifest, set(tensors))
     universal_tables = _universal_tables(model, [Path(path).parent, *map(Path, codebooks), *universal.search_path()])
     tensors.update(universal_tables)
     for alias, original in manifest["aliases"].items():
