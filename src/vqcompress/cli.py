@@ -101,7 +101,7 @@ def compress(
     quiet: bool = typer.Option(False, help="no progress bars"),
 ) -> None:
     """Compress a model into a .vqc file and print its bit report."""
-    from . import compress as compress_model, report, save
+    from . import compress as compress_model, save
     from .data import training_data
     from .memory import map_large_blocks
     from .models import load_model
@@ -127,14 +127,22 @@ def compress(
                                 tune_dense=tune_dense, tune_blocks=tune_blocks,
                                 allocation=not per_layer_bits, calibrate=calibrate, **options)
     save(compressed, output, source)
+    allocation = [getattr(compressed, "vqc_allocation", "")] if hasattr(compressed, "vqc_allocation") else []
+    _say_written(output, started, json_out, {"settings": _settings_summary(compressed),
+                                             "allocation": getattr(compressed, "vqc_allocation", None)},
+                 [*allocation, *_settings_summary(compressed)])
+
+
+def _say_written(output: Path, started: float, json_out: bool, extra: dict, lines: list[str]) -> None:
+    """The written file's bit report (after ``lines``), time and peak memory; or all that as JSON."""
+    from . import report
+
     seconds, result = time.perf_counter() - started, report(output)
     if json_out:
         typer.echo(json.dumps({"output": str(output), "seconds": seconds, "peak_memory_mib": _peak_memory_mib(),
-                               "settings": _settings_summary(compressed),
-                               "allocation": getattr(compressed, "vqc_allocation", None), **result.to_json()}, indent=1))
+                               **extra, **result.to_json()}, indent=1))
         return
-    allocation = [getattr(compressed, "vqc_allocation", "")] if hasattr(compressed, "vqc_allocation") else []
-    typer.echo("\n".join([*allocation, *_settings_summary(compressed), str(result)]))
+    typer.echo("\n".join([*lines, str(result)]))
     typer.echo(f"wrote {output} in {seconds:.1f} s (peak memory {_peak_memory_mib():.0f} MiB)")
 
 
@@ -155,7 +163,7 @@ def finetune_file(
 ) -> None:
     """Fine-tune a .vqc file further: distil it from the model it was made from, its codes fixed
     (codebooks, scales and what is stored dense train), and write it with its bit report."""
-    from . import report, save
+    from . import save
     from .data import training_data
     from .finetune import finetune
     from .io import load
@@ -170,12 +178,7 @@ def finetune_file(
     finetune(student, teacher, data.task, data.batch_at, steps, lr=lr, progress=not quiet, tune_dense=tune_dense,
              checkpoint=output.with_name(f".{output.name}.partial.finetune"))
     save(student, output, source)
-    seconds, result = time.perf_counter() - started, report(output)
-    if json_out:
-        typer.echo(json.dumps({"output": str(output), "seconds": seconds, "peak_memory_mib": _peak_memory_mib(),
-                               **result.to_json()}, indent=1))
-        return
-    typer.echo(f"{result}\nwrote {output} in {seconds:.1f} s (peak memory {_peak_memory_mib():.0f} MiB)")
+    _say_written(output, started, json_out, {}, [])
 
 
 def kept_rows_plan(model: torch.nn.Module, rows: int) -> dict[str, dict]:

@@ -129,7 +129,7 @@ def causal_lm_task(temperature: float = 1.0) -> Task:
     def loss(student: Tensor, teacher: Tensor, batch: dict) -> Tensor:
         """The mean over positions, a slice of positions at a time, each recomputed in the backward
         pass: the log-probabilities of a whole batch would be held otherwise (Gemma: 262,144 logits
-        a position, 2 GiB a tensor for 4 windows, a 24 GiB peak)."""
+        a position, 2 GiB a tensor for 4 windows)."""
         vocab = student.shape[-1]
         students, teachers = student.reshape(-1, vocab).split(LOSS_ROWS), teacher.reshape(-1, vocab).split(LOSS_ROWS)
         total = sum(torch.utils.checkpoint.checkpoint(_kl_sum, s, t, temperature, use_reentrant=False)

@@ -161,10 +161,10 @@ def _tied_leaders(manifest: dict, stored: set[str]) -> dict[str, str]:
         prefix = f"{name}.weight_code."
         targets = {original.removesuffix(alias.removeprefix(prefix)) for alias, original in manifest["aliases"].items()
                    if alias.startswith(prefix)}
-        if len(targets) == 1 and not any(key.startswith(prefix) for key in stored):
-            leader = targets.pop().removesuffix(".weight_code.")
-            leaders[name] = leader if leader in manifest["layers"] and leader != name else None
-    return {name: leader for name, leader in leaders.items() if leader}
+        leader = targets.pop().removesuffix(".weight_code.") if len(targets) == 1 else None
+        if leader in manifest["layers"] and leader != name and not any(key.startswith(prefix) for key in stored):
+            leaders[name] = leader
+    return leaders
 
 
 def _universal_tables(model: nn.Module, folders: list[Path]) -> dict[str, torch.Tensor]:
