@@ -514,31 +514,3 @@ def test_reassigning_in_slices_of_rows_gives_the_same_codes(weighted, monkeypatc
     monkeypatch.setattr(coded_module, "SLICE_WEIGHTS", 12 * 8)  # 8 rows a slice: 20 rows per group
     code.reassign(weight, importance)
     assert torch.equal(code.codes, whole)
-
-
-def test_refitted_row_scales_give_the_least_error_in_the_metric():
-    """Codes fixed, each row's scale is the closed-form best under M: scaling any row's result by
-    a little more or less makes its ΔᵀMΔ worse, and the permuted layout maps rows right."""
-    torch.manual_seed(0)
-    layout = CodeLayout((6, 4), k=4, dim=2, scale_group=4, permuted=True)
-    code = CodedWeight.encode(layout, torch.randn(4, 2), torch.randint(0, 4, (6, 2)), torch.ones(6),
-                              perm=torch.tensor([3, 0, 5, 1, 4, 2]))
-    weight, root = torch.randn(6, 4), torch.randn(4, 4)
-    metric = root @ root.T + torch.eye(4)
-
-    def errors(decoded):
-        difference = decoded - weight
-        return ((difference @ metric) * difference).sum(1)
-
-    before = errors(code.decode())
-    code.refit_row_scales(weight, metric)
-    after = code.decode()
-    assert (errors(after) <= before + 1e-4).all()
-    for factor in (0.9, 1.1):
-        assert (errors(after) <= errors(after * factor) + 1e-4).all()
-
-
-def test_refitting_row_scales_needs_one_scale_per_row():
-    code = CodedWeight.encode(CodeLayout((2, 4), k=2, dim=2, scale_group=2), CODEBOOK, CODES, torch.ones(2, 2))
-    with pytest.raises(VQCError, match="one scale per row"):
-        code.refit_row_scales(torch.zeros(2, 4), torch.eye(4))

@@ -402,8 +402,7 @@ class _TiedCausalLM(_TiedLM):
 
 def test_a_tied_output_head_weighs_rows_by_predicted_probability_too(monkeypatch):
     """A tied table's row errors count half by how often the calibration text uses each token and
-    half by how much probability the uncompressed model gives it (its logit's noise costs that);
-    its row scales are then refitted to the head's input Gram matrix as well."""
+    half by how much probability the uncompressed model gives it (its logit's noise costs that)."""
     import sys
 
     from vqcompress.finetune import Task
@@ -421,16 +420,5 @@ def test_a_tied_output_head_weighs_rows_by_predicted_probability_too(monkeypatch
         seen.update(statistics or {}), fit_run(run, seed, statistics))[1])
     with torch.no_grad():
         predicted = torch.softmax(model(ids), -1).reshape(-1, 512).mean(0)
-        inputs = torch.tanh(model.mix(model.embed(ids))).reshape(-1, 64)
-    original = model.embed.weight.detach().clone()
-    compressed = vqc.compress(model, "kmeans", 3, data, progress=False, allocation=False, scale="row")
+    vqc.compress(model, "kmeans", 3, data, progress=False, allocation=False, scale="row")
     assert torch.allclose(seen["embed"].row_weight, (counts / counts.sum() + predicted) / 2, atol=1e-6)
-    assert torch.allclose(seen["embed"].head_gram, inputs.T @ inputs / len(inputs), atol=1e-5)
-    # its row scales are refitted to both uses: no row's error under that metric shrinks when scaled
-    metric, decoded = seen["embed"].tied_row_metric(), compressed.embed.weight_code.decode()
-
-    def errors(table):
-        return (((table - original) @ metric) * (table - original)).sum(1)
-
-    for factor in (0.95, 1.05):
-        assert (errors(decoded) <= errors(decoded * factor) + 1e-5).all()

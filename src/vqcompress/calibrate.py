@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,9 +33,6 @@ class InputStatistics:
     gram: Tensor | None = None
     row_weight: Tensor | None = None
     mean: Tensor | None = None  # mean input (cols): what a bias can absorb
-    # an embedding tied to the output head: that head's input Gram (cols × cols), the metric its
-    # rows' errors meet as logits (see ``CodedWeight.refit_row_scales``)
-    head_gram: Tensor | None = None
 
     def centred(self) -> InputStatistics:
         """Statistics of the inputs less their mean, E[(x − μ)(x − μ)ᵀ]: the error left once the
@@ -50,20 +47,9 @@ class InputStatistics:
         precision on the strength of a few samples."""
         if self.gram is None:
             weight = self.row_weight
-            return replace(self, row_weight=weight + fraction * weight.mean())
+            return InputStatistics(row_weight=weight + fraction * weight.mean())
         ridge = fraction * self.gram.diagonal().mean()
         return InputStatistics(gram=self.gram + ridge * torch.eye(len(self.gram), device=self.gram.device), mean=self.mean)
-
-    def tied_row_metric(self) -> Tensor:
-        """The metric M (cols × cols) of a tied embedding row's error Δ, ΔᵀMΔ: its lookup (I) plus
-        its logits (the head's input Gram), scaled to an equal trace. A row's error in the head's
-        input directions moves its token's logit at every position, and Gemma's head inputs are
-        far from isotropic (one direction holds 29% of their energy): refitting only the row
-        scales to this metric took Gemma-270M at 3 bits from 46.19 to 45.60 in a one-off test
-        (docs/methods.md)."""
-        cols = len(self.head_gram)
-        eye = torch.eye(cols, device=self.head_gram.device)
-        return eye + self.head_gram * (cols / self.head_gram.trace().clamp_min(torch.finfo(torch.float32).tiny))
 
     def importance(self) -> Tensor:
         """Per-weight importance, broadcastable to (rows, cols): the diagonal weighting of the error."""
@@ -203,23 +189,20 @@ def statistics_pass(model: nn.Module, forward: Callable[[nn.Module, Any], Any], 
             handle.remove()
 
 
-def head_statistics(model: nn.Module, head: nn.Module, forward: Callable[[nn.Module, Any], Any],
-                    batches: Iterable[Any], positions: Callable[[Any], Tensor | None] = lambda batch: None,
-                    chunk: int = 64) -> tuple[Tensor, Tensor]:
-    """The mean over every (real) position of the batches of the softmax of ``head``'s outputs (how
-    much probability a language model gives each token), and the mean Gram matrix of the head's
-    inputs (cols × cols), in one pass. Each pass stops before the head, which
+def predicted_probabilities(model: nn.Module, head: nn.Module, forward: Callable[[nn.Module, Any], Any],
+                            batches: Iterable[Any], positions: Callable[[Any], Tensor | None] = lambda batch: None,
+                            chunk: int = 64) -> Tensor:
+    """The mean over every (real) position of the batches of the softmax of ``head``'s outputs: how
+    much probability a language model gives each token. Each pass stops before the head, which
     then runs on ``chunk`` positions at a time, so a batch's full logits (Gemma: 2 GB) are never
     held at once (at 64 positions: 2,081 MiB peak for a pass of Gemma, 2,459 at 256, no slower).
     Logit transforms outside the head (soft-capping) are not applied."""
     total, count = torch.zeros(head.out_features, dtype=torch.float64), 0
-    gram = torch.zeros(head.in_features, head.in_features, dtype=torch.float64)
 
     def record(module: nn.Module, args: tuple) -> None:
         nonlocal total, count
         inputs, where = args[0].detach(), _POSITIONS.get()
         inputs = inputs[where] if where is not None else inputs.reshape(-1, inputs.shape[-1])
-        gram.add_((inputs.float().T @ inputs.float()).double().cpu())
         for start in range(0, len(inputs), chunk):
             logits = module.forward(inputs[start:start + chunk])  # not module(): that would call this hook again
             total += torch.softmax(logits.float(), -1).sum(0).double().cpu()
@@ -232,7 +215,7 @@ def head_statistics(model: nn.Module, head: nn.Module, forward: Callable[[nn.Mod
             statistics_pass(model, forward, batch, positions(batch))
     finally:
         handle.remove()
-    return (total / max(count, 1)).float(), (gram / max(count, 1)).float()
+    return (total / max(count, 1)).float()
 
 
 class Blocks:

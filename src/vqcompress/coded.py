@@ -517,26 +517,6 @@ class CodedWeight(nn.Module):
             self.register_buffer("kept_scale", scale)
         self.register_buffer("kept_values", values.to(getattr(torch, dtype)).contiguous())
 
-    def refit_row_scales(self, weight: Tensor, metric: Tensor) -> None:
-        """Each row's scale (a layout with one scale per row) refitted, codes fixed, to the least
-        (ŵ − w)ᵀ M (ŵ − w) for the cols × cols ``metric`` M: the closed form
-        α = ŵᵀMw / ŵᵀMŵ per row, a slice of rows at a time. Rows whose decoded values are zero
-        keep their scale."""
-        lay = self.layout
-        if lay.scale_group != lay.cols or lay.offset:
-            raise VQCError("refitting row scales needs one scale per row and no offsets")
-        matrix = weight.detach().reshape(lay.rows, lay.cols).float()
-        metric = metric.to(device=self.scale.device, dtype=torch.float32)
-        with torch.no_grad():
-            for part in row_slices(lay.rows, lay.cols):
-                rows = torch.arange(part.start, part.stop, device=self.scale.device)
-                decoded = self.decode_rows(rows)
-                weighted = decoded @ metric
-                norm = (weighted * decoded).sum(1)
-                factor = torch.where(norm > 0, (weighted * matrix[rows].to(decoded)).sum(1) / norm.clamp_min(1e-30), 1.0)
-                stored = self.stored_rows_of(rows)
-                self.scale[stored] = (self.scale[stored].float() * factor[:, None]).to(self.scale.dtype)
-
     def decode(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The dense weight in its original shape."""
         rows = torch.arange(self.layout.rows, device=self.codes.device)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .allocate import allocate, check_budget, describe, has_levels, sensitivities
-from .calibrate import Blocks, InputStatistics, capturing, find_blocks, head_statistics, statistics_pass
+from .calibrate import Blocks, InputStatistics, capturing, find_blocks, predicted_probabilities, statistics_pass
 from .coded import CodedWeight
 from .io import load, save
 from .errors import VQCError
@@ -92,16 +92,13 @@ def fit_layer(job: Job, seed: int, inputs: InputStatistics | None = None) -> Cod
 def _finished(code: CodedWeight, job: Job, statistics: InputStatistics | None) -> CodedWeight:
     """The method's coded weight with its recipe and, where the layer's input Gram matrix is known
     and its codes are plain, codes re-chosen with error feedback (``reassign_with_feedback``:
-    the layer's output error is what the choices then reduce, as in GPTQ); for an embedding tied
-    to the output head, row scales refitted to both its uses (``tied_row_metric``); then, with
+    the layer's output error is what the choices then reduce, as in GPTQ); then, with
     ``keep_rows``, the rows of largest weighted error kept apart in int8 (an embedding's most used ones)."""
     code.recipe = {"method": job.method.name, **job.settings}
     weight = job.module.weight.detach().float().to(code.codes.device)
     if (getattr(job.method, "feedback", True) and statistics is not None and statistics.gram is not None
             and code.layout.takes_feedback):
         code.reassign_with_feedback(weight, statistics.gram)
-    if statistics is not None and statistics.head_gram is not None and code.layout.scale_group == code.layout.cols:
-        code.refit_row_scales(weight, statistics.tied_row_metric())
     if job.kept:
         errors = _row_errors(code, weight, statistics or InputStatistics(row_weight=torch.ones(len(weight))))
         code.keep_rows(weight, errors.topk(job.kept).indices)
@@ -222,7 +219,7 @@ def compress(model: nn.Module, method: str = "kmeans", bits: float | None = None
 
 
 def _allocate(model: nn.Module, jobs: list[Job], data: TrainingData, bits: float, available: float,
-              seed: int, predicted: dict[str, tuple[Tensor, Tensor]]) -> None:
+              seed: int, predicted: dict[str, Tensor]) -> None:
     """Give each job the settings of its share of the model's bit budget (``allocate``), measured
     on the statistics of one pass of the uncompressed model; the table is kept in
     ``model.vqc_allocation``."""
@@ -247,12 +244,11 @@ def _allocate(model: nn.Module, jobs: list[Job], data: TrainingData, bits: float
 
 
 def _embedding_statistics(statistics: dict[str, InputStatistics], jobs: list[Job], data: TrainingData,
-                          predicted: dict[str, tuple[Tensor, Tensor]]) -> dict[str, InputStatistics]:
+                          predicted: dict[str, Tensor]) -> dict[str, InputStatistics]:
     """Embeddings' row weights: how often each token occurs in all the calibration text
     (``TrainingData.token_counts``) where the data gives that, far more of the vocabulary than
     the calibration batches look up, for the price of tokenizing; for a table tied to the output
-    head, half that and half the probability the model gives each token, and the head's input
-    Gram matrix (``_predicted_rows``)."""
+    head, half that and half the probability the model gives each token (``_predicted_rows``)."""
     for job in jobs:
         if not isinstance(job.module, nn.Embedding):
             continue
@@ -261,21 +257,17 @@ def _embedding_statistics(statistics: dict[str, InputStatistics], jobs: list[Job
             counts = data.token_counts.float()[:job.module.num_embeddings]
             counts = torch.cat([counts, counts.new_zeros(job.module.num_embeddings - len(counts))])
             weight = counts / counts.sum().clamp_min(1)
-        probabilities, head_gram = predicted.get(job.name, (None, None))
-        if weight is not None and probabilities is not None:
-            weight = (weight + probabilities.to(weight)) / 2
+        if weight is not None and job.name in predicted:
+            weight = (weight + predicted[job.name].to(weight)) / 2
         if weight is not None:
-            device = job.module.weight.device
-            statistics[job.name] = InputStatistics(row_weight=weight.to(device),
-                                                   head_gram=None if head_gram is None else head_gram.to(device))
+            statistics[job.name] = InputStatistics(row_weight=weight.to(job.module.weight.device))
     return statistics
 
 
 def _predicted_rows(model: nn.Module, jobs: list[Job], followers: dict[str, list[Job]],
-                    data: TrainingData) -> dict[str, tuple[Tensor, Tensor]]:
+                    data: TrainingData) -> dict[str, Tensor]:
     """For an embedding whose table is also the model's output head (a tied language model), by
-    name: the mean probability the uncompressed model gives each token on the calibration batches,
-    and the Gram matrix of the head's inputs there (``head_statistics``).
+    name: the mean probability the uncompressed model gives each token on the calibration batches.
     A row's error lands twice, where its token is looked up and in its logit at every position;
     there, noise in the logits of tokens the model finds likely costs most, and those include
     tokens the calibration text never uses (on Gemma: 2.7% of the predicted probability)."""
@@ -287,9 +279,9 @@ def _predicted_rows(model: nn.Module, jobs: list[Job], followers: dict[str, list
     batches = (data.batch_at(i) for i in range(data.calibration_batches))
     found = find_blocks(model)
     with released_after_use(found[1] if found else []):
-        found_statistics = head_statistics(model, head, data.task.forward, batches, data.task.positions)
+        probabilities = predicted_probabilities(model, head, data.task.forward, batches, data.task.positions)
     release_pages(job.module.weight for job in jobs)  # the passes read every weight
-    return dict.fromkeys(tied, found_statistics)
+    return dict.fromkeys(tied, probabilities)
 
 
 def _uncollected_head(model: nn.Module, jobs: list[Job]) -> nn.Module | None:
@@ -353,7 +345,7 @@ def correct_bias(layer: nn.Module, weight: torch.Tensor, inputs: InputStatistics
 def _fit_calibrated(model: nn.Module, jobs: list[Job], data: TrainingData, seed: int, bar: tqdm,
                     checkpoint: Path | None = None, followers: dict[str, list[Job]] | None = None,
                     tune_blocks: int = 0, block_lr: float = BLOCK_LR, tune_dense: bool = True,
-                    predicted: dict[str, tuple[Tensor, Tensor]] | None = None) -> nn.Module:
+                    predicted: dict[str, Tensor] | None = None) -> nn.Module:
     """Fit every layer on the statistics of its inputs. A model with repeated blocks is done block
     by block: layers before the blocks first, then each block on inputs that went through the
     blocks already compressed (one block's activations in memory), then the layers after them.
