@@ -127,10 +127,9 @@ def compress(
                                 tune_dense=tune_dense, tune_blocks=tune_blocks,
                                 allocation=not per_layer_bits, calibrate=calibrate, **options)
     save(compressed, output, source)
-    allocation = [getattr(compressed, "vqc_allocation", "")] if hasattr(compressed, "vqc_allocation") else []
-    _say_written(output, started, json_out, {"settings": _settings_summary(compressed),
-                                             "allocation": getattr(compressed, "vqc_allocation", None)},
-                 [*allocation, *_settings_summary(compressed)])
+    allocation, settings = getattr(compressed, "vqc_allocation", None), _settings_summary(compressed)
+    _say_written(output, started, json_out, {"settings": settings, "allocation": allocation},
+                 [*([] if allocation is None else [allocation]), *settings])
 
 
 def _say_written(output: Path, started: float, json_out: bool, extra: dict, lines: list[str]) -> None:
