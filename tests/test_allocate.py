@@ -82,7 +82,7 @@ def test_an_embeddings_kept_rows_get_no_noise_in_the_sensitivity_probe():
     torch.manual_seed(0)
     table = torch.nn.Embedding(100, 8)
     original = table.weight.detach().clone()
-    used = torch.cat([torch.full((10,), 10.0), torch.ones(90)])  # rows 0–9 are the most used
+    used = torch.cat([torch.full((10,), 100.0), torch.ones(90)])  # rows 0–9 are the most used (and weigh most)
     statistics = {"table": InputStatistics(row_weight=used)}
 
     def loss() -> float:

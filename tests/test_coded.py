@@ -452,6 +452,36 @@ def test_kept_rows_decode_as_stored_everywhere_and_are_counted(dtype):
     assert torch.equal(shell.decode(), decoded)
 
 
+@pytest.mark.parametrize("form", ["plain", "indices", "mask", "fp16"])
+def test_a_files_row_streams_leave_the_kept_rows_out_and_come_back_decoding_the_same(form):
+    """Codes and coefficients of kept rows are never read: the stored streams drop them (the bit
+    count with them), and restoring the streams gives a weight that decodes the same."""
+    from vqcompress.coded import streams_with_kept_rows, streams_without_kept_rows
+
+    gen = torch.Generator().manual_seed(3)
+    settings = {"plain": {}, "indices": {"terms": 2, "coef_bits": 3}, "mask": {"terms": 3, "coef_bits": 2},
+                "fp16": {"terms": 2, "coef_bits": 16}}[form]
+    layout = CodeLayout((16, 12), k=4, dim=3, scale_group=12, permuted=True, **settings)
+    assert layout.masked == (form == "mask")
+    terms = layout.terms
+    positions = torch.stack([torch.randperm(4, generator=gen)[:terms] for _ in range(16 * 4)]).reshape(16, 4, terms)
+    code = CodedWeight.encode(layout, torch.randn(4, 3, generator=gen), positions if layout.factored else positions[..., 0],
+                              torch.rand(16, 1, generator=gen) + 0.5, perm=torch.randperm(16, generator=gen),
+                              coefficients=torch.randint(-3, 4, positions.shape, generator=gen).float() * 2 + 1)
+    weight = code.decode() + 0.1
+    full_bits = code.nbits()
+    code.keep_rows(weight, torch.tensor([0, 5, 11]))
+    decoded, buffers = code.decode(), dict(code.named_buffers())
+    stored = streams_without_kept_rows(code.layout, buffers)
+    for name, (width, per_row) in code.layout.row_streams().items():
+        assert stored[name].numel() * stored[name].element_size() * 8 == code.layout.stream_bits()[name]
+    left_out = sum(buffers[n].numel() * buffers[n].element_size() * 8 for n in stored) - sum(code.layout.stream_bits().values())
+    assert code.nbits() == code.layout.nbits() == full_bits + code.layout.kept_bits() - left_out and left_out > 0
+    shell = CodedWeight.empty(code.layout)
+    shell.load_state_dict({**buffers, **streams_with_kept_rows(code.layout, {**buffers, **stored})})
+    assert torch.equal(shell.decode(), decoded)
+
+
 def test_kept_rows_beyond_the_weight_are_refused():
     with pytest.raises(VQCError, match="kept rows"):
         CodeLayout((4, 8), k=4, dim=2, kept_rows=5).validate()

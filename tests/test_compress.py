@@ -422,3 +422,27 @@ def test_a_tied_output_head_weighs_rows_by_predicted_probability_too(monkeypatch
         predicted = torch.softmax(model(ids), -1).reshape(-1, 512).mean(0)
     vqc.compress(model, "kmeans", 3, data, progress=False, allocation=False, scale="row")
     assert torch.allclose(seen["embed"].row_weight, (counts / counts.sum() + predicted) / 2, atol=1e-6)
+
+
+def test_kept_rows_weigh_nothing_in_the_fit_of_the_codebook_the_other_rows_use():
+    """The rows an embedding keeps apart are chosen before the fit (most weighted energy) and left
+    out of it: the codebook serves the rows that use it, whose error is then lower than when the
+    kept rows, far heavier, pulled the codewords their way."""
+    from vqcompress.calibrate import InputStatistics
+    from vqcompress.compress import _job, fit_layer
+
+    torch.manual_seed(0)
+    table = torch.nn.Embedding(512, 16)
+    with torch.no_grad():
+        table.weight[:32] = 4 * torch.randn(32, 16).sign() + torch.randn(32, 16)  # heavy rows of another shape
+    used = torch.cat([torch.full((32,), 100.0), torch.ones(480)])
+    inputs = InputStatistics(row_weight=used / used.sum())
+    others = torch.arange(32, 512)
+
+    def other_rows_error(kept: int) -> float:
+        code = fit_layer(_job("table", table, {"method": "kmeans", "dim": 4, "k": 16, "keep_rows": kept}, None), 0, inputs)
+        return float((code.decode()[others] - table.weight.detach()[others]).square().sum())
+
+    with_kept = fit_layer(_job("table", table, {"method": "kmeans", "dim": 4, "k": 16, "keep_rows": 32}, None), 0, inputs)
+    assert with_kept.kept_row_numbers().tolist() == list(range(32))
+    assert other_rows_error(32) < 0.9 * other_rows_error(0)

@@ -146,3 +146,33 @@ def test_tied_weights_are_stored_once(tmp_path, tiny_inputs):
     loaded = vqc.load(path, like=skeleton)
     assert torch.equal(loaded.tied.weight, compressed.embed.weight)
     assert torch.equal(loaded.tied.weight, loaded.embed.weight)
+
+
+def test_kept_rows_codes_are_left_out_of_the_file_and_the_model_comes_back(tmp_path, tiny_inputs):
+    """A kept row's codes are never read: the file is smaller by them, the report counts the file
+    exactly, and the loaded model gives the same outputs bit for bit."""
+    torch.manual_seed(0)
+    plain = vqc.compress(TinyNet(), "kmeans", bits=2, progress=False)
+    torch.manual_seed(0)
+    kept = vqc.compress(TinyNet(), "kmeans", bits=2, plan=vqc.Plan(by_name={"embed": {"keep_rows": 40}}), progress=False)
+    plain_path, path = vqc.save(plain, tmp_path / "plain.vqc"), vqc.save(kept, tmp_path / "kept.vqc")
+    layout = kept.embed.weight_code.layout
+    with safe_open(str(path), framework="pt") as handle, safe_open(str(plain_path), framework="pt") as other:
+        assert handle.get_tensor("embed.weight_code.codes").numel() * 8 == layout.stream_bits()["codes"]
+        assert handle.get_tensor("embed.weight_code.codes").numel() < other.get_tensor("embed.weight_code.codes").numel()
+    assert vqc.report(path).total_bits == vqc.report(kept).total_bits
+    with torch.no_grad():
+        expected = kept(*tiny_inputs)
+        assert torch.equal(vqc.load(path, like=TinyNet())(*tiny_inputs), expected)
+
+
+def test_a_version_1_file_with_kept_rows_codes_still_loads(tmp_path, tiny_inputs):
+    """Version 1 stored every row's codes, kept rows' too: such a file still reads the same."""
+    torch.manual_seed(0)
+    model = vqc.compress(TinyNet(), "kmeans", bits=2, plan=vqc.Plan(by_name={"embed": {"keep_rows": 40}}), progress=False)
+    tensors, aliases = io.model_tensors(model)
+    tensors["embed.weight_code.codes"] = model.embed.weight_code.codes.clone()
+    manifest = {**io.manifest_of(model, tensors, aliases), "format_version": 1}
+    save_file(tensors, str(tmp_path / "v1.vqc"), metadata={"vqcompress": json.dumps(manifest)})
+    with torch.no_grad():
+        assert torch.equal(vqc.load(tmp_path / "v1.vqc", like=TinyNet())(*tiny_inputs), model(*tiny_inputs))

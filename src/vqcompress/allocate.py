@@ -57,10 +57,10 @@ def sensitivities(jobs: list, statistics: dict[str, InputStatistics], loss: Call
             noise.mul_(torch.randn(weight.shape, generator=generator).to(weight))
             stats = statistics.get(job.name) or InputStatistics(gram=torch.eye(weight[0].numel(), device=weight.device))
             coded = torch.ones(len(weight), dtype=torch.bool, device=weight.device)
-            if getattr(job, "kept", 0) and stats.row_weight is not None:
-                coded[stats.row_weight.topk(job.kept).indices] = False
-                noise[~coded] = 0
             flat, flat_noise = weight.reshape(len(weight), -1), noise.reshape(len(weight), -1)
+            if getattr(job, "kept", 0):
+                coded[stats.heaviest_rows(flat, job.kept)] = False
+                noise[~coded] = 0
             errors = [stats.row_errors_in_slices(lambda rows: m[rows], *m.shape, m.device)[coded].sum() for m in (flat_noise, flat)]
             relative = float(errors[0] / errors[1].clamp_min(1e-30))
             weight.add_(noise)
@@ -184,7 +184,9 @@ def _sample_rows(weight: torch.Tensor, stats: InputStatistics, seed: int, kept: 
     if rows <= SAMPLE_ROWS:
         return torch.arange(rows)
     if stats.gram is None:
-        return stats.row_weight.topk(min(rows, SAMPLE_ROWS + kept)).indices[kept:].sort().values
+        weights = stats.row_weight.clone()
+        weights[stats.heaviest_rows(weight, kept)] = -1
+        return weights.topk(min(rows - kept, SAMPLE_ROWS)).indices.sort().values
     return torch.randperm(rows, generator=torch.Generator().manual_seed(seed))[:SAMPLE_ROWS].sort().values
 
 

@@ -51,6 +51,21 @@ class InputStatistics:
         ridge = fraction * self.gram.diagonal().mean()
         return InputStatistics(gram=self.gram + ridge * torch.eye(len(self.gram), device=self.gram.device), mean=self.mean)
 
+    def heaviest_rows(self, weight: Tensor, count: int) -> Tensor:
+        """The ``count`` rows of ``weight`` (rows × cols) of largest weighted energy: the rows whose
+        coding error weighs most (it is about a fixed fraction of that energy), which an embedding
+        keeps apart (``keep_rows``)."""
+        return self.row_errors_in_slices(lambda rows: weight[rows], *weight.shape, weight.device).topk(count).indices
+
+    def without_rows(self, rows: Tensor) -> InputStatistics:
+        """These statistics with the row weights of ``rows`` at zero, for fitting a codebook to the
+        rows that will use it (not to kept rows); a Gram matrix weighs inputs, not rows: unchanged."""
+        if self.row_weight is None:
+            return self
+        weight = self.row_weight.clone()
+        weight[rows.to(weight.device)] = 0
+        return InputStatistics(row_weight=weight)
+
     def importance(self) -> Tensor:
         """Per-weight importance, broadcastable to (rows, cols): the diagonal weighting of the error."""
         if self.gram is not None:

@@ -17,8 +17,9 @@ stored as the index of a codeword, bit-packed at ``ceil(log2 k)`` bits. On top o
   by many models, never stored in a model's file, never counted in its bits and never trained;
 - optional kept rows (``kept_rows``): a few rows also stored apart, in int8 with an fp16 scale
   per row (or exactly, in fp16: ``kept_dtype``), with their row numbers (int32), and decoded as
-  stored (a language model's most used token rows, whose error every text meets; their codes
-  stay in the stream, unused, so the code layout stays uniform).
+  stored (a language model's most used token rows, whose error every text meets). In memory
+  their codes stay in the stream, unused, so the code layout stays uniform; a file leaves them
+  out (``streams_without_kept_rows``) and the bit count does not include them.
 
 The factor form (quantized sparse decomposition, ``qswd``) generalises the index: a sub-vector is
 ``Σ_t z_t · C[p_t]`` over ``terms`` (s) distinct codewords. The positions p are stored as
@@ -206,20 +207,36 @@ class CodeLayout:
         def packed(values: int, width: int) -> int:
             return 8 * ((values * width + 7) // 8)
 
-        sub_vectors = self.rows * self.segments
         if self.codebook_sha256 is not None:
             codebook = 0
         elif self.codebook_bits:
             codebook = packed(self.groups * self.k * self.dim, self.codebook_bits) + 16 * self.groups
         else:
             codebook = self.groups * self.k * self.dim * getattr(torch, self.codebook_dtype).itemsize * 8
-        codes = packed(sub_vectors, self.position_bits if self.factored else self.bits)
-        coefficients = (16 * sub_vectors * self.terms if self.coef_bits == FP16_COEFFICIENTS
-                        else packed(sub_vectors * self.terms, self.coef_bits))
+        streams = self.stream_bits()
+        codes, coefficients = streams["codes"], streams.get("coef", 0)
         scale_bits = getattr(torch, self.scale_dtype).itemsize * 8
         scales = self.rows * (self.cols // self.scale_group) * scale_bits * (1 + self.offset) if self.scale_group else 0
         return (codebook + codes + coefficients + scales + (packed(self.rows, code_bits(self.rows)) if self.permuted else 0)
                 + (scale_bits if self.gain else 0) + self.kept_bits())
+
+    def row_streams(self) -> dict[str, tuple[int, int]]:
+        """The buffers that hold the same number of entries for every stored row, row after row:
+        name → (bits per entry, entries per row). Fp16 coefficients are a (rows, entries) matrix."""
+        per_sub_vector = self.terms if self.factored else 1
+        streams = {"codes": (1, self.segments * self.k) if self.factored and self.masked
+                   else (self.bits, self.segments * per_sub_vector)}
+        if self.coef_bits:
+            streams["coef"] = (self.coef_bits, self.segments * self.terms)
+        return streams
+
+    def stream_bits(self) -> dict[str, int]:
+        """Stored bits of each row stream: the rows that are not kept (a kept row's codes are never
+        read, so a file leaves them out); packed streams fill whole bytes."""
+        coded_rows = self.rows - self.kept_rows
+        return {name: (16 * coded_rows * per_row if width == FP16_COEFFICIENTS
+                       else 8 * ((coded_rows * per_row * width + 7) // 8))
+                for name, (width, per_row) in self.row_streams().items()}
 
     def kept_bits(self) -> int:
         """Bits of the kept rows: their values (int8 and an fp16 scale per row, or fp16) and their
@@ -667,9 +684,13 @@ class CodedWeight(nn.Module):
 
     def nbits(self) -> int:
         """Exact storage cost: every byte of every buffer this weight stores (a universal codebook
-        is stored apart, once for every model)."""
-        return sum(b.numel() * b.element_size() * 8 for name, b in self.named_buffers(recurse=False)
-                   if not self._held_apart(name) and name not in self._non_persistent_buffers_set)
+        is stored apart, once for every model), its row streams as a file holds them (without the
+        kept rows' codes)."""
+        sizes = {name: b.numel() * b.element_size() * 8 for name, b in self.named_buffers(recurse=False)
+                 if not self._held_apart(name) and name not in self._non_persistent_buffers_set}
+        if self.layout.kept_rows:
+            sizes.update(self.layout.stream_bits())
+        return sum(sizes.values())
 
     def _held_apart(self, name: str) -> bool:
         """Whether buffer ``name`` is a universal codebook: stored in a file of its own, frozen."""
@@ -704,3 +725,56 @@ def _pack_terms(layout: CodeLayout, positions: Tensor, coefficients: Tensor | No
     if not layout.coef_bits:
         return codes, None
     return codes, _pack_coefficients(layout, coefficients.reshape(positions.shape).float().gather(-1, order))
+
+
+def _coded_rows(layout: CodeLayout, buffers: dict[str, Tensor]) -> Tensor:
+    """Stored rows that are not kept rows (ascending), from a weight's ``kept_index`` and ``perm``."""
+    kept = buffers["kept_index"].cpu().to(torch.int64)
+    if layout.permuted:
+        rows = torch.arange(layout.rows)
+        kept = torch.argsort(unpack_codes(buffers["perm"].cpu(), code_bits(layout.rows), rows))[kept]
+    coded = torch.ones(layout.rows, dtype=torch.bool)
+    coded[kept] = False
+    return coded.nonzero()[:, 0]
+
+
+def streams_without_kept_rows(layout: CodeLayout, buffers: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A weight's row streams (``CodeLayout.row_streams``) as a file stores them: the kept rows'
+    entries left out, as nothing reads them. ``buffers``: the weight's buffers by name."""
+    rows = _coded_rows(layout, buffers)
+    stored = {}
+    for name, (width, per_row) in layout.row_streams().items():
+        stream = buffers[name].cpu()
+        if stream.dtype != torch.uint8:  # fp16 coefficients: a matrix of rows
+            stored[name] = stream[rows].contiguous()
+            continue
+        index = (rows[:, None] * per_row + torch.arange(per_row)).reshape(-1)
+        stored[name] = pack_codes(unpack_codes(stream, width, index), width)
+    return stored
+
+
+def streams_with_kept_rows(layout: CodeLayout, buffers: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The inverse of ``streams_without_kept_rows``: the row streams as memory holds them, every
+    kept row given valid placeholder entries (positions 0 … s − 1, grid level 0), never read."""
+    rows = _coded_rows(layout, buffers)
+    full = {}
+    for name, (width, per_row) in layout.row_streams().items():
+        stream = buffers[name]
+        if stream.dtype != torch.uint8:
+            full[name] = stream.new_zeros(layout.rows, stream.shape[1]).index_copy_(0, rows, stream)
+            continue
+        matrix = _placeholder_row(layout, name).repeat(layout.rows, 1)
+        matrix[rows] = unpack_codes(stream, width, torch.arange(len(rows) * per_row)).reshape(len(rows), per_row)
+        full[name] = pack_codes(matrix, width)
+    return full
+
+
+def _placeholder_row(layout: CodeLayout, stream: str) -> Tensor:
+    """Entries of one row of ``stream`` that decode without error: distinct positions, level 0."""
+    if stream == "coef":
+        return torch.zeros(1, layout.segments * layout.terms, dtype=torch.int64)
+    if layout.factored and layout.masked:
+        mask = torch.zeros(layout.k, dtype=torch.int64)
+        mask[:layout.terms] = 1
+        return mask.repeat(layout.segments)[None]
+    return torch.arange(layout.terms if layout.factored else 1).repeat(layout.segments)[None]

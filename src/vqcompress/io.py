@@ -21,13 +21,14 @@ from torch import nn
 
 from . import __version__, universal
 from .atomic import write_atomically
-from .coded import CodedWeight, CodeLayout
+from .coded import CodedWeight, CodeLayout, streams_with_kept_rows, streams_without_kept_rows
 from .errors import VQCError
 from .layers import LAYER_ARGS, carry_embed_scale, coded_from_args, dense_type_of, iter_coded, layer_args
 from .models import Source, skeleton, source_of
 
 FORMAT = "vqc"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a kept row's codes are left out of the file (1 stored them, unused)
+READABLE_VERSIONS = (1, 2)
 MANIFEST_KEY = "vqcompress"
 
 
@@ -61,6 +62,11 @@ def model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
         else:
             seen[key] = name
             tensors[name] = tensor.detach().cpu().contiguous()
+    for name, layer in iter_coded(model):  # kept rows' codes are never read: not stored
+        code, prefix = layer.weight_code, f"{name}.weight_code."
+        if code.layout.kept_rows and f"{prefix}codes" in tensors:
+            buffers = dict(code.named_buffers(recurse=False))
+            tensors.update({prefix + k: v for k, v in streams_without_kept_rows(code.layout, buffers).items()})
     return tensors, aliases
 
 
@@ -109,9 +115,9 @@ def read_manifest(path: str | os.PathLike) -> tuple[dict, dict[str, tuple[str, t
         raise VQCError(f"{path} has a corrupt manifest") from None
     if manifest.get("format") != FORMAT:
         raise VQCError(f"{path} is not a .vqc file")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise VQCError(f"{path} has format version {manifest.get('format_version')}; this vqcompress {__version__} "
-                       f"reads version {FORMAT_VERSION}")
+                       f"reads versions {' and '.join(map(str, READABLE_VERSIONS))}")
     return manifest, shapes
 
 
@@ -153,6 +159,16 @@ def _install_coded_layers(model: nn.Module, manifest: dict, stored: set[str]) ->
         model.set_submodule(name, layer)
 
 
+def _restore_kept_rows_codes(manifest: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Give every coded weight with kept rows its row streams as memory holds them (the file
+    leaves the kept rows' entries out)."""
+    for name, entry in manifest["layers"].items():
+        layout, prefix = CodeLayout.from_json(entry["layout"]), f"{name}.weight_code."
+        if layout.kept_rows and f"{prefix}codes" in tensors:
+            buffers = {key.removeprefix(prefix): value for key, value in tensors.items() if key.startswith(prefix)}
+            tensors.update({prefix + k: v for k, v in streams_with_kept_rows(layout, buffers).items()})
+
+
 def _tied_leaders(manifest: dict, stored: set[str]) -> dict[str, str]:
     """Layer → the layer whose coded weight it holds: every tensor of its coded weight is an alias
     of that layer's, none is stored under its own name."""
@@ -191,6 +207,8 @@ def load(path: str | os.PathLike, like: nn.Module | None = None, device: str = "
     tensors, manifest = read(path)
     model = skeleton(manifest["source"]) if like is None else like
     _install_coded_layers(model, manifest, set(tensors))
+    if manifest["format_version"] >= 2:
+        _restore_kept_rows_codes(manifest, tensors)
     universal_tables = _universal_tables(model, [Path(path).parent, *map(Path, codebooks), *universal.search_path()])
     tensors.update(universal_tables)
     for alias, original in manifest["aliases"].items():
