@@ -63,6 +63,9 @@ CONFIGS = {
     "qswd 3.0 bits, calibrated on 128 windows, embedding d=4 k=256 + 16384 token rows kept in int8, tuned blocks": [
         "--method", "qswd", "--bits", "3.0", "--calib", "wiki", "--calib-samples", "128", "--keep-rows", "16384",
         "-L", r"model\.embed_tokens:dim=4,k=256,terms=1,coef_bits=0", "--tune-blocks", "1"],
+    "qswd 3.0 bits, calibrated on 128 windows, embedding d=4 k=256 + 22528 token rows kept in int8, tuned blocks": [
+        "--method", "qswd", "--bits", "3.0", "--calib", "wiki", "--calib-samples", "128", "--keep-rows", "22528",
+        "-L", r"model\.embed_tokens:dim=4,k=256,terms=1,coef_bits=0", "--tune-blocks", "1"],
     "kmeans 2 bits, row scales (data-free), Linear layers only (embedding dense)": [
         "--method", "kmeans", "--dim", "4", "--k", "256", "--scale", "row", "--skip", SKIP_EMBEDDING],
     "kmeans 2.1 bits per Linear layer, row scales, calibrated, Linear layers only (embedding dense)": [
@@ -79,6 +82,10 @@ FINETUNED = {
     "qswd 3.0 bits, calibrated on 128 windows, embedding d=4 k=256 + 16384 token rows kept in int8, tuned blocks, "
     "then 48 distillation steps": (
         "qswd 3.0 bits, calibrated on 128 windows, embedding d=4 k=256 + 16384 token rows kept in int8, tuned blocks",
+        ["--steps", "48", "--lr", "1e-4", "--calib", "wiki", "--calib-samples", "1024"]),
+    "qswd 3.0 bits, calibrated on 128 windows, embedding d=4 k=256 + 22528 token rows kept in int8, tuned blocks, "
+    "then 48 distillation steps": (
+        "qswd 3.0 bits, calibrated on 128 windows, embedding d=4 k=256 + 22528 token rows kept in int8, tuned blocks",
         ["--steps", "48", "--lr", "1e-4", "--calib", "wiki", "--calib-samples", "1024"]),
 }
 #: label → a peer tool's settings. The peer codes every Linear layer of the blocks in place (HQQ
