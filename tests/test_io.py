@@ -176,3 +176,13 @@ def test_a_version_1_file_with_kept_rows_codes_still_loads(tmp_path, tiny_inputs
     save_file(tensors, str(tmp_path / "v1.vqc"), metadata={"vqcompress": json.dumps(manifest)})
     with torch.no_grad():
         assert torch.equal(vqc.load(tmp_path / "v1.vqc", like=TinyNet())(*tiny_inputs), model(*tiny_inputs))
+
+
+def test_a_manifest_whose_layout_does_not_fit_the_kept_rows_codes_is_refused(tmp_path):
+    """The payload hash covers the tensors, not the manifest: an edited layout must still fail in words."""
+    torch.manual_seed(0)
+    model = vqc.compress(TinyNet(), "kmeans", bits=2, plan=vqc.Plan(by_name={"embed": {"keep_rows": 40}}), progress=False)
+    path = vqc.save(model, tmp_path / "kept.vqc")
+    _rewrite_manifest(path, tmp_path / "edited.vqc", lambda m: m["layers"]["embed"]["layout"].update(k=256))
+    with pytest.raises(VQCError, match="layer embed: its kept rows"):
+        vqc.load(tmp_path / "edited.vqc", like=TinyNet())

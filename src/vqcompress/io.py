@@ -166,6 +166,11 @@ def _restore_kept_rows_codes(manifest: dict, tensors: dict[str, torch.Tensor]) -
         layout, prefix = CodeLayout.from_json(entry["layout"]), f"{name}.weight_code."
         if layout.kept_rows and f"{prefix}codes" in tensors:
             buffers = {key.removeprefix(prefix): value for key, value in tensors.items() if key.startswith(prefix)}
+            kept = buffers.get("kept_index", torch.zeros(0, dtype=torch.int64))
+            sizes = {key: buffers[key].numel() * buffers[key].element_size() * 8 for key in layout.row_streams() if key in buffers}
+            if (sizes != layout.stream_bits() or len(kept) != layout.kept_rows or len(kept.unique()) != len(kept)
+                    or int(kept.min()) < 0 or int(kept.max()) >= layout.rows):
+                raise VQCError(f"layer {name}: its kept rows and codes in the file do not match its layout (an edited file?)")
             tensors.update({prefix + k: v for k, v in streams_with_kept_rows(layout, buffers).items()})
 
 
