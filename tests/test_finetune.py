@@ -10,7 +10,7 @@ from torch import nn
 
 import vqcompress as vqc
 from vqcompress.errors import VQCError
-from vqcompress.finetune import classification_task, finetune, relative_error
+from vqcompress.finetune import GUARD_BATCHES, classification_task, finetune, relative_error
 from vqcompress.layers import iter_coded
 
 
@@ -33,6 +33,16 @@ def compressed(teacher: nn.Module) -> nn.Module:
     """1 bit per index: the first layer with a large codebook (much to gain), the head a small one."""
     plan = vqc.Plan(by_name={"0": {"dim": 8, "k": 256}}, min_weights=0)
     return vqc.compress(copy.deepcopy(teacher), "kmeans", bits=1, plan=plan, progress=False)
+
+
+def test_a_run_that_raises_the_loss_is_undone(capsys):
+    teacher = mlp()
+    student = compressed(teacher)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    finetune(student, teacher, classification_task(), batch_at, steps=10, lr=10.0, learn_assignments=True)
+    after = student.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert "raised the loss on its first batches" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("learn_assignments, assignments", [(False, "ste"), (True, "ste"), (True, "soft")])
@@ -73,6 +83,7 @@ def test_soft_assignments_anneal_then_freeze():
 
     finetune(student, teacher, classification_task(), batches, steps=20, lr=3e-3, learn_assignments=True,
              assignments="soft", progress=False)
+    seen = seen[GUARD_BATCHES:]  # the batches the run is judged on, drawn before it starts
     temperatures = [t for t, _ in seen]
     assert all(t is not None for t in temperatures[:16]) and all(t is None for t in temperatures[16:])
     assert temperatures[0] == 1.0 and all(a > b for a, b in zip(temperatures[:15], temperatures[1:16]))
@@ -87,11 +98,13 @@ def test_latent_weights_start_from_the_teachers_dense_weights():
 
     def batches(step: int):
         for name, layer in iter_coded(student):
-            seen.setdefault(name, layer.weight_code.latent.detach().clone())
+            if "latent" in layer.weight_code._parameters:  # training (the guard's batches come before it)
+                seen.setdefault(name, layer.weight_code.latent.detach().clone())
         return batch_at(step)
 
     finetune(student, teacher, classification_task(), batches, steps=1, lr=1e-9, learn_assignments=True,
              progress=False)
+    assert seen
     for name, latent in seen.items():
         assert torch.equal(latent, teacher.get_submodule(name).weight.detach())
 

@@ -20,6 +20,7 @@ The student runs in eval mode (no dropout, frozen BatchNorm statistics) for the 
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import sys
@@ -53,6 +54,7 @@ SOFT_TEMPERATURES = (1.0, 0.01)
 #: candidates per sub-vector unless the layer's recipe says; steps between freezing passes.
 ONE_HOT_WEIGHT = 0.5
 CANDIDATES = 4
+GUARD_BATCHES = 4  # batches a fine-tuning run is judged on before and after (undone if worse)
 FREEZE_EVERY = 10
 ASSIGNMENTS = ("ste", "soft", "progressive")
 #: Causal LMs: tokens of the batch the allocation probes each layer's sensitivity on.
@@ -266,6 +268,10 @@ def finetune(student: nn.Module, teacher: nn.Module, task: Task, batch_at: Calla
 
     With ``checkpoint``, progress is saved there every ``checkpoint_every`` steps and a run that
     finds the file resumes from it; the file is removed once training completes.
+
+    A run that ends with a higher loss on its first ``GUARD_BATCHES`` batches than the student had
+    before it is undone, and says so: too large a step can leave a model worse than it began
+    (MiniLM's learned assignments at lr 10⁻³), and a worse file is never what was asked for.
     """
     coded = list(iter_coded(student))
     if not coded:
@@ -273,6 +279,8 @@ def finetune(student: nn.Module, teacher: nn.Module, task: Task, batch_at: Calla
     if steps < 1:
         raise VQCError(f"fine-tuning needs at least one step, got {steps}")
     check_assignments(assignments)
+    guard = [batch_at(i) for i in range(min(steps, GUARD_BATCHES))]
+    before, initial = _mean_loss(student, teacher, task, guard), copy.deepcopy(student.state_dict())
     soft = learn_assignments and assignments == "soft"
     candidates = learn_assignments and assignments == "progressive"
     first: dict[int, tuple[str, nn.Module]] = {}  # layers tied to one coded weight: the first of them
@@ -329,9 +337,21 @@ def finetune(student: nn.Module, teacher: nn.Module, task: Task, batch_at: Calla
     finished: dict[int, tuple] = {}  # the shared codebook parameter back to one stored tensor
     for code in codes:
         code.finish_training(finished)
+    after = _mean_loss(student, teacher, task, guard)
+    if not after <= before:
+        student.load_state_dict(initial)
+        if progress:
+            tqdm.write(f"fine-tuning raised the loss on its first batches ({before:.4f} → {after:.4f}): undone; "
+                       "a smaller learning rate may help", file=sys.stderr)
     if checkpoint and checkpoint.exists():
         checkpoint.unlink()
     return student
+
+
+def _mean_loss(student: nn.Module, teacher: nn.Module, task: Task, batches: list) -> float:
+    """The distillation loss of ``student`` averaged over ``batches`` (no gradients)."""
+    with torch.no_grad():
+        return sum(float(task.loss(task.forward(student, b), task.forward(teacher, b), b)) for b in batches) / len(batches)
 
 
 def _positions_weight(positions: Tensor | None, output: Tensor) -> Tensor | float:
