@@ -44,6 +44,9 @@ CONFIGS = {
     "jlcm 2.1 bits per Linear layer, embedding kmeans 4 bits + 8192 rows kept in int8, tuned blocks": [
         "--method", "jlcm", "--bits", "2.1", "--per-layer-bits", "--calib", "wiki", "--keep-rows", "8192",
         "-L", "model\\.embed_tokens:method=kmeans,bits=4,scale=row", "--tune-blocks", "2"],
+    "qswd 2.1 bits per Linear layer, calibrated on 128 windows, embedding kmeans 4 bits + 8192 rows kept in int8, tuned blocks": [
+        "--method", "qswd", "--bits", "2.1", "--per-layer-bits", "--calib", "wiki", "--calib-samples", "128",
+        "--keep-rows", "8192", "-L", "model\\.embed_tokens:method=kmeans,bits=4,scale=row", "--tune-blocks", "1"],
     "qswd 3.1 bits, calibrated": ["--method", "qswd", "--bits", "3.1", "--calib", "wiki"],
     "qswd 3.0 bits, calibrated, 8192 token rows kept in int8": ["--method", "qswd", "--bits", "3.0", "--calib", "wiki",
                                                                 "--keep-rows", "8192"],
