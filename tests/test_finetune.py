@@ -39,7 +39,7 @@ def test_a_run_that_raises_the_loss_is_undone(capsys):
     teacher = mlp()
     student = compressed(teacher)
     before = {k: v.clone() for k, v in student.state_dict().items()}
-    finetune(student, teacher, classification_task(), batch_at, steps=10, lr=10.0, learn_assignments=True)
+    finetune(student, teacher, classification_task(), batch_at, steps=10, lr=10.0, learn_assignments=True, progress=False)
     after = student.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert "raised the loss on its first batches" in capsys.readouterr().err

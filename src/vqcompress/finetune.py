@@ -338,11 +338,10 @@ def finetune(student: nn.Module, teacher: nn.Module, task: Task, batch_at: Calla
     for code in codes:
         code.finish_training(finished)
     after = _mean_loss(student, teacher, task, guard)
-    if not after <= before:
+    if not after <= before:  # said even when quiet: it is no progress bar but what the file holds
         student.load_state_dict(initial)
-        if progress:
-            tqdm.write(f"fine-tuning raised the loss on its first batches ({before:.4f} → {after:.4f}): undone; "
-                       "a smaller learning rate may help", file=sys.stderr)
+        tqdm.write(f"fine-tuning raised the loss on its first batches ({before:.4f} → {after:.4f}): undone; "
+                   "a smaller learning rate may help", file=sys.stderr)
     if checkpoint and checkpoint.exists():
         checkpoint.unlink()
     return student
