@@ -20,7 +20,7 @@ from .calibrate import Blocks, InputStatistics, capturing, find_blocks, predicte
 from .coded import CodedWeight
 from .io import load, save
 from .errors import VQCError
-from .finetune import BLOCK_LR, TrainingData, check_assignments, finetune, relative_error, tune_block
+from .finetune import BLOCK_LR, TrainingData, check_assignments, finetune, mean_loss, relative_error, tune_block
 from .layers import coded_from_dense, iter_coded
 from .memory import release_free_memory, release_pages, released_after_use
 from .methods import Method, get_method
@@ -241,7 +241,7 @@ def _allocate(model: nn.Module, jobs: list[Job], data: TrainingData, bits: float
         targets = [data.task.forward(model, batch) for batch in probe]
 
     def loss() -> float:
-        return sum(float(data.task.loss(data.task.forward(model, b), t, b)) for b, t in zip(probe, targets)) / len(probe)
+        return mean_loss(data.task, model, probe, targets)
 
     chosen = allocate(jobs, statistics, bits, available, seed, sensitivities(jobs, statistics, loss, seed))
     release_pages(job.module.weight for job in jobs)  # the passes read every weight

@@ -25,7 +25,7 @@ import math
 import os
 import sys
 from contextlib import contextmanager
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -280,7 +280,11 @@ def finetune(student: nn.Module, teacher: nn.Module, task: Task, batch_at: Calla
         raise VQCError(f"fine-tuning needs at least one step, got {steps}")
     check_assignments(assignments)
     guard = [batch_at(i) for i in range(min(steps, GUARD_BATCHES))]
-    before, initial = _mean_loss(student, teacher, task, guard), copy.deepcopy(student.state_dict())
+
+    def targets() -> Iterable[Tensor]:  # recomputed each time rather than held: see mean_loss
+        return (task.forward(teacher, batch) for batch in guard)
+
+    before, initial = mean_loss(task, student, guard, targets()), copy.deepcopy(student.state_dict())
     soft = learn_assignments and assignments == "soft"
     candidates = learn_assignments and assignments == "progressive"
     first: dict[int, tuple[str, nn.Module]] = {}  # layers tied to one coded weight: the first of them
@@ -337,7 +341,7 @@ def finetune(student: nn.Module, teacher: nn.Module, task: Task, batch_at: Calla
     finished: dict[int, tuple] = {}  # the shared codebook parameter back to one stored tensor
     for code in codes:
         code.finish_training(finished)
-    after = _mean_loss(student, teacher, task, guard)
+    after = mean_loss(task, student, guard, targets())
     if not after <= before:  # said even when quiet: it is no progress bar but what the file holds
         student.load_state_dict(initial)
         tqdm.write(f"fine-tuning raised the loss on its first batches ({before:.4f} → {after:.4f}): undone; "
@@ -347,10 +351,12 @@ def finetune(student: nn.Module, teacher: nn.Module, task: Task, batch_at: Calla
     return student
 
 
-def _mean_loss(student: nn.Module, teacher: nn.Module, task: Task, batches: list) -> float:
-    """The distillation loss of ``student`` averaged over ``batches`` (no gradients)."""
+def mean_loss(task: Task, model: nn.Module, batches: list, targets: Iterable[Tensor]) -> float:
+    """The distillation loss of ``model`` against ``targets`` (the teacher's outputs, one per
+    batch: a generator computes each only when needed, as a language model's logits are large),
+    averaged over ``batches``, without gradients."""
     with torch.no_grad():
-        return sum(float(task.loss(task.forward(student, b), task.forward(teacher, b), b)) for b in batches) / len(batches)
+        return sum(float(task.loss(task.forward(model, b), t, b)) for b, t in zip(batches, targets)) / len(batches)
 
 
 def _positions_weight(positions: Tensor | None, output: Tensor) -> Tensor | float:
