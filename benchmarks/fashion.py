@@ -101,6 +101,7 @@ def run_ours(model_name: str, method: str, bits: float, steps: int, device: str,
     statistics unless True; without allocation ``bits`` is each layer's ceiling, as in the
     data-free rows)."""
     import vqcompress as vqc
+    from vqcompress.budget import PerLayer
     from vqcompress.models import load_model
     from vqcompress.models.fashion import accuracy
 
@@ -109,9 +110,10 @@ def run_ours(model_name: str, method: str, bits: float, steps: int, device: str,
     calibrated = bool(steps) or method == "jlcm"
     options = MODEL_OPTIONS[model_name] if method in ("kmeans", "vqdnn") else {}
     inner = {"group_size": RTN_GROUP} if method == "rtn" else {}
-    vqc.compress(model.to(device), method, bits=bits, plan=plan_for(model_name, edge_method, inner), progress=False,
+    vqc.compress(model.to(device), method, bits=bits if allocation else PerLayer(bits),
+                 plan=plan_for(model_name, edge_method, inner), progress=False,
                  finetune_steps=steps, calibration=training_batches(device) if calibrated else None,
-                 lr=LR.get(method, LR["kmeans"]), assignments=assignments, calibrate=calibrate, allocation=allocation, **options)
+                 finetune_lr=LR.get(method, LR["kmeans"]), assignments=assignments, calibrate=calibrate, **options)
     seconds = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as workdir:
         path = Path(workdir) / "model.vqc"

@@ -75,7 +75,7 @@ def compress_row(network: str, method: str, options: dict, steps: int, folder: P
     data = training_data(source.to_json(), 0, None, CALIB_SAMPLES.get(network))
     plan = Plan(by_name={dense: None} if dense else {})
     compressed = compress(model, method, None, data, plan=plan, progress=False, finetune_steps=steps, calibrate=True,
-                          allocation=False, **options)
+                          **options)
     seconds = time.perf_counter() - start
     path = save(compressed, folder / f"{network}-{method}-{int(time.time())}.vqc", source)
     result = report(path)

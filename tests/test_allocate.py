@@ -7,6 +7,7 @@ import torch
 from transformers import BertConfig, BertModel
 
 import vqcompress as vqc
+from vqcompress.budget import PerLayer
 from vqcompress.errors import VQCError
 from vqcompress.finetune import TrainingData, encoder_task
 
@@ -43,7 +44,7 @@ def test_the_whole_model_averages_at_most_the_budget(bits):
 
 
 def test_without_allocation_every_layer_gets_the_budget_as_its_ceiling():
-    model = vqc.compress(tiny_bert(), "kmeans", 2, text_batches(), plan=PLAN, progress=False, allocation=False)
+    model = vqc.compress(tiny_bert(), "kmeans", PerLayer(2), text_batches(), plan=PLAN, progress=False)
     assert all(row.dim * 2 == row.k.bit_length() - 1 or row.bits_per_weight < 2.6 for row in vqc.report(model).coded)
     assert not hasattr(model, "vqc_allocation")
 

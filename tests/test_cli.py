@@ -31,7 +31,10 @@ def tiny_file(tmp_path_factory):
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--method", "nope", "--bits", "2"], "unknown method 'nope'"),
-    (["--bits", "0"], "bit budget must be positive"),
+    (["--bits", "0"], "must be a positive, finite number"),
+    (["--bits", "nan"], "must be a positive, finite number"),
+    (["--bits", "inf"], "must be a positive, finite number"),
+    (["--bits", "100"], "as small in fp16"),
     (["--bits", "0.01"], "fits 0.01 bits per weight"),
     (["--dim", "5", "--k", "16"], "d = 5 does not divide"),
     (["--dim", "4", "--k", "65536"], "exceed"),
@@ -170,7 +173,7 @@ def test_codebook_build_inspect_and_vq4all_errors(tmp_path):
     assert_clean_failure(vqc_cli("compress", "minilm", "-o", str(out), "--method", "vq4all", "--codebook",
                                  str(tmp_path / "bad.vqcb")), "not a readable codebook")
     assert_clean_failure(vqc_cli("compress", "minilm", "-o", str(out), "--method", "vq4all", "--codebook", str(book),
-                                 "--bits", "1"), "below that")
+                                 "--bits", "1"), "cannot hold this model")
     assert not out.exists()
 
 

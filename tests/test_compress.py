@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import vqcompress as vqc
+from vqcompress.budget import PerLayer
 from vqcompress.errors import VQCError
 from vqcompress.finetune import TrainingData, classification_task, finetune
 from vqcompress.layers import iter_coded
@@ -36,9 +37,9 @@ def test_training_arguments_are_checked_before_work(method, calibration, steps, 
 def test_vqdnn_and_finetuned_kmeans_beat_plain_kmeans():
     teacher = mlp()
     plain = vqc.compress(copy.deepcopy(teacher), "kmeans", bits=1, plan=EVERY_LAYER, progress=False)
-    tuned = vqc.compress(copy.deepcopy(teacher), "kmeans", bits=1, calibration=DATA, finetune_steps=60, lr=3e-3,
+    tuned = vqc.compress(copy.deepcopy(teacher), "kmeans", bits=1, calibration=DATA, finetune_steps=60, finetune_lr=3e-3,
                          plan=EVERY_LAYER, progress=False)
-    learned = vqc.compress(copy.deepcopy(teacher), "vqdnn", bits=1, calibration=DATA, finetune_steps=60, lr=1e-3,
+    learned = vqc.compress(copy.deepcopy(teacher), "vqdnn", bits=1, calibration=DATA, finetune_steps=60, finetune_lr=1e-3,
                            plan=EVERY_LAYER, progress=False)
     assert distillation_loss(tuned, teacher) < distillation_loss(plain, teacher)
     assert distillation_loss(learned, teacher) < distillation_loss(plain, teacher)
@@ -146,7 +147,7 @@ def test_calibrated_fitting_beats_data_free_fitting_on_the_model_output():
         target = reference(**batch).last_hidden_state
     errors = []
     for calibration in (None, data):
-        model = vqc.compress(tiny_bert(), "kmeans", 2, calibration, plan=PLAN, progress=False, allocation=False,
+        model = vqc.compress(tiny_bert(), "kmeans", PerLayer(2), calibration, plan=PLAN, progress=False,
                              scale="row")
         with torch.no_grad():
             errors.append(float((model(**batch).last_hidden_state - target).square().mean()))
@@ -161,7 +162,7 @@ def test_bias_correction_keeps_the_mean_output_on_the_calibration_data():
     data = TrainingData(classification_task(), lambda step: (x, None), calibration_batches=1)
     with torch.no_grad():
         expected = layer(x).mean(0)
-    coded = vqc.compress(copy.deepcopy(layer), "kmeans", 1, data, plan=EVERY_LAYER, progress=False, allocation=False)
+    coded = vqc.compress(copy.deepcopy(layer), "kmeans", PerLayer(1), data, plan=EVERY_LAYER, progress=False)
     uncorrected = vqc.compress(copy.deepcopy(layer), "kmeans", 1, plan=EVERY_LAYER, progress=False)
     with torch.no_grad():
         assert torch.allclose(coded(x).mean(0), expected, atol=1e-3)
@@ -219,7 +220,7 @@ def test_tuned_blocks_give_outputs_closer_to_the_original():
         target = tiny_bert()(**batch).last_hidden_state
     errors, outputs = [], []
     for tune_blocks in (0, 4, 4):
-        model = vqc.compress(tiny_bert(), "kmeans", 2, data, plan=PLAN, progress=False, allocation=False,
+        model = vqc.compress(tiny_bert(), "kmeans", PerLayer(2), data, plan=PLAN, progress=False,
                              scale="row", tune_blocks=tune_blocks, block_lr=1e-2)
         with torch.no_grad():
             outputs.append(model(**batch).last_hidden_state)
@@ -306,7 +307,7 @@ def test_tuned_blocks_on_a_decoder_with_sliding_and_full_attention(tmp_path):
     ids = torch.randint(0, 128, (4, 2, 16), generator=torch.Generator().manual_seed(0))
     data = TrainingData(causal_lm_task(), lambda step: {"input_ids": ids[step % 4]}, calibration_batches=4)
     plan = vqc.Plan(min_weights=0, by_name={r"embed_tokens|lm_head": None})
-    model = vqc.compress(tiny(), "kmeans", 3, data, plan=plan, progress=False, allocation=False, scale="row",
+    model = vqc.compress(tiny(), "kmeans", PerLayer(3), data, plan=plan, progress=False, scale="row",
                          tune_blocks=2)
     loaded = vqc.load(vqc.save(model, tmp_path / "tiny.vqc"), like=tiny())
     with torch.no_grad():
@@ -317,7 +318,7 @@ def test_block_tuning_reports_on_stderr_only(capsys):
     """stdout is the result's (`vqc compress --json`); progress and each block's error go to stderr."""
     from tests.test_allocate import PLAN, text_batches, tiny_bert
 
-    vqc.compress(tiny_bert(), "kmeans", 2, text_batches(), plan=PLAN, allocation=False, tune_blocks=1)
+    vqc.compress(tiny_bert(), "kmeans", PerLayer(2), text_batches(), plan=PLAN, tune_blocks=1)
     captured = capsys.readouterr()
     assert captured.out == ""
     assert "block 0: output error" in captured.err
@@ -328,9 +329,9 @@ def test_a_tuning_that_makes_a_block_worse_is_undone():
     from tests.test_allocate import PLAN, text_batches, tiny_bert
 
     data = text_batches()
-    options = {"plan": PLAN, "progress": False, "allocation": False, "scale": "row"}
-    fitted = vqc.compress(tiny_bert(), "kmeans", 2, data, **options)
-    wild = vqc.compress(tiny_bert(), "kmeans", 2, data, tune_blocks=2, block_lr=10.0, **options)
+    options = {"plan": PLAN, "progress": False, "scale": "row"}
+    fitted = vqc.compress(tiny_bert(), "kmeans", PerLayer(2), data, **options)
+    wild = vqc.compress(tiny_bert(), "kmeans", PerLayer(2), data, tune_blocks=2, block_lr=10.0, **options)
     batch = data.batch_at(0)
     with torch.no_grad():
         assert torch.equal(wild(**batch).last_hidden_state, fitted(**batch).last_hidden_state)
@@ -351,8 +352,8 @@ def test_kept_rows_are_the_most_used_token_rows_of_a_tied_embedding(tmp_path, al
     ids = torch.randint(0, 512, (2, 9))
     task = Task(forward=lambda m, batch: m(batch), loss=lambda s, t, batch: (s - t).square().mean())
     data = TrainingData(task, lambda step: ids, calibration_batches=1, token_counts=counts)
-    compressed = vqc.compress(model, "kmeans", 3, data, plan=vqc.Plan(by_name={"embed": {"keep_rows": 3}}),
-                              progress=False, allocation=allocation, scale="row")
+    compressed = vqc.compress(model, "kmeans", 3 if allocation else PerLayer(3), data,
+                              plan=vqc.Plan(by_name={"embed": {"keep_rows": 3}}), progress=False, scale="row")
     assert vqc.report(compressed).model_bits_per_weight <= 3 or not allocation
     code = compressed.embed.weight_code
     assert code is compressed.head.weight_code and code.layout.kept_rows == 3
@@ -420,7 +421,7 @@ def test_a_tied_output_head_weighs_rows_by_predicted_probability_too(monkeypatch
         seen.update(statistics or {}), fit_run(run, seed, statistics))[1])
     with torch.no_grad():
         predicted = torch.softmax(model(ids), -1).reshape(-1, 512).mean(0)
-    vqc.compress(model, "kmeans", 3, data, progress=False, allocation=False, scale="row")
+    vqc.compress(model, "kmeans", PerLayer(3), data, progress=False, scale="row")
     assert torch.allclose(seen["embed"].row_weight, (counts / counts.sum() + predicted) / 2, atol=1e-6)
 
 

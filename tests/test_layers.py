@@ -16,12 +16,12 @@ from vqcompress.coded import CodedWeight, CodeLayout
 from vqcompress.errors import VQCError
 from vqcompress.layers import (CodedConv1d, CodedConv2d, CodedEmbedding, CodedLayer, CodedLinear, coded_from_args,
                                coded_from_dense, densify, layer_args, set_forward_path)
-from vqcompress.methods import get_method
+from vqcompress.methods import get_method, make_config
 
 
 def fit(weight: torch.Tensor, method: str, bits: float | None, **options) -> CodedWeight:
     m = get_method(method)
-    settings = m.settings(tuple(weight.shape), bits, options)
+    settings = m.settings(tuple(weight.shape), bits, make_config(m, options))
     m.layout(tuple(weight.shape), settings).validate()
     return m.fit(weight.detach().float(), settings, 0)
 

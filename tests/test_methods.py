@@ -11,13 +11,13 @@ from hypothesis import strategies as st
 
 from vqcompress.coded import CodedWeight
 from vqcompress.errors import VQCError
-from vqcompress.methods import get_method
+from vqcompress.methods import get_method, make_config
 
 KMEANS, RTN = get_method("kmeans"), get_method("rtn")
 
 
 def dk(bits, shape=(1024, 1024), **options):
-    s = KMEANS.settings(shape, bits, options)
+    s = KMEANS.settings(shape, bits, make_config(KMEANS, options))
     return s["dim"], s["k"]
 
 
@@ -28,7 +28,7 @@ def dk(bits, shape=(1024, 1024), **options):
 def test_budget_mapping(bits, expected):
     assert dk(bits) == expected
     d, k = expected
-    assert KMEANS.layout((1024, 1024), KMEANS.settings((1024, 1024), bits, {})).bits / d == bits
+    assert KMEANS.layout((1024, 1024), KMEANS.settings((1024, 1024), bits, KMEANS.config())).bits / d == bits
 
 
 def test_budget_needs_d_dividing_the_inputs():
@@ -81,16 +81,16 @@ def test_only_k_given(bits, k, expected_dim):
 ])
 def test_impossible_budgets_raise(bits, options):
     with pytest.raises(VQCError):
-        KMEANS.settings((64, 64), bits, options)
+        KMEANS.settings((64, 64), bits, make_config(KMEANS, options))
 
 
 def test_unknown_options_and_methods_raise():
     with pytest.raises(VQCError, match="dims"):
-        KMEANS.settings((64, 64), 2, {"dims": 4})
+        KMEANS.settings((64, 64), 2, make_config(KMEANS, {"dims": 4}))
     with pytest.raises(VQCError, match="groupsize"):
-        RTN.settings((64, 64), 4, {"groupsize": 32})
+        RTN.settings((64, 64), 4, make_config(RTN, {"groupsize": 32}))
     with pytest.raises(VQCError):
-        KMEANS.settings((64, 64), 2, {"scale": "column"})
+        KMEANS.settings((64, 64), 2, make_config(KMEANS, {"scale": "column"}))
     with pytest.raises(VQCError, match="nope"):
         get_method("nope")
 
@@ -113,7 +113,7 @@ def rtn_cases(draw):
 
 
 def assert_rtn_within_half_step(weight, bits, group):
-    code = RTN.fit(weight, RTN.settings(tuple(weight.shape), bits, {"group_size": group}), 0)
+    code = RTN.fit(weight, RTN.settings(tuple(weight.shape), bits, RTN.config(group_size=group)), 0)
     assert code.layout.bits == bits and code.layout.dim == 1
     decoded = code.decode()
     assert torch.isfinite(decoded).all()
@@ -143,7 +143,7 @@ def test_rtn_zero_and_constant_groups():
 
 def test_rtn_uses_the_whole_grid():
     weight = torch.linspace(-1, 1, 64).reshape(1, 64)
-    code = RTN.fit(weight, RTN.settings((1, 64), 2, {"group_size": 64}), 0)
+    code = RTN.fit(weight, RTN.settings((1, 64), 2, RTN.config(group_size=64)), 0)
     assert sorted(set(code.code_matrix().flatten().tolist())) == [0, 1, 2, 3]
     assert code.decode()[0, 0] == pytest.approx(-1, abs=1e-3) and code.decode()[0, -1] == pytest.approx(1, abs=1e-3)
 
@@ -151,17 +151,17 @@ def test_rtn_uses_the_whole_grid():
 @pytest.mark.parametrize("bits", [2.5, 0, 9, None, -1])
 def test_rtn_rejects_bad_bits(bits):
     with pytest.raises(VQCError):
-        RTN.settings((64, 64), bits, {})
+        RTN.settings((64, 64), bits, RTN.config())
 
 
 @pytest.mark.parametrize("group", [7, 0, -4, 128])
 def test_rtn_rejects_group_sizes_that_do_not_divide(group):
     with pytest.raises(VQCError):
-        RTN.settings((64, 64), 4, {"group_size": group})
+        RTN.settings((64, 64), 4, RTN.config(group_size=group))
 
 
 def test_rtn_storage_cost():
-    s = RTN.settings((16, 64), 3, {"group_size": 32})
+    s = RTN.settings((16, 64), 3, RTN.config(group_size=32))
     code = RTN.fit(torch.randn(16, 64), s, 0)
     # 3 bits per weight + fp16 scale and offset per 32 weights + the 8-entry codebook
     assert code.nbits() == 16 * 64 * 3 + 16 * 2 * 2 * 16 + 8 * 16
@@ -170,7 +170,7 @@ def test_rtn_storage_cost():
 # -- kmeans fits -----------------------------------------------------------------------------------
 
 def kmeans_fit(weight, bits, seed=0, **options) -> CodedWeight:
-    s = KMEANS.settings(tuple(weight.shape), bits, options)
+    s = KMEANS.settings(tuple(weight.shape), bits, make_config(KMEANS, options))
     KMEANS.layout(tuple(weight.shape), s).validate()
     return KMEANS.fit(weight, s, seed)
 
@@ -228,13 +228,13 @@ def test_row_scale_with_a_zero_row():
 def test_kmeans_refuses_more_codewords_than_sub_vectors(shape, options):
     kmeans = get_method("kmeans")
     with pytest.raises(VQCError, match="exceed"):
-        kmeans.layout(shape, kmeans.settings(shape, None, options))
+        kmeans.layout(shape, kmeans.settings(shape, None, make_config(kmeans, options)))
 
 
 def test_rtn_fixed_grid_fits_small_layers():
     rtn = get_method("rtn")
     weight = torch.randn(16, 8)
-    code = rtn.fit(weight, rtn.settings((16, 8), 8, {"group_size": 8}), seed=0)
+    code = rtn.fit(weight, rtn.settings((16, 8), 8, rtn.config(group_size=8)), seed=0)
     assert (code.decode() - weight).abs().max() < 0.02
 
 
@@ -258,3 +258,20 @@ def test_kmeans_fits_a_large_layer_from_its_sample_alone():
     assert np.array_equal(source.energies(40, 5000), np.einsum("ij,ij->i", whole[40:5000], whole[40:5000]) * weights[40:5000])
     assert np.array_equal(kmeans(source, 64, seed=3, max_points_per_centroid=16),
                           kmeans(whole, 64, seed=3, max_points_per_centroid=16, weights=weights))
+
+
+def test_method_options_are_typed_and_checked_where_the_config_is_made():
+    from vqcompress.methods.jlcm import JLCMConfig
+    from vqcompress.methods.kmeans import KMeansConfig
+
+    assert KMeansConfig(dim=4, scale="row").given() == {"dim": 4, "scale": "row"}
+    for bad in ({"dim": "4"}, {"dim": 4.5}, {"dim": 0}, {"scale": "column"}, {"k": True}):
+        with pytest.raises(VQCError, match="kmeans option"):
+            KMeansConfig(**bad)
+    with pytest.raises(VQCError, match="lr must be a finite number"):
+        JLCMConfig(lr=float("nan"))
+
+
+def test_a_pipeline_setting_given_as_a_method_option_says_where_it_goes():
+    with pytest.raises(VQCError, match="finetune_steps is a pipeline setting"):
+        make_config(KMEANS, {"finetune_steps": 3})

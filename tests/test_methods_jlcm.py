@@ -7,7 +7,7 @@ import torch
 
 from vqcompress.calibrate import InputStatistics
 from vqcompress.errors import VQCError
-from vqcompress.methods import get_method
+from vqcompress.methods import get_method, make_config
 from vqcompress.methods.jlcm import _Mixture, group_rows
 
 JLCM = get_method("jlcm")
@@ -24,7 +24,7 @@ def skewed_problem(rows: int = 64, cols: int = 64, seed: int = 0):
 
 
 def fit(weight, stats, **options):
-    settings = JLCM.settings(tuple(weight.shape), options.pop("bits", 2), options)
+    settings = JLCM.settings(tuple(weight.shape), options.pop("bits", 2), make_config(JLCM, options))
     return JLCM.fit(weight, settings, 0, stats)
 
 
@@ -94,8 +94,8 @@ def test_mixture_gradients():
 ])
 def test_bad_options(options, message):
     with pytest.raises(VQCError, match=message):
-        JLCM.settings((64, 64), 2, options)
+        JLCM.settings((64, 64), 2, make_config(JLCM, options))
 
 
 def test_default_groups_divide_any_row_count():
-    assert JLCM.settings((30522, 384), 2, {})["groups"] == 3
+    assert JLCM.settings((30522, 384), 2, JLCM.config())["groups"] == 3

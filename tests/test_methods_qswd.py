@@ -9,7 +9,7 @@ from torch import nn
 import vqcompress as vqc
 from vqcompress.errors import VQCError
 from vqcompress.layers import iter_coded
-from vqcompress.methods import get_method
+from vqcompress.methods import get_method, make_config
 
 QSWD = get_method("qswd")
 
@@ -22,7 +22,7 @@ def _weight(rows: int = 96, cols: int = 64, seed: int = 0) -> torch.Tensor:
 
 
 def _fit(weight: torch.Tensor, **options) -> torch.Tensor:
-    settings = QSWD.settings(tuple(weight.shape), None, options)
+    settings = QSWD.settings(tuple(weight.shape), None, make_config(QSWD, options))
     return QSWD.fit(weight, settings, seed=0).decode()
 
 
@@ -33,7 +33,7 @@ def _relative_error(approx: torch.Tensor, weight: torch.Tensor) -> float:
 def test_one_unit_term_is_kmeans():
     weight = _weight()
     kmeans = get_method("kmeans")
-    vq = kmeans.fit(weight, kmeans.settings(tuple(weight.shape), None, {"dim": 4, "k": 16}), seed=0).decode()
+    vq = kmeans.fit(weight, kmeans.settings(tuple(weight.shape), None, kmeans.config(dim=4, k=16)), seed=0).decode()
     plain = dict(dim=4, k=16, terms=1, coef_bits=0, codebook_bits=0, scale="none")
     start = _fit(weight, **plain, iterations=0)  # k-means start, nearest codeword, one centroid update
     assert _relative_error(start, weight) == pytest.approx(_relative_error(vq, weight), rel=0.02)
@@ -60,17 +60,17 @@ def test_more_terms_never_fit_worse_at_fixed_k():
 def test_budget_picks_settings_that_fit_and_says_which():
     shape = (96, 384)
     for bits in (0.7, 1.1, 2.1, 3.1, 4.1, 6.1):
-        settings = QSWD.settings(shape, bits, {})
+        settings = QSWD.settings(shape, bits, QSWD.config())
         assert QSWD.bits_per_weight(shape, settings) <= bits
         code = QSWD.fit(_weight(*shape), settings, seed=0)
         assert code.nbits() / (shape[0] * shape[1]) == pytest.approx(QSWD.bits_per_weight(shape, settings), abs=1e-3)
-    picked = QSWD.settings((384, 1536), 2.7, {})
+    picked = QSWD.settings((384, 1536), 2.7, QSWD.config())
     assert (picked["dim"], picked["k"], picked["terms"], picked["coef_bits"]) == (2, 32, 1, 0)  # the table's 2.5 row
 
 
 def test_error_falls_with_bits():
     weight = _weight(256, 256)
-    errors = [_relative_error(QSWD.fit(weight, QSWD.settings(tuple(weight.shape), b, {}), 0).decode(), weight)
+    errors = [_relative_error(QSWD.fit(weight, QSWD.settings(tuple(weight.shape), b, QSWD.config()), 0).decode(), weight)
               for b in (1.1, 2.1, 3.1, 4.1, 6.1)]
     assert all(later <= earlier for earlier, later in zip(errors, errors[1:])), errors
     assert errors[-1] < errors[0] / 100
@@ -88,9 +88,9 @@ def test_bad_settings_fail_before_any_work(options, message):
     options = dict(options)
     bits = options.pop("bits", None)
     with pytest.raises(VQCError, match=message):
-        QSWD.settings((64, 64), bits, options)
+        QSWD.settings((64, 64), bits, make_config(QSWD, options))
     with pytest.raises(VQCError, match="no qswd setting fits"):
-        QSWD.settings((64, 64), 0.01, {})
+        QSWD.settings((64, 64), 0.01, QSWD.config())
 
 
 def _mlp() -> nn.Module:
@@ -116,7 +116,7 @@ def test_whole_model_round_trip_with_exact_bits(tmp_path, options):
     options = dict(options)
     bits = options.pop("bits", None)
     for row in report.coded:  # every byte as the method counts it, within the budget
-        expected = QSWD.bits_per_weight(row.shape, QSWD.settings(row.shape, bits, options))
+        expected = QSWD.bits_per_weight(row.shape, QSWD.settings(row.shape, bits, make_config(QSWD, options)))
         assert row.bits_per_weight == pytest.approx(expected, abs=1e-3)
         assert bits is None or row.bits_per_weight <= bits
     assert report.total_bits <= path.stat().st_size * 8

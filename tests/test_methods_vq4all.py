@@ -61,7 +61,7 @@ def test_fit_error_is_small_for_a_codebook_from_other_layers(tmp_path, book):
     from vqcompress.methods import get_method
 
     method = get_method("vq4all")
-    settings = method.settings(tuple(weight.shape), None, {"codebook": str(tmp_path / "books" / "u.vqcb")})
+    settings = method.settings(tuple(weight.shape), None, method.config(codebook=str(tmp_path / "books" / "u.vqcb")))
     code = method.fit(weight, settings, 0)
     error = float((code.decode() - weight).square().sum() / weight.square().sum())
     assert error < 0.25
@@ -87,7 +87,7 @@ def test_progressive_distillation_ends_hard_and_keeps_the_codebook(tmp_path, boo
     data = TrainingData(task, lambda step: batches[step % 4], calibration_batches=2)
     before = vqc.compress(_model(), "vq4all", codebook=str(tmp_path / "books" / "u.vqcb"), progress=False)
     model = vqc.compress(model, "vq4all", calibration=data, codebook=str(tmp_path / "books" / "u.vqcb"),
-                         finetune_steps=30, lr=1e-3, progress=False)
+                         finetune_steps=30, finetune_lr=1e-3, progress=False)
     codes = [layer.weight_code for _, layer in iter_coded(model)]
     assert all(c.assigner is None and "codebook" in c._buffers for c in codes)
     assert torch.equal(codes[0].codebook[0], book.codewords)

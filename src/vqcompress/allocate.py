@@ -125,7 +125,7 @@ def _level_settings(job, budgets: tuple[float, ...] = LEVELS) -> list[tuple[dict
     shape, found = tuple(job.module.weight.shape), []
     for level in budgets:
         try:
-            settings = job.method.settings(shape, level, job.options)
+            settings = job.method.settings(shape, level, job.config)
             layout = replace(job.method.layout(shape, settings), kept_rows=getattr(job, "kept", 0))
         except VQCError:
             continue

@@ -85,7 +85,8 @@ def compress(
                                     "layers the regex names (repeatable), e.g. 'model\\.embed_tokens:bits=4' pins "
                                     "that layer's budget (the others share the rest)"),
     finetune_steps: int = typer.Option(0, help="distil from the original for N steps on the model's training data"),
-    lr: float = typer.Option(1e-3, help="fine-tuning learning rate"),
+    finetune_lr: float = typer.Option(1e-3, "--finetune-lr", "--lr", help="fine-tuning learning rate (a method's "
+                                      "own rate, e.g. jlcm's, is -O lr=…)"),
     tune_dense: bool = typer.Option(True, help="fine-tuning also tunes norms, biases and layers left dense"),
     keep_rows: int = typer.Option(0, help="each token embedding also stores its N most used rows (by the calibration "
                                           "text) apart, in int8 with a scale per row: the rows every text meets"),
@@ -102,14 +103,18 @@ def compress(
 ) -> None:
     """Compress a model into a .vqc file and print its bit report."""
     from . import compress as compress_model, save
+    from .atomic import check_writable
+    from .budget import PerLayer, checked_bits
     from .data import training_data
     from .memory import map_large_blocks
     from .models import load_model
     from .plan import Plan
 
-    map_large_blocks()  # a lower peak for a slower fit: see there
-    device = _device(device)
     started = time.perf_counter()
+    device = _device(device)
+    check_writable(output)
+    budget = None if bits is None else (PerLayer if per_layer_bits else checked_bits)(bits)
+    map_large_blocks()  # a lower peak for a slower fit: see there
     options = {key: value for key, value in
                {"dim": dim, "k": k, "scale": scale, "groups": groups, "group_size": group_size,
                 "shared": shared_codebooks, "codebook": codebook and str(codebook)}.items() if value is not None} \
@@ -122,10 +127,10 @@ def compress(
     calibrate = bool(calib or calib_samples or tune_blocks or method in ("jlcm", "vq4all"))
     calibration = training_data(source.to_json(), seed, calib, calib_samples) if calibrate or finetune_steps else None
     checkpoint = output.with_name(f".{output.name}.partial")  # work so far, resumed from if found
-    compressed = compress_model(dense.to(device), method, bits, calibration, plan=plan, seed=seed, progress=not quiet,
-                                finetune_steps=finetune_steps, lr=lr, assignments=assignments, checkpoint=checkpoint,
-                                tune_dense=tune_dense, tune_blocks=tune_blocks,
-                                allocation=not per_layer_bits, calibrate=calibrate, **options)
+    compressed = compress_model(dense.to(device), method, budget, calibration, plan=plan, seed=seed, progress=not quiet,
+                                finetune_steps=finetune_steps, finetune_lr=finetune_lr, assignments=assignments,
+                                checkpoint=checkpoint, tune_dense=tune_dense, tune_blocks=tune_blocks,
+                                calibrate=calibrate, **options)
     save(compressed, output, source)
     allocation, settings = getattr(compressed, "vqc_allocation", None), _settings_summary(compressed)
     _say_written(output, started, json_out, {"settings": settings, "allocation": allocation},

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .allocate import allocate, check_budget, describe, has_levels, sensitivities
+from .allocate import allocate, check_budget, describe, has_levels, levels, sensitivities
+from .budget import Budget, ModelAverage, PerLayer, resolve
 from .calibrate import Blocks, InputStatistics, capturing, find_blocks, predicted_probabilities, statistics_pass
 from .coded import CodedWeight
 from .io import load, save
@@ -23,7 +24,7 @@ from .errors import VQCError
 from .finetune import BLOCK_LR, TrainingData, check_assignments, finetune, mean_loss, relative_error, tune_block
 from .layers import coded_from_dense, iter_coded
 from .memory import release_free_memory, release_pages, released_after_use
-from .methods import Method, get_method
+from .methods import Method, MethodConfig, get_method, make_config
 from .plan import Plan
 
 
@@ -38,18 +39,17 @@ class Job:
     module: nn.Module
     method: Method
     settings: dict
-    options: dict  # what the user asked for (no method, no bits): the allocator's starting point
+    config: MethodConfig  # what the user asked for (no method, no bits): the allocator's starting point
     kept: int = 0  # rows stored apart in int8 beside the codes (``keep_rows``): those of most weighted energy
     pinned_bits: float | None = None  # a budget the plan gave this layer by name or type: not allocated
 
 
-def _job(name: str, module: nn.Module, spec: dict, bits: float | None) -> Job:
+def _job(name: str, module: nn.Module, spec: dict, budget: Budget | None) -> Job:
     """Resolve a layer's spec into concrete settings, refusing bad weights or budgets up front.
-    ``bits`` is the model's budget; a ``bits`` in the layer's own spec pins the layer to it."""
+    ``budget`` is the model's; a ``bits`` in the layer's own spec pins the layer to it."""
     spec = dict(spec)
     method = get_method(spec.pop("method"))
     pinned, kept = spec.pop("bits", None), spec.pop("keep_rows", 0) or 0
-    bits = bits if pinned is None else pinned
     weight = module.weight.detach()
     if isinstance(kept, bool) or not isinstance(kept, int) or not 0 <= kept <= len(weight):
         raise VQCError(f"{name}: keep_rows must be a whole number of rows from 0 to {len(weight)}, got {kept!r}")
@@ -57,11 +57,28 @@ def _job(name: str, module: nn.Module, spec: dict, bits: float | None) -> Job:
         raise VQCError(f"{name}: the weight holds NaN or Inf values; fix the model before compressing it")
     release_pages([weight])  # the check read every page of a memory-mapped weight: not needed until its fit
     try:
-        settings = method.settings(tuple(weight.shape), bits, spec)
+        config = make_config(method, spec)
+        pinned = None if pinned is None else PerLayer(pinned).bits
+        settings = _start_settings(method, tuple(weight.shape), budget if pinned is None else PerLayer(pinned), config)
         method.layout(tuple(weight.shape), settings).validate()
     except VQCError as error:
         raise VQCError(f"{name}: {error}") from None
-    return Job(name, module, method, settings, spec, kept, pinned)
+    return Job(name, module, method, settings, config, kept, pinned)
+
+
+def _start_settings(method: Method, shape: tuple[int, ...], budget: Budget | None, config: MethodConfig) -> dict:
+    """A layer's settings under a per-layer ``budget``; under a model average, those at the nearest
+    level the method can take (the allocation then chooses each layer's own)."""
+    if not isinstance(budget, ModelAverage):
+        return method.settings(shape, None if budget is None else budget.bits, config)
+    tries = sorted({budget.bits, *levels(budget.bits)}, key=lambda level: (level > budget.bits, abs(level - budget.bits)))
+    errors = []
+    for level in tries:
+        try:
+            return method.settings(shape, level, config)
+        except VQCError as error:
+            errors.append(error)
+    raise errors[0]
 
 
 def _layer_seed(seed: int, name: str) -> int:
@@ -162,21 +179,24 @@ def _cut(jobs: list[Job], pieces: int) -> list[list[Job]]:
     return runs
 
 
-def compress(model: nn.Module, method: str = "kmeans", bits: float | None = None,
+def compress(model: nn.Module, method: str | MethodConfig = "kmeans", bits: float | Budget | None = None,
              calibration: TrainingData | None = None, *, plan: Plan | None = None, seed: int = 0,
-             progress: bool = True, finetune_steps: int = 0, lr: float = 1e-3,
-             assignments: str | None = None, checkpoint: str | os.PathLike | None = None, allocation: bool = True,
+             progress: bool = True, finetune_steps: int = 0, finetune_lr: float = 1e-3,
+             assignments: str | None = None, checkpoint: str | os.PathLike | None = None,
              calibrate: bool | None = None, tune_dense: bool = True, tune_blocks: int = 0,
              block_lr: float = BLOCK_LR, **options) -> nn.Module:
     """Replace the planned layers of ``model`` (in place) by coded layers; returns the model
     (a new object only when ``model`` is itself a single layer).
 
+    ``method`` is a method's name, its options then in ``options``, or its config object
+    (``KMeansConfig(dim=4)``, with ``options`` over it); ``bits`` a budget (``budget.PerLayer``,
+    ``budget.ModelAverage``) or a plain number (``budget.resolve``: the model's average when
+    calibrated, each layer's ceiling otherwise).
     With ``calibration`` (a task and its batches) and ``calibrate`` (default: unless fine-tuning,
     which then uses the data as before), every layer is fitted to the statistics of its inputs on
     the first ``calibration.calibration_batches`` batches, block by block where the model has
-    repeated blocks (see ``_fit_calibrated``), and ``bits`` is the whole model's average:
-    ``allocate`` gives each layer its share by measured sensitivity (``allocation=False``: every
-    layer gets ``bits`` as its own ceiling, as without calibration). With ``finetune_steps`` too,
+    repeated blocks (see ``_fit_calibrated``); under a model average ``allocate`` gives each layer
+    its share by measured sensitivity (by its weight error alone without data). With ``finetune_steps`` too,
     the compressed model is then distilled from a copy of the original by the shared fine-tuning
     engine: norms and biases too unless ``tune_dense=False``, and methods that learn assignments
     do so by ``assignments`` ("ste", "soft" or "progressive", see ``finetune``; by default the
@@ -188,8 +208,10 @@ def compress(model: nn.Module, method: str = "kmeans", bits: float | None = None
     """
     if calibration is not None and not isinstance(calibration, TrainingData):
         raise VQCError(f"calibration must be a TrainingData(task, batch_at), got a {type(calibration).__name__}")
-    jobs = [_job(name, module, spec, bits) for name, module, spec in
-            (plan or Plan()).resolve(model, {"method": method, **options})]
+    spec = _global_spec(method, options)
+    calibrate = calibration is not None and (not finetune_steps or bool(tune_blocks) if calibrate is None else calibrate)
+    budget = resolve(bits, calibrate)
+    jobs = [_job(name, module, layer_spec, budget) for name, module, layer_spec in (plan or Plan()).resolve(model, spec)]
     if not jobs:
         raise VQCError("the plan selects no layer to compress")
     jobs, followers = _untie(jobs)
@@ -197,17 +219,17 @@ def compress(model: nn.Module, method: str = "kmeans", bits: float | None = None
     assignments = assignments or getattr(jobs[0].method, "assignments", "ste")
     check_assignments(assignments)
     teacher = copy.deepcopy(model).eval() if finetune_steps else None
-    calibrate = calibration is not None and (not finetune_steps or bool(tune_blocks) if calibrate is None else calibrate)
     if tune_blocks and not calibrate:
         raise VQCError("tuning blocks works on the calibrated, block-by-block fit: leave calibrate on")
     if tune_blocks and (find_blocks(model) is None or any(job.settings.get("shared") for job in jobs)):
         raise VQCError("tuning blocks needs repeated blocks (transformer layers) and no shared codebooks: "
                        "use fine-tuning steps instead")
+    # the budget checked now, not after the calibration passes
+    available = check_budget(model, jobs, budget.bits) if isinstance(budget, ModelAverage) else None
     predicted = _predicted_rows(model, jobs, followers, calibration) if calibrate else {}
-    if calibrate and bits is not None and allocation and any(has_levels(job) for job in jobs):
-        available = check_budget(model, jobs, bits)  # now, not after the calibration pass
-        _allocate(model, jobs, calibration, bits, available, seed, predicted)
-    bar = tqdm(total=len(jobs), desc=f"{method}", unit="layer", disable=not progress)
+    if available is not None and any(has_levels(job) for job in jobs):
+        _allocate(model, jobs, calibration if calibrate else None, budget.bits, available, seed, predicted)
+    bar = tqdm(total=len(jobs), desc=spec["method"], unit="layer", disable=not progress)
     checkpoint = Path(checkpoint) if checkpoint else None
     if not calibrate:
         model = _fit_runs(model, shared_runs(jobs), seed, bar, followers=followers)
@@ -216,7 +238,7 @@ def compress(model: nn.Module, method: str = "kmeans", bits: float | None = None
                                 tune_dense, predicted)
     bar.close()
     if finetune_steps:
-        finetune(model, teacher, calibration.task, calibration.batch_at, finetune_steps, lr=lr,
+        finetune(model, teacher, calibration.task, calibration.batch_at, finetune_steps, lr=finetune_lr,
                  learn_assignments=any(job.method.learns_assignments for job in jobs), assignments=assignments,
                  checkpoint=checkpoint and checkpoint.with_name(checkpoint.name + ".finetune"), progress=progress,
                  tune_dense=tune_dense)
@@ -225,11 +247,34 @@ def compress(model: nn.Module, method: str = "kmeans", bits: float | None = None
     return model
 
 
-def _allocate(model: nn.Module, jobs: list[Job], data: TrainingData, bits: float, available: float,
+def _global_spec(method: str | MethodConfig, options: dict) -> dict:
+    """The plan's global spec: the method's name and its options, checked once here (an unknown or
+    ill-typed option fails before any layer is looked at)."""
+    if isinstance(method, MethodConfig):
+        method, options = method.method, method.given() | options
+    if not isinstance(method, str):
+        raise VQCError(f"method must be a method's name or its config, got {method!r}")
+    make_config(get_method(method), options)
+    return {"method": method, **options}
+
+
+def _allocate(model: nn.Module, jobs: list[Job], data: TrainingData | None, bits: float, available: float,
               seed: int, predicted: dict[str, Tensor]) -> None:
     """Give each job the settings of its share of the model's bit budget (``allocate``), measured
-    on the statistics of one pass of the uncompressed model; the table is kept in
-    ``model.vqc_allocation``."""
+    on the statistics of one pass of the uncompressed model (without data: each layer's relative
+    weight error, every layer alike); the table is kept in ``model.vqc_allocation``."""
+    statistics, gains = _sensitivities(model, jobs, data, seed, predicted) if data is not None else ({}, None)
+    chosen = allocate(jobs, statistics, bits, available, seed, gains)
+    release_pages(job.module.weight for job in jobs)  # the passes read every weight
+    for job, option in zip(jobs, chosen):
+        job.settings = option.settings
+    model.vqc_allocation = describe(jobs, chosen)
+
+
+def _sensitivities(model: nn.Module, jobs: list[Job], data: TrainingData, seed: int,
+                   predicted: dict[str, Tensor]) -> tuple[dict[str, InputStatistics | None], list[float]]:
+    """Each job's fitting statistics from one pass of the uncompressed model, and its sensitivity
+    (the model's output loss per unit of the layer's relative output error)."""
     with capturing({job.name: job.module for job in jobs}) as collected:
         for i in range(data.calibration_batches):
             batch = data.batch_at(i)
@@ -243,11 +288,7 @@ def _allocate(model: nn.Module, jobs: list[Job], data: TrainingData, bits: float
     def loss() -> float:
         return mean_loss(data.task, model, probe, targets)
 
-    chosen = allocate(jobs, statistics, bits, available, seed, sensitivities(jobs, statistics, loss, seed))
-    release_pages(job.module.weight for job in jobs)  # the passes read every weight
-    for job, option in zip(jobs, chosen):
-        job.settings = option.settings
-    model.vqc_allocation = describe(jobs, chosen)
+    return statistics, sensitivities(jobs, statistics, loss, seed)
 
 
 def _embedding_statistics(statistics: dict[str, InputStatistics], jobs: list[Job], data: TrainingData,

@@ -1,6 +1,8 @@
 """Which layers are compressed, and with which spec.
 
-A spec is a dict of method options (``method``, ``bits``, ``dim``, ``k`` …). It is resolved
+A spec is a dict of method options (``method``, ``bits``, ``dim``, ``k`` …) or a method's config
+object (``KMeansConfig(dim=4)``); a level that names another method starts that method's options
+afresh (only ``LAYER_KEYS`` carry over). It is resolved
 like coremltools' configs: the global spec, then the module type's, then every name regex that
 fully matches (in order), each merged over the last; ``None`` at any level skips the layer.
 By default norms and biases are never coded, and tensors under ``min_weights`` stay dense.
@@ -15,14 +17,22 @@ from torch import nn
 
 from .errors import VQCError
 from .layers import CODED_TYPES, codable
+from .methods import MethodConfig
 
 SKIP = None
+#: What a spec may hold besides a method's options: which method, the layer's own budget, kept rows.
+LAYER_KEYS = ("method", "bits", "keep_rows")
+
+
+def _as_spec(level: dict | MethodConfig) -> dict:
+    """A plan entry as a spec: a method's config stands for its method and the options it sets."""
+    return {"method": level.method, **level.given()} if isinstance(level, MethodConfig) else level
 
 
 @dataclass
 class Plan:
-    by_type: dict[str, dict | None] = field(default_factory=dict)
-    by_name: dict[str, dict | None] = field(default_factory=dict)
+    by_type: dict[str, dict | MethodConfig | None] = field(default_factory=dict)
+    by_name: dict[str, dict | MethodConfig | None] = field(default_factory=dict)
     min_weights: int = 4096
 
     def resolve(self, model: nn.Module, spec: dict) -> list[tuple[str, nn.Module, dict]]:
@@ -44,6 +54,9 @@ class Plan:
         for level in [self.by_type.get(type(module).__name__, {}), *named]:
             if level is SKIP:
                 return SKIP
+            level = _as_spec(level)
+            if level.get("method", spec.get("method")) != spec.get("method"):  # another method: the options before were not its
+                spec = {key: value for key, value in spec.items() if key in LAYER_KEYS}
             spec.update(level)
         return spec
 

@@ -25,6 +25,8 @@ Without calibration inputs the error is unweighted (G = I). An embedding's error
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -33,40 +35,51 @@ from ..calibrate import InputStatistics
 from ..codebook import nearest_candidates
 from ..coded import CodedWeight, CodeLayout
 from ..errors import VQCError
-from . import register, reject_unknown
-from .kmeans import KMeans, _codebooks, _rms
+from . import MethodConfig, register
+from .kmeans import KMeans, KMeansConfig, _codebooks, _rms
 
-OPTIONS = {"dim", "k", "groups", "scale", "grouping", "gradient", "steps", "lr", "candidates"}
-GRADIENTS = ("proximal", "soft", "ste")
 STEPS = 10  # joint-learning steps: 40 gave no better MiniLM cosine (docs/methods.md), in twice the time
 DEFAULT_GROUPS = 4  # codebooks per layer unless asked: the most of 1 … 4 that divides the rows
 TUNE_HARD = 0.2  # share of the steps spent on codebooks and scales with the mapping fixed
 TEMPERATURES = (1.0, 0.02)  # τ at the first step and at the switch to the hard mapping
 
 
+@dataclass(frozen=True)
+class JLCMConfig(MethodConfig):
+    """``dim`` and ``k`` (default: from the budget), ``groups`` (codebooks per layer; default the
+    most of 1 … 4 that divides the rows), ``scale`` (default "row"), ``grouping`` ("stats": rows
+    sorted by distribution; "none"), the mapping ``gradient``, joint-learning ``steps`` and ``lr``,
+    ``candidates`` codewords per sub-vector."""
+
+    method: ClassVar[str] = "jlcm"
+    minimum: ClassVar[dict[str, float]] = {"dim": 1, "k": 2, "groups": 1, "steps": 0, "lr": 0, "candidates": 1}
+    dim: int | None = None
+    k: int | None = None
+    groups: int | None = None
+    scale: Literal["none", "row"] | None = None
+    grouping: Literal["stats", "none"] | None = None
+    gradient: Literal["proximal", "soft", "ste"] | None = None
+    steps: int | None = None
+    lr: float | None = None
+    candidates: int | None = None
+
+
 class JLCM:
     name = "jlcm"
+    config = JLCMConfig
     learns_assignments = False  # it learns them itself, on calibration inputs, before any fine-tuning
     needs_training = False
 
-    def settings(self, shape: tuple[int, ...], bits: float | None, options: dict) -> dict:
-        reject_unknown(options, OPTIONS, self.name)
-        groups = int(options.get("groups", max(g for g in range(1, DEFAULT_GROUPS + 1) if shape[0] % g == 0)))
-        if groups < 1 or shape[0] % groups:
+    def settings(self, shape: tuple[int, ...], bits: float | None, config: JLCMConfig) -> dict:
+        groups = config.groups or max(g for g in range(1, DEFAULT_GROUPS + 1) if shape[0] % g == 0)
+        if shape[0] % groups:
             raise VQCError(f"jlcm groups = {groups} must divide the {shape[0]} rows")
-        base = KMeans().settings(shape, bits, {key: options[key] for key in ("dim", "k") if key in options}
-                                 | {"groups": groups, "scale": options.get("scale", "row")})
-        gradient, grouping = options.get("gradient", "proximal"), options.get("grouping", "stats")
-        if gradient not in GRADIENTS:
-            raise VQCError(f"jlcm gradient must be one of {', '.join(GRADIENTS)}, got {gradient!r}")
-        if grouping not in ("stats", "none"):
-            raise VQCError(f"jlcm grouping must be 'stats' or 'none', got {grouping!r}")
-        steps, candidates = int(options.get("steps", STEPS)), int(options.get("candidates", 4))
-        if steps < 0 or candidates < 1:
-            raise VQCError(f"jlcm steps must be ≥ 0 and candidates ≥ 1, got {steps} and {candidates}")
-        return {"dim": base["dim"], "k": base["k"], "groups": groups, "scale": base["scale"], "grouping": grouping,
-                "gradient": gradient, "steps": steps, "lr": float(options.get("lr", 2e-2)),
-                "candidates": min(candidates, base["k"])}
+        base = KMeans().settings(shape, bits, KMeansConfig(dim=config.dim, k=config.k, groups=groups,
+                                                           scale=config.scale or "row"))
+        return {"dim": base["dim"], "k": base["k"], "groups": groups, "scale": base["scale"],
+                "grouping": config.grouping or "stats", "gradient": config.gradient or "proximal",
+                "steps": STEPS if config.steps is None else config.steps, "lr": config.lr or 2e-2,
+                "candidates": min(config.candidates or 4, base["k"])}
 
     def layout(self, shape: tuple[int, ...], settings: dict) -> CodeLayout:
         layout = CodeLayout(tuple(shape), k=settings["k"], dim=settings["dim"], groups=settings["groups"],

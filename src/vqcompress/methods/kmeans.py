@@ -13,6 +13,8 @@ codeword, and codebooks costing at most a quarter of the index bits.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -22,12 +24,11 @@ from ..calibrate import InputStatistics
 from ..codebook import PointSource, in_memory, kmeans
 from ..coded import CodedWeight, CodeLayout, row_slices
 from ..errors import VQCError
-from . import register, reject_unknown
+from . import MethodConfig, register
 
 MAX_BUDGET_K = 256
 MAX_DIM = 16
 MAX_CODEBOOK_SHARE = 0.25  # of the index bits: beyond that a shorter d buys more than it loses
-OPTIONS = {"dim", "k", "scale", "groups", "iterations", "max_points_per_centroid", "shared"}
 
 
 def dim_and_k_for_bits(bits: float, shape: tuple[int, ...], groups: int = 1,
@@ -57,27 +58,41 @@ def dim_and_k_for_bits(bits: float, shape: tuple[int, ...], groups: int = 1,
     return dim, 2**width
 
 
+@dataclass(frozen=True)
+class KMeansConfig(MethodConfig):
+    """``dim`` and ``k`` (default: from the budget), ``scale`` ("row": each row over its RMS
+    first), ``groups`` (codebooks per layer, blocks of rows), k-means ``iterations`` and
+    ``max_points_per_centroid``, ``shared`` (N codebooks for the whole model, shared by runs of
+    layers with a per-layer gain)."""
+
+    method: ClassVar[str] = "kmeans"
+    minimum: ClassVar[dict[str, float]] = {"dim": 1, "k": 2, "groups": 1, "iterations": 1,
+                                           "max_points_per_centroid": 1, "shared": 0}
+    dim: int | None = None
+    k: int | None = None
+    scale: Literal["none", "row"] | None = None
+    groups: int | None = None
+    iterations: int | None = None
+    max_points_per_centroid: int | None = None
+    shared: int | None = None
+
+
 class KMeans:
     name = "kmeans"
+    config = KMeansConfig
     learns_assignments = False
     needs_training = False
 
-    def settings(self, shape: tuple[int, ...], bits: float | None, options: dict) -> dict:
-        reject_unknown(options, OPTIONS, self.name)
-        dim, k = options.get("dim"), options.get("k")
-        shared = int(options.get("shared") or 0)
-        if shared < 0 or (shared and int(options.get("groups", 1)) != 1):
-            raise VQCError(f"shared codebooks must be a count ≥ 1 and go with one codebook per layer, got {shared}")
+    def settings(self, shape: tuple[int, ...], bits: float | None, config: KMeansConfig) -> dict:
+        dim, k, groups, shared = config.dim, config.k, config.groups or 1, config.shared or 0
+        if shared and groups != 1:
+            raise VQCError(f"shared codebooks go with one codebook per layer, got groups = {groups}")
         if dim is None or k is None:
-            dim, k = self._complete_from_budget(bits, shape, int(options.get("groups", 1)), dim, k,
-                                                math.inf if shared else MAX_CODEBOOK_SHARE)
-        scale = options.get("scale", "none")
-        if scale not in ("none", "row"):
-            raise VQCError(f"kmeans scale must be 'none' or 'row', got {scale!r}")
+            dim, k = self._complete_from_budget(bits, shape, groups, dim, k, math.inf if shared else MAX_CODEBOOK_SHARE)
         return {
-            "dim": int(dim), "k": int(k), "scale": scale, "groups": int(options.get("groups", 1)),
-            "iterations": int(options.get("iterations", 20)),
-            "max_points_per_centroid": int(options.get("max_points_per_centroid", 256)), "shared": shared,
+            "dim": int(dim), "k": int(k), "scale": config.scale or "none", "groups": groups,
+            "iterations": config.iterations or 20, "max_points_per_centroid": config.max_points_per_centroid or 256,
+            "shared": shared,
         }
 
     @staticmethod

@@ -25,6 +25,8 @@ Fine-tuning then trains C, the coefficients and the row scales through the grid 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -35,9 +37,8 @@ from ..codebook import kmeans
 from ..coded import (FP16_COEFFICIENTS, MAX_GRID_BITS, CodedWeight, CodeLayout, best_grid_step, codebook_grid_scale,
                      grid_levels, grid_values, row_slices)
 from ..errors import VQCError
-from . import register, reject_unknown
+from . import MethodConfig, register
 
-OPTIONS = {"dim", "k", "terms", "coef_bits", "codebook_bits", "init", "iterations", "scale"}
 CHUNK = 1 << 15  # sub-vectors per step: bounds the (chunk × k) gradient
 GRID_ROUNDS = 2  # coefficient ↔ codebook refits on their grids
 GRID_CANDIDATES = 8  # codewords a term weighs on the grid: the best ones for a real coefficient
@@ -69,30 +70,46 @@ RATE_TABLE: list[tuple[float, tuple[int, int, int, int]]] = [
 ]
 
 
+@dataclass(frozen=True)
+class QSWDConfig(MethodConfig):
+    """``dim``, ``k``, ``terms`` (s) and ``coef_bits`` (b_z; default: from the budget's
+    ``RATE_TABLE`` row), ``codebook_bits`` (b_c, default 8), ``init`` ("kmeans" or "svd"),
+    projected-gradient ``iterations`` (default 4), ``scale`` ("row" or "none")."""
+
+    method: ClassVar[str] = "qswd"
+    minimum: ClassVar[dict[str, float]] = {"dim": 1, "k": 2, "terms": 1, "coef_bits": 0, "codebook_bits": 0,
+                                           "iterations": 0}
+    dim: int | None = None
+    k: int | None = None
+    terms: int | None = None
+    coef_bits: int | None = None
+    codebook_bits: int | None = None
+    init: Literal["kmeans", "svd"] | None = None
+    iterations: int | None = None
+    scale: Literal["row", "none"] | None = None
+
+
 class QSWD:
     name = "qswd"
+    config = QSWDConfig
     learns_assignments = False  # positions stay as fitted; codebook, coefficients and scales train
     needs_training = False
 
-    def settings(self, shape: tuple[int, ...], bits: float | None, options: dict) -> dict:
-        reject_unknown(options, OPTIONS, self.name)
+    def settings(self, shape: tuple[int, ...], bits: float | None, config: QSWDConfig) -> dict:
         cols = math.prod(shape[1:])
-        given = {key: int(options[key]) for key in ("dim", "k", "terms", "coef_bits") if options.get(key) is not None}
+        given = {key: value for key, value in config.given().items() if key in ("dim", "k", "terms", "coef_bits")}
         if bits is None and len(given) < 4:
             raise VQCError("qswd needs --bits, or all of dim, k, terms and coef_bits (-O terms=… -O coef_bits=…)")
         if bits is not None and bits <= 0:
             raise VQCError(f"a bit budget must be positive, got {bits}")
-        picked = given if len(given) == 4 else self._from_budget(bits, shape, given, options)
+        picked = given if len(given) == 4 else self._from_budget(bits, shape, given, config)
         settings = {
-            "scale": options.get("scale", "row"), **picked, "codebook_bits": int(options.get("codebook_bits", 8)),
-            "init": options.get("init", "kmeans"), "iterations": int(options.get("iterations", 4)),
+            "scale": config.scale or "row", **picked,
+            "codebook_bits": 8 if config.codebook_bits is None else config.codebook_bits,
+            "init": config.init or "kmeans", "iterations": 4 if config.iterations is None else config.iterations,
         }
-        if settings["init"] not in ("kmeans", "svd"):
-            raise VQCError(f"qswd init must be 'kmeans' or 'svd', got {settings['init']!r}")
         if settings["init"] == "svd" and settings["k"] > settings["dim"]:
             raise VQCError(f"an SVD start needs k ≤ d, got k = {settings['k']}, d = {settings['dim']}")
-        if settings["scale"] not in ("row", "none"):
-            raise VQCError(f"qswd scale must be 'row' or 'none', got {settings['scale']!r}")
         if settings["scale"] == "none" and 0 < settings["coef_bits"] <= MAX_GRID_BITS:
             raise VQCError("coefficients on a grid need row scales (their step): drop scale=none or use coef_bits 0 or 16")
         if settings["terms"] > settings["k"]:
@@ -111,18 +128,18 @@ class QSWD:
         """The exact cost: positions, coefficients, codebook (and its scale) and row scales."""
         return _layout(shape, settings).nbits() / math.prod(shape)
 
-    def _from_budget(self, bits: float, shape: tuple[int, ...], given: dict, options: dict) -> dict:
+    def _from_budget(self, bits: float, shape: tuple[int, ...], given: dict, config: QSWDConfig) -> dict:
         """The richest ``RATE_TABLE`` row whose total cost on this layer fits the budget (the
         codebook and scales counted), with any option the user gave kept; on a layer too small
         for a row's codebook, that row with fewer codewords, then without row scales."""
-        cols, codebook_bits = math.prod(shape[1:]), int(options.get("codebook_bits", 8))
+        cols, codebook_bits = math.prod(shape[1:]), 8 if config.codebook_bits is None else config.codebook_bits
         for rate, row in reversed(RATE_TABLE):
             picked = dict(zip(("dim", "k", "terms", "coef_bits"), row)) | given
             if rate > bits and not given:
                 continue
             while cols % picked["dim"] and "dim" not in given:
                 picked["dim"] //= 2
-            scales = [options["scale"]] if "scale" in options else ["row", "none"][:1 + (picked["coef_bits"] in (0, 16))]
+            scales = [config.scale] if config.scale else ["row", "none"][:1 + (picked["coef_bits"] in (0, 16))]
             ks = [picked["k"]] if "k" in given else [picked["k"] >> i for i in range(int(math.log2(picked["k"])))]
             for scale, k in ((scale, k) for scale in scales for k in ks if k >= picked["terms"]):
                 candidate = picked | {"k": k, "scale": scale, "codebook_bits": codebook_bits}

@@ -7,28 +7,41 @@ group of ``group_size`` inputs in a row has its own fp16 scale and offset
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 
 from ..calibrate import InputStatistics
 from ..coded import CodedWeight, CodeLayout
 from ..errors import VQCError
-from . import register, reject_unknown
+from . import MethodConfig, register
 
 DEFAULT_GROUP_SIZE = 64
 
 
+@dataclass(frozen=True)
+class RTNConfig(MethodConfig):
+    """``group_size``: inputs per scale and offset (default 64)."""
+
+    method: ClassVar[str] = "rtn"
+    minimum: ClassVar[dict[str, float]] = {"group_size": 1}
+    group_size: int | None = None
+
+
 class RTN:
     name = "rtn"
+    config = RTNConfig
     learns_assignments = False
     needs_training = False
 
-    def settings(self, shape: tuple[int, ...], bits: float | None, options: dict) -> dict:
-        reject_unknown(options, {"group_size"}, self.name)
+    def settings(self, shape: tuple[int, ...], bits: float | None, config: RTNConfig) -> dict:
         if bits is None or bits != int(bits) or not 1 <= bits <= 8:
-            raise VQCError(f"rtn needs a whole number of bits from 1 to 8, got {bits}")
+            raise VQCError(f"rtn needs a whole number of bits from 1 to 8 per layer, got {bits} (a model average "
+                           "between whole bits: give calibration data, or bits=ModelAverage(...))")
         cols = int(torch.Size(shape[1:]).numel())
-        group = int(options.get("group_size", DEFAULT_GROUP_SIZE))
+        group = config.group_size or DEFAULT_GROUP_SIZE
         if group < 1 or cols % group:
             raise VQCError(f"rtn group size {group} does not divide the {cols} inputs of shape {tuple(shape)}")
         return {"bits": int(bits), "group_size": group}

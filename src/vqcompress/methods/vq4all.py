@@ -14,6 +14,8 @@ each sub-vector's nearest ``candidates`` by distillation with progressive freezi
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -22,13 +24,23 @@ from .. import universal
 from ..calibrate import InputStatistics
 from ..coded import CodedWeight, CodeLayout
 from ..errors import VQCError
-from . import register, reject_unknown
+from . import MethodConfig, register
 
-OPTIONS = {"codebook", "candidates"}
+
+@dataclass(frozen=True)
+class VQ4AllConfig(MethodConfig):
+    """``codebook``: the universal codebook file (.vqcb) or its sha256; ``candidates``: codewords
+    each sub-vector's learned assignment chooses among."""
+
+    method: ClassVar[str] = "vq4all"
+    minimum: ClassVar[dict[str, float]] = {"candidates": 1}
+    codebook: str | None = None
+    candidates: int | None = None
 
 
 class VQ4All:
     name = "vq4all"
+    config = VQ4AllConfig
     learns_assignments = True  # progressively, when fine-tuned
     needs_training = False  # without training data: the nearest codeword under the fitted scales
     assignments = "progressive"
@@ -40,11 +52,10 @@ class VQ4All:
     #: The nearest codeword, as the method describes; its assignments are then learned (progressive).
     feedback = False
 
-    def settings(self, shape: tuple[int, ...], bits: float | None, options: dict) -> dict:
-        reject_unknown(options, OPTIONS, self.name)
-        if not options.get("codebook"):
+    def settings(self, shape: tuple[int, ...], bits: float | None, config: VQ4AllConfig) -> dict:
+        if not config.codebook:
             raise VQCError("vq4all needs a universal codebook: --codebook FILE (make one with `vqc codebook build`)")
-        book = universal.open_codebook(options["codebook"])
+        book = universal.open_codebook(config.codebook)
         cols = math.prod(shape[1:])
         if cols % book.dim:
             raise VQCError(f"the universal codebook's sub-vector length d = {book.dim} does not divide the {cols} "
@@ -53,10 +64,7 @@ class VQ4All:
         if bits is not None and bits + 1e-9 < cost:
             raise VQCError(f"the universal codebook (k = {book.k}, d = {book.dim}) costs {cost:.3f} bits per weight on "
                            f"shape {tuple(shape)} (indices and row scales); --bits {bits} is below that")
-        candidates = int(options.get("candidates", 4))
-        if candidates < 1:
-            raise VQCError(f"vq4all candidates must be ≥ 1, got {candidates}")
-        return {"codebook": book.sha256, "candidates": min(candidates, book.k)}
+        return {"codebook": book.sha256, "candidates": min(config.candidates or 4, book.k)}
 
     def layout(self, shape: tuple[int, ...], settings: dict) -> CodeLayout:
         _, k, dim = universal.table(settings["codebook"]).shape

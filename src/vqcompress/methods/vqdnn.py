@@ -9,12 +9,23 @@ assignment is fixed. Needs training data and ``finetune_steps``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 from . import register
-from .kmeans import KMeans
+from .kmeans import KMeans, KMeansConfig
+
+
+@dataclass(frozen=True)
+class VQDNNConfig(KMeansConfig):
+    """kmeans' options: the codebooks it starts from."""
+
+    method: ClassVar[str] = "vqdnn"
 
 
 class VQDNN(KMeans):
     name = "vqdnn"
+    config = VQDNNConfig
     learns_assignments = True
     needs_training = True
 
