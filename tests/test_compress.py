@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -182,7 +183,7 @@ def test_jlcm_compresses_a_model_block_by_block_and_round_trips(tmp_path):
 
 
 @pytest.mark.parametrize("tune_blocks", [0, 2])
-def test_an_interrupted_calibrated_compression_resumes_to_the_same_file(tmp_path, monkeypatch, tune_blocks):
+def test_an_interrupted_calibrated_compression_resumes_to_the_same_file(tmp_path, monkeypatch, caplog, tune_blocks):
     import importlib
 
     from tests.test_allocate import PLAN, text_batches, tiny_bert
@@ -204,9 +205,39 @@ def test_an_interrupted_calibrated_compression_resumes_to_the_same_file(tmp_path
         vqc.compress(tiny_bert(), "jlcm", 3, text_batches(), checkpoint=checkpoint, **options)
     assert checkpoint.exists()
     monkeypatch.setattr(compress_module, "_fit_runs", real_fit_runs)
-    resumed = vqc.compress(tiny_bert(), "jlcm", 3, text_batches(), checkpoint=checkpoint, **options)
+    with caplog.at_level(logging.WARNING, logger="vqcompress"):
+        resumed = vqc.compress(tiny_bert(), "jlcm", 3, text_batches(), checkpoint=checkpoint, **options)
+    assert "resuming from the checkpoint" in caplog.text
     assert not checkpoint.exists()
     assert vqc.save(resumed, tmp_path / "resumed.vqc").read_bytes() == whole.read_bytes()
+
+
+def test_a_checkpoint_of_other_settings_is_not_resumed(tmp_path, monkeypatch, caplog):
+    """An interrupted run at 2.1 bits rerun at 3.1 used to resume the stale checkpoint silently."""
+    import importlib
+
+    from tests.test_allocate import PLAN, text_batches, tiny_bert
+
+    options = {"plan": PLAN, "progress": False, "steps": 2}
+    whole = vqc.save(vqc.compress(tiny_bert(), "jlcm", 3.1, text_batches(), **options), tmp_path / "whole.vqc")
+    checkpoint = tmp_path / "partial.vqc"
+    compress_module = importlib.import_module("vqcompress.compress")
+    real_fit_runs, calls = compress_module._fit_runs, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_fit_runs(*args, **kwargs)
+
+    monkeypatch.setattr(compress_module, "_fit_runs", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        vqc.compress(tiny_bert(), "jlcm", 2.1, text_batches(), checkpoint=checkpoint, **options)
+    monkeypatch.setattr(compress_module, "_fit_runs", real_fit_runs)
+    with caplog.at_level(logging.WARNING, logger="vqcompress"):
+        other = vqc.compress(tiny_bert(), "jlcm", 3.1, text_batches(), checkpoint=checkpoint, **options)
+    assert "a checkpoint of another run" in caplog.text
+    assert vqc.save(other, tmp_path / "other.vqc").read_bytes() == whole.read_bytes()
 
 
 def test_tuned_blocks_give_outputs_closer_to_the_original():

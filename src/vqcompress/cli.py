@@ -6,6 +6,7 @@ User mistakes (``VQCError``) print one line and exit 2; nothing half-written is 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import resource
 import shutil
@@ -17,6 +18,7 @@ from typing import Optional
 
 import torch
 import typer
+from tqdm.auto import tqdm
 
 from .errors import VQCError
 
@@ -403,8 +405,19 @@ def bench_speed(
     typer.echo(json.dumps(result.to_json(), indent=1) if json_out else str(result))
 
 
+class _BesideBars(logging.Handler):
+    """What a run says aloud (``notes``), on stderr between its progress bars."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(record.getMessage(), file=sys.stderr)
+
+
 def main() -> None:
     """Entry point: user mistakes become one line on stderr and exit code 2."""
+    from .notes import logger
+
+    logger.addHandler(_BesideBars())
+    logger.propagate = False
     try:
         app()
     except VQCError as error:

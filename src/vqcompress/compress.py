@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import sys
@@ -19,13 +20,71 @@ from .allocate import allocate, check_budget, describe, has_levels, levels, sens
 from .budget import Budget, ModelAverage, PerLayer, resolve
 from .calibrate import Blocks, InputStatistics, capturing, find_blocks, predicted_probabilities, statistics_pass
 from .coded import CodedWeight
-from .io import load, save
+from .inputs import as_training_data
+from .io import load, read_manifest, save
 from .errors import VQCError
-from .finetune import BLOCK_LR, TrainingData, check_assignments, finetune, mean_loss, relative_error, tune_block
+from .finetune import BLOCK_LR, Task, TrainingData, check_assignments, finetune, mean_loss, relative_error, tune_block
 from .layers import coded_from_dense, iter_coded
 from .memory import release_free_memory, release_pages, released_after_use
+from .notes import say
 from .methods import Method, MethodConfig, get_method, make_config
 from .plan import Plan
+
+
+@dataclass
+class Checkpoint:
+    """Where a run keeps its work so far (a .vqc file), and the identity of that run
+    (``_run_identity``): only the same run resumes from it."""
+
+    path: Path
+    run: str
+
+    def save(self, model: nn.Module) -> None:
+        save(model, self.path, run=self.run)
+
+    def resumable(self) -> bool:
+        """Whether this run resumes from the file there: one another run wrote (other settings,
+        model or data) is removed; said either way."""
+        if not self.path.exists():
+            return False
+        try:
+            manifest = read_manifest(self.path)[0]
+        except VQCError:
+            manifest = {}
+        if manifest.get("run") != self.run:
+            self.path.unlink()
+            say(f"a checkpoint of another run (other settings, model or data) was at {self.path}: removed, starting over")
+            return False
+        say(f"resuming from the checkpoint {self.path}: {len(manifest['layers'])} layers already fitted")
+        return True
+
+
+def _run_identity(model: nn.Module, spec: dict, plan: Plan | None, budget: Budget | None, seed: int,
+                  data: TrainingData | None, settings: dict) -> str:
+    """A digest of everything a run's result depends on: the model's weights (its recorded sha256,
+    else every tensor's sum), the method and its options, the plan, budget and seed, the
+    calibration data (its first batch and its size) and the pipeline's other ``settings``."""
+    digest = hashlib.sha256()
+    source = getattr(model, "vqc_source", None)
+    if getattr(source, "sha256", None):
+        digest.update(source.sha256.encode())
+    else:
+        for name, tensor in model.state_dict().items():
+            digest.update(f"{name}{tuple(tensor.shape)}{tensor.double().sum().item()!r}".encode())
+    digest.update(repr([spec, plan, budget, seed, settings]).encode())
+    if data is not None:
+        digest.update(f"{data.calibration_batches}|{None if data.token_counts is None else data.token_counts.sum()}".encode())
+        for tensor in _tensors(data.batch_at(0)):
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _tensors(batch: object) -> list[Tensor]:
+    """Every tensor in a batch (a tensor, or tuples, lists and dicts of them)."""
+    if isinstance(batch, Tensor):
+        return [batch]
+    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else []
+    return [t for value in values for t in _tensors(value)]
 
 
 #: Ridge added to every layer's input statistics, as a share of the mean input energy: inputs
@@ -184,7 +243,7 @@ def compress(model: nn.Module, method: str | MethodConfig = "kmeans", bits: floa
              progress: bool = True, finetune_steps: int = 0, finetune_lr: float = 1e-3,
              assignments: str | None = None, checkpoint: str | os.PathLike | None = None,
              calibrate: bool | None = None, tune_dense: bool = True, tune_blocks: int = 0,
-             block_lr: float = BLOCK_LR, **options) -> nn.Module:
+             block_lr: float = BLOCK_LR, task: Task | None = None, **options) -> nn.Module:
     """Replace the planned layers of ``model`` (in place) by coded layers; returns the model
     (a new object only when ``model`` is itself a single layer).
 
@@ -192,7 +251,9 @@ def compress(model: nn.Module, method: str | MethodConfig = "kmeans", bits: floa
     (``KMeansConfig(dim=4)``, with ``options`` over it); ``bits`` a budget (``budget.PerLayer``,
     ``budget.ModelAverage``) or a plain number (``budget.resolve``: the model's average when
     calibrated, each layer's ceiling otherwise).
-    With ``calibration`` (a task and its batches) and ``calibrate`` (default: unless fine-tuning,
+    ``calibration`` is what the user has (``inputs.as_training_data``: example inputs, a data
+    loader, text, or a ``TrainingData``); its task is inferred unless ``task`` is given.
+    With ``calibration`` and ``calibrate`` (default: unless fine-tuning,
     which then uses the data as before), every layer is fitted to the statistics of its inputs on
     the first ``calibration.calibration_batches`` batches, block by block where the model has
     repeated blocks (see ``_fit_calibrated``); under a model average ``allocate`` gives each layer
@@ -206,8 +267,7 @@ def compress(model: nn.Module, method: str | MethodConfig = "kmeans", bits: floa
     Every layer's settings are resolved and checked before any work starts, so
     a bad budget or a bad weight fails in a second, not after minutes of work.
     """
-    if calibration is not None and not isinstance(calibration, TrainingData):
-        raise VQCError(f"calibration must be a TrainingData(task, batch_at), got a {type(calibration).__name__}")
+    calibration = as_training_data(calibration, model, task, seed)
     spec = _global_spec(method, options)
     calibrate = calibration is not None and (not finetune_steps or bool(tune_blocks) if calibrate is None else calibrate)
     budget = resolve(bits, calibrate)
@@ -216,8 +276,13 @@ def compress(model: nn.Module, method: str | MethodConfig = "kmeans", bits: floa
         raise VQCError("the plan selects no layer to compress")
     jobs, followers = _untie(jobs)
     _check_training(jobs, calibration, finetune_steps, tune_blocks)
+    _say_what_is_missing(jobs, budget, calibrate)
     assignments = assignments or getattr(jobs[0].method, "assignments", "ste")
     check_assignments(assignments)
+    store = Checkpoint(Path(checkpoint), _run_identity(
+        model, spec, plan, budget, seed, calibration if calibrate or finetune_steps else None,
+        {"calibrate": calibrate, "tune_blocks": tune_blocks, "block_lr": block_lr, "tune_dense": tune_dense})
+    ) if checkpoint else None
     teacher = copy.deepcopy(model).eval() if finetune_steps else None
     if tune_blocks and not calibrate:
         raise VQCError("tuning blocks works on the calibrated, block-by-block fit: leave calibrate on")
@@ -230,21 +295,35 @@ def compress(model: nn.Module, method: str | MethodConfig = "kmeans", bits: floa
     if available is not None and any(has_levels(job) for job in jobs):
         _allocate(model, jobs, calibration if calibrate else None, budget.bits, available, seed, predicted)
     bar = tqdm(total=len(jobs), desc=spec["method"], unit="layer", disable=not progress)
-    checkpoint = Path(checkpoint) if checkpoint else None
     if not calibrate:
         model = _fit_runs(model, shared_runs(jobs), seed, bar, followers=followers)
     else:
-        model = _fit_calibrated(model, jobs, calibration, seed, bar, checkpoint, followers, tune_blocks, block_lr,
+        model = _fit_calibrated(model, jobs, calibration, seed, bar, store, followers, tune_blocks, block_lr,
                                 tune_dense, predicted)
     bar.close()
     if finetune_steps:
         finetune(model, teacher, calibration.task, calibration.batch_at, finetune_steps, lr=finetune_lr,
                  learn_assignments=any(job.method.learns_assignments for job in jobs), assignments=assignments,
-                 checkpoint=checkpoint and checkpoint.with_name(checkpoint.name + ".finetune"), progress=progress,
-                 tune_dense=tune_dense)
-    if checkpoint is not None and checkpoint.exists():
-        checkpoint.unlink()
+                 checkpoint=store and store.path.with_name(store.path.name + ".finetune"), progress=progress,
+                 tune_dense=tune_dense, run=store.run if store else "")
+    if store is not None and store.path.exists():
+        store.path.unlink()
     return model
+
+
+def _say_what_is_missing(jobs: list[Job], budget: Budget | None, calibrate: bool) -> None:
+    """Say where the run is not what the user might think: a method made for calibration data run
+    without it, a per-layer budget above what the method codes."""
+    methods = sorted({job.method.name for job in jobs if getattr(job.method, "calibrates", False)})
+    if methods and not calibrate:
+        say(f"{', '.join(methods)} fits each layer to its calibration inputs, but none were given: each layer is "
+            "fitted to its weights alone (give calibration data for the output-error fit)")
+    if isinstance(budget, PerLayer):
+        layouts = [job.method.layout(tuple(job.module.weight.shape), job.settings) for job in jobs]
+        most = max(sum(width * count for width, count in lay.row_streams().values()) / lay.cols for lay in layouts)
+        if budget.bits > most + 0.5:
+            say(f"--bits {budget.bits:g} is more than {', '.join(sorted({job.method.name for job in jobs}))} codes "
+                f"here: at most {most:g} index bits per weight (capped there)")
 
 
 def _global_spec(method: str | MethodConfig, options: dict) -> dict:
@@ -391,7 +470,7 @@ def correct_bias(layer: nn.Module, weight: torch.Tensor, inputs: InputStatistics
 
 
 def _fit_calibrated(model: nn.Module, jobs: list[Job], data: TrainingData, seed: int, bar: tqdm,
-                    checkpoint: Path | None = None, followers: dict[str, list[Job]] | None = None,
+                    checkpoint: Checkpoint | None = None, followers: dict[str, list[Job]] | None = None,
                     tune_blocks: int = 0, block_lr: float = BLOCK_LR, tune_dense: bool = True,
                     predicted: dict[str, Tensor] | None = None) -> nn.Module:
     """Fit every layer on the statistics of its inputs. A model with repeated blocks is done block
@@ -400,20 +479,20 @@ def _fit_calibrated(model: nn.Module, jobs: list[Job], data: TrainingData, seed:
     With ``tune_blocks`` (passes over the calibration batches), each block's coded weights are
     then trained to give the uncompressed block's outputs on the uncompressed model's inputs
     (``tune_block``), which also repairs the error of the blocks before it.
-    With ``checkpoint``, the model so far is saved there (a .vqc file) after every stage, and a
-    run that finds the file starts from it: the layers it holds are not fitted again, and the
+    With ``checkpoint``, the model so far is saved there (a .vqc file) after every stage, and the
+    same run finding the file starts from it: the layers it holds are not fitted again, and the
     result is the same file as an uninterrupted run's."""
     batches = [data.batch_at(i) for i in range(data.calibration_batches)]
     found = find_blocks(model) if all(job.name for job in jobs) else None
     blockwise = found is not None and not any(job.settings.get("shared") for job in jobs)
-    tuning, resuming = blockwise and bool(tune_blocks), checkpoint is not None and checkpoint.exists()
+    tuning, resuming = blockwise and bool(tune_blocks), checkpoint is not None and checkpoint.resumable()
     # The teacher's block is the block itself until its stage codes it; copies only where the
     # checkpoint is about to replace blocks (a copy of every block is the dense model over again).
     originals = list(copy.deepcopy(found[1])) if tuning and resuming else None
     teacher_inputs = Blocks(model, found[1], data.task.forward, batches).first_inputs() if tuning else None
     done: set[str] = set()
     if resuming:
-        model = load(checkpoint, like=model, device=str(next(model.parameters()).device))
+        model = load(checkpoint.path, like=model, device=str(next(model.parameters()).device))
         done = {name for name, _ in iter_coded(model)}
         bar.update(len(done))
 
@@ -428,7 +507,7 @@ def _fit_calibrated(model: nn.Module, jobs: list[Job], data: TrainingData, seed:
         fitted = _fit_runs(model, shared_runs(stage), seed, bar, statistics, followers)
         release_free_memory()  # the stage's activations and fitting temporaries
         if checkpoint is not None and keep:
-            save(fitted, checkpoint)
+            checkpoint.save(fitted)
         return fitted
 
     def run_model() -> None:
@@ -453,7 +532,7 @@ def _fit_calibrated(model: nn.Module, jobs: list[Job], data: TrainingData, seed:
             if fresh and any(iter_coded(blocks.blocks[index])):
                 outputs = _tuned(blocks, index, inputs, outputs, targets, tune_blocks, block_lr, tune_dense, bar)
                 if checkpoint is not None:
-                    save(model, checkpoint)
+                    checkpoint.save(model)
             teacher_inputs = targets
         inputs = outputs
     return fit_stage(after, run_model)
@@ -500,8 +579,8 @@ def _check_training(jobs: list[Job], calibration: TrainingData | None, finetune_
     if tune_blocks < 0:
         raise VQCError(f"tune_blocks must be ≥ 0, got {tune_blocks}")
     if tune_blocks and calibration is None:
-        raise VQCError("tuning blocks needs calibration data (calibration=TrainingData(task, batch_at))")
+        raise VQCError("tuning blocks needs calibration data (calibration=[example inputs …])")
     if trains and not (calibration and finetune_steps):
         raise VQCError(f"{', '.join(trains)} learns its codebooks in training: give training data and fine-tuning steps")
     if finetune_steps and calibration is None:
-        raise VQCError("fine-tuning needs training data (calibration=TrainingData(task, batch_at))")
+        raise VQCError("fine-tuning needs training data (calibration=[example inputs …])")

@@ -74,9 +74,12 @@ def _lee_background() -> str:
 CORPORA = {"lee-background": _lee_background, "wiki": _wiki_text}
 
 
-def calibration_text(calib: str) -> str:
-    """The text of a named corpus or of a UTF-8 text file; an empty one is refused."""
-    if calib in CORPORA:
+def calibration_text(calib: str | list[str]) -> str:
+    """The text of a named corpus, of a UTF-8 text file or of a list of texts (one after another);
+    an empty one is refused."""
+    if isinstance(calib, list):
+        text = "\n\n".join(calib)
+    elif calib in CORPORA:
         text = CORPORA[calib]()
     else:
         path = Path(calib)
@@ -87,12 +90,19 @@ def calibration_text(calib: str) -> str:
         except (UnicodeDecodeError, OSError) as error:
             raise VQCError(f"cannot read calibration file {calib} as UTF-8 text ({error})") from None
     if not text.strip():
-        raise VQCError(f"calibration data {calib!r} holds no text")
+        raise VQCError(f"calibration data {_named(calib)} holds no text")
     return text
 
 
-def training_sentences(calib: str = "lee-background") -> list[str]:
-    """Sentences of ``calib``: a corpus split at sentence ends, or a file's non-empty lines."""
+def _named(calib: str | list[str]) -> str:
+    return f"({len(calib)} texts)" if isinstance(calib, list) else repr(calib)
+
+
+def training_sentences(calib: str | list[str] = "lee-background") -> list[str]:
+    """Sentences of ``calib``: a corpus split at sentence ends, a file's non-empty lines, or the
+    given texts."""
+    if isinstance(calib, list):
+        return [line.strip() for line in calib if line.strip()]
     text = calibration_text(calib)
     return _sentences(text) if calib in CORPORA else [line.strip() for line in text.splitlines() if line.strip()]
 
@@ -102,9 +112,9 @@ def _enough(available: int, samples: int | None, what: str, calib: str) -> int:
     if samples is not None and samples < 1:
         raise VQCError(f"--calib-samples must be ≥ 1, got {samples}")
     if available == 0:
-        raise VQCError(f"calibration data {calib!r} gives no {what}")
+        raise VQCError(f"calibration data {_named(calib)} gives no {what}")
     if samples is not None and samples > available:
-        raise VQCError(f"calibration data {calib!r} gives {available} {what}, fewer than the {samples} asked for")
+        raise VQCError(f"calibration data {_named(calib)} gives {available} {what}, fewer than the {samples} asked for")
     return available if samples is None else samples
 
 
@@ -136,7 +146,7 @@ def text_training_data(tokenizer, seed: int = 0, batch_size: int = 32, max_token
     """Sentence batches for an encoder; with ``samples``, a fixed pool of that many sentences."""
     sentences = training_sentences(calib)
     if not any(tokenizer(sentences[:64], add_special_tokens=False)["input_ids"]):
-        raise VQCError(f"calibration data {calib!r} tokenizes to nothing")
+        raise VQCError(f"calibration data {_named(calib)} tokenizes to nothing")
     size = _enough(len(sentences), samples, "sentences", calib)
     pool = sentences if samples is None else [sentences[i] for i in _epoch_order(len(sentences), seed, size)(0).tolist()]
     batch_size = _batch_size(size, samples, batch_size)
@@ -153,14 +163,16 @@ def text_training_data(tokenizer, seed: int = 0, batch_size: int = 32, max_token
 def causal_lm_data(tokenizer, seed: int = 0, batch_size: int = 4, calib: str = "wiki",
                    samples: int | None = None) -> TrainingData:
     """Windows of ``WINDOW`` tokens of running text for a causal LM (each starts with BOS when
-    the tokenizer adds one)."""
+    the tokenizer adds one): ``samples`` of them, by default as many as the text gives up to the
+    usual ``DEFAULT_SAMPLES``."""
     ids = tokenizer(calibration_text(calib), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     if not len(ids):
-        raise VQCError(f"calibration data {calib!r} tokenizes to nothing")
+        raise VQCError(f"calibration data {_named(calib)} tokenizes to nothing")
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     step = WINDOW - len(bos)
     windows = [torch.cat([torch.tensor(bos, dtype=ids.dtype), ids[i:i + step]]) for i in range(0, len(ids) - step + 1, step)]
     size = _enough(len(windows), samples, f"windows of {WINDOW} tokens", calib)
+    size = size if samples else min(size, DEFAULT_SAMPLES["causal"])
     pool = torch.stack(windows)[:size]
     batch_size = _batch_size(size, size, batch_size)
     order = _epoch_order(size, seed, batch_size)
@@ -181,12 +193,12 @@ def training_data(source: dict, seed: int = 0, calib: str | None = None, samples
     folder = model_folder(source) if source["kind"] in ("bundled", "folder") else None
     if folder is None:
         raise VQCError(f"no calibration or fine-tuning data is known for {source['name']!r}: use the Python API with "
-                       "calibration=TrainingData(task, batch_at)")
+                       "calibration=[example inputs …]")
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     if source.get("architecture", "").endswith("ForCausalLM"):
-        data = causal_lm_data(tokenizer, seed, calib=calib or "wiki", samples=samples or DEFAULT_SAMPLES["causal"])
+        data = causal_lm_data(tokenizer, seed, calib=calib or "wiki", samples=samples)
     else:
         data = text_training_data(tokenizer, seed, calib=calib or "lee-background", samples=samples)
     del tokenizer

@@ -153,24 +153,34 @@ def _learning_rate(base: float, step: int, steps: int, warmup: int) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
-def _save_checkpoint(path: Path, step: int, student: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Student state and optimizer moments as one safetensors file, written atomically (no pickle)."""
+def _save_checkpoint(path: Path, step: int, student: nn.Module, optimizer: torch.optim.Optimizer, run: str) -> None:
+    """Student state and optimizer moments as one safetensors file, written atomically (no pickle),
+    with the ``run`` it belongs to (see ``_load_checkpoint``)."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
     for index, state in optimizer.state_dict()["state"].items():
         tensors.update({f"optimizer.{index}.{k}": torch.as_tensor(v).cpu().contiguous() for k, v in state.items()})
-    write_atomically(path, lambda temp: save_file(tensors, temp, metadata={"step": str(step)}))
+    write_atomically(path, lambda temp: save_file(tensors, temp, metadata={"step": str(step), "run": run}))
 
 
-def _load_checkpoint(path: Path, student: nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """Restore a checkpoint written by ``_save_checkpoint``; returns the step to continue from."""
+def _load_checkpoint(path: Path, student: nn.Module, optimizer: torch.optim.Optimizer, run: str) -> int:
+    """Restore a checkpoint written by ``_save_checkpoint``; returns the step to continue from.
+    One written by another ``run`` (other settings, model or data) is removed and the run starts
+    over; either way it is said."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:
-            step = int(handle.metadata()["step"])
+            metadata = handle.metadata()
+        step = int(metadata["step"])
+        if metadata.get("run") != run:
+            path.unlink()
+            tqdm.write(f"a fine-tuning checkpoint of other settings was at {path}: removed, starting over",
+                       file=sys.stderr)
+            return 0
         tensors = load_file(str(path))
     except Exception as error:  # any unreadable checkpoint is the same user-facing problem
         raise VQCError(f"cannot resume from {path} ({error}): delete it to start over") from None
+    tqdm.write(f"resuming fine-tuning from {path} at step {step}", file=sys.stderr)
     student.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
     state: dict[int, dict[str, Tensor]] = {}
     for key, value in tensors.items():
@@ -261,13 +271,15 @@ def _freeze(codes: dict[str, nn.Module], step: int, steps: int, hard: set[str], 
 def finetune(student: nn.Module, teacher: nn.Module, task: Task, batch_at: Callable[[int], Any], steps: int, *,
              lr: float = 1e-3, learn_assignments: bool = False, assignments: str = "ste", reassign_every: int = 25,
              checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 100,
-             progress: bool = True, tune_dense: bool = True) -> nn.Module:
+             progress: bool = True, tune_dense: bool = True, run: str = "") -> nn.Module:
     """Distil ``student`` (with coded layers) from ``teacher`` for ``steps`` steps; returns the student.
     ``tune_dense=False`` keeps everything outside the coded weights (norms, biases, layers left
     dense) as it is, so only codebooks, scales and assignments learn.
 
     With ``checkpoint``, progress is saved there every ``checkpoint_every`` steps and a run that
-    finds the file resumes from it; the file is removed once training completes.
+    finds the file resumes from it when it was written by the same ``run`` (an identity of the
+    model, data and settings; the steps, rate and assignments are added to it here); the file is
+    removed once training completes.
 
     A run that ends with a higher loss on its first ``GUARD_BATCHES`` batches than the student had
     before it is undone, and says so: too large a step can leave a model worse than it began
@@ -306,7 +318,8 @@ def finetune(student: nn.Module, teacher: nn.Module, task: Task, batch_at: Calla
     optimizer = _optimizer(student, lr, codes if candidates else [])
     hard: set[str] = set()  # layers whose sub-vectors are all frozen
     checkpoint = Path(checkpoint) if checkpoint else None
-    start = _load_checkpoint(checkpoint, student, optimizer) if checkpoint and checkpoint.exists() else 0
+    run = f"{run}|{steps}|{lr}|{learn_assignments}|{assignments}|{reassign_every}|{tune_dense}"
+    start = _load_checkpoint(checkpoint, student, optimizer, run) if checkpoint and checkpoint.exists() else 0
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="fine-tune", unit="step", disable=not progress)
     with _deterministic_algorithms():
         for step in bar:
@@ -333,7 +346,7 @@ def finetune(student: nn.Module, teacher: nn.Module, task: Task, batch_at: Calla
                 for code in codes:
                     code.reassign(code.latent)
             if checkpoint and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
-                _save_checkpoint(checkpoint, step + 1, student, optimizer)
+                _save_checkpoint(checkpoint, step + 1, student, optimizer, run)
     if soft:  # a run too short to reach the freeze still ends with hard codes
         _anneal(codes, steps, steps)
     for code in codes if candidates else []:

@@ -71,7 +71,7 @@ def model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
 
 
 def manifest_of(model: nn.Module, tensors: dict[str, torch.Tensor], aliases: dict[str, str],
-                source: Source | None = None) -> dict:
+                source: Source | None = None, run: str | None = None) -> dict:
     layers = {
         name: {
             "type": dense_type_of(layer).__name__,
@@ -85,14 +85,15 @@ def manifest_of(model: nn.Module, tensors: dict[str, torch.Tensor], aliases: dic
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__,
         "source": (source or source_of(model)).to_json(), "layers": layers, "aliases": aliases,
-        "payload_sha256": payload_sha256(tensors),
+        "payload_sha256": payload_sha256(tensors), **({"run": run} if run else {}),
     }
 
 
-def save(model: nn.Module, path: str | os.PathLike, source: Source | None = None) -> Path:
-    """Write ``model`` to ``path`` atomically: a temp file beside it, renamed when complete."""
+def save(model: nn.Module, path: str | os.PathLike, source: Source | None = None, run: str | None = None) -> Path:
+    """Write ``model`` to ``path`` atomically: a temp file beside it, renamed when complete. A
+    checkpoint records the ``run`` it belongs to (``compress``), so only that run resumes from it."""
     tensors, aliases = model_tensors(model)
-    metadata = {MANIFEST_KEY: json.dumps(manifest_of(model, tensors, aliases, source), sort_keys=True)}
+    metadata = {MANIFEST_KEY: json.dumps(manifest_of(model, tensors, aliases, source, run), sort_keys=True)}
     return write_atomically(path, lambda temp: save_file(tensors, temp, metadata=metadata))
 
 

@@ -69,6 +69,7 @@ class JLCM:
     config = JLCMConfig
     learns_assignments = False  # it learns them itself, on calibration inputs, before any fine-tuning
     needs_training = False
+    calibrates = True  # made for fitting to calibration inputs (said when run without them)
 
     def settings(self, shape: tuple[int, ...], bits: float | None, config: JLCMConfig) -> dict:
         groups = config.groups or max(g for g in range(1, DEFAULT_GROUPS + 1) if shape[0] % g == 0)
