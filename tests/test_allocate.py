@@ -14,7 +14,7 @@ from vqcompress.finetune import TrainingData, encoder_task
 
 def tiny_bert() -> BertModel:
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+    config = BertConfig(vocab_size=8000, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=128, max_position_embeddings=32)
     model = BertModel(config).eval()
     with torch.no_grad():  # one layer far more sensitive than the rest: its output is scaled up
@@ -25,7 +25,7 @@ def tiny_bert() -> BertModel:
 def text_batches(seed: int = 0) -> TrainingData:
     def batch_at(step: int) -> dict:
         g = torch.Generator().manual_seed(seed * 1000 + step)
-        return {"input_ids": torch.randint(0, 300, (8, 12), generator=g), "attention_mask": torch.ones(8, 12, dtype=torch.long)}
+        return {"input_ids": torch.randint(0, 8000, (8, 12), generator=g), "attention_mask": torch.ones(8, 12, dtype=torch.long)}
 
     return TrainingData(encoder_task(), batch_at, calibration_batches=2)
 

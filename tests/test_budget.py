@@ -31,11 +31,11 @@ def test_a_plain_number_is_the_average_when_calibrated_else_each_layers_ceiling(
 
 def _mlp() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64)).eval()
+    return nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256)).eval()
 
 
 def _data() -> TrainingData:
-    batches = [torch.randn(16, 64, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    batches = [torch.randn(16, 256, generator=torch.Generator().manual_seed(i)) for i in range(2)]
     return TrainingData(classification_task(), lambda step: (batches[step % 2], None), calibration_batches=2)
 
 

@@ -489,11 +489,10 @@ def test_kept_rows_beyond_the_weight_are_refused():
         CodeLayout((4, 8), k=4, dim=2, kept_rows=1, kept_dtype="int4").validate()
 
 
-def test_a_manifest_from_before_int8_kept_rows_reads_them_as_fp16():
-    """Files written before ``kept_dtype`` existed kept their rows in fp16 and do not say so."""
-    data = CodeLayout((4, 8), k=4, dim=2, kept_rows=1).to_json()
-    assert data.pop("kept_dtype") == "int8"
-    assert CodeLayout.from_json(data).kept_dtype == "float16"
+def test_a_layout_records_only_what_differs_from_its_defaults():
+    layout = CodeLayout((4, 8), k=4, dim=2, kept_rows=1, scale_group=8)
+    assert layout.to_json() == {"shape": (4, 8), "k": 4, "dim": 2, "kept_rows": 1, "scale_group": 8}
+    assert CodeLayout.from_json(layout.to_json()) == layout
 
 
 def test_kept_rows_of_a_table_too_tall_for_packed_row_numbers():

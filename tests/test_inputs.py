@@ -15,7 +15,7 @@ from vqcompress.inputs import as_training_data, infer_task, is_causal_lm
 
 def _mlp() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64)).eval()
+    return nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256)).eval()
 
 
 def _error(model: nn.Module, reference: nn.Module, x: torch.Tensor) -> float:
@@ -25,7 +25,7 @@ def _error(model: nn.Module, reference: nn.Module, x: torch.Tensor) -> float:
 
 def test_a_list_of_example_tensors_calibrates():
     """The call that was refused ("calibration must be a TrainingData"): a list of inputs."""
-    examples = [torch.randn(32, 64, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    examples = [torch.randn(32, 256, generator=torch.Generator().manual_seed(i)) for i in range(4)]
     data_free = vqc.compress(_mlp(), "jlcm", ModelAverage(2), progress=False)
     calibrated = vqc.compress(_mlp(), "jlcm", 2, calibration=examples, progress=False)
     assert vqc.report(calibrated).model_bits_per_weight <= 2  # a model average now
@@ -35,12 +35,12 @@ def test_a_list_of_example_tensors_calibrates():
 def test_a_data_loader_of_inputs_and_labels_calibrates_and_fine_tunes():
     """(inputs, labels) batches: the model takes the inputs; a classifier's labels join the loss."""
     generator = torch.Generator().manual_seed(0)
-    loader = DataLoader(TensorDataset(torch.randn(64, 64, generator=generator), torch.randint(0, 64, (64,))),
+    loader = DataLoader(TensorDataset(torch.randn(64, 256, generator=generator), torch.randint(0, 256, (64,))),
                         batch_size=16)
     data = as_training_data(loader, _mlp())
     assert data.calibration_batches == 4
     images, labels = data.batch_at(0)
-    assert data.task.forward(_mlp(), (images, labels)).shape == (16, 64)
+    assert data.task.forward(_mlp(), (images, labels)).shape == (16, 256)
     model = vqc.compress(_mlp(), "kmeans", 3, calibration=loader, finetune_steps=2, progress=False)
     assert vqc.report(model).coded
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 
@@ -173,6 +174,8 @@ def test_a_version_1_file_with_kept_rows_codes_still_loads(tmp_path, tiny_inputs
     tensors, aliases = io.model_tensors(model)
     tensors["embed.weight_code.codes"] = model.embed.weight_code.codes.clone()
     manifest = {**io.manifest_of(model, tensors, aliases), "format_version": 1}
+    for name, entry in manifest["layers"].items():  # version 1 listed every field of a layout
+        entry["layout"] = dataclasses.asdict(model.get_submodule(name).weight_code.layout)
     save_file(tensors, str(tmp_path / "v1.vqc"), metadata={"vqcompress": json.dumps(manifest)})
     with torch.no_grad():
         assert torch.equal(vqc.load(tmp_path / "v1.vqc", like=TinyNet())(*tiny_inputs), model(*tiny_inputs))
@@ -186,3 +189,11 @@ def test_a_manifest_whose_layout_does_not_fit_the_kept_rows_codes_is_refused(tmp
     _rewrite_manifest(path, tmp_path / "edited.vqc", lambda m: m["layers"]["embed"]["layout"].update(k=256))
     with pytest.raises(VQCError, match="layer embed: its kept rows"):
         vqc.load(tmp_path / "edited.vqc", like=TinyNet())
+
+
+def test_a_version_2_manifest_without_the_kept_rows_dtype_reads_them_as_fp16(tmp_path):
+    """Files written before ``kept_dtype`` existed kept their rows in fp16 and do not say so."""
+    layout = {"shape": [4, 8], "k": 4, "dim": 2, "kept_rows": 1}
+    manifest = {"format": "vqc", "format_version": 2, "layers": {"x": {"layout": layout}}}
+    save_file({"t": torch.zeros(1)}, str(tmp_path / "v2.vqc"), metadata={"vqcompress": json.dumps(manifest)})
+    assert io.read_manifest(tmp_path / "v2.vqc")[0]["layers"]["x"]["layout"]["kept_dtype"] == "float16"

@@ -23,12 +23,14 @@ from torch import nn
 from .calibrate import InputStatistics
 from .coded import CodedWeight, CodeLayout
 from .errors import VQCError
-from .io import model_tensors
+from .io import DTYPE_BYTES, file_bytes, layer_entry, model_tensors, shapes_of
+from .models import source_of
 
 LEVELS = (1.0, 1.5, 2.0, 3.0, 4.0)
 HIGH_LEVELS = (5.0, 6.0, 8.0)  # offered where the budget is at least half of them (``levels``)
 NOISE = 0.03  # relative weight noise that probes a layer's sensitivity: small, so the response is quadratic
 SAMPLE_ROWS = 1024  # rows the sensitivity fit sees: enough for a stable error ratio, fast
+HEADER_MARGIN = 1.02  # the header estimate's slack for digits the allocation changes (k, d, offsets)
 
 
 @dataclass
@@ -102,19 +104,37 @@ def allocate(jobs: list, statistics: dict[str, InputStatistics], bits: float, av
 
 
 def check_budget(model: nn.Module, jobs: list, bits: float) -> float:
-    """The bits the coded layers may spend for the model to average ``bits`` per weight, once
-    everything else the file stores is paid for; an error, before any measuring, where even
-    each layer's cheapest coding does not fit."""
-    tensors, _ = model_tensors(model)
+    """The bits the coded layers may spend for the file to average ``bits`` per weight of the
+    model, once everything else it stores is paid for (tensors left dense, the header and
+    manifest: ``header_bytes``); an error, before any measuring, where even each layer's cheapest
+    coding does not fit."""
+    tensors, aliases = model_tensors(model)
     coded_names = {job.name + ".weight" for job in jobs}
     parameters = sum(t.numel() for t in tensors.values() if t.is_floating_point())
     fixed = sum(t.numel() * t.element_size() * 8 for n, t in tensors.items() if n not in coded_names)
+    fixed += 8 * header_bytes(model, jobs, tensors, aliases)
     available = bits * parameters - fixed
     cheapest = sum(min((layout.nbits() for _, layout in _level_settings(job, levels(bits))), default=0) for job in jobs)
     if cheapest > available:
         raise VQCError(f"{bits} bits per weight cannot hold this model: its cheapest coding takes "
-                       f"{(cheapest + fixed) / parameters:.3f} (layers left dense included)")
+                       f"{(cheapest + fixed) / parameters:.3f} (layers left dense and the file's header included)")
     return available
+
+
+def header_bytes(model: nn.Module, jobs: list, tensors: dict[str, torch.Tensor], aliases: dict[str, str]) -> int:
+    """The file's bytes beyond its tensors (safetensors' tensor table and the manifest) for the
+    jobs' present settings, with a margin for the digits the allocation may still change."""
+    shapes = shapes_of({name: t for name, t in tensors.items() if name not in {job.name + ".weight" for job in jobs}})
+    layers = {}
+    for job in jobs:
+        layout = replace(job.method.layout(tuple(job.module.weight.shape), job.settings), kept_rows=job.kept)
+        code = CodedWeight.empty(layout)
+        shapes |= shapes_of({f"{job.name}.weight_code.{name}": b for name, b in code.state_dict().items()})
+        layers[job.name] = layer_entry(job.module, layout, {"method": job.method.name, **job.settings})
+    manifest = {"format": "vqc", "format_version": 0, "library_version": "0.0.0", "layers": layers, "aliases": aliases,
+                "source": source_of(model).to_json(), "payload_sha256": "0" * 64}
+    payload = sum(DTYPE_BYTES[dtype] * math.prod(shape) for dtype, shape in shapes.values())
+    return round((file_bytes(shapes, manifest) - payload) * HEADER_MARGIN) + 1024
 
 
 def _level_settings(job, budgets: tuple[float, ...] = LEVELS) -> list[tuple[dict, CodeLayout]]:

@@ -33,7 +33,7 @@ same buffers either way.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -286,12 +286,14 @@ class CodeLayout:
             raise VQCError("a codebook on a grid is the layer's own: not a universal or shared one")
 
     def to_json(self) -> dict:
-        return asdict(self)
+        """Shape, k, d and every field that differs from its default: what a manifest records."""
+        defaults = {item.name: item.default for item in fields(self)}
+        return {key: value for key, value in asdict(self).items()
+                if key in ("shape", "k", "dim") or value != defaults[key]}
 
     @classmethod
     def from_json(cls, data: dict) -> CodeLayout:
-        # files written before kept rows could be int8 kept them in fp16 and do not say so
-        return cls(**{"kept_dtype": "float16", **data, "shape": tuple(data["shape"])})
+        return cls(**{**data, "shape": tuple(data["shape"])})
 
 
 class CodedWeight(nn.Module):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 
@@ -27,9 +28,15 @@ from .layers import LAYER_ARGS, carry_embed_scale, coded_from_args, dense_type_o
 from .models import Source, skeleton, source_of
 
 FORMAT = "vqc"
-FORMAT_VERSION = 2  # 2: a kept row's codes are left out of the file (1 stored them, unused)
-READABLE_VERSIONS = (1, 2)
+#: 2: a kept row's codes are left out of the file (1 stored them, unused); 3: a layout lists only
+#: what differs from its defaults (2 listed every field, and kept rows' dtype only when int8 was possible)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST_KEY = "vqcompress"
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
 
 
 def payload_sha256(tensors: dict[str, torch.Tensor]) -> str:
@@ -46,6 +53,11 @@ def universal_codebooks(model: nn.Module) -> dict[str, str]:
     """State-dict name of every universal codebook the model holds → its sha256 (stored apart)."""
     return {f"{name}.weight_code.codebook": layer.weight_code.layout.codebook_sha256
             for name, layer in iter_coded(model) if layer.weight_code.layout.codebook_sha256}
+
+
+def shapes_of(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Each tensor's (safetensors dtype, shape): what a file's size and bit report follow from."""
+    return {name: (SAFETENSORS_DTYPES[t.dtype], tuple(t.shape)) for name, t in tensors.items()}
 
 
 def model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -70,18 +82,16 @@ def model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
     return tensors, aliases
 
 
+def layer_entry(layer: nn.Module, layout: CodeLayout, recipe: dict) -> dict:
+    """A coded layer as the manifest records it (``layer`` dense or coded: its type and arguments)."""
+    return {"type": dense_type_of(layer).__name__, "args": layer_args(layer),
+            "bias": getattr(layer, "bias", None) is not None, "layout": layout.to_json(), "recipe": recipe}
+
+
 def manifest_of(model: nn.Module, tensors: dict[str, torch.Tensor], aliases: dict[str, str],
                 source: Source | None = None, run: str | None = None) -> dict:
-    layers = {
-        name: {
-            "type": dense_type_of(layer).__name__,
-            "args": layer_args(layer),
-            "bias": getattr(layer, "bias", None) is not None,
-            "layout": layer.weight_code.layout.to_json(),
-            "recipe": layer.weight_code.recipe,
-        }
-        for name, layer in iter_coded(model)
-    }
+    layers = {name: layer_entry(layer, layer.weight_code.layout, layer.weight_code.recipe)
+              for name, layer in iter_coded(model)}
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__,
         "source": (source or source_of(model)).to_json(), "layers": layers, "aliases": aliases,
@@ -89,11 +99,31 @@ def manifest_of(model: nn.Module, tensors: dict[str, torch.Tensor], aliases: dic
     }
 
 
+def _metadata(manifest: dict) -> dict[str, str]:
+    return {MANIFEST_KEY: json.dumps(manifest, sort_keys=True, separators=(",", ":"))}
+
+
+def file_bytes(shapes: dict[str, tuple[str, tuple[int, ...]]], manifest: dict) -> int:
+    """The exact size of the file ``save`` writes for tensors of these (safetensors dtype, shape) and
+    this manifest: the 8-byte header length, the header (safetensors' JSON tensor table, entries
+    sorted by alignment then name, and the manifest as metadata; padded to 8 bytes) and the
+    payload. What every whole-model bits-per-weight figure counts, before or after writing."""
+    sizes = {name: DTYPE_BYTES[dtype] * math.prod(shape) for name, (dtype, shape) in shapes.items()}
+    entries, offset = [], 0
+    for name in sorted(shapes, key=lambda n: (-DTYPE_BYTES[shapes[n][0]], n)):
+        entry = {"dtype": shapes[name][0], "shape": list(shapes[name][1]), "data_offsets": [offset, offset + sizes[name]]}
+        entries.append(json.dumps(name, ensure_ascii=False) + ":" + json.dumps(entry, separators=(",", ":")))
+        offset += sizes[name]
+    metadata = json.dumps(_metadata(manifest), ensure_ascii=False, separators=(",", ":"))
+    header = len(("{" + ",".join(['"__metadata__":' + metadata, *entries]) + "}").encode())
+    return 8 + header + (-header) % 8 + offset
+
+
 def save(model: nn.Module, path: str | os.PathLike, source: Source | None = None, run: str | None = None) -> Path:
     """Write ``model`` to ``path`` atomically: a temp file beside it, renamed when complete. A
     checkpoint records the ``run`` it belongs to (``compress``), so only that run resumes from it."""
     tensors, aliases = model_tensors(model)
-    metadata = {MANIFEST_KEY: json.dumps(manifest_of(model, tensors, aliases, source, run), sort_keys=True)}
+    metadata = _metadata(manifest_of(model, tensors, aliases, source, run))
     return write_atomically(path, lambda temp: save_file(tensors, temp, metadata=metadata))
 
 
@@ -118,7 +148,10 @@ def read_manifest(path: str | os.PathLike) -> tuple[dict, dict[str, tuple[str, t
         raise VQCError(f"{path} is not a .vqc file")
     if manifest.get("format_version") not in READABLE_VERSIONS:
         raise VQCError(f"{path} has format version {manifest.get('format_version')}; this vqcompress {__version__} "
-                       f"reads versions {' and '.join(map(str, READABLE_VERSIONS))}")
+                       f"reads versions {', '.join(map(str, READABLE_VERSIONS))}")
+    if manifest["format_version"] < 3:  # files from before kept rows could be int8 kept them in fp16, unsaid
+        for entry in manifest.get("layers", {}).values():
+            entry["layout"].setdefault("kept_dtype", "float16")
     return manifest, shapes
 
 

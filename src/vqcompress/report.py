@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from .coded import CodeLayout
-from .io import manifest_of, model_tensors, read_manifest
+from .io import DTYPE_BYTES, file_bytes, manifest_of, model_tensors, read_manifest, shapes_of
 
 CODE_PART = ".weight_code."
-DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8, "BOOL": 8}
+DTYPE_BITS = {dtype: 8 * size for dtype, size in DTYPE_BYTES.items()}
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 
 
@@ -54,13 +54,13 @@ class Report:
     coded: list[CodedRow]
     dense: list[DenseRow]
     parameters: int  # every weight the model represents, coded or dense
-    file_bytes: int | None = None
+    file_bytes: int  # the whole file, written or as it would be written (``io.file_bytes``)
     aliases: dict[str, str] = field(default_factory=dict)
     universal: dict[str, int] = field(default_factory=dict)  # sha256 → bits of each universal codebook used
 
     def bits_per_weight_sharing(self, models: int) -> float:
         """Whole-model bits per weight with the universal codebooks' bits shared by ``models`` models."""
-        return (self.total_bits + sum(self.universal.values()) / models) / max(1, self.parameters)
+        return (self.file_bits + sum(self.universal.values()) / models) / max(1, self.parameters)
 
     @property
     def coded_bits(self) -> int:
@@ -75,12 +75,22 @@ class Report:
         return self.coded_bits + sum(r.bits for r in self.dense)
 
     @property
+    def file_bits(self) -> int:
+        return 8 * self.file_bytes
+
+    @property
+    def header_bytes(self) -> int:
+        """The file's bytes that are no tensor: safetensors' tensor table and the manifest."""
+        return self.file_bytes - self.total_bits // 8
+
+    @property
     def coded_bits_per_weight(self) -> float:
         return self.coded_bits / max(1, self.coded_weights)
 
     @property
     def model_bits_per_weight(self) -> float:
-        return self.total_bits / max(1, self.parameters)
+        """Every byte of the file over the original model's parameters."""
+        return self.file_bits / max(1, self.parameters)
 
     def to_json(self) -> dict:
         return {
@@ -112,17 +122,20 @@ class Report:
             f"{sum(r.bits for r in self.dense) / 8 / 1024:.1f} KiB (layer numbers folded into #):",
             *[f"  {pattern} ×{count}" if count > 1 else f"  {pattern}" for pattern, count in self._dense_patterns().items()],
             f"coded layers : {len(self.coded)} layers, {self.coded_weights:,} weights, {self.coded_bits_per_weight:.3f} bits/weight",
-            f"whole model  : {self.parameters:,} parameters, {self.total_bits / 8 / 2**20:.2f} MiB, "
-            f"{self.model_bits_per_weight:.3f} bits/weight, {32 / self.model_bits_per_weight:.1f}× smaller than fp32, "
-            f"{16 / self.model_bits_per_weight:.1f}× smaller than fp16",
+            f"whole model  : {self.parameters:,} parameters, file of {self.file_bytes:,} bytes ({self.header_bytes:,} of "
+            f"them header and manifest), {self.model_bits_per_weight:.3f} bits/weight, {_times(32, self)} fp32, "
+            f"{_times(16, self)} fp16",
         ]
         for sha, bits in self.universal.items():
             lines.append(f"universal    : codebook {sha[:12]}… ({bits // 8:,} bytes) stored apart and shared, not counted "
                          f"above; with it counted for this model alone: {self.bits_per_weight_sharing(1):.3f} bits/weight")
-        if self.file_bytes is not None:
-            lines.append(f"file         : {self.file_bytes:,} bytes ({self.file_bytes * 8 / self.parameters:.3f} bits/weight "
-                         "with the container's header)")
         return "\n".join(lines)
+
+
+def _times(bits: int, report: Report) -> str:
+    """"8.0× smaller than" or, for a model the file makes larger, "1.3× larger than"."""
+    ratio = bits / report.model_bits_per_weight
+    return f"{ratio:.1f}× smaller than" if ratio >= 1 else f"{1 / ratio:.1f}× larger than"
 
 
 def _fold_numbers(name: str) -> str:
@@ -152,18 +165,13 @@ def _build(manifest: dict, shapes: dict[str, tuple[str, tuple[int, ...]]], file_
     return Report(coded, dense, parameters, file_bytes, manifest.get("aliases", {}), universal)
 
 
-def _safetensors_dtype(dtype: torch.dtype) -> str:
-    return {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-            torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-            torch.uint8: "U8", torch.bool: "BOOL"}[dtype]
-
-
 def report(model_or_path: nn.Module | str | os.PathLike) -> Report:
-    """The bit report of a .vqc file, or of an in-memory model as it would be saved."""
+    """The bit report of a .vqc file, or of an in-memory model as it would be saved (its file's
+    size computed exactly, header and manifest included)."""
     if isinstance(model_or_path, nn.Module):
         tensors, aliases = model_tensors(model_or_path)
         manifest = manifest_of(model_or_path, tensors, aliases)
-        shapes = {n: (_safetensors_dtype(t.dtype), tuple(t.shape)) for n, t in tensors.items()}
-        return _build(manifest, shapes, None)
+        shapes = shapes_of(tensors)
+        return _build(manifest, shapes, file_bytes(shapes, manifest))
     manifest, shapes = read_manifest(model_or_path)
     return _build(manifest, shapes, Path(model_or_path).stat().st_size)
