@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -146,7 +147,8 @@ def test_finetune_refuses_what_it_cannot_train(tmp_path, tiny_file):
 
 
 def test_vqdnn_without_fine_tuning_is_refused(untrained_zoo):
-    result = vqc_cli("compress", "fashion-cnn", "--method", "vqdnn", "--bits", "1", "-o", str(untrained_zoo / "x.vqc"))
+    result = vqc_cli("compress", "fashion-cnn", "--method", "vqdnn", "--bits", "1", "--finetune-steps", "0",
+                     "-o", str(untrained_zoo / "x.vqc"))
     assert_clean_failure(result, "learns its codebooks in training")
 
 
@@ -210,3 +212,31 @@ def test_the_demo_runs_its_commands_as_a_user_types_them(tmp_path):
     for command in demo_commands(tmp_path / "demo.vqc", "cpu"):
         context = group.commands[command[0]].make_context(command[0], command[1:])
         assert not any(type(value).__name__ == "OptionInfo" for value in context.params.values()), context.params
+
+
+def test_a_sentence_encoder_folder_whose_config_names_a_masked_lm(tmp_path, tiny_masked_lm_folder):
+    """Its head would be random (the folder holds no weights for it) and was coded; the run then ended
+    in an AttributeError, ``-O lr=`` in a TypeError; ``vqc eval`` had no default suite."""
+    out = tmp_path / "st.vqc"
+    result = vqc_cli("compress", str(tiny_masked_lm_folder), "--method", "jlcm", "--bits", "3", "-O", "lr=0.05",
+                     "--calib-samples", "64", "-o", str(out), "--quiet", "--json")
+    assert result.returncode == 0, result.stderr
+    assert "loaded the base model, BertModel" in result.stderr
+    assert all("lr=0.05" in line for line in json.loads(result.stdout)["settings"])
+    assert out.stat().st_size * 8 / json.loads(result.stdout)["parameters"] <= 3
+    evaluated = vqc_cli("eval", str(out), "--json")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads(evaluated.stdout)["suite"] == "similarity"
+
+
+@pytest.mark.parametrize("where", ["folder", "read-only", "proc"])
+def test_an_output_that_cannot_be_written_fails_before_any_work(tmp_path, where):
+    output = {"folder": tmp_path, "read-only": tmp_path / "ro" / "m.vqc", "proc": "/proc/m.vqc"}[where]
+    if where == "read-only":
+        (tmp_path / "ro").mkdir(mode=0o555)
+        if os.access(tmp_path / "ro", os.W_OK):  # root writes anywhere: take a file where a folder should be
+            (tmp_path / "ro").rmdir()
+            (tmp_path / "ro").write_text("a file")
+    result = vqc_cli("compress", "minilm", "--bits", "2", "-o", str(output))
+    assert_clean_failure(result, "m.vqc" if where != "folder" else "is a folder")
+    assert "loading" not in result.stderr

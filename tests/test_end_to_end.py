@@ -18,7 +18,8 @@ from tests.test_cli import vqc_cli
 @pytest.fixture(scope="module")
 def minilm_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("minilm") / "minilm-2bit.vqc"
-    result = vqc_cli("compress", "minilm", "--method", "kmeans", "--bits", "2", "-o", str(path), "--quiet", "--json")
+    result = vqc_cli("compress", "minilm", "--method", "kmeans", "--bits", "2", "--data-free", "-o", str(path), "--quiet",
+                     "--json")
     assert result.returncode == 0, result.stderr
     return path, json.loads(result.stdout)
 
@@ -79,7 +80,8 @@ def test_eval_runs_the_minilm_suite(minilm_file):
 
 def test_any_model_folder_compresses(dense_folder, tmp_path):
     out = tmp_path / "folder-rtn.vqc"
-    result = vqc_cli("compress", str(dense_folder), "--method", "rtn", "--bits", "4", "-o", str(out), "--quiet", "--json")
+    result = vqc_cli("compress", str(dense_folder), "--method", "rtn", "--bits", "4", "--data-free", "-o", str(out),
+                     "--quiet", "--json")
     assert result.returncode == 0, result.stderr
     assert 4.4 < json.loads(result.stdout)["coded_bits_per_weight"] < 4.6  # 4 bits + 32 / 64 for scale and offset
     assert vqc.load(out).vqc_source.kind == "folder"

@@ -75,26 +75,30 @@ def test_dense_gemma_reproduces_reference_perplexity_and_caches(tmp_path, monkey
     shutil.rmtree(tmp_path / "gemma-270m")  # a gigabyte of weights; pytest keeps the last runs' folders
 
 
-@pytest.mark.parametrize(("suite", "tokens", "message"), [("minilm", 4096, "not minilm's"), ("gemma-270m", 1, "at least 2")])
-def test_tokens_is_for_gemma_and_at_least_two(suite, tokens, message):
+@pytest.mark.parametrize(("suite", "architecture", "tokens", "message"), [
+    ("minilm", "BertModel", 4096, "not minilm's"), ("gemma-270m", "Gemma3ForCausalLM", 1, "at least 2"),
+    ("minilm", "Gemma3ForCausalLM", None, "another kind of model")])
+def test_tokens_is_for_gemma_and_at_least_two(suite, architecture, tokens, message):
     """Refused before any model loads."""
     from vqcompress.errors import VQCError
     from vqcompress.suites import run_suite
 
     with pytest.raises(VQCError, match=message):
-        run_suite(suite, torch.nn.Linear(2, 2), {"kind": "bundled", "name": suite}, tokens=tokens)
+        run_suite(suite, torch.nn.Linear(2, 2), {"kind": "bundled", "name": suite, "architecture": architecture},
+                  tokens=tokens)
 
 
-def test_tokens_reach_both_evaluations(monkeypatch):
+def test_tokens_reach_both_evaluations(monkeypatch, tmp_path):
     """The compressed model and its reference are scored on the same, asked-for amount of text."""
     import transformers
 
     from vqcompress import models, suites
 
     seen = []
-    monkeypatch.setattr(models, "model_folder", lambda source: "folder")
+    (tmp_path / "tokenizer.json").write_text("{}")
+    monkeypatch.setattr(models, "model_folder", lambda source: tmp_path)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda folder: "tokenizer")
     monkeypatch.setattr(gemma, "evaluate", lambda model, tokenizer, device, **size: seen.append(size) or {"perplexity": 1.0})
-    suites._figures("gemma-270m", "compressed", "reference", {}, "cpu", tokens=16384)
-    suites._figures("gemma-270m", "compressed", "reference", {}, "cpu")
+    suites._figures("perplexity", "compressed", "reference", {}, "cpu", tokens=16384)
+    suites._figures("perplexity", "compressed", "reference", {}, "cpu")
     assert seen == [{"tokens": 16384}] * 2 + [{}] * 2

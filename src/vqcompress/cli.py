@@ -21,6 +21,7 @@ import typer
 from tqdm.auto import tqdm
 
 from .errors import VQCError
+from .notes import say
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Make neural networks many times smaller with codebooks, and run them.")
@@ -75,8 +76,10 @@ def compress(
     option: list[str] = typer.Option([], "--option", "-O", help="a method option as KEY=VALUE (repeatable), e.g. "
                                      "jlcm's gradient=proximal|soft|ste, grouping=stats|none, steps=100"),
     calib: Optional[str] = typer.Option(None, help="calibration data: a corpus (lee-background, wiki, fashion) or a "
-                                                   "UTF-8 text file; fits every layer to its inputs (default for jlcm: "
-                                                   "the model's own corpus)"),
+                                                   "UTF-8 text file (default: the model's own corpus); every layer is "
+                                                   "fitted to its inputs and --bits is the whole file's average"),
+    data_free: bool = typer.Option(False, "--data-free", help="no calibration: each layer fitted to its weights "
+                                                              "alone, --bits each layer's ceiling (seconds)"),
     calib_samples: Optional[int] = typer.Option(None, help="calibration sentences, token windows or images"),
     per_layer_bits: bool = typer.Option(False, help="with calibration: --bits caps every layer's own index bits "
                                                     "(its codebooks and scales come on top; qswd counts them in the cap) "
@@ -86,14 +89,17 @@ def compress(
     layer: list[str] = typer.Option([], "--layer", "-L", help="NAME_REGEX:KEY=VALUE[,KEY=VALUE…]: options for the "
                                     "layers the regex names (repeatable), e.g. 'model\\.embed_tokens:bits=4' pins "
                                     "that layer's budget (the others share the rest)"),
-    finetune_steps: int = typer.Option(0, help="distil from the original for N steps on the model's training data"),
+    finetune_steps: Optional[int] = typer.Option(None, help="distil from the original for N steps on the model's "
+                                                            "training data (default 0; vqdnn: by the model's size)"),
     finetune_lr: float = typer.Option(1e-3, "--finetune-lr", "--lr", help="fine-tuning learning rate (a method's "
                                       "own rate, e.g. jlcm's, is -O lr=…)"),
     tune_dense: bool = typer.Option(True, help="fine-tuning also tunes norms, biases and layers left dense"),
-    keep_rows: int = typer.Option(0, help="each token embedding also stores its N most used rows (by the calibration "
-                                          "text) apart, in int8 with a scale per row: the rows every text meets"),
-    tune_blocks: int = typer.Option(0, help="with calibration: train each block's codebooks and scales for N passes "
-                                            "over the calibration data to give the original block's outputs"),
+    keep_rows: Optional[int] = typer.Option(None, help="each token embedding also stores its N most used rows (by "
+                                                       "the calibration text) apart, in int8 with a scale per row "
+                                                       "(default: chosen for a large tied token table, else 0)"),
+    tune_blocks: Optional[int] = typer.Option(None, help="with calibration: train each block's codebooks and scales "
+                                                         "for N passes over the calibration data to give the original "
+                                                         "block's outputs (default: 1 for causal LMs, else 0)"),
     assignments: Optional[str] = typer.Option(None, help="how fine-tuning learns assignments: 'ste' (straight-through, "
                                                          "periodic nearest-codeword refresh), 'soft' (annealed "
                                                          "temperature) or 'progressive' (candidates frozen as they "
@@ -107,7 +113,7 @@ def compress(
     from . import compress as compress_model, save
     from .atomic import check_writable
     from .budget import PerLayer, checked_bits
-    from .data import training_data
+    from .defaults import calibration_samples
     from .memory import map_large_blocks
     from .models import load_model
     from .plan import Plan
@@ -126,17 +132,38 @@ def compress(
     dense, source = load_model(model, seed)
     for pattern, spec in [*kept_rows_plan(dense, keep_rows).items(), *layer_plan(layer).items()]:
         plan.by_name[pattern] = {**(plan.by_name.get(pattern) or {}), **spec}
-    calibrate = bool(calib or calib_samples or tune_blocks or method in ("jlcm", "vq4all"))
-    calibration = training_data(source.to_json(), seed, calib, calib_samples) if calibrate or finetune_steps else None
+    if data_free and (calib or calib_samples or tune_blocks):
+        raise VQCError("--data-free goes without --calib, --calib-samples and --tune-blocks")
+    calibration = None if data_free and not finetune_steps else _calibration(
+        source.to_json(), seed, calib, calib_samples or calibration_samples(dense), bool(finetune_steps))
     checkpoint = output.with_name(f".{output.name}.partial")  # work so far, resumed from if found
-    compressed = compress_model(dense.to(device), method, budget, calibration, plan=plan, seed=seed, progress=not quiet,
-                                finetune_steps=finetune_steps, finetune_lr=finetune_lr, assignments=assignments,
-                                checkpoint=checkpoint, tune_dense=tune_dense, tune_blocks=tune_blocks,
-                                calibrate=calibrate, **options)
+    try:
+        compressed = compress_model(dense.to(device), method, budget, calibration, plan=plan, seed=seed,
+                                    progress=not quiet, finetune_steps=finetune_steps, finetune_lr=finetune_lr,
+                                    assignments=assignments, checkpoint=checkpoint, tune_dense=tune_dense,
+                                    tune_blocks=tune_blocks, calibrate=not data_free, **options)
+    except KeyboardInterrupt:
+        if checkpoint.exists():
+            say(f"interrupted: the work so far is kept in {checkpoint}; the same command resumes from it")
+        raise
     save(compressed, output, source)
     allocation, settings = getattr(compressed, "vqc_allocation", None), _settings_summary(compressed)
     _say_written(output, started, json_out, {"settings": settings, "allocation": allocation},
                  [*([] if allocation is None else [allocation]), *settings])
+
+
+def _calibration(source: dict, seed: int, calib: str | None, samples: int | None, needed: bool):
+    """The model's calibration data; where none is known and none was asked for, a data-free run
+    (said), not a failure."""
+    from .data import NoData, training_data
+
+    try:
+        return training_data(source, seed, calib, samples)
+    except NoData as error:
+        if calib or needed:
+            raise
+        say(f"{error}; compressing data-free")
+        return None
 
 
 def _say_written(output: Path, started: float, json_out: bool, extra: dict, lines: list[str]) -> None:
@@ -187,13 +214,18 @@ def finetune_file(
     _say_written(output, started, json_out, {}, [])
 
 
-def kept_rows_plan(model: torch.nn.Module, rows: int) -> dict[str, dict]:
+def kept_rows_plan(model: torch.nn.Module, rows: int | None) -> dict[str, dict]:
     """``--keep-rows``: plan entries that give every token embedding with more than ``rows`` rows
-    that many kept rows (a position or segment table of fewer rows is left as it is)."""
-    if not rows:
+    (and coded anyway: as large as the plan's smallest) that many kept rows; a position or segment
+    table of fewer rows is left as it is. ``--keep-rows 0`` names them too, so that no default
+    keeps rows there."""
+    from .plan import Plan
+
+    if rows is None:
         return {}
     return {re.escape(name): {"keep_rows": rows} for name, module in model.named_modules()
-            if isinstance(module, torch.nn.Embedding) and module.num_embeddings > rows}
+            if isinstance(module, torch.nn.Embedding) and module.num_embeddings > rows
+            and module.weight.numel() >= Plan().min_weights}
 
 
 def layer_plan(entries: list[str]) -> dict[str, dict]:

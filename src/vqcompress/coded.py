@@ -591,7 +591,7 @@ class CodedWeight(nn.Module):
         matrix = weight.detach().reshape(lay.rows, lay.cols)[self.permutation()].float().clone()
         unit = self.unit(stored)
         shift = -unit * self._in_codeword_units(torch.zeros_like(matrix), stored)  # the offsets, in weight units
-        factor = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(gram.double().to(device))), upper=True)
+        factor = _inverse_factor(gram.double().to(device))
         books = self.codebook.detach().float()
         group = self.codebook_of_rows(stored)
         codes = torch.empty(lay.rows, lay.segments, dtype=torch.int64, device=device)
@@ -701,6 +701,21 @@ class CodedWeight(nn.Module):
     def extra_repr(self) -> str:
         lay = self.layout
         return f"shape={lay.shape}, k={lay.k}, d={lay.dim}, groups={lay.groups}, bits/weight={self.nbits() / math.prod(lay.shape):.3f}"
+
+
+def _inverse_factor(gram: Tensor) -> Tensor:
+    """U with G⁻¹ = UᵀU (upper triangular), for a Gram matrix that calibration may leave singular
+    (inputs that never vary, a layer seen on few positions): the ridge grows tenfold from 10⁻⁸ of
+    the mean diagonal until the factorisation succeeds, as GPTQ does."""
+    scale = gram.diagonal().mean().clamp_min(1e-30)
+    eye = torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
+    for jitter in [0.0, *(10.0**e for e in range(-8, 1))]:
+        lower, info = torch.linalg.cholesky_ex(gram + jitter * scale * eye)
+        if not info:
+            inverse, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if not info:
+                return inverse
+    return eye  # nothing to learn from these inputs: every weight counts alike
 
 
 def _pack_coefficients(layout: CodeLayout, coefficients: Tensor) -> Tensor:

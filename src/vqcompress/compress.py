@@ -9,13 +9,14 @@ import os
 import sys
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from . import defaults
 from .allocate import allocate, check_budget, describe, has_levels, levels, sensitivities
 from .budget import Budget, ModelAverage, PerLayer, resolve
 from .calibrate import Blocks, InputStatistics, capturing, find_blocks, predicted_probabilities, statistics_pass
@@ -240,9 +241,9 @@ def _cut(jobs: list[Job], pieces: int) -> list[list[Job]]:
 
 def compress(model: nn.Module, method: str | MethodConfig = "kmeans", bits: float | Budget | None = None,
              calibration: TrainingData | None = None, *, plan: Plan | None = None, seed: int = 0,
-             progress: bool = True, finetune_steps: int = 0, finetune_lr: float = 1e-3,
+             progress: bool = True, finetune_steps: int | None = None, finetune_lr: float = 1e-3,
              assignments: str | None = None, checkpoint: str | os.PathLike | None = None,
-             calibrate: bool | None = None, tune_dense: bool = True, tune_blocks: int = 0,
+             calibrate: bool | None = None, tune_dense: bool = True, tune_blocks: int | None = None,
              block_lr: float = BLOCK_LR, task: Task | None = None, **options) -> nn.Module:
     """Replace the planned layers of ``model`` (in place) by coded layers; returns the model
     (a new object only when ``model`` is itself a single layer).
@@ -267,11 +268,13 @@ def compress(model: nn.Module, method: str | MethodConfig = "kmeans", bits: floa
     Every layer's settings are resolved and checked before any work starts, so
     a bad budget or a bad weight fails in a second, not after minutes of work.
     """
-    calibration = as_training_data(calibration, model, task, seed)
+    calibration = as_training_data(calibration, model, task, seed, defaults.calibration_samples(model))
     spec = _global_spec(method, options)
+    finetune_steps = _training_steps(model, spec, calibration, finetune_steps)
     calibrate = calibration is not None and (not finetune_steps or bool(tune_blocks) if calibrate is None else calibrate)
     budget = resolve(bits, calibrate)
-    jobs = [_job(name, module, layer_spec, budget) for name, module, layer_spec in (plan or Plan()).resolve(model, spec)]
+    plan, tune_blocks = _with_defaults(model, plan or Plan(), spec, budget, calibrate, tune_blocks)
+    jobs = [_job(name, module, layer_spec, budget) for name, module, layer_spec in plan.resolve(model, spec)]
     if not jobs:
         raise VQCError("the plan selects no layer to compress")
     jobs, followers = _untie(jobs)
@@ -309,6 +312,30 @@ def compress(model: nn.Module, method: str | MethodConfig = "kmeans", bits: floa
     if store is not None and store.path.exists():
         store.path.unlink()
     return model
+
+
+def _training_steps(model: nn.Module, spec: dict, data: TrainingData | None, steps: int | None) -> int:
+    """The fine-tuning steps: as given; for a method that learns in training, given data but no
+    steps, the structure's default (``defaults.training_steps``), said."""
+    if steps is not None:
+        return steps
+    if data is None or not get_method(spec["method"]).needs_training:
+        return 0
+    steps = defaults.training_steps(model)
+    say(f"{spec['method']} learns its codebooks in training: {steps} steps (finetune_steps / --finetune-steps)")
+    return steps
+
+
+def _with_defaults(model: nn.Module, plan: Plan, spec: dict, budget: Budget | None, calibrate: bool,
+                   tune_blocks: int | None) -> tuple[Plan, int]:
+    """The plan and block tuning with what the model's structure chooses where the user chose
+    nothing (``defaults.choose``), each choice said."""
+    if spec.get("shared"):  # codebooks shared across blocks: no block is fitted on its own
+        return plan, tune_blocks or 0
+    choices = defaults.choose(model, plan, budget, calibrate, tune_blocks)
+    for sentence in choices.said:
+        say(sentence)
+    return replace(plan, by_name={**choices.by_name, **plan.by_name}), choices.tune_blocks
 
 
 def _say_what_is_missing(jobs: list[Job], budget: Budget | None, calibrate: bool) -> None:

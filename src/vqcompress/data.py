@@ -31,6 +31,10 @@ WINDOW = 512  # tokens per causal-LM sample
 DEFAULT_SAMPLES = {"encoder": 128, "causal": 64, "images": 1024}
 
 
+class NoData(VQCError):
+    """No calibration data is known for a model (a folder without a tokenizer, a plain module)."""
+
+
 def _epoch_order(size: int, seed: int, batch_size: int):
     """step → the indices of that step's batch: a new seeded permutation every epoch, last partial batch dropped."""
     per_epoch = max(1, size // batch_size)
@@ -191,9 +195,9 @@ def training_data(source: dict, seed: int = 0, calib: str | None = None, samples
     from .models import model_folder
 
     folder = model_folder(source) if source["kind"] in ("bundled", "folder") else None
-    if folder is None:
-        raise VQCError(f"no calibration or fine-tuning data is known for {source['name']!r}: use the Python API with "
-                       "calibration=[example inputs …]")
+    if folder is None or not any(folder.glob("tokenizer*")):
+        raise NoData(f"no calibration or fine-tuning data is known for {source['name']!r} (no tokenizer in its "
+                     "folder): use the Python API with calibration=[example inputs …]")
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder))

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import VQCError
+from ..notes import say
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models install as packages; never reach for a hub
 
@@ -107,6 +108,32 @@ def _transformers_class(architecture: str):
     return getattr(transformers, architecture, None) or transformers.AutoModel
 
 
+def _whole_model(folder: Path, architecture: str) -> nn.Module:
+    """The folder's model as its config names it, in fp32 — unless the folder holds no weights for
+    part of that class (a sentence encoder whose config names ``…ForMaskedLM`` has no masked-LM
+    head: it would be random, and coded): then the base model (``AutoModel``), if that loads whole.
+    Weights left random or dropped are said either way."""
+    import transformers
+
+    model, info = _transformers_class(architecture).from_pretrained(str(folder), dtype=torch.float32,
+                                                                     output_loading_info=True)
+    if info["missing_keys"] and _transformers_class(architecture) is not transformers.AutoModel:
+        base, base_info = transformers.AutoModel.from_pretrained(str(folder), dtype=torch.float32,
+                                                                 output_loading_info=True)
+        if not base_info["missing_keys"]:
+            say(f"{folder}: its config names {architecture}, but the folder holds no weights for "
+                f"{len(info['missing_keys'])} of its tensors ({sorted(info['missing_keys'])[0]} …): loaded the base "
+                f"model, {type(base).__name__}, instead")
+            model, info = base, base_info
+    if info["missing_keys"]:
+        say(f"{folder}: {len(info['missing_keys'])} tensors of {type(model).__name__} are not in the folder and "
+            f"were initialised at random ({sorted(info['missing_keys'])[0]} …)")
+    if info["unexpected_keys"]:
+        say(f"{folder}: {len(info['unexpected_keys'])} tensors in the folder are not part of {type(model).__name__} "
+            f"and are left out ({sorted(info['unexpected_keys'])[0]} …)")
+    return model.eval()
+
+
 def load_model(name_or_path: str, seed: int = 0) -> tuple[nn.Module, Source]:
     """A bundled name (``minilm``, ``gemma-270m``), a zoo model trained here (``fashion-cnn``, trained
     on first use with ``seed``), or a transformers model folder; loaded in fp32 on the CPU."""
@@ -126,9 +153,8 @@ def load_model(name_or_path: str, seed: int = 0) -> tuple[nn.Module, Source]:
             known = ", ".join([*BUNDLED, *ZOO])
             raise VQCError(f"{name_or_path} is neither a bundled model ({known}) nor a model folder with config.json")
     config = json.loads((folder / "config.json").read_text())
-    architecture = (config.get("architectures") or ["AutoModel"])[0]
-    model = _transformers_class(architecture).from_pretrained(str(folder), dtype=torch.float32)
-    model.eval()
+    model = _whole_model(folder, (config.get("architectures") or ["AutoModel"])[0])
+    architecture = type(model).__name__
     source = Source(kind, name, architecture, str(folder), model.config.to_dict(), files_sha256(sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))))
     model.vqc_source = source
     return model, source

@@ -1,7 +1,11 @@
 """Quality suites: task metrics that say how much a compressed model has lost against its original.
 
-``run_suite`` evaluates the compressed model and its uncompressed source in the same run, so the
-figures it prints side by side were both measured here and now.
+``run_suite`` evaluates the compressed model and its own uncompressed source (the model the file
+was made from, checked by its sha256) in the same run, so the figures it prints side by side were
+both measured here and now. A suite suits a kind of model, not one model: ``similarity`` (the
+MiniLM benchmark: Spearman correlation with human similarity judgements, cosine to the original's
+embeddings) for any sentence encoder with a tokenizer, ``perplexity`` (Gemma-270M's) for any
+causal LM, ``fashion`` for the zoo's Fashion-MNIST classifiers.
 """
 
 from __future__ import annotations
@@ -10,52 +14,63 @@ from torch import nn
 
 from ..errors import VQCError
 
-SUITES = ("minilm", "gemma-270m", "fashion-cnn", "fashion-vit")
+#: suite name (the benchmark model's names too) → the kind of suite
+SUITES = {"similarity": "similarity", "minilm": "similarity", "perplexity": "perplexity", "gemma-270m": "perplexity",
+          "fashion": "fashion", "fashion-cnn": "fashion", "fashion-vit": "fashion"}
 
 
 def suite_for(source: dict) -> str:
-    """The default suite of a file's source model."""
-    if source.get("kind") in ("bundled", "zoo") and source.get("name") in SUITES:
-        return source["name"]
-    raise VQCError(f"no default quality suite for {source.get('name')!r}: choose one with --suite ({', '.join(SUITES)})")
+    """The default suite of a file's source model: by its kind, never by its name."""
+    if source.get("kind") == "zoo":
+        return "fashion"
+    if source.get("kind") in ("bundled", "folder"):
+        return "perplexity" if source.get("architecture", "").endswith("ForCausalLM") else "similarity"
+    raise VQCError(f"no quality suite is known for {source.get('name')!r} (a plain module): evaluate it in Python")
 
 
-def _figures(name: str, model: nn.Module, reference: nn.Module, source: dict, device: str,
+def _figures(kind: str, model: nn.Module, reference: nn.Module, source: dict, device: str,
              tokens: int | None = None) -> tuple[dict, dict]:
-    """(compressed, fp32) figures of one suite; ``tokens``: how much text gemma-270m scores."""
-    if name in ("minilm", "gemma-270m"):
-        from transformers import AutoTokenizer
+    """(compressed, fp32) figures of one suite; ``tokens``: how much text the perplexity suite scores."""
+    if kind == "fashion":
+        from . import fashion
 
-        from ..models import model_folder
-        from . import gemma, minilm
+        return fashion.evaluate(model, device), fashion.evaluate(reference, device)
+    from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(model_folder(source)))
-        if name == "gemma-270m":  # perplexity: lower is better, so its ratio is above 1 for a loss
-            size = {"tokens": tokens} if tokens else {}
-            return (gemma.evaluate(model, tokenizer, device=device, **size),
-                    gemma.evaluate(reference, tokenizer, device=device, **size))
-        return (minilm.evaluate(model, tokenizer, reference=reference, device=device),
-                minilm.evaluate(reference, tokenizer, device=device))
-    from . import fashion
+    from ..models import model_folder
+    from . import gemma, minilm
 
-    return fashion.evaluate(model, device), fashion.evaluate(reference, device)
+    folder = model_folder(source)
+    if folder is None or not any(folder.glob("tokenizer*")):
+        raise VQCError(f"the {kind} suite needs the source model's tokenizer, which is not on this machine")
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    if kind == "perplexity":  # lower is better, so its ratio is above 1 for a loss
+        size = {"tokens": tokens} if tokens else {}
+        return (gemma.evaluate(model, tokenizer, device=device, **size),
+                gemma.evaluate(reference, tokenizer, device=device, **size))
+    return (minilm.evaluate(model, tokenizer, reference=reference, device=device),
+            minilm.evaluate(reference, tokenizer, device=device))
 
 
 def run_suite(name: str | None, model: nn.Module, source: dict, device: str = "cpu", tokens: int | None = None) -> dict:
-    """Figures of ``model`` and of its fp32 source on suite ``name``, plus a printable ``table``.
-    ``tokens``: gemma-270m scores the first ``tokens`` tokens of its text instead of its 2,048 (a
-    larger sample tells close files apart; the reference figure is the 2,048 tokens')."""
+    """Figures of ``model`` and of its fp32 source on suite ``name`` (default: the one for its kind),
+    plus a printable ``table``. ``tokens``: the perplexity suite scores the first ``tokens`` tokens of
+    its text instead of its 2,048 (a larger sample tells close files apart)."""
     name = name or suite_for(source)
     if name not in SUITES:
         raise VQCError(f"unknown suite {name!r}: choose from {', '.join(SUITES)}")
-    if tokens is not None and name != "gemma-270m":
-        raise VQCError(f"--tokens sets how much text gemma-270m scores, not {name}'s")
+    kind = SUITES[name]
+    expected = suite_for(source) if source.get("kind") != "module" else kind
+    if kind != expected:
+        raise VQCError(f"the {name} suite is for another kind of model than {source.get('name')!r}: use --suite {expected}")
+    if tokens is not None and kind != "perplexity":
+        raise VQCError(f"--tokens sets how much text the perplexity suite scores, not {name}'s")
     if tokens is not None and tokens < 2:
         raise VQCError(f"--tokens must be at least 2, got {tokens}")
-    from ..models import load_model
+    from ..models import original_model
 
-    reference, _ = load_model(name, seed=(source.get("config") or {}).get("seed", 0))
-    compressed, dense = _figures(name, model, reference.to(device), source, device, tokens)
+    reference = original_model(source).to(device)
+    compressed, dense = _figures(kind, model, reference, source, device, tokens)
     rows = [f"{'metric':<12} {'fp32':>8} {'compressed':>11} {'ratio':>7}"]
     rows += [f"{m:<12} {dense[m]:>8.3f} {compressed[m]:>11.3f} {compressed[m] / dense[m]:>7.3f}" for m in dense]
     if "cosine" in compressed:

@@ -74,11 +74,12 @@ def encode(model, tokenizer, texts: list[str], device: str = "cpu", batch_size: 
     The model must already be on `device`; returns (len(texts), hidden) on CPU."""
     model.eval()
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths batch with little padding
+    longest = min(MAX_TOKENS, getattr(getattr(model, "config", None), "max_position_embeddings", MAX_TOKENS))
     out = []
     with torch.inference_mode():
         for start in range(0, len(texts), batch_size):
             chunk = [texts[i] for i in order[start:start + batch_size]]
-            batch = tokenizer(chunk, padding=True, truncation=True, max_length=MAX_TOKENS,
+            batch = tokenizer(chunk, padding=True, truncation=True, max_length=longest,
                               return_tensors="pt").to(device)
             hidden = model(**batch).last_hidden_state.float()
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
