@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test test-slow bench bench-fashion bench-gemma bench-speed clean
+.PHONY: setup demo test test-slow bench bench-fashion bench-gemma bench-speed bench-matrix clean
 
 setup: $(STAMP)
 
@@ -46,6 +46,10 @@ bench-gemma: $(STAMP)
 bench-speed: $(STAMP)
 	$(PY) -m benchmarks.speed
 	$(PY) -m benchmarks.render
+
+# the plain command on every method × model × budget (hours: Gemma's cells take most of them)
+bench-matrix: $(STAMP)
+	$(PY) -m benchmarks.matrix
 
 clean:
 	rm -rf $(VENV) out

@@ -17,6 +17,7 @@ FASHION = ROOT / "benchmarks" / "results" / "fashion.json"
 UNIVERSAL = ROOT / "benchmarks" / "results" / "universal.json"
 GEMMA = ROOT / "benchmarks" / "results" / "gemma.json"
 GEMMA_PARTS = ROOT / "benchmarks" / "results" / "gemma-parts.json"
+MATRIX = ROOT / "benchmarks" / "results" / "matrix.json"
 SPEED_RUNS = "speed*.json"  # speed.json (make bench-speed), and runs with other settings beside it
 SPEED_COLUMNS = ("dense", "kernel", "kernel, table", "kernel, decode-then-multiply", "decode path", "torch fallback")
 FASHION_TARGETS = {"≤ 1.6": 0.5, "≤ 1.0": 1.5}  # points of accuracy a budget may lose against fp32
@@ -561,6 +562,55 @@ def gemma_parts_markdown(result: dict, dense: float) -> list[str]:
     return lines + ["", f"Measured on {result['machine']['cpu']}, {max([r['date'] for r in result['files']] + ([study['date']] if study else []))[:10]}.", ""]
 
 
+def _figure(row: dict) -> str:
+    """A finished cell's quality in a few characters: the suite's headline figure against fp32."""
+    compressed, fp32 = row.get("compressed") or {}, row.get("fp32") or {}
+    if "cosine" in compressed:
+        return f"cosine {compressed['cosine']:.3f}"
+    if "perplexity" in compressed:
+        return f"perplexity {compressed['perplexity'] / fp32['perplexity']:.2f}× fp32"
+    key = next(iter(compressed), None)
+    return "" if key is None else f"{key} {compressed[key]:.3g} (fp32 {fp32[key]:.3g})"
+
+
+def matrix_cell(row: dict | None) -> str:
+    if row is None:
+        return "not run yet"
+    if row["status"].startswith("finished"):
+        scored = _figure(row) if row["status"] == "finished" else row["status"]
+        return f"{row['bits_per_weight']:.2f} b/w, {scored}, {_minutes(row['seconds'])}"
+    return f"**{row['status']}** in {row['seconds']:.0f} s: {row.get('message', '')}".replace("|", "/")
+
+
+def matrix_markdown(result: dict) -> list[str]:
+    """Every method × model × budget as the plain command: finished (bits from the file, quality,
+    time) or refused in its first seconds, with the line it said."""
+    rows = result["rows"]
+    by_cell = {(r["model"], r["method"], r["bits"]): r for r in rows}
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    budgets = sorted({r["bits"] for r in rows})
+    finished = sum(r["status"] == "finished" for r in rows)
+    quick = sum(r["status"] == "refused" and r["seconds"] <= result["fast_failure_seconds"] for r in rows)
+    tracebacks = sum(r["traceback"] for r in rows)
+    lines = ["## The plain command on every model (`benchmarks/matrix.py`)", "",
+             "Each cell is `vqc compress MODEL --method M --bits B -o F` with no other flag, in a fresh process, "
+             "then `vqc eval F` (the model's default suite, against its own uncompressed model). Bits per weight "
+             "are the file's bytes × 8 over the model's parameters.", "",
+             f"{len(rows)} cells measured: {finished} finished, {quick} refused within "
+             f"{result['fast_failure_seconds']:.0f} s with one line, {len(rows) - finished - quick} other; "
+             f"{tracebacks} printed a traceback.", ""]
+    for model in models:
+        lines += [f"### {model}", "", "| method | " + " | ".join(f"{b:g} bits" for b in budgets) + " |",
+                  "|---|" + "---|" * len(budgets)]
+        lines += [f"| {method} | " + " | ".join(matrix_cell(by_cell.get((model, method, b))) for b in budgets) + " |"
+                  for method in methods]
+        lines.append("")
+    dates = sorted(r["measured"] for r in rows)
+    return lines + [f"Measured on {result['machine']['cpu']} ({result['machine']['cores']} cores), {dates[0][:10]} to "
+                    f"{dates[-1][:10]}; the load average at each cell's start is in the results file.", ""]
+
+
 def markdown(result: dict) -> str:
     rows = result["rows"]
     lines = [
@@ -590,6 +640,8 @@ def markdown(result: dict) -> str:
             lines += gemma_parts_markdown(json.loads(GEMMA_PARTS.read_text()), gemma["dense"]["perplexity"])
     if UNIVERSAL.exists():
         lines += universal_markdown(json.loads(UNIVERSAL.read_text()))
+    if MATRIX.exists():
+        lines += matrix_markdown(json.loads(MATRIX.read_text()))
     for path in sorted((ROOT / "benchmarks" / "results").glob(SPEED_RUNS)):
         lines += speed_markdown(json.loads(path.read_text()), path.name)
     return "\n".join(lines)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .calibrate import InputStatistics
 from .coded import CodedWeight, CodeLayout
@@ -43,7 +44,7 @@ class Option:
 
 
 def sensitivities(jobs: list, statistics: dict[str, InputStatistics], loss: Callable[[], float],
-                  seed: int = 0) -> list[float]:
+                  seed: int = 0, progress: bool = False) -> list[float]:
     """How much the model's output loss grows per unit of each layer's relative output error:
     each weight in turn gets a small relative noise, ``loss()`` measures the model's distance to
     its uncompressed outputs, and the ratio to the noise's relative output error is the layer's
@@ -53,7 +54,7 @@ def sensitivities(jobs: list, statistics: dict[str, InputStatistics], loss: Call
     gains = []
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for job in jobs:
+        for job in tqdm(jobs, desc="sensitivity", unit="layer", disable=not progress, leave=False):
             weight = job.module.weight
             noise = NOISE * weight  # then times the normal draw in place: one weight-sized temporary less
             noise.mul_(torch.randn(weight.shape, generator=generator).to(weight))
@@ -80,12 +81,13 @@ def levels(bits: float) -> tuple[float, ...]:
 
 
 def allocate(jobs: list, statistics: dict[str, InputStatistics], bits: float, available: float, seed: int = 0,
-             gains: list[float] | None = None) -> list[Option]:
+             gains: list[float] | None = None, progress: bool = False) -> list[Option]:
     """The option each job gets so that the model averages at most ``bits`` per weight (its coded
     layers spending at most ``available`` bits: ``check_budget``), minimising the sum of relative
     errors times each layer's gain (``sensitivities``; 1 each by default)."""
     options = [_options(job, statistics.get(job.name), seed, gain, levels(bits))
-               for job, gain in zip(jobs, gains or [1.0] * len(jobs))]
+               for job, gain in tqdm(list(zip(jobs, gains or [1.0] * len(jobs))), desc="bit levels", unit="layer",
+                                     disable=not progress, leave=False)]
     chosen = [0] * len(jobs)
     spent = sum(o[0].bits for o in options)
     while True:

@@ -184,7 +184,9 @@ def finetune_file(
     file: Path,
     output: Path = typer.Option(..., "-o", "--output", help="the .vqc file to write (may be FILE itself)"),
     steps: int = typer.Option(..., help="distillation steps, each one batch of the model's training data"),
-    lr: float = typer.Option(1e-3, help="fine-tuning learning rate"),
+    lr: Optional[float] = typer.Option(None, "--lr", "--finetune-lr", help="fine-tuning learning rate (default: "
+                                                                         "10⁻³, 10⁻⁴ for models of 100 M parameters "
+                                                                         "and more)"),
     calib: Optional[str] = typer.Option(None, help="training data: a corpus (lee-background, wiki, fashion) or a UTF-8 "
                                                    "text file (default: the model's own)"),
     calib_samples: Optional[int] = typer.Option(None, help="sentences, token windows or images to draw batches from"),
@@ -197,19 +199,24 @@ def finetune_file(
     """Fine-tune a .vqc file further: distil it from the model it was made from, its codes fixed
     (codebooks, scales and what is stored dense train), and write it with its bit report."""
     from . import save
+    from .atomic import check_writable
     from .data import training_data
+    from .defaults import finetune_settings
     from .finetune import finetune
-    from .io import load
+    from .io import load, read_manifest
     from .models import original_model
 
     device = _device(device)
     started = time.perf_counter()
+    check_writable(output)
     student = load(file, device=device)
     source = student.vqc_source
     teacher = original_model(source.to_json()).to(device)
-    data = training_data(source.to_json(), seed, calib, calib_samples)
-    finetune(student, teacher, data.task, data.batch_at, steps, lr=lr, progress=not quiet, tune_dense=tune_dense,
-             checkpoint=output.with_name(f".{output.name}.partial.finetune"))
+    default_lr, windows = finetune_settings(teacher)
+    data = training_data(source.to_json(), seed, calib, calib_samples, limit=windows)
+    run = f"{read_manifest(file)[0]['payload_sha256']}|{seed}|{calib}|{calib_samples}"  # what its checkpoint is of
+    finetune(student, teacher, data.task, data.batch_at, steps, lr=lr or default_lr, progress=not quiet,
+             tune_dense=tune_dense, checkpoint=output.with_name(f".{output.name}.partial.finetune"), run=run)
     save(student, output, source)
     _say_written(output, started, json_out, {}, [])
 

@@ -294,9 +294,9 @@ def compress(model: nn.Module, method: str | MethodConfig = "kmeans", bits: floa
                        "use fine-tuning steps instead")
     # the budget checked now, not after the calibration passes
     available = check_budget(model, jobs, budget.bits) if isinstance(budget, ModelAverage) else None
-    predicted = _predicted_rows(model, jobs, followers, calibration) if calibrate else {}
+    predicted = _predicted_rows(model, jobs, followers, calibration, progress) if calibrate else {}
     if available is not None and any(has_levels(job) for job in jobs):
-        _allocate(model, jobs, calibration if calibrate else None, budget.bits, available, seed, predicted)
+        _allocate(model, jobs, calibration if calibrate else None, budget.bits, available, seed, predicted, progress)
     bar = tqdm(total=len(jobs), desc=spec["method"], unit="layer", disable=not progress)
     if not calibrate:
         model = _fit_runs(model, shared_runs(jobs), seed, bar, followers=followers)
@@ -365,24 +365,25 @@ def _global_spec(method: str | MethodConfig, options: dict) -> dict:
 
 
 def _allocate(model: nn.Module, jobs: list[Job], data: TrainingData | None, bits: float, available: float,
-              seed: int, predicted: dict[str, Tensor]) -> None:
+              seed: int, predicted: dict[str, Tensor], progress: bool = False) -> None:
     """Give each job the settings of its share of the model's bit budget (``allocate``), measured
     on the statistics of one pass of the uncompressed model (without data: each layer's relative
     weight error, every layer alike); the table is kept in ``model.vqc_allocation``."""
-    statistics, gains = _sensitivities(model, jobs, data, seed, predicted) if data is not None else ({}, None)
-    chosen = allocate(jobs, statistics, bits, available, seed, gains)
+    statistics, gains = _sensitivities(model, jobs, data, seed, predicted, progress) if data is not None else ({}, None)
+    chosen = allocate(jobs, statistics, bits, available, seed, gains, progress)
     release_pages(job.module.weight for job in jobs)  # the passes read every weight
     for job, option in zip(jobs, chosen):
         job.settings = option.settings
     model.vqc_allocation = describe(jobs, chosen)
 
 
-def _sensitivities(model: nn.Module, jobs: list[Job], data: TrainingData, seed: int,
-                   predicted: dict[str, Tensor]) -> tuple[dict[str, InputStatistics | None], list[float]]:
+def _sensitivities(model: nn.Module, jobs: list[Job], data: TrainingData, seed: int, predicted: dict[str, Tensor],
+                   progress: bool = False) -> tuple[dict[str, InputStatistics | None], list[float]]:
     """Each job's fitting statistics from one pass of the uncompressed model, and its sensitivity
     (the model's output loss per unit of the layer's relative output error)."""
     with capturing({job.name: job.module for job in jobs}) as collected:
-        for i in range(data.calibration_batches):
+        for i in tqdm(range(data.calibration_batches), desc="input statistics", unit="batch", disable=not progress,
+                      leave=False):
             batch = data.batch_at(i)
             statistics_pass(model, data.task.forward, batch, data.task.positions(batch), _uncollected_head(model, jobs))
         statistics = _embedding_statistics(collected(), jobs, data, predicted)
@@ -394,7 +395,7 @@ def _sensitivities(model: nn.Module, jobs: list[Job], data: TrainingData, seed: 
     def loss() -> float:
         return mean_loss(data.task, model, probe, targets)
 
-    return statistics, sensitivities(jobs, statistics, loss, seed)
+    return statistics, sensitivities(jobs, statistics, loss, seed, progress)
 
 
 def _embedding_statistics(statistics: dict[str, InputStatistics], jobs: list[Job], data: TrainingData,
@@ -419,7 +420,7 @@ def _embedding_statistics(statistics: dict[str, InputStatistics], jobs: list[Job
 
 
 def _predicted_rows(model: nn.Module, jobs: list[Job], followers: dict[str, list[Job]],
-                    data: TrainingData) -> dict[str, Tensor]:
+                    data: TrainingData, progress: bool = False) -> dict[str, Tensor]:
     """For an embedding whose table is also the model's output head (a tied language model), by
     name: the mean probability the uncompressed model gives each token on the calibration batches.
     A row's error lands twice, where its token is looked up and in its logit at every position;
@@ -430,7 +431,8 @@ def _predicted_rows(model: nn.Module, jobs: list[Job], followers: dict[str, list
             and any(follower.module is head for follower in followers.get(job.name, []))]
     if head is None or not tied:
         return {}
-    batches = (data.batch_at(i) for i in range(data.calibration_batches))
+    batches = tqdm((data.batch_at(i) for i in range(data.calibration_batches)), total=data.calibration_batches,
+                   desc="predicted tokens", unit="batch", disable=not progress, leave=False)
     found = find_blocks(model)
     with released_after_use(found[1] if found else []):
         probabilities = predicted_probabilities(model, head, data.task.forward, batches, data.task.positions)

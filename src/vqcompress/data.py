@@ -165,10 +165,10 @@ def text_training_data(tokenizer, seed: int = 0, batch_size: int = 32, max_token
 
 
 def causal_lm_data(tokenizer, seed: int = 0, batch_size: int = 4, calib: str = "wiki",
-                   samples: int | None = None) -> TrainingData:
+                   samples: int | None = None, limit: int = DEFAULT_SAMPLES["causal"]) -> TrainingData:
     """Windows of ``WINDOW`` tokens of running text for a causal LM (each starts with BOS when
-    the tokenizer adds one): ``samples`` of them, by default as many as the text gives up to the
-    usual ``DEFAULT_SAMPLES``."""
+    the tokenizer adds one): ``samples`` of them, by default as many as the text gives up to
+    ``limit``."""
     ids = tokenizer(calibration_text(calib), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     if not len(ids):
         raise VQCError(f"calibration data {_named(calib)} tokenizes to nothing")
@@ -176,7 +176,7 @@ def causal_lm_data(tokenizer, seed: int = 0, batch_size: int = 4, calib: str = "
     step = WINDOW - len(bos)
     windows = [torch.cat([torch.tensor(bos, dtype=ids.dtype), ids[i:i + step]]) for i in range(0, len(ids) - step + 1, step)]
     size = _enough(len(windows), samples, f"windows of {WINDOW} tokens", calib)
-    size = size if samples else min(size, DEFAULT_SAMPLES["causal"])
+    size = size if samples else min(size, limit)
     pool = torch.stack(windows)[:size]
     batch_size = _batch_size(size, size, batch_size)
     order = _epoch_order(size, seed, batch_size)
@@ -184,10 +184,12 @@ def causal_lm_data(tokenizer, seed: int = 0, batch_size: int = 4, calib: str = "
                         token_counts=torch.bincount(ids))
 
 
-def training_data(source: dict, seed: int = 0, calib: str | None = None, samples: int | None = None) -> TrainingData:
+def training_data(source: dict, seed: int = 0, calib: str | None = None, samples: int | None = None,
+                  limit: int = DEFAULT_SAMPLES["causal"]) -> TrainingData:
     """The calibration / fine-tuning data that suits a model from ``source`` (see the module
     docstring): ``calib`` a corpus name or text file (default: the model's own), ``samples``
-    how many sentences, windows or images."""
+    how many sentences, windows or images (a causal LM's windows: by default all the text gives,
+    up to ``limit``)."""
     if source["kind"] == "zoo":
         if calib not in (None, "fashion"):
             raise VQCError(f"{source['name']} calibrates on Fashion-MNIST images only (--calib fashion), not {calib!r}")
@@ -202,7 +204,7 @@ def training_data(source: dict, seed: int = 0, calib: str | None = None, samples
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     if source.get("architecture", "").endswith("ForCausalLM"):
-        data = causal_lm_data(tokenizer, seed, calib=calib or "wiki", samples=samples)
+        data = causal_lm_data(tokenizer, seed, calib=calib or "wiki", samples=samples, limit=limit)
     else:
         data = text_training_data(tokenizer, seed, calib=calib or "lee-background", samples=samples)
     del tokenizer

@@ -9,6 +9,8 @@ structure (never its name), each said aloud and each overridden by what the user
 - A causal language model with repeated blocks, calibrated: each block is tuned for
   ``TUNE_BLOCKS`` pass towards the uncompressed block's outputs, on ``CAUSAL_SAMPLES`` windows.
 - A method that learns its codebooks in training, given no steps: ``training_steps``.
+- Fine-tuning a written file (``vqc finetune``): its learning rate and, for a causal LM, a pool of
+  up to ``FINETUNE_WINDOWS`` windows, by the model's size (``finetune_settings``).
 
 docs/methods.md has the measurements these come from.
 """
@@ -33,6 +35,8 @@ CAUSAL_SAMPLES = 128
 #: Training steps for a method that needs them when none are given: fewer for large models,
 #: whose steps take a minute each on a CPU.
 STEPS_SMALL, STEPS_LARGE, LARGE_MODEL = 300, 24, 100_000_000
+FINETUNE_LR_SMALL, FINETUNE_LR_LARGE = 1e-3, 1e-4
+FINETUNE_WINDOWS = 1024
 
 
 @dataclass
@@ -87,3 +91,10 @@ def calibration_samples(model: nn.Module) -> int | None:
 def training_steps(model: nn.Module) -> int:
     """Steps for a method that learns in training, when none are given."""
     return STEPS_LARGE if sum(p.numel() for p in model.parameters()) >= LARGE_MODEL else STEPS_SMALL
+
+
+def finetune_settings(model: nn.Module) -> tuple[float, int]:
+    """(learning rate, causal-LM windows at most) for distilling a file from ``model``: a smaller
+    step for a large model (Gemma-270M: 10⁻⁴; MiniLM and the zoo: 10⁻³)."""
+    large = sum(p.numel() for p in model.parameters()) >= LARGE_MODEL
+    return (FINETUNE_LR_LARGE if large else FINETUNE_LR_SMALL), FINETUNE_WINDOWS
