@@ -20,7 +20,7 @@ FAST = settings(max_examples=80, deadline=None)
 
 @st.composite
 def bits_and_codes(draw):
-    bits = draw(st.integers(1, 16))
+    bits = draw(st.integers(1, 32))  # codes up to 16 bits; a permutation's row numbers up to 32
     codes = draw(st.lists(st.integers(0, (1 << bits) - 1), max_size=120))
     return bits, codes
 
@@ -61,15 +61,19 @@ def test_pack_known_bytes():
     # 3-bit codes 1, 2, 7 → bits (LSB first) 100 010 111 → byte0 = 0b11010001, byte1 = 0b1
     assert pack_codes(torch.tensor([1, 2, 7]), 3).tolist() == [0b11010001, 0b1]
     assert pack_codes(torch.tensor([0xABCD]), 16).tolist() == [0xCD, 0xAB]
+    # 18 bits: 2^18 − 1 then 1 → eighteen ones, then a one at bit 18; 36 bits in 5 bytes
+    assert pack_codes(torch.tensor([(1 << 18) - 1, 1]), 18).tolist() == [0xFF, 0xFF, 0b111, 0, 0]
+    assert pack_codes(torch.tensor([0xDEADBEEF]), 32).tolist() == [0xEF, 0xBE, 0xAD, 0xDE]
 
 
-@pytest.mark.parametrize("bits, codes", [(1, [2]), (3, [0, 8]), (8, [256]), (16, [1 << 16]), (4, [-1])])
+@pytest.mark.parametrize("bits, codes", [(1, [2]), (3, [0, 8]), (8, [256]), (16, [1 << 16]), (4, [-1]),
+                                         (18, [1 << 18]), (32, [1 << 32])])
 def test_pack_rejects_codes_that_do_not_fit(bits, codes):
     with pytest.raises(ValueError):
         pack_codes(torch.tensor(codes), bits)
 
 
-@pytest.mark.parametrize("bits", [0, 17, -1])
+@pytest.mark.parametrize("bits", [0, 33, -1])
 def test_pack_rejects_bad_widths(bits):
     with pytest.raises(ValueError):
         pack_codes(torch.tensor([0]), bits)
@@ -85,6 +89,33 @@ def test_code_bits_known(k, expected):
 def test_code_bits_is_ceil_log2(k):
     assert code_bits(k) == (k - 1).bit_length()  # = ceil(log2 k), computed without floats
     assert (1 << code_bits(k)) >= k > (1 << (code_bits(k) - 1))
+
+
+def test_a_permutation_of_more_than_65536_rows_round_trips():
+    """A row permutation of a 262,144-row embedding needs 18-bit row numbers; 70,000 rows need 17:
+    encode, decode, row lookups, the empty shell a file loads into, and the bit count agree."""
+    gen = torch.Generator().manual_seed(0)
+    layout = CodeLayout((70000, 4), k=16, dim=4, groups=4, scale_group=4, permuted=True)
+    perm = torch.randperm(70000, generator=gen)
+    codebook, codes = torch.randn(4, 16, 4, generator=gen), torch.randint(0, 16, (70000, 1), generator=gen)
+    scale = torch.rand(70000, 1, generator=gen) + 0.5
+    code = CodedWeight.encode(layout, codebook, codes, scale, perm=perm)
+    assert code.perm.numel() == math.ceil(70000 * 17 / 8)
+    assert torch.equal(code.permutation(), perm)
+    stored = codebook.half().float()[torch.arange(70000) // 17500, codes[:, 0]] * scale.half().float()
+    expected = torch.empty(70000, 4).index_copy_(0, perm, stored)  # stored row r is original row perm[r]
+    assert torch.equal(code.decode(), expected)
+    rows = torch.tensor([69999, 0, 65536, 31337, 65535])
+    assert torch.equal(code.decode_rows(rows), expected[rows])
+    shell = CodedWeight.empty(layout)
+    shell.load_state_dict(code.state_dict())
+    assert torch.equal(shell.decode(), expected)
+    assert code.nbits() == layout.nbits() == CodedWeight.empty(layout).nbits()
+
+
+def test_a_permutation_needs_at_most_32_bit_row_numbers():
+    with pytest.raises(VQCError, match="32-bit row numbers"):
+        CodeLayout(((1 << 32) + 1, 1), k=2, dim=1, permuted=True).validate()
 
 
 # -- decoding hand-built weights ---------------------------------------------------------------

@@ -80,6 +80,13 @@ def test_every_code_width(bits, batch, kernel_path):
     assert_close_to_decoded(torch.randn(batch, 1, 16), code)
 
 
+def test_a_permutation_of_more_than_65536_rows(kernel_path):
+    """17-bit row numbers (70,000 rows): the kernel reads entries wider than a code's 16 bits."""
+    code = coded((70000, 4), 16, 4, groups=4, scale_group=4, permuted=True)
+    assert code.perm.numel() * 8 >= 70000 * 17
+    assert_close_to_decoded(torch.randn(2, 1, 4), code)
+
+
 @settings(max_examples=40, deadline=None)
 @given(bits=st.integers(1, 9), dim=st.sampled_from([1, 2, 3, 4]), groups=st.sampled_from([1, 2]),
        input_groups=st.sampled_from([1, 2, 4]), scale=st.sampled_from([None, "row", "block"]), offset=st.booleans(),

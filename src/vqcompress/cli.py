@@ -116,7 +116,7 @@ def compress(
     from .defaults import calibration_samples
     from .memory import map_large_blocks
     from .models import load_model
-    from .plan import Plan
+    from .plan import Plan, left_dense_lines
 
     started = time.perf_counter()
     device = _device(device)
@@ -148,8 +148,10 @@ def compress(
         raise
     save(compressed, output, source)
     allocation, settings = getattr(compressed, "vqc_allocation", None), _settings_summary(compressed)
-    _say_written(output, started, json_out, {"settings": settings, "allocation": allocation},
-                 [*([] if allocation is None else [allocation]), *settings])
+    left_dense = getattr(compressed, "vqc_left_dense", [])  # what compress left dense, and why
+    _say_written(output, started, json_out, {"settings": settings, "allocation": allocation,
+                                             "left_dense": [vars(entry) for entry in left_dense]},
+                 [*([] if allocation is None else [allocation]), *settings, *left_dense_lines(left_dense)])
 
 
 def _calibration(source: dict, seed: int, calib: str | None, samples: int | None, needed: bool):

@@ -42,7 +42,8 @@ from torch import Tensor, nn
 from .codebook import assign, weighted_assign
 from .errors import VQCError
 
-MAX_CODE_BITS = 16
+MAX_CODE_BITS = 16  # an index into a codebook: k ≤ 2^16
+MAX_PACK_BITS = 32  # any packed entry: a permutation's row numbers need ⌈log2 rows⌉ bits (18 for 262,144 rows)
 PACK_SLICE = 1 << 20  # codes packed at a time (a multiple of 8, so each slice fills whole bytes)
 SLICE_WEIGHTS = 1 << 22  # weights per slice of rows that a pass over a whole layer holds in float at a time
 MAX_GRID_BITS = 8  # coefficient and codebook grids: more bits than this is fp16
@@ -60,16 +61,17 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
     """Pack integer codes LSB-first into a uint8 stream of exactly ceil(n·bits/8) bytes.
 
     Each code is spread into its ``bits`` low bits and the bit stream is packed by numpy:
-    any width from 1 to 16 bits with the same two vector operations, on slices of
-    ``PACK_SLICE`` codes (whole bytes each), so a table of 10⁸ codes needs no 16-byte-per-code
-    bit matrix at once.
+    any width from 1 to 32 bits with the same two vector operations (each code seen as 2 bytes
+    up to 16 bits, else 4), on slices of ``PACK_SLICE`` codes (whole bytes each), so a table of
+    10⁸ codes needs no 16-byte-per-code bit matrix at once.
     """
-    if not 1 <= bits <= MAX_CODE_BITS:
-        raise ValueError(f"code width {bits} outside 1..{MAX_CODE_BITS}")
+    if not 1 <= bits <= MAX_PACK_BITS:
+        raise ValueError(f"code width {bits} outside 1..{MAX_PACK_BITS}")
     codes = codes.detach().reshape(-1).cpu()
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= (1 << bits)):
         raise ValueError(f"codes do not fit in {bits} bits")
-    slices = [codes[start:start + PACK_SLICE].numpy().astype("<u2").view(np.uint8).reshape(-1, 2)
+    width = 2 if bits <= MAX_CODE_BITS else 4
+    slices = [codes[start:start + PACK_SLICE].numpy().astype(f"<u{width}").view(np.uint8).reshape(-1, width)
               for start in range(0, max(codes.numel(), 1), PACK_SLICE)]
     return torch.from_numpy(np.concatenate([
         np.packbits(np.unpackbits(as_bytes, axis=1, bitorder="little")[:, :bits].reshape(-1), bitorder="little")
@@ -86,9 +88,10 @@ def row_slices(rows: int, cols: int, multiple: int = 1) -> list[slice]:
 
 def unpack_codes(packed: Tensor, bits: int, index: Tensor) -> Tensor:
     """Read the codes at positions ``index`` straight from the packed stream (no full copy): the
-    three bytes that can hold each code. A byte past the end is read as the last one instead; its
-    bits land above the code's and are masked off. Whole-byte and half-byte codes (k = 256 and
-    k = 16, the common ones) are read with one gather: several times fewer passes over the codes."""
+    three bytes that can hold each code (five for an entry wider than 16 bits: a permutation's row
+    numbers). A byte past the end is read as the last one instead; its bits land above the code's
+    and are masked off. Whole-byte and half-byte codes (k = 256 and k = 16, the common ones) are
+    read with one gather: several times fewer passes over the codes."""
     if bits == 8:
         return packed[index].to(torch.int64)
     if bits == 4:
@@ -97,7 +100,8 @@ def unpack_codes(packed: Tensor, bits: int, index: Tensor) -> Tensor:
     position = index.to(torch.int64) * bits
     byte, shift = position // 8, position % 8
     last = packed.numel() - 1
-    word = sum(packed[(byte + i).clamp(max=last)].to(torch.int32) << (8 * i) for i in range(3))
+    reach, word_type = (3, torch.int32) if bits <= MAX_CODE_BITS else (5, torch.int64)
+    word = sum(packed[(byte + i).clamp(max=last)].to(word_type) << (8 * i) for i in range(reach))
     return ((word >> shift) & ((1 << bits) - 1)).to(torch.int64)
 
 
@@ -260,6 +264,8 @@ class CodeLayout:
             raise VQCError(f"a coded weight needs ≥ 2 dimensions, got shape {self.shape}")
         if not 2 <= self.k <= 1 << MAX_CODE_BITS:
             raise VQCError(f"k = {self.k} is outside 2..{1 << MAX_CODE_BITS}")
+        if self.permuted and self.rows > 1 << MAX_PACK_BITS:
+            raise VQCError(f"a row permutation of {self.rows} rows needs more than {MAX_PACK_BITS}-bit row numbers")
         if self.dim < 1 or self.groups < 1 or (self.scale_group is not None and self.scale_group < 1):
             raise VQCError(f"d, groups and scale group must be positive, got {self.dim}, {self.groups}, {self.scale_group}")
         if self.offset and self.scale_group is None:

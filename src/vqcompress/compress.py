@@ -122,7 +122,7 @@ def _job(name: str, module: nn.Module, spec: dict, budget: Budget | None) -> Job
         settings = _start_settings(method, tuple(weight.shape), budget if pinned is None else PerLayer(pinned), config)
         method.layout(tuple(weight.shape), settings).validate()
     except VQCError as error:
-        raise VQCError(f"{name}: {error}") from None
+        raise type(error)(f"{name}: {error}") from None  # the same kind: an ``Unfit`` layer is left dense (plan.py)
     return Job(name, module, method, settings, config, kept, pinned)
 
 
@@ -274,7 +274,10 @@ def compress(model: nn.Module, method: str | MethodConfig = "kmeans", bits: floa
     calibrate = calibration is not None and (not finetune_steps or bool(tune_blocks) if calibrate is None else calibrate)
     budget = resolve(bits, calibrate)
     plan, tune_blocks = _with_defaults(model, plan or Plan(), spec, budget, calibrate, tune_blocks)
-    jobs = [_job(name, module, layer_spec, budget) for name, module, layer_spec in plan.resolve(model, spec)]
+    # What the plan or a method leaves dense is listed, not refused (plan.Selection); a tensor
+    # outside Linear / Conv / Embedding moves into a holder module (held.py) once its job stands.
+    selection = plan.select(model, spec)
+    jobs = selection.settle(lambda name, module, layer_spec: _job(name, module, layer_spec, budget))
     if not jobs:
         raise VQCError("the plan selects no layer to compress")
     jobs, followers = _untie(jobs)
@@ -311,6 +314,7 @@ def compress(model: nn.Module, method: str | MethodConfig = "kmeans", bits: floa
                  tune_dense=tune_dense, run=store.run if store else "")
     if store is not None and store.path.exists():
         store.path.unlink()
+    model.vqc_left_dense = selection.left_dense  # what was left dense and why (plan.LeftDense; ``vqc compress`` says it)
     return model
 
 

@@ -4,7 +4,9 @@ Tensors: every entry of the model's state dict (packed codes as uint8, codebooks
 permutations, and every tensor left dense). Metadata key ``vqcompress``: the manifest —
 format and library version, the source model's identity and config, per coded layer its torch
 type, constructor arguments, code layout and recipe (method + settings), tensors stored once
-for several names (tied weights), and a sha256 of the payload that loading checks.
+for several names (tied weights), and a sha256 of the payload that loading checks. A coded
+tensor of another module (``held.py``) is a layer of type ``HeldTensor`` named after its holder;
+loading moves the model's tensor into a holder first.
 """
 
 from __future__ import annotations
@@ -24,12 +26,14 @@ from . import __version__, universal
 from .atomic import write_atomically
 from .coded import CodedWeight, CodeLayout, streams_with_kept_rows, streams_without_kept_rows
 from .errors import VQCError
+from .held import HeldTensor, hold_named
 from .layers import LAYER_ARGS, carry_embed_scale, coded_from_args, dense_type_of, iter_coded, layer_args
 from .models import Source, skeleton, source_of
 
 FORMAT = "vqc"
 #: 2: a kept row's codes are left out of the file (1 stored them, unused); 3: a layout lists only
-#: what differs from its defaults (2 listed every field, and kept rows' dtype only when int8 was possible)
+#: what differs from its defaults (2 listed every field, and kept rows' dtype only when int8 was possible);
+#: coded tensors of any module (``HeldTensor`` layers) and permutations past 65,536 rows (row numbers past 16 bits)
 FORMAT_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
 MANIFEST_KEY = "vqcompress"
@@ -174,9 +178,12 @@ def _install_coded_layers(model: nn.Module, manifest: dict, stored: set[str]) ->
     layer) gets that layer's very coded weight, as when it was compressed, so training moves both."""
     leaders = _tied_leaders(manifest, stored)
     codes: dict[str, CodedWeight] = {}
+    present = {name for name, _ in model.named_modules()}  # a coded tensor's holder is made here when absent
     for name in sorted(manifest["layers"], key=lambda layer: layer in leaders):  # leaders' codes first
         entry = manifest["layers"][name]
         layout = CodeLayout.from_json(entry["layout"])
+        if entry["type"] == HeldTensor.__name__ and name not in present:
+            hold_named(model, name)
         try:
             current = model.get_submodule(name)
         except AttributeError:

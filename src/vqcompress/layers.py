@@ -1,4 +1,5 @@
-"""Drop-in coded layers: Linear, Conv1d, Conv2d and Embedding whose weight is a ``CodedWeight``.
+"""Drop-in coded layers: Linear, Conv1d, Conv2d and Embedding whose weight is a ``CodedWeight``;
+and ``CodedTensor``, any other module's tensor coded (``held.py``).
 
 Each coded layer subclasses the torch layer it replaces (so ``isinstance`` checks, ``extra_repr``
 and the conv padding logic keep working) but holds no dense weight: ``weight`` is decoded on
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 from . import kernels
 from .coded import CodedWeight
 from .errors import VQCError
+from .held import HELD_SUFFIX, HeldTensor, release
 
 FORWARD_PATHS = ("decode", "lut")
 
@@ -32,7 +34,9 @@ LAYER_ARGS: dict[type[nn.Module], tuple[str, ...]] = {
     nn.Conv1d: ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode"),
     nn.Conv2d: ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode"),
     nn.Embedding: ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"),
+    HeldTensor: ("shape", "buffer"),
 }
+BIASLESS = (nn.Embedding, HeldTensor)  # constructors without a ``bias`` argument
 
 
 def lut_matmul(x: Tensor, code: CodedWeight, input_groups: int = 1) -> Tensor:
@@ -92,7 +96,7 @@ class CodedLayer:
         """Make the layer from constructor ``args`` without ever allocating a dense weight."""
         dense_type = next(t for t in LAYER_ARGS if issubclass(cls, t))
         layer = cls.__new__(cls)
-        dense_type.__init__(layer, **args, device="meta", **({} if dense_type is nn.Embedding else {"bias": bias is not None}))
+        dense_type.__init__(layer, **args, device="meta", **({} if dense_type in BIASLESS else {"bias": bias is not None}))
         del layer._parameters["weight"]
         if bias is not None:
             layer.bias = nn.Parameter(bias)
@@ -166,6 +170,10 @@ class CodedEmbedding(CodedLayer, nn.Embedding):
         return rows * self.embed_scale.to(rows.dtype) if hasattr(self, "embed_scale") else rows
 
 
+class CodedTensor(CodedLayer, HeldTensor):
+    """A tensor of another module, coded: its owner reads the decoded tensor (``held.py``)."""
+
+
 class ScaledEmbedding(nn.Embedding):
     """The dense twin of a scaled word embedding: rows times ``embed_scale``."""
 
@@ -181,9 +189,19 @@ def carry_embed_scale(source: nn.Module, target: nn.Module) -> None:
 
 
 def codable(module: nn.Module) -> bool:
-    """Whether the module is a layer this package can code: a supported torch layer, or a word
-    embedding subclass that only scales its rows (``embed_scale``)."""
-    return type(module) in CODED_TYPES or (isinstance(module, nn.Embedding) and hasattr(module, "embed_scale"))
+    """Whether the module is a layer this package can code: a supported torch layer, a subclass
+    of one that computes just what it does (``NonDynamicallyQuantizableLinear``, the output
+    projection of ``nn.MultiheadAttention``), or a word embedding subclass that only scales its
+    rows (``embed_scale``)."""
+    return (type(module) in CODED_TYPES or _plain_subclass(module)
+            or (isinstance(module, nn.Embedding) and hasattr(module, "embed_scale")))
+
+
+def _plain_subclass(module: nn.Module) -> bool:
+    """A subclass of a supported layer with its parent's forward and no tensors or modules of its own."""
+    base = next((t for t in CODED_TYPES if isinstance(module, t)), None)
+    return (base is not None and not isinstance(module, (CodedLayer, HeldTensor)) and type(module).forward is base.forward
+            and set(module._parameters) <= {"weight", "bias"} and not module._buffers and not module._modules)
 
 
 CODED_TYPES: dict[type[nn.Module], type[CodedLayer]] = {
@@ -191,6 +209,7 @@ CODED_TYPES: dict[type[nn.Module], type[CodedLayer]] = {
     nn.Conv1d: CodedConv1d,
     nn.Conv2d: CodedConv2d,
     nn.Embedding: CodedEmbedding,
+    HeldTensor: CodedTensor,
 }
 
 
@@ -254,8 +273,13 @@ def dense_from_coded(layer: CodedLayer) -> nn.Module:
 
 
 def densify(model: nn.Module) -> nn.Module:
-    """Replace every coded layer of ``model`` (in place) by its decoded dense twin."""
+    """Replace every coded layer of ``model`` (in place) by its decoded dense twin; a coded tensor
+    goes back into its owner as the plain tensor it was."""
     for name, layer in list(iter_coded(model)):
+        if isinstance(layer, CodedTensor):
+            owner, _, holder = name.rpartition(".")
+            release(model.get_submodule(owner), holder.removesuffix(HELD_SUFFIX), layer.weight_code.decode().detach())
+            continue
         dense = dense_from_coded(layer).to(layer.weight_code.codes.device)
         if not name:  # the model is itself one coded layer
             return dense

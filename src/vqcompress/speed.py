@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from . import kernels
 from .errors import VQCError
-from .layers import CodedConv1d, CodedConv2d, CodedEmbedding, densify, iter_coded, set_forward_path
+from .layers import CodedConv1d, CodedConv2d, CodedEmbedding, CodedTensor, densify, iter_coded, set_forward_path
 
 WARMUP = 2
 CONV_SIZE = 16  # a convolution's input length (1-d) or side (2-d) when timing it alone
@@ -142,7 +142,7 @@ def layer_speeds(model: nn.Module, dense: nn.Module, batches: list[int], repeats
     """Each coded matmul or convolution layer alone, against the same layer of the dense twin."""
     speeds = []
     for name, layer in iter_coded(model):
-        if isinstance(layer, CodedEmbedding):  # a lookup, not a product: it decodes only the rows asked for
+        if isinstance(layer, (CodedEmbedding, CodedTensor)):  # a lookup, or a tensor its module reads: no product
             continue
         twin, lay = dense.get_submodule(name), layer.weight_code.layout
         for batch in batches:

@@ -34,13 +34,15 @@ inline float half(uint16_t h) {
   return static_cast<float>(f);
 }
 
-// The code at position `index` of a packed stream of `bytes` bytes (any width 1..16 bits).
-inline uint32_t read_bits(const uint8_t* stream, int64_t bytes, int64_t index, int64_t bits) {
+// The entry at position `index` of a packed stream of `bytes` bytes, `bits` wide: the `Reach`
+// bytes that can hold it (3 for codes, up to 16 bits; 5 for a permutation's row numbers, up to 32).
+template <int Reach = 3>
+inline uint64_t read_bits(const uint8_t* stream, int64_t bytes, int64_t index, int64_t bits) {
   const int64_t position = index * bits, byte = position >> 3;
-  uint32_t word = stream[byte];
-  if (byte + 1 < bytes) word |= uint32_t(stream[byte + 1]) << 8;
-  if (byte + 2 < bytes) word |= uint32_t(stream[byte + 2]) << 16;
-  return (word >> (position & 7)) & ((1u << bits) - 1);
+  uint64_t word = stream[byte];
+  for (int i = 1; i < Reach; ++i)
+    if (byte + i < bytes) word |= uint64_t(stream[byte + i]) << (8 * i);
+  return (word >> (position & 7)) & ((uint64_t(1) << bits) - 1);
 }
 
 // Codes [first, first + n) of the stream into `out` (the lookup-table product reads 8- and
@@ -69,7 +71,7 @@ std::vector<float> float_codebook(const Coded& w, bool transposed) {
 }
 
 inline int64_t original_row(const Coded& w, int64_t r) {
-  return w.perm ? read_bits(w.perm, w.perm_bytes, r, w.perm_bits) : r;
+  return w.perm ? int64_t(read_bits<5>(w.perm, w.perm_bytes, r, w.perm_bits)) : r;
 }
 
 // acc += scale × (sum over segments s < n of table[s * k + code[s]]), in LANES independent sums.

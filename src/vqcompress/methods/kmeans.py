@@ -23,7 +23,7 @@ from torch import Tensor
 from ..calibrate import InputStatistics
 from ..codebook import PointSource, in_memory, kmeans
 from ..coded import CodedWeight, CodeLayout, row_slices
-from ..errors import VQCError
+from ..errors import Unfit, VQCError
 from . import MethodConfig, register
 
 MAX_BUDGET_K = 256
@@ -39,22 +39,24 @@ def dim_and_k_for_bits(bits: float, shape: tuple[int, ...], groups: int = 1,
     channel has 9) still gets the best layout under it. Candidates: d ≤ 16 dividing the inputs,
     k ≤ 256, no more codewords than each codebook has sub-vectors, and fp16 codebooks costing at
     most ``codebook_share`` of the index bits (small layers get shorter d; a codebook shared by
-    many layers is not charged to one); ties go to the longer d.
+    many layers is not charged to one); ties go to the longer d. Only where no d has room for its
+    full width (a 3×3 depthwise kernel of 16 channels: 144 weights) does a narrower one count.
     """
     rows, cols = shape[0], math.prod(shape[1:])
     candidates = []
     for dim in range(1, MAX_DIM + 1):
-        width = min(math.floor(bits * dim + 1e-9), int(math.log2(MAX_BUDGET_K)))
-        codebook_bits = 16 * 2**width * dim * groups
-        if (width >= 1 and cols % dim == 0 and 2**width <= rows * cols // dim // groups
-                and codebook_bits <= codebook_share * bits * rows * cols):
-            candidates.append((width / dim, dim, width))
+        full = min(math.floor(bits * dim + 1e-9), int(math.log2(MAX_BUDGET_K)))
+        for width in range(full, 0, -1):
+            if (cols % dim == 0 and 2**width <= rows * cols // dim // groups
+                    and 16 * 2**width * dim * groups <= codebook_share * bits * rows * cols):
+                candidates.append((width == full, width / dim, dim, width))
+                break
     if not candidates:
-        raise VQCError(
+        raise Unfit(
             f"no codebook with d ≤ {MAX_DIM} dividing {cols} inputs and k ≤ {MAX_BUDGET_K} fits {bits} bits per "
             f"weight on shape {tuple(shape)}: choose another --bits or set --dim and --k"
         )
-    _, dim, width = max(candidates)
+    _, _, dim, width = max(candidates)
     return dim, 2**width
 
 

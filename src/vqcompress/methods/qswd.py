@@ -36,7 +36,7 @@ from ..calibrate import InputStatistics
 from ..codebook import kmeans
 from ..coded import (FP16_COEFFICIENTS, MAX_GRID_BITS, CodedWeight, CodeLayout, best_grid_step, codebook_grid_scale,
                      grid_levels, grid_values, row_slices)
-from ..errors import VQCError
+from ..errors import Unfit, VQCError
 from . import MethodConfig, register
 
 CHUNK = 1 << 15  # sub-vectors per step: bounds the (chunk × k) gradient
@@ -146,8 +146,8 @@ class QSWD:
                 if (shape[0] * cols // picked["dim"] >= k
                         and self.bits_per_weight(shape, candidate) <= bits + 1e-9):
                     return picked | {"k": k, "scale": scale}
-        raise VQCError(f"no qswd setting fits {bits} bits per weight on shape {tuple(shape)} with its codebook and "
-                       f"row scales counted: raise --bits or set dim, k, terms and coef_bits")
+        raise Unfit(f"no qswd setting fits {bits} bits per weight on shape {tuple(shape)} with its codebook and "
+                    f"row scales counted: raise --bits or set dim, k, terms and coef_bits")
 
     @staticmethod
     def quick_settings(settings: dict) -> dict:

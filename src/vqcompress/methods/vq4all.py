@@ -23,7 +23,7 @@ from torch import Tensor
 from .. import universal
 from ..calibrate import InputStatistics
 from ..coded import CodedWeight, CodeLayout
-from ..errors import VQCError
+from ..errors import Unfit, VQCError
 from . import MethodConfig, register
 
 
@@ -58,12 +58,12 @@ class VQ4All:
         book = universal.open_codebook(config.codebook)
         cols = math.prod(shape[1:])
         if cols % book.dim:
-            raise VQCError(f"the universal codebook's sub-vector length d = {book.dim} does not divide the {cols} "
-                           f"inputs of shape {tuple(shape)}: leave the layer dense (--skip) or use a codebook of another d")
+            raise Unfit(f"the universal codebook's sub-vector length d = {book.dim} does not divide the {cols} "
+                        f"inputs of shape {tuple(shape)}")
         cost = math.log2(book.k) / book.dim + 16 / cols
         if bits is not None and bits + 1e-9 < cost:
-            raise VQCError(f"the universal codebook (k = {book.k}, d = {book.dim}) costs {cost:.3f} bits per weight on "
-                           f"shape {tuple(shape)} (indices and row scales); --bits {bits} is below that")
+            raise Unfit(f"the universal codebook (k = {book.k}, d = {book.dim}) costs {cost:.3f} bits per weight on "
+                        f"shape {tuple(shape)} (indices and row scales); --bits {bits} is below that")
         return {"codebook": book.sha256, "candidates": min(config.candidates or 4, book.k)}
 
     def layout(self, shape: tuple[int, ...], settings: dict) -> CodeLayout:
