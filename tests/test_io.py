@@ -46,7 +46,7 @@ def test_no_pickle_only_safetensors(saved):
     path, _ = saved
     with safe_open(str(path), framework="pt") as handle:
         manifest = json.loads(handle.metadata()["vqcompress"])
-    assert manifest["format"] == "vqc" and manifest["format_version"] == 2  # the oldest that describes it
+    assert manifest["format"] == "vqc" and manifest["format_version"] == io.FORMAT_VERSION
     assert set(manifest["layers"]) == {"embed", "conv1", "conv2", "head"}
 
 
@@ -197,3 +197,21 @@ def test_a_version_2_manifest_without_the_kept_rows_dtype_reads_them_as_fp16(tmp
     manifest = {"format": "vqc", "format_version": 2, "layers": {"x": {"layout": layout}}}
     save_file({"t": torch.zeros(1)}, str(tmp_path / "v2.vqc"), metadata={"vqcompress": json.dumps(manifest)})
     assert io.read_manifest(tmp_path / "v2.vqc")[0]["layers"]["x"]["layout"]["kept_dtype"] == "float16"
+
+
+def test_a_permutation_of_more_than_65536_rows_is_saved_loaded_and_counted(tmp_path):
+    """jlcm groups an embedding's rows by a stored permutation: 70,000 rows need 17-bit row numbers
+    (Gemma's 262,144, 18), which the file holds, the report counts and a fresh model reads back."""
+    torch.manual_seed(0)
+    model = vqc.compress(torch.nn.Sequential(torch.nn.Embedding(70000, 4)), "jlcm", bits=1, steps=0, progress=False)
+    code = model[0].weight_code
+    assert code.layout.permuted and code.perm.numel() == (70000 * 17 + 7) // 8
+    path = vqc.save(model, tmp_path / "rows.vqc")
+    with safe_open(str(path), framework="pt") as handle:
+        assert json.loads(handle.metadata()["vqcompress"])["format_version"] == 3  # readers of 2 stop at 16 bits
+    assert vqc.report(path).total_bits == vqc.report(model).total_bits == code.nbits()
+    loaded = vqc.load(path, like=torch.nn.Sequential(torch.nn.Embedding(70000, 4)))
+    assert torch.equal(loaded[0].weight_code.permutation(), code.permutation())
+    ids = torch.tensor([[0, 65535, 65536, 69999]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))

@@ -55,6 +55,13 @@ def test_budget_is_a_ceiling(bits, shape, expected):
     assert math.log2(k) / d <= bits
 
 
+def test_a_small_kernel_gets_fewer_codewords_where_the_full_width_has_no_room():
+    """A 3×3 depthwise kernel of 16 channels (144 weights): 16 codewords of d = 1 would cost more
+    than a quarter of the index bits, 8 do not; a layer with room keeps the full width."""
+    assert dk(4, shape=(16, 1, 3, 3)) == (1, 8)
+    assert dk(4, shape=(512, 1, 3, 3)) == (1, 16)
+
+
 def test_explicit_dim_and_k_override_the_budget():
     assert dk(2, dim=3, k=100) == (3, 100)
     assert dk(None, dim=2, k=16) == (2, 16)
@@ -158,6 +165,16 @@ def test_rtn_rejects_bad_bits(bits):
 def test_rtn_rejects_group_sizes_that_do_not_divide(group):
     with pytest.raises(VQCError):
         RTN.settings((64, 64), 4, RTN.config(group_size=group))
+
+
+@pytest.mark.parametrize(("cols", "expected"), [(25, 25), (9, 9), (16, 16), (64, 64), (4096, 64), (72, 36),
+                                                (100, 50), (96, 48), (4099, 4099), (2 * 4099, 4099)])
+def test_rtn_picks_a_group_size_that_divides_the_inputs(cols, expected):
+    """Not asked for a group size, rtn takes 64 where it divides the inputs, else the largest
+    divisor below it if that is at least 32, else the smallest above it (a prime count: the row)."""
+    settings = RTN.settings((8, cols), 8, RTN.config())
+    assert settings["group_size"] == expected and cols % expected == 0
+    RTN.layout((8, cols), settings).validate()
 
 
 def test_rtn_storage_cost():
@@ -275,3 +292,73 @@ def test_method_options_are_typed_and_checked_where_the_config_is_made():
 def test_a_pipeline_setting_given_as_a_method_option_says_where_it_goes():
     with pytest.raises(VQCError, match="finetune_steps is a pipeline setting"):
         make_config(KMEANS, {"finetune_steps": 3})
+
+
+# -- small kernels: every method codes them or leaves them dense and says so ----------------------
+
+class SmallKernels(torch.nn.Module):
+    """The convolutions of a mobile CNN: depthwise 5×5 and 3×3, pointwise, grouped 3×3."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        conv = torch.nn.Conv2d
+        self.convs = torch.nn.Sequential(
+            conv(240, 240, 5, padding=2, groups=240),  # (240, 1, 5, 5): 25 inputs, prime to most d
+            conv(240, 16, 1),                          # (16, 240, 1, 1)
+            conv(16, 16, 3, padding=1, groups=16),     # (16, 1, 3, 3): 144 weights, 9 inputs
+            conv(16, 64, 1),                           # (64, 16, 1, 1)
+            conv(64, 32, 3, padding=1, groups=8),      # (32, 8, 3, 3): 72 inputs
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.convs(x)
+
+
+@pytest.fixture(scope="module")
+def universal_book(tmp_path_factory) -> str:
+    from vqcompress import universal
+
+    torch.manual_seed(1)
+    source = {"src": torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Linear(128, 64))}
+    path = tmp_path_factory.mktemp("books") / "u.vqcb"
+    universal.save_codebook(universal.build(source, 4, 64, per_layer=1024), path)
+    return str(path)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("method", ["rtn", "kmeans", "jlcm", "qswd", "vq4all"])
+def test_every_method_codes_small_kernels_or_leaves_them_dense_and_says_so(method, bits, universal_book):
+    """Every layer is planned (none too small): each is coded, or left dense with the reason its
+    method cannot take it (a universal codebook of d = 4 and a 5×5 kernel's 25 inputs); never an
+    exception, never the whole run refused; the large depthwise kernel is coded by every method
+    whose sub-vectors can be as short as one weight."""
+    import vqcompress as vqc
+    from vqcompress.layers import CodedConv2d
+
+    torch.manual_seed(0)
+    model = SmallKernels().eval()
+    x = torch.randn(1, 240, 8, 8)
+    options = {"codebook": universal_book} if method == "vq4all" else {}
+    compressed = vqc.compress(model, method, bits=bits, plan=vqc.Plan(min_weights=0), progress=False, **options)
+    dense = {entry.name: entry.reason for entry in compressed.vqc_left_dense}
+    for index, conv in enumerate(compressed.convs):
+        name = f"convs.{index}"
+        assert isinstance(conv, CodedConv2d) != (name in dense)
+        assert name not in dense or dense[name].startswith(f"{method} cannot take it: ")
+    assert isinstance(compressed.convs[0], CodedConv2d) or method == "vq4all"
+    with torch.no_grad():
+        assert torch.isfinite(compressed(x)).all()
+
+
+def test_an_explicit_group_size_that_does_not_divide_is_refused_in_one_line():
+    import vqcompress as vqc
+
+    with pytest.raises(VQCError, match="rtn group size 64 does not divide the 25 inputs of shape"):
+        vqc.compress(SmallKernels(), "rtn", bits=8, group_size=64, progress=False)
+
+
+def test_rtn_at_8_bits_codes_a_5x5_depthwise_kernel_with_the_whole_row_as_its_group():
+    import vqcompress as vqc
+
+    compressed = vqc.compress(SmallKernels(), "rtn", bits=8, progress=False)
+    assert compressed.convs[0].weight_code.recipe == {"method": "rtn", "bits": 8, "group_size": 25}

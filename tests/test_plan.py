@@ -8,6 +8,7 @@ from torch import nn
 
 import vqcompress as vqc
 from vqcompress import Plan, VQCError
+from vqcompress.plan import LeftDense, left_dense_lines
 from vqcompress.layers import CodedEmbedding, CodedLayer, CodedLinear
 from vqcompress.methods.kmeans import dim_and_k_for_bits
 
@@ -173,3 +174,55 @@ def test_compress_a_bare_linear():
     with torch.no_grad():
         got = layer(x)
     assert (got - expected).norm() < 0.2 * expected.norm()
+
+
+# -- what is left dense, and why ------------------------------------------------------------------
+
+def test_what_is_left_dense_is_listed_with_its_reason_and_share(net):
+    net.limited = nn.Embedding(64, 64, max_norm=1.0)  # renormalises its weight in place: not codable
+    model = vqc.compress(net, "kmeans", bits=2, plan=Plan(by_type={"Embedding": None}), progress=False)
+    total = sum(p.numel() for p in Net().parameters()) + 64 * 64
+    assert [(e.name, e.weights, e.reason) for e in model.vqc_left_dense] == [
+        ("embed", 8192, "skipped by the plan"), ("tiny", 512, "too small (under 4,096 weights)"),
+        ("limited", 4096, "unsupported: an Embedding with max_norm rewrites its weight")]
+    assert model.vqc_left_dense[0].share == pytest.approx(8192 / total)
+    lines = left_dense_lines(model.vqc_left_dense)
+    assert lines[0] == f"left dense: 3 tensor(s), {100 * (8192 + 512 + 4096) / total:.2f}% of the weights (biases and norms aside):"
+    assert lines[2] == f"  tiny ({100 * 512 / total:.2f}%): too small (under 4,096 weights)"
+
+
+def test_alike_names_fold_into_one_line():
+    entries = [LeftDense(f"blocks.{i}.proj", 100, 0.01, "too small (under 4,096 weights)") for i in range(12)]
+    assert left_dense_lines(entries)[1:] == ["  blocks.#.proj ×12 (12.00%): too small (under 4,096 weights)"]
+    assert left_dense_lines([]) == []
+
+
+def small_first() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 64))  # 48 weights of 3 inputs, then 1,024
+
+
+def test_a_layer_its_method_cannot_take_is_left_dense_unless_asked_for_by_name():
+    """At 2 bits no codebook of a 3-input, 48-weight layer costs under a quarter of its index bits:
+    kmeans cannot take it. Planned by default it stays dense, listed; named, the run stops."""
+    model = vqc.compress(small_first(), "kmeans", bits=2, plan=Plan(min_weights=0), progress=False)
+    assert type(model[0]) is nn.Linear and isinstance(model[2], CodedLinear)
+    [entry] = model.vqc_left_dense
+    assert (entry.name, entry.weights) == ("0", 48) and entry.reason.startswith("kmeans cannot take it: no codebook")
+    with pytest.raises(VQCError, match="^0: no codebook"):
+        vqc.compress(small_first(), "kmeans", bits=2, plan=Plan(min_weights=0, by_name={"0": {}}), progress=False)
+    assert not any(isinstance(m, CodedLayer) for m in model[0].modules())
+
+
+def test_when_no_layer_can_be_compressed_the_reasons_are_said():
+    with pytest.raises(VQCError, match="no layer can be compressed: 0: kmeans cannot take it: no codebook"):
+        vqc.compress(small_first(), "kmeans", bits=0.05, plan=Plan(min_weights=0), progress=False)
+
+
+def test_tensors_held_by_other_modules_are_planned_under_their_holders_names():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.MultiheadAttention(64, 4), nn.LSTM(64, 64))
+    assert list(specs(Plan(), model)) == ["0.in_proj_weight_coded", "0.out_proj", "1.weight_ih_l0_coded",
+                                          "1.weight_hh_l0_coded"]
+    assert "1.weight_ih_l0_coded" not in specs(Plan(by_name={r"1\.weight_ih.*": None}), model)
+    assert "in_proj_weight" in model[0]._parameters  # planning moves nothing

@@ -37,3 +37,13 @@ def test_json_has_the_totals(tiny):
     data = vqc.report(vqc.compress(tiny, "kmeans", bits=2, progress=False)).to_json()
     assert data["ratio_vs_fp32"] == 32 / data["model_bits_per_weight"]
     assert len(data["coded_layers"]) == 4 and data["uncompressed"]
+
+
+def test_a_model_larger_than_fp16_is_said_to_be_larger(tiny):
+    """Mostly left dense in fp32, a model is 1.x times the size of its fp16 twin: "larger", not "0.6× smaller"."""
+    model = vqc.compress(tiny, "kmeans", bits=8, plan=vqc.Plan(by_name={"embed|conv1|conv2": None}), progress=False)
+    result = vqc.report(model)
+    assert 16 < result.model_bits_per_weight < 32
+    line = str(result).splitlines()[-1]
+    assert f"{32 / result.model_bits_per_weight:.1f}× smaller than fp32" in line
+    assert line.endswith(f"{result.model_bits_per_weight / 16:.1f}× larger than fp16")

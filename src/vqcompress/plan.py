@@ -222,8 +222,8 @@ def _floating_weights(model: nn.Module) -> int:
 
 
 def left_dense_lines(left: list[LeftDense]) -> list[str]:
-    """What ``compress`` left dense, for people: a line per reason and alike names (layer numbers
-    folded into #), with their share of the model's weights; nothing when nothing was."""
+    """What ``compress`` left dense, for people: a line per reason and name, alike names (layer
+    numbers folded into #) in one, with their share of the model's weights; nothing when nothing was."""
     if not left:
         return []
     groups: dict[tuple[str, str], list[LeftDense]] = {}
@@ -231,5 +231,5 @@ def left_dense_lines(left: list[LeftDense]) -> list[str]:
         groups.setdefault((re.sub(r"\.\d+(?=\.|$)", ".#", entry.name), entry.reason), []).append(entry)
     total = 100 * math.fsum(entry.share for entry in left)
     return [f"left dense: {len(left)} tensor(s), {total:.2f}% of the weights (biases and norms aside):"] + [
-        f"  {name}{f' ×{len(entries)}' if len(entries) > 1 else ''} "
+        f"  {f'{name} ×{len(entries)}' if len(entries) > 1 else entries[0].name} "
         f"({100 * math.fsum(e.share for e in entries):.2f}%): {reason}" for (name, reason), entries in groups.items()]
