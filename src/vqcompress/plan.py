@@ -84,7 +84,7 @@ class Selection:
         settings there). A layer its method cannot code at its budget (``make`` raises ``Unfit``)
         is left dense with that reason, unless a name pattern pinned it: its user asked for that
         layer, and the error stands, as does any other. The tensors of the layers that stand then
-        move into their holders (``held.hold``)."""
+        move into their holders (``held.hold``); the selection keeps only what it left dense."""
         made, refused = [], []
         for name, module, spec in self.chosen:
             try:
@@ -101,6 +101,7 @@ class Selection:
             if name in self.tensors:
                 candidate = self.tensors[name]
                 hold(candidate.owner, candidate.attribute, candidate.module)
+        self.chosen, self.tensors = [], {}  # settled, it holds no layer: each dense weight goes once coded
         return [job for _, job in made]
 
     def _leave(self, name: str, reason: str) -> LeftDense:
