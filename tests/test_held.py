@@ -62,7 +62,7 @@ def test_attention_and_rnn_weights_are_coded_saved_and_loaded(tmp_path, kind, bi
     assert len(coded) == {"attention": 2, "lstm": 4, "gru": 4}[kind]  # MHA: in_proj_weight and out_proj
     result = vqc.report(model)
     assert all(row.name.endswith(("_coded", "out_proj")) for row in result.coded)
-    assert result.model_bits_per_weight < bits + 1.25
+    assert result.total_bits / result.parameters < bits + 1.25  # the tensors (the header weighs ~1 bit on 17k weights)
     with torch.no_grad():
         compressed = model(x)
     path = vqc.save(model, tmp_path / "m.vqc")
