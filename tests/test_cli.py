@@ -36,10 +36,11 @@ def tiny_file(tmp_path_factory):
     (["--bits", "nan"], "must be a positive, finite number"),
     (["--bits", "inf"], "must be a positive, finite number"),
     (["--bits", "100"], "as small in fp16"),
-    (["--bits", "0.01"], "fits 0.01 bits per weight"),
+    (["--bits", "0.01"], "cannot hold this model"),
+    (["--bits", "0.01", "--data-free"], "fits 0.01 bits per weight"),
     (["--dim", "5", "--k", "16"], "d = 5 does not divide"),
     (["--dim", "4", "--k", "65536"], "exceed"),
-    (["--method", "rtn", "--bits", "2.5"], "whole number of bits"),
+    (["--method", "rtn", "--bits", "2.5", "--data-free"], "whole number of bits"),
     (["--bits", "2", "--include", "embeddings\\.LayerNorm"], "is a LayerNorm, which cannot be coded"),
     (["--method", "jlcm", "--bits", "2", "--calib", "no-such-file.txt"], "neither a file nor a corpus"),
     (["--method", "jlcm", "--bits", "2", "--calib-samples", "100000"], "fewer than the 100000 asked for"),
@@ -202,7 +203,8 @@ def test_keep_rows_goes_to_the_token_embeddings_larger_than_it():
 
     model = nn.ModuleDict({"words": nn.Embedding(1000, 8), "positions": nn.Embedding(64, 8), "mix": nn.Linear(8, 8)})
     assert kept_rows_plan(model, 64) == {"words": {"keep_rows": 64}}
-    assert kept_rows_plan(model, 0) == {}
+    assert kept_rows_plan(model, 0) == {"words": {"keep_rows": 0}}  # named: no default keeps rows there
+    assert kept_rows_plan(model, None) == {}
 
 
 def test_layer_options_become_plan_entries_and_bad_ones_fail_in_one_line():

@@ -34,7 +34,7 @@ def test_text_batches():
 
 
 def test_unknown_source_has_no_data():
-    with pytest.raises(VQCError, match="calibration=TrainingData"):
+    with pytest.raises(VQCError, match="calibration=\\[example inputs"):
         training_data({"kind": "module", "name": "Net"})
 
 

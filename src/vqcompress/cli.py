@@ -141,7 +141,7 @@ def compress(
         compressed = compress_model(dense.to(device), method, budget, calibration, plan=plan, seed=seed,
                                     progress=not quiet, finetune_steps=finetune_steps, finetune_lr=finetune_lr,
                                     assignments=assignments, checkpoint=checkpoint, tune_dense=tune_dense,
-                                    tune_blocks=tune_blocks, calibrate=not data_free, **options)
+                                    tune_blocks=tune_blocks, calibrate=False if data_free else None, **options)
     except KeyboardInterrupt:
         if checkpoint.exists():
             say(f"interrupted: the work so far is kept in {checkpoint}; the same command resumes from it")
