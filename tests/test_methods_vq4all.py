@@ -74,8 +74,19 @@ def test_bad_inputs_fail_before_work(tmp_path, book):
         vqc.compress(odd, "vq4all", codebook=path, progress=False)
     with pytest.raises(VQCError, match="below that"):
         vqc.compress(_model(), "vq4all", bits=1.5, codebook=path, progress=False)
-    with pytest.raises(VQCError, match="needs a universal codebook"):
-        vqc.compress(_model(), "vq4all", progress=False)
+
+
+def test_without_a_codebook_the_one_the_package_ships_serves(tmp_path):
+    """The plain ``vq4all`` call (it was refused): the default universal codebook, found again on load."""
+    from vqcompress import universal
+
+    model = vqc.compress(_model(), "vq4all", progress=False)
+    codes = [layer.weight_code for _, layer in iter_coded(model)]
+    assert {c.layout.codebook_sha256 for c in codes} == {universal.file_sha256(universal.DEFAULT)}
+    loaded = vqc.load(vqc.save(model, tmp_path / "m.vqc"), like=_model())
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
 
 
 def test_progressive_distillation_ends_hard_and_keeps_the_codebook(tmp_path, book):

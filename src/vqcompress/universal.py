@@ -196,13 +196,18 @@ def table(sha256: str) -> Tensor:
     return _shared_table(sha256, _PATHS[sha256])
 
 
+#: The universal codebook that ships with the package (d = 4, k = 256: built by ``vqc codebook build
+#: minilm gemma-270m fashion-cnn``), which ``vq4all`` uses when none is given.
+DEFAULT = Path(__file__).with_name("codebooks") / "universal-d4-k256.vqcb"
+
+
 def search_path(beside: Path | None = None) -> list[Path]:
     """Folders searched for a codebook by hash: the model file's own, ``$VQC_CODEBOOKS``
-    (os.pathsep-separated), and ``codebooks/`` in the cache."""
+    (os.pathsep-separated), ``codebooks/`` in the cache, and the package's own."""
     from .models import cache_dir
 
     extra = [Path(p) for p in os.environ.get("VQC_CODEBOOKS", "").split(os.pathsep) if p]
-    return [p for p in [beside, *extra, cache_dir() / "codebooks"] if p is not None]
+    return [p for p in [beside, *extra, cache_dir() / "codebooks", DEFAULT.parent] if p is not None]
 
 
 def find(sha256: str, folders: list[Path]) -> UniversalCodebook:

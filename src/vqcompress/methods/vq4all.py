@@ -29,7 +29,8 @@ from . import MethodConfig, register
 
 @dataclass(frozen=True)
 class VQ4AllConfig(MethodConfig):
-    """``codebook``: the universal codebook file (.vqcb) or its sha256; ``candidates``: codewords
+    """``codebook``: the universal codebook file (.vqcb; default: the one the package ships,
+    ``universal.DEFAULT``); ``candidates``: codewords
     each sub-vector's learned assignment chooses among."""
 
     method: ClassVar[str] = "vq4all"
@@ -53,9 +54,7 @@ class VQ4All:
     feedback = False
 
     def settings(self, shape: tuple[int, ...], bits: float | None, config: VQ4AllConfig) -> dict:
-        if not config.codebook:
-            raise VQCError("vq4all needs a universal codebook: --codebook FILE (make one with `vqc codebook build`)")
-        book = universal.open_codebook(config.codebook)
+        book = universal.open_codebook(config.codebook or universal.DEFAULT)
         cols = math.prod(shape[1:])
         if cols % book.dim:
             raise Unfit(f"the universal codebook's sub-vector length d = {book.dim} does not divide the {cols} "
