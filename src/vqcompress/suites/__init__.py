@@ -10,7 +10,7 @@ from torch import nn
 
 from ..errors import VQCError
 
-SUITES = ("minilm", "gemma-270m", "fashion-cnn", "fashion-vit")
+SUITES = ("minilm", "gemma-270m", "fashion-cnn", "fashion-vit", "ppocr-rec", "ppocr-cls", "silero-vad")
 
 
 def suite_for(source: dict) -> str:
@@ -36,9 +36,19 @@ def _figures(name: str, model: nn.Module, reference: nn.Module, source: dict, de
                     gemma.evaluate(reference, tokenizer, device=device, **size))
         return (minilm.evaluate(model, tokenizer, reference=reference, device=device),
                 minilm.evaluate(reference, tokenizer, device=device))
+    if name in ("ppocr-rec", "ppocr-cls", "silero-vad"):  # figures against fp32's outputs, so both runs see it
+        from . import ppocr, silero
+
+        evaluate = {"ppocr-rec": ppocr.evaluate_rec, "ppocr-cls": ppocr.evaluate_cls, "silero-vad": silero.evaluate}[name]
+        return evaluate(model, reference, device=device), evaluate(reference, device=device)
     from . import fashion
 
     return fashion.evaluate(model, device), fashion.evaluate(reference, device)
+
+
+def _ratio(compressed: float, dense: float) -> str:
+    """compressed / fp32, or a dash where fp32's figure is 0 (an error against fp32 itself)."""
+    return f"{compressed / dense:.3f}" if dense else "-"
 
 
 def run_suite(name: str | None, model: nn.Module, source: dict, device: str = "cpu", tokens: int | None = None) -> dict:
@@ -57,7 +67,7 @@ def run_suite(name: str | None, model: nn.Module, source: dict, device: str = "c
     reference, _ = load_model(name, seed=(source.get("config") or {}).get("seed", 0))
     compressed, dense = _figures(name, model, reference.to(device), source, device, tokens)
     rows = [f"{'metric':<12} {'fp32':>8} {'compressed':>11} {'ratio':>7}"]
-    rows += [f"{m:<12} {dense[m]:>8.3f} {compressed[m]:>11.3f} {compressed[m] / dense[m]:>7.3f}" for m in dense]
+    rows += [f"{m:<12} {dense[m]:>8.3f} {compressed[m]:>11.3f} {_ratio(compressed[m], dense[m]):>7}" for m in dense]
     if "cosine" in compressed:
         rows.append(f"{'cosine':<12} {1:>8.3f} {compressed['cosine']:>11.4f}   (embeddings vs fp32, held-out sentences)")
     return {"suite": name, "fp32": dense, "compressed": compressed, "table": "\n".join(rows)}
