@@ -90,3 +90,15 @@ def test_kmeans_4_bits_keeps_the_voice_detector_within_a_point(networks, tmp_pat
 def test_kmeans_4_bits_recognizer_reads_what_fp32_reads(networks, tmp_path):
     figures = ppocr.evaluate_rec(_round_trip(networks["ppocr-rec"], tmp_path), networks["ppocr-rec"], lines=10)
     assert figures["same"] == 100
+
+
+def test_the_plain_command_takes_a_wheel_network_by_name(tmp_path):
+    import subprocess
+
+    out = tmp_path / "vad.vqc"
+    result = subprocess.run([sys.executable, "-m", "vqcompress", "compress", "silero-vad", "--method", "kmeans",
+                             "--bits", "4", "-o", str(out), "--quiet"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    evaluated = subprocess.run([sys.executable, "-m", "vqcompress", "eval", str(out)], capture_output=True, text=True,
+                               timeout=300)
+    assert evaluated.returncode == 0 and "agreement" in evaluated.stdout, evaluated.stderr
