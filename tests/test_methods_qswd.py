@@ -33,7 +33,8 @@ def _relative_error(approx: torch.Tensor, weight: torch.Tensor) -> float:
 def test_one_unit_term_is_kmeans():
     weight = _weight()
     kmeans = get_method("kmeans")
-    vq = kmeans.fit(weight, kmeans.settings(tuple(weight.shape), None, kmeans.config(dim=4, k=16)), seed=0).decode()
+    vq = kmeans.fit(weight, kmeans.settings(tuple(weight.shape), None, kmeans.config(dim=4, k=16, scale="none")),
+                    seed=0).decode()
     plain = dict(dim=4, k=16, terms=1, coef_bits=0, codebook_bits=0, scale="none")
     start = _fit(weight, **plain, iterations=0)  # k-means start, nearest codeword, one centroid update
     assert _relative_error(start, weight) == pytest.approx(_relative_error(vq, weight), rel=0.02)

@@ -1,8 +1,11 @@
 """``kmeans``: per-layer vector quantization with k-means codebooks.
 
 Sub-vectors of length d along the inputs; one codebook per layer or one per block of output
-rows (``groups``); optionally each row is first divided by its RMS (``scale="row"``, stored in
-fp16) so that rows of different magnitude share the codebook well.
+rows (``groups``); by default each row is first divided by its RMS (``scale="row"``, stored in
+fp16; ``"none"`` to leave it out) so that rows of different magnitude share the codebook well —
+convolutions with BatchNorm folded in have rows 10⁵ apart, which one unscaled codebook rounds to
+zero — while without calibration k-means still weighs each sub-vector by its row's RMS², so the
+codebook minimises the error in the weight's own units (docs/methods.md, "Real pretrained networks").
 
 A bit budget is a ceiling on the index bits per weight: it picks the (d, k = 2^width) with
 width/d closest to it from below (the longest such d), with k ≤ 256 (a codebook that stays in
@@ -92,7 +95,7 @@ class KMeans:
         if dim is None or k is None:
             dim, k = self._complete_from_budget(bits, shape, groups, dim, k, math.inf if shared else MAX_CODEBOOK_SHARE)
         return {
-            "dim": int(dim), "k": int(k), "scale": config.scale or "none", "groups": groups,
+            "dim": int(dim), "k": int(k), "scale": config.scale or "row", "groups": groups,  # default: see the module's docstring
             "iterations": config.iterations or 20, "max_points_per_centroid": config.max_points_per_centroid or 256,
             "shared": shared,
         }
@@ -133,7 +136,8 @@ class KMeans:
         matrix = weight.reshape(layout.rows, layout.cols).float().cpu()
         scale = _rms(matrix, rows=True) if settings["scale"] == "row" else None
         importance = None if inputs is None else inputs.importance().cpu()
-        codebook = _codebooks(matrix, 1 if scale is None else scale, importance, layout.groups, settings, seed)
+        weighting = torch.ones(1, 1) if importance is None and scale is not None else importance  # error in the weight's units
+        codebook = _codebooks(matrix, 1 if scale is None else scale, weighting, layout.groups, settings, seed)
         return _encode(layout, codebook, matrix, scale, importance=importance)
 
     def fit_shared(self, weights: list[Tensor], settings: dict, seed: int,

