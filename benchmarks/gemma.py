@@ -78,6 +78,10 @@ CONFIGS = {
         "--method", "jlcm", "--bits", "2.1", "--per-layer-bits", "--calib", "wiki", "--skip", SKIP_EMBEDDING],
     "kmeans 3.1 bits, row scales, calibrated, tuned blocks": ["--method", "kmeans", "--bits", "3.1", "--scale", "row",
                                                               "--calib", "wiki", "--tune-blocks", "2"],
+    # what a user types: no flag but the method and the budget (the structure's defaults are said as it runs)
+    "qswd 3 bits, the plain command": ["--method", "qswd", "--bits", "3"],
+    "kmeans 3 bits, the plain command": ["--method", "kmeans", "--bits", "3"],
+    "jlcm 3 bits, the plain command": ["--method", "jlcm", "--bits", "3"],
 }
 #: label → (the row whose file it starts from, the arguments after ``vqc finetune FILE``): that row's
 #: file distilled further from the dense model, without fitting it again
