@@ -9,12 +9,12 @@ import time
 
 import pytest
 import torch
-from torch import nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
-from tests.test_layers import HANDBUILT, MATMUL_CASES, assert_paths_agree, make
 import vqcompress as vqc
+from tests.test_layers import HANDBUILT, MATMUL_CASES, assert_paths_agree, make
 from vqcompress import kernels, layers
 from vqcompress.coded import CodedWeight, CodeLayout
 from vqcompress.layers import coded_from_dense, iter_coded, lut_matmul
@@ -115,7 +115,7 @@ def test_the_kernel_ran_and_is_repeatable_whatever_the_threads(path, monkeypatch
     results = []
     with kernels.forced(path):
         for count in (1, 2, 3):
-            monkeypatch.setattr(kernels, "threads", lambda: count)
+            monkeypatch.setattr(kernels, "threads", lambda count=count: count)
             results.append(kernels.lut_matmul(x, code))
     assert results[0] is not None and all(torch.equal(results[0], other) for other in results[1:])
 
@@ -124,7 +124,7 @@ def test_threads_leave_the_cores_other_processes_keep_busy(monkeypatch):
     """The last look is put one second back, with the cores since then busy (or not) with work
     that is not this process's: the next call takes one thread (or all torch allows)."""
     cpus = os.sched_getaffinity(0)
-    busy = kernels._busy_seconds(cpus)
+    busy = kernels.busy_seconds(cpus)
     if busy is None:
         pytest.skip("no /proc/stat here")
     for others, expected in ((len(cpus), 1), (0.0, min(torch.get_num_threads(), len(cpus)))):

@@ -31,6 +31,15 @@ far faster per input than the gather once there are several. ``lut_matmul`` comp
 estimates (constants measured on the machine above) and takes the cheaper: batch 1 and small
 batches go through the table, large batches and convolutions over many positions through
 decode-then-multiply, in blocks of rows so that no dense copy of a large weight is ever held.
+
+Threads: a coded layer's default forward path ("auto", ``layers``) comes here for every CPU call,
+so the kernel must not collapse when other processes share the cores. It shares torch's OpenMP
+runtime (the same ``libgomp.so.1`` is loaded once), whose waiting threads sleep when
+``OMP_WAIT_POLICY=PASSIVE`` (``vqcompress`` sets it); but a thread on a core another process keeps
+busy runs only when the scheduler gives it a slice, and every barrier of the call waits for it.
+So each call takes ``threads()``: torch's count, capped by the cores the other processes left free
+lately, one on a loaded machine. Splitting rows dynamically instead did not help: the barrier still
+waits for the thread that is not running (docs/methods.md).
 """
 
 from __future__ import annotations
@@ -192,7 +201,7 @@ _look: tuple[float, float, float] | None = None  # the last look: wall clock, bu
 _free = 1  # threads that look allowed: one until two looks have measured the others' load
 
 
-def _busy_seconds(cpus: set[int]) -> float | None:
+def busy_seconds(cpus: set[int]) -> float | None:
     """CPU seconds the cores ``cpus`` have been busy since boot (/proc/stat); None where unreadable."""
     try:
         lines = Path("/proc/stat").read_text().splitlines()
@@ -201,7 +210,7 @@ def _busy_seconds(cpus: set[int]) -> float | None:
     ticks = 0
     for name, *fields in (line.split() for line in lines):
         if name[:3] == "cpu" and name[3:].isdigit() and int(name[3:]) in cpus:
-            user, nice, system, idle, iowait, irq, softirq, steal = map(int, fields[:8])  # guest time is in user
+            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[:8])  # guest is in user
             ticks += user + nice + system + irq + softirq + steal
     return ticks / os.sysconf("SC_CLK_TCK")
 
@@ -216,7 +225,7 @@ def threads() -> int:
     now = time.monotonic()
     if _look is None or now - _look[0] >= LOOK_INTERVAL:
         cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
-        busy, own = _busy_seconds(cpus), time.process_time()
+        busy, own = busy_seconds(cpus), time.process_time()
         if busy is None:
             _free = len(cpus)
         elif _look is not None:
