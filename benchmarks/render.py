@@ -421,14 +421,14 @@ def speed_markdown(result: dict, name: str) -> list[str]:
         f"coded layers on the CPU, {threads}"
     conditions = result["conditions"]
     columns = [c for c in SPEED_COLUMNS if c in conditions[0]["layer"][0]["ms"]]
-    lines = [f"## Speed: {title}", "",
+    lines = [f"## Speed: {title} (`{name}`)", "",
              f"From `benchmarks/results/{name}`, measured by `benchmarks/speed.py`, {result['started']}, on {where}, torch "
              f"{m['torch']}; coded path: {result['backend']}. Every figure is the median of {layer['repeats']} "
              "rounds in one process, each round calling every variant once in turn. The machine is shared: its "
              f"1-minute load average was {result['load_averages_before'][0]:.1f} at the start and "
              f"{result['load_averages_after'][0]:.1f} at the end (0 = idle, 2 = both cores busy).", "",
              f"### {' × '.join(map(str, layer['shape']))} Linear at 2 bits per weight", "",
-             f"`{layer['call']}`: d = {layer['dim']}, k = {layer['k']}, {layer['bits_per_weight']:.3f} bits per weight. "
+             f"{layer['call']}: d = {layer['dim']}, k = {layer['k']}, {layer['bits_per_weight']:.3f} bits per weight. "
              + SPEED_LEGEND + " Milliseconds per call:", "",
              "| load | batch | " + " | ".join(columns) + " |", "|---|--:|" + "--:|" * len(columns)]
     for condition in conditions:
@@ -441,7 +441,7 @@ def speed_markdown(result: dict, name: str) -> list[str]:
         lines += ["", "### Gemma-270M generating text", "",
                   f"The dense fp32 model against `vqc compress gemma-270m {gemma['settings']}` "
                   f"({gemma['model_bits_per_weight']:.3f} bits per weight for the whole model, "
-                  f"{gemma['coded_bits_per_weight']:.3f} for its coded layers) as `load` gives it; greedy generation of "
+                  f"{gemma['coded_bits_per_weight']:.3f} for its coded layers) {gemma['path']}; greedy generation of "
                   f"{gemma['new_tokens']} tokens after a {conditions[0]['gemma']['prompt_tokens']}-token prompt with the "
                   f"KV cache, batch 1, prompt included in the time, median of {gemma['generations']} generations each, "
                   "the two models in turn. Resident weights: the bytes of every parameter and buffer each model holds, "
@@ -462,10 +462,15 @@ SPEED_LEGEND = ("*default path* is the coded layer as it comes, no `set_forward_
                 "processes kept busy meanwhile (measured from /proc/stat less this process's own CPU time).")
 
 
+QUIET = 0.25  # cores other processes may keep busy in a run that counts as quiet
+
+
 def speed_load(condition: dict) -> str:
-    others = condition.get("others_busy_cores")
-    return condition["name"] + f", load {condition['load_average']:.1f}" + (
-        "" if others is None else f", others {others:.1f} cores")
+    """The condition in words: quiet only where other processes were measured to leave the cores alone."""
+    others, spinners = condition.get("others_busy_cores"), condition.get("spinners", 0)
+    name = (f"{spinners} spinning processes" if spinners else "quiet" if others is not None and others < QUIET
+            else "shared, no spinners" if others is not None else condition["name"])
+    return name + f", load {condition['load_average']:.1f}" + ("" if others is None else f", others {others:.1f} cores")
 
 
 def speed_targets(conditions: list[dict]) -> list[str]:
@@ -474,10 +479,10 @@ def speed_targets(conditions: list[dict]) -> list[str]:
     lines = []
     for condition in conditions:
         rows = {row["batch"]: row["ms"] for row in condition["layer"]}
-        if 1 in rows:
+        quiet = condition["spinners"] == 0 and (condition.get("others_busy_cores") or 0) < QUIET
+        if 1 in rows and (quiet or condition["spinners"]):
             ratio = rows[1]["dense"] / rows[1]["default path"]
-            goal = 1.5 if condition["spinners"] == 0 else 1.0
-            what = "at least 1.5× faster than" if goal > 1 else "not slower than"
+            goal, what = (1.5, "at least 1.5× faster than") if quiet else (1.0, "not slower than")
             lines.append(f"- {speed_load(condition)}: batch 1 {what} dense fp32: {ratio:.2f}× — {met(ratio >= goal)}.")
         slowest = max(row["default path"] / row["decode path"] for row in rows.values())
         lines.append(f"- {speed_load(condition)}: never slower than the decode path: at most {slowest:.2f}× its time — "

@@ -219,7 +219,7 @@ def main() -> None:
               "machine": machine() | {"threads": torch.get_num_threads()}, "device": args.device,
               "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
               "backend": kernels.backend() if args.device == "cpu" else "pure torch on CUDA (no compiled kernel)",
-              "layer": {"call": f'compress(nn.Linear({SIDE}, {SIDE}), method="kmeans", bits={BITS})',
+              "layer": {"call": f'`compress(nn.Linear({SIDE}, {SIDE}), method="kmeans", bits={BITS})`',
                         "shape": list(layout.shape), "dim": layout.dim, "k": layout.k,
                         "bits_per_weight": coded.weight_code.nbits() / layout.rows / layout.cols,
                         "repeats": args.repeats},
@@ -227,6 +227,7 @@ def main() -> None:
     if gemma is not None:
         figures = report(gemma).to_json()
         result["gemma"] = {"file": str(gemma), "settings": " ".join(GEMMA_SETTINGS), "new_tokens": NEW_TOKENS,
+                           "path": "as `load` gives it (the default path)",
                            "generations": args.generations, "model_bits_per_weight": figures["model_bits_per_weight"],
                            "coded_bits_per_weight": figures["coded_bits_per_weight"],
                            "dense_weight_bytes": resident_bytes(models[0]),

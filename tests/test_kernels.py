@@ -158,17 +158,24 @@ def test_a_compressed_and_a_loaded_model_run_the_kernel_by_default(tmp_path, mon
             torch.testing.assert_close(auto, model(x), rtol=0, atol=1e-5)
 
 
-def test_auto_never_takes_the_torch_table_product(monkeypatch):
-    """Where the kernel does not serve a call (gradients, or no kernel), "auto" decodes: torch's
-    table product is slower than torch's decode-then-multiply there (docs/methods.md)."""
-    monkeypatch.setattr(layers, "_table_product", lambda *args: pytest.fail("the torch table product ran"))
-    dense, code, x = make("linear-rowscale-groups")
+def test_auto_takes_the_torch_table_product_only_where_it_is_faster(monkeypatch):
+    """Where the kernel does not serve a call, "auto" runs torch's table product for one or two
+    input vectors on the CPU without gradients, else torch's decode (docs/methods.md)."""
+    tables, real = [], layers._table_product
+    monkeypatch.setattr(layers, "_table_product", lambda *args: tables.append(args[0].shape[0]) or real(*args))
+    dense, code, _ = make("linear-rowscale-groups")
     layer = coded_from_dense(dense, code)
+    few, many = torch.randn(2, 32), torch.randn(3, 32)
     with torch.no_grad():
-        expected = layer(x)
-    torch.testing.assert_close(layer(x.requires_grad_(True)), expected, rtol=0, atol=1e-5)
+        expected = [layer(x) for x in (few, many)]  # the kernel, where there is one
+    tables.clear()
+    for x, out in zip((few, many), expected):
+        torch.testing.assert_close(layer(x.clone().requires_grad_(True)), out, rtol=0, atol=1e-5)
+    assert not tables  # gradients: decode
     with kernels.forced("torch"), torch.no_grad():
-        torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-5)
+        for x, out in zip((few, many), expected):
+            torch.testing.assert_close(layer(x), out, rtol=0, atol=1e-5)
+    assert tables == [2]
 
 
 def test_forced_fallback_is_reported_and_used(monkeypatch):
@@ -213,13 +220,12 @@ def test_cuda_agrees_with_the_decode_path(kind):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_auto_path_decodes(monkeypatch):
-    monkeypatch.setattr(layers, "_table_product", lambda *args: pytest.fail("the torch table product ran"))
-    dense, code, x = make("conv2d")
+def test_cuda_auto_path_decodes():
+    dense, code, x = make("linear")
     layer = coded_from_dense(dense, code).cuda()
-    assert_paths_agree(layer, x.cuda())  # "lut" runs the table product itself
+    assert_paths_agree(layer, x.cuda())
     with torch.no_grad():
-        assert layer._path(x.cuda()) == "decode"
+        assert layer._path(x[:1].cuda(), 1) == "decode"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -6,8 +6,9 @@ demand. Three forward paths compute the same function:
 
 - ``"auto"`` (the default, however the layer was made or loaded): per call, the compiled kernel's
   "lut" wherever it serves the call (CPU float32, no gradients; it then picks the table or
-  decode-then-multiply by its cost model), else "decode" (gradients and training, CUDA, the
-  factor form, no compiler: there torch's decode-then-multiply is the faster torch path);
+  decode-then-multiply by its cost model), else the faster torch path: "decode" with gradients
+  and training, on CUDA, and on the CPU beyond two input vectors; torch's table product for one
+  or two vectors on the CPU (the factor form, no compiler);
 - ``"decode"``: decode the weight, then the ordinary matmul / conv;
 - ``"lut"``: the lookup-table product. For each input segment x_b and codeword c the table
   P[b, c] = <x_b, c> is computed once; an output is then a sum of table entries picked by codes
@@ -28,6 +29,9 @@ from .coded import CodedWeight
 from .errors import VQCError
 
 FORWARD_PATHS = ("auto", "decode", "lut")
+#: Input vectors up to which torch's table product beats torch's decode-then-multiply on the CPU
+#: (the compiled kernel absent or not serving the call); measured in docs/methods.md.
+TORCH_TABLE_VECTORS = 2
 
 #: Constructor arguments of each supported torch layer, recorded in the file so that a coded
 #: layer can be rebuilt without the original model.
@@ -112,17 +116,21 @@ class CodedLayer:
             raise VQCError(f"unknown forward path {path!r}: choose from {', '.join(FORWARD_PATHS)}")
         self.forward_path = path
 
-    def _path(self, x: Tensor) -> str:
-        """The path this call takes: the one set, or for "auto" "kernel" where the compiled kernel
-        serves the call, else "decode"."""
+    def _path(self, x: Tensor, vectors: int) -> str:
+        """The path a call on ``vectors`` input vectors takes: the one set, or for "auto" "kernel"
+        where the compiled kernel serves the call, else on the CPU "lut" (torch's table product)
+        for up to ``TORCH_TABLE_VECTORS`` vectors when the codes suffice, else "decode"."""
         if self.forward_path != "auto":
             return self.forward_path
-        return "kernel" if kernels.serves(x, self.weight_code) else "decode"
+        if kernels.serves(x, self.weight_code):
+            return "kernel"
+        few = x.device.type == "cpu" and vectors <= TORCH_TABLE_VECTORS
+        return "lut" if few and kernels.codes_suffice(x, self.weight_code) else "decode"
 
 
 class CodedLinear(CodedLayer, nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
-        if self._path(x) == "decode":
+        if self._path(x, x.numel() // self.in_features) == "decode":
             return F.linear(x, self.weight, self.bias)
         y = lut_matmul(x.reshape(-1, 1, self.in_features), self.weight_code)
         y = y.reshape(*x.shape[:-1], self.out_features)
@@ -138,8 +146,9 @@ class _CodedConv(CodedLayer):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == len(self.kernel_size) + 1:  # unbatched, as torch's convolutions take it
             return self.forward(x.unsqueeze(0)).squeeze(0)
-        path = self._path(x)
-        if path == "kernel" and not kernels.takes_table(self._patches(x), self.weight_code, self.groups):
+        patches = self._patches(x)
+        path = self._path(x, patches)
+        if path == "kernel" and not kernels.takes_table(patches, self.weight_code, self.groups):
             return self._conv_forward(x, kernels.decode(self.weight_code), self.bias)
         if path == "decode":
             return self._conv_forward(x, self.weight, self.bias)

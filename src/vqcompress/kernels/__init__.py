@@ -178,17 +178,22 @@ def _describe(code: CodedWeight) -> _Coded:
         float(code.gain) if lay.gain else 1.0)
 
 
+def codes_suffice(x: Tensor, code: CodedWeight) -> bool:
+    """Whether this call may be computed from the codes without autograd: no gradients wanted, and
+    not a soft or candidate assignment in training (whose weight is not its codes')."""
+    wants_grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in code.parameters()))
+    return not wants_grad and code.assigner is None and code.temperature is None
+
+
 def _serves(x: Tensor, code: CodedWeight) -> bool:
-    """Whether the compiled kernel computes this call: CPU float32, fp16 stored tensors, no gradients,
-    one codeword per sub-vector (the factor form goes through torch), the codes as they are (not a
-    soft or candidate assignment in training, whose weight is not its codes')."""
+    """Whether the compiled kernel computes this call: CPU float32, fp16 stored tensors, the codes
+    suffice, one codeword per sub-vector (the factor form goes through torch)."""
     lay = code.layout
-    if lay.factored or code.assigner is not None or code.temperature is not None:
+    if lay.factored or not codes_suffice(x, code):
         return False
     halves = [code.codebook, *([code.scale] if lay.scale_group else []), *([code.offset] if lay.offset else [])]
-    wants_grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in code.parameters()))
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and not wants_grad
-            and code.codes.device.type == "cpu" and all(t.dtype == torch.float16 and t.is_contiguous() for t in halves))
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and code.codes.device.type == "cpu"
+            and all(t.dtype == torch.float16 and t.is_contiguous() for t in halves))
 
 
 def serves(x: Tensor, code: CodedWeight) -> bool:
