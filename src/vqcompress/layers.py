@@ -140,8 +140,8 @@ class CodedLinear(CodedLayer, nn.Linear):
 class _CodedConv(CodedLayer):
     """Lookup-table convolution: pad as torch does, im2col, then the grouped table product. The
     "auto" path takes it only where the kernel's cost model says the table beats decoding (few
-    output positions); otherwise it decodes with the compiled kernel and runs torch's convolution,
-    which is faster than im2col and a matrix product."""
+    output positions); otherwise it decodes (with the compiled kernel where it serves the call) and
+    runs torch's convolution, which is faster than im2col and a matrix product."""
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == len(self.kernel_size) + 1:  # unbatched, as torch's convolutions take it
