@@ -62,7 +62,7 @@ def test_attention_and_rnn_weights_are_coded_saved_and_loaded(tmp_path, kind, bi
     assert len(coded) == {"attention": 2, "lstm": 4, "gru": 4}[kind]  # MHA: in_proj_weight and out_proj
     result = vqc.report(model)
     assert all(row.name.endswith(("_coded", "out_proj")) for row in result.coded)
-    assert result.total_bits / result.parameters < bits + 1.25  # the tensors (the header weighs ~1 bit on 17k weights)
+    assert result.total_bits / result.parameters < bits + 1.5  # the tensors: codebooks and row scales on small layers
     with torch.no_grad():
         compressed = model(x)
     path = vqc.save(model, tmp_path / "m.vqc")

@@ -4,15 +4,20 @@ torch fallback is taken when asked or when the kernel cannot be built, and it sa
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
+import vqcompress as vqc
 from tests.test_layers import HANDBUILT, MATMUL_CASES, assert_paths_agree, make
-from vqcompress import kernels
+from vqcompress import kernels, layers
 from vqcompress.coded import CodedWeight, CodeLayout
-from vqcompress.layers import coded_from_dense, lut_matmul
+from vqcompress.layers import coded_from_dense, iter_coded, lut_matmul
 
 needs_kernel = pytest.mark.skipif(kernels._lib() is None, reason=f"no compiled kernel: {kernels.backend()}")
 
@@ -110,18 +115,74 @@ def test_decode_then_multiply_goes_in_blocks_of_rows(monkeypatch):
 
 
 @needs_kernel
-def test_the_kernel_ran_and_is_repeatable_whatever_the_threads():
-    code = coded((300, 64), 256, 4, scale_group=64)
-    x = torch.randn(2, 1, 64)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = kernels.lut_matmul(x, code)
-        torch.set_num_threads(2)
-        two = kernels.lut_matmul(x, code)
-    finally:
-        torch.set_num_threads(threads)
-    assert one is not None and torch.equal(one, two)
+@pytest.mark.parametrize("path", ["table", "decode"])
+def test_the_kernel_ran_and_is_repeatable_whatever_the_threads(path, monkeypatch):
+    code = coded((1024, 512), 256, 4, scale_group=64, offset=True)  # enough work for threads (PARALLEL_WORK)
+    x = torch.randn(2, 1, 512)
+    results = []
+    with kernels.forced(path):
+        for count in (1, 2, 3):
+            monkeypatch.setattr(kernels, "threads", lambda count=count: count)
+            results.append(kernels.lut_matmul(x, code))
+    assert results[0] is not None and all(torch.equal(results[0], other) for other in results[1:])
+
+
+def test_threads_leave_the_cores_other_processes_keep_busy(monkeypatch):
+    """The last look is put one second back, with the cores since then busy (or not) with work
+    that is not this process's: the next call takes one thread (or all torch allows)."""
+    cpus = os.sched_getaffinity(0)
+    busy = kernels.busy_seconds(cpus)
+    if busy is None:
+        pytest.skip("no /proc/stat here")
+    for others, expected in ((len(cpus), 1), (0.0, min(torch.get_num_threads(), len(cpus)))):
+        monkeypatch.setattr(kernels, "_look", (time.monotonic() - 1.0, busy - others, time.process_time()))
+        assert kernels.threads() == expected
+        assert kernels.threads() == expected  # until the next look, the same answer
+
+
+@needs_kernel
+def test_a_compressed_and_a_loaded_model_run_the_kernel_by_default(tmp_path, monkeypatch):
+    """No ``set_forward_path``: the plain ``compress`` result and its reloaded file take the compiled
+    kernel on the CPU (a Linear its product, a convolution its decode), and agree with "decode"."""
+    def net() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(16, 32, 3), nn.Flatten(), nn.Linear(32 * 6 * 6, 64))
+
+    calls = []
+    for name in ("lut_matmul", "decode"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *args, _real=real, _name=name: calls.append(_name) or _real(*args))
+    x = torch.randn(2, 16, 8, 8)
+    compressed = vqc.compress(net(), method="kmeans", bits=2)
+    loaded = vqc.load(vqc.save(compressed, tmp_path / "m.vqc"), like=net())
+    for model in (compressed, loaded):
+        calls.clear()
+        with torch.no_grad():
+            auto = model(x)
+        assert calls == ["decode", "lut_matmul"] and all(m.forward_path == "auto" for _, m in iter_coded(model))
+        vqc.set_forward_path(model, "decode")
+        with torch.no_grad():
+            torch.testing.assert_close(auto, model(x), rtol=0, atol=1e-5)
+
+
+def test_auto_takes_the_torch_table_product_only_where_it_is_faster(monkeypatch):
+    """Where the kernel does not serve a call, "auto" runs torch's table product for one or two
+    input vectors on the CPU without gradients, else torch's decode (docs/methods.md)."""
+    tables, real = [], layers._table_product
+    monkeypatch.setattr(layers, "_table_product", lambda *args: tables.append(args[0].shape[0]) or real(*args))
+    dense, code, _ = make("linear-rowscale-groups")
+    layer = coded_from_dense(dense, code)
+    few, many = torch.randn(2, 32), torch.randn(3, 32)
+    with torch.no_grad():
+        expected = [layer(x) for x in (few, many)]  # the kernel, where there is one
+    tables.clear()
+    for x, out in zip((few, many), expected):
+        torch.testing.assert_close(layer(x.clone().requires_grad_(True)), out, rtol=0, atol=1e-5)
+    assert not tables  # gradients: decode
+    with kernels.forced("torch"), torch.no_grad():
+        for x, out in zip((few, many), expected):
+            torch.testing.assert_close(layer(x), out, rtol=0, atol=1e-5)
+    assert tables == [2]
 
 
 def test_forced_fallback_is_reported_and_used(monkeypatch):
@@ -163,6 +224,15 @@ def test_cuda_agrees_with_the_decode_path(kind):
     dense, code, x = make(kind)
     layer = coded_from_dense(dense, code).cuda()
     assert_paths_agree(layer, x.cuda())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_auto_path_decodes():
+    dense, code, x = make("linear")
+    layer = coded_from_dense(dense, code).cuda()
+    assert_paths_agree(layer, x.cuda())
+    with torch.no_grad():
+        assert layer._path(x[:1].cuda(), 1) == "decode"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -66,11 +66,12 @@ def run(layer: nn.Module, x: torch.Tensor, path: str) -> torch.Tensor:
 
 def assert_paths_agree(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     decoded = run(layer, x, "decode")
-    lut = run(layer, x, "lut")
-    assert lut.shape == decoded.shape
     scale = decoded.abs().max().item()
     assert scale > 0
-    torch.testing.assert_close(lut, decoded, rtol=0, atol=1e-4 * scale)
+    for path in ("lut", "auto"):
+        out = run(layer, x, path)
+        assert out.shape == decoded.shape
+        torch.testing.assert_close(out, decoded, rtol=0, atol=1e-4 * scale)
     return decoded
 
 
@@ -249,15 +250,45 @@ def test_forward_path_switching():
     model = nn.Sequential(nn.Embedding(64, 32), nn.Linear(32, 32))
     model[0] = coded_from_dense(model[0], fit(model[0].weight, "kmeans", None, dim=4, k=16))
     model[1] = coded_from_dense(model[1], fit(model[1].weight, "kmeans", None, dim=4, k=16))
-    assert model[1].forward_path == "decode" and model[0].forward_path == "lut"
+    assert model[1].forward_path == "auto" and model[0].forward_path == "lut"
     set_forward_path(model, "lut")
     assert model[1].forward_path == "lut" and model[0].forward_path == "lut"
     set_forward_path(model, "decode")
     assert model[1].forward_path == "decode" and model[0].forward_path == "lut"  # embeddings keep row lookup
+    set_forward_path(model, "auto")
+    assert model[1].forward_path == "auto"
     with pytest.raises(VQCError):
         set_forward_path(model, "fast")
     with pytest.raises(VQCError):
         model[1].set_forward_path("dense")
+
+
+def test_auto_path_trains_through_the_decoded_weight():
+    """With gradients the default path is torch's decode: codebooks and the input get gradients,
+    and a few steps lower the loss."""
+    dense, code, x = make("linear-rowscale-groups")
+    layer = coded_from_dense(dense, code)
+    layer.weight_code.start_training()
+    target = dense(x).detach()
+    x.requires_grad_(True)
+    optimiser = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(5):
+        optimiser.zero_grad()
+        loss = (layer(x) - target).square().mean()
+        loss.backward()
+        optimiser.step()
+        losses.append(loss.item())
+    assert layer.weight_code.codebook.grad is not None and x.grad is not None
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("kind", ["conv1d", "conv2d-groups4-kept-rows"])
+def test_unbatched_convolution_input(kind):
+    dense, code, x = make(kind)
+    layer = coded_from_dense(dense, code)
+    for path in ("auto", "decode", "lut"):
+        torch.testing.assert_close(run(layer, x[0], path), run(layer, x, path)[0], rtol=0, atol=1e-5)
 
 
 def test_coded_from_dense_rejects_mismatched_code_and_max_norm():

@@ -3,8 +3,13 @@ and ``CodedTensor``, any other module's tensor coded (``held.py``).
 
 Each coded layer subclasses the torch layer it replaces (so ``isinstance`` checks, ``extra_repr``
 and the conv padding logic keep working) but holds no dense weight: ``weight`` is decoded on
-demand. Two forward paths compute the same function:
+demand. Three forward paths compute the same function:
 
+- ``"auto"`` (the default, however the layer was made or loaded): per call, the compiled kernel's
+  "lut" wherever it serves the call (CPU float32, no gradients; it then picks the table or
+  decode-then-multiply by its cost model), else the faster torch path: "decode" with gradients
+  and training, on CUDA, and on the CPU beyond two input vectors; torch's table product for one
+  or two vectors on the CPU (the factor form, no compiler);
 - ``"decode"``: decode the weight, then the ordinary matmul / conv;
 - ``"lut"``: the lookup-table product. For each input segment x_b and codeword c the table
   P[b, c] = <x_b, c> is computed once; an output is then a sum of table entries picked by codes
@@ -25,7 +30,10 @@ from .coded import CodedWeight
 from .errors import VQCError
 from .held import HELD_SUFFIX, HeldTensor, release
 
-FORWARD_PATHS = ("decode", "lut")
+FORWARD_PATHS = ("auto", "decode", "lut")
+#: Input vectors up to which torch's table product beats torch's decode-then-multiply on the CPU
+#: (the compiled kernel absent or not serving the call); measured in docs/methods.md.
+TORCH_TABLE_VECTORS = 2
 
 #: Constructor arguments of each supported torch layer, recorded in the file so that a coded
 #: layer can be rebuilt without the original model.
@@ -89,7 +97,7 @@ class CodedLayer:
     """Mixin shared by the coded layers: the coded weight, its dense view and its forward path."""
 
     weight_code: CodedWeight
-    forward_path: str = "decode"
+    forward_path: str = "auto"
 
     @classmethod
     def build(cls, args: dict, code: CodedWeight, bias: Tensor | None) -> CodedLayer:
@@ -112,10 +120,21 @@ class CodedLayer:
             raise VQCError(f"unknown forward path {path!r}: choose from {', '.join(FORWARD_PATHS)}")
         self.forward_path = path
 
+    def _path(self, x: Tensor, vectors: int) -> str:
+        """The path a call on ``vectors`` input vectors takes: the one set, or for "auto" "kernel"
+        where the compiled kernel serves the call, else on the CPU "lut" (torch's table product)
+        for up to ``TORCH_TABLE_VECTORS`` vectors when the codes suffice, else "decode"."""
+        if self.forward_path != "auto":
+            return self.forward_path
+        if kernels.serves(x, self.weight_code):
+            return "kernel"
+        few = x.device.type == "cpu" and vectors <= TORCH_TABLE_VECTORS
+        return "lut" if few and kernels.codes_suffice(x, self.weight_code) else "decode"
+
 
 class CodedLinear(CodedLayer, nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
-        if self.forward_path == "decode":
+        if self._path(x, x.numel() // self.in_features) == "decode":
             return F.linear(x, self.weight, self.bias)
         y = lut_matmul(x.reshape(-1, 1, self.in_features), self.weight_code)
         y = y.reshape(*x.shape[:-1], self.out_features)
@@ -123,10 +142,19 @@ class CodedLinear(CodedLayer, nn.Linear):
 
 
 class _CodedConv(CodedLayer):
-    """Lookup-table convolution: pad as torch does, im2col, then the grouped table product."""
+    """Lookup-table convolution: pad as torch does, im2col, then the grouped table product. The
+    "auto" path takes it only where the kernel's cost model says the table beats decoding (few
+    output positions); otherwise it decodes (with the compiled kernel where it serves the call) and
+    runs torch's convolution, which is faster than im2col and a matrix product."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.forward_path == "decode":
+        if x.dim() == len(self.kernel_size) + 1:  # unbatched, as torch's convolutions take it
+            return self.forward(x.unsqueeze(0)).squeeze(0)
+        patches = self._patches(x)
+        path = self._path(x, patches)
+        if path == "kernel" and not kernels.takes_table(patches, self.weight_code, self.groups):
+            return self._conv_forward(x, kernels.decode(self.weight_code), self.bias)
+        if path == "decode":
             return self._conv_forward(x, self.weight, self.bias)
         mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
         x = F.pad(x, self._reversed_padding_repeated_twice, mode=mode)
@@ -136,22 +164,29 @@ class _CodedConv(CodedLayer):
         y = y.reshape(batch, positions, self.out_channels).transpose(1, 2).reshape(batch, self.out_channels, *spatial)
         return y if self.bias is None else y + self.bias.reshape(1, -1, *([1] * len(spatial)))
 
+    def _spatial(self, padded: tuple[int, ...]) -> tuple[int, ...]:
+        """The output size for an input of spatial size ``padded`` (padding included)."""
+        return tuple((size - dil * (k - 1) - 1) // st + 1
+                     for size, k, dil, st in zip(padded, self.kernel_size, self.dilation, self.stride))
+
+    def _patches(self, x: Tensor) -> int:
+        """How many im2col patches ``x`` gives: the table product's batch."""
+        pads = self._reversed_padding_repeated_twice  # (last dim's left, right, …, first dim's left, right)
+        padded = tuple(size + pads[-2 * j - 2] + pads[-2 * j - 1] for j, size in enumerate(x.shape[2:]))
+        return x.shape[0] * math.prod(self._spatial(padded))
+
 
 class CodedConv2d(_CodedConv, nn.Conv2d):
     def _im2col(self, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
         cols = F.unfold(x, self.kernel_size, dilation=self.dilation, stride=self.stride)
-        spatial = tuple(
-            (size - dil * (k - 1) - 1) // st + 1
-            for size, k, dil, st in zip(x.shape[2:], self.kernel_size, self.dilation, self.stride)
-        )
-        return cols.transpose(1, 2), spatial
+        return cols.transpose(1, 2), self._spatial(x.shape[2:])
 
 
 class CodedConv1d(_CodedConv, nn.Conv1d):
     def _im2col(self, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
         (k,), (dil,), (st,) = self.kernel_size, self.dilation, self.stride
         cols = F.unfold(x.unsqueeze(2), (1, k), dilation=(1, dil), stride=(1, st))
-        return cols.transpose(1, 2), ((x.shape[-1] - dil * (k - 1) - 1) // st + 1,)
+        return cols.transpose(1, 2), self._spatial(x.shape[2:])
 
 
 class CodedEmbedding(CodedLayer, nn.Embedding):
@@ -253,7 +288,7 @@ def iter_coded(model: nn.Module):
 
 
 def set_forward_path(model: nn.Module, path: str) -> None:
-    """Switch every coded matmul/conv layer of ``model`` to ``path`` ("decode" or "lut")."""
+    """Switch every coded matmul/conv layer of ``model`` to ``path`` ("auto", "decode" or "lut")."""
     for _, layer in iter_coded(model):
         if not isinstance(layer, CodedEmbedding):
             layer.set_forward_path(path)

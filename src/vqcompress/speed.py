@@ -3,8 +3,8 @@ and the memory its weights hold.
 
 The dense twin is the same model with every coded layer decoded back to a plain fp32 layer
 (``densify``, tied weights tied again), so both sides run the same architecture and the only
-difference is how each weight is held. The coded side runs the "lut" forward path: the compiled
-kernel where ``kernels.backend()`` says so. Every time is the median of ``repeats`` calls after
+difference is how each weight is held. The coded side runs the path its layers have (by default
+"auto": the compiled kernel where ``kernels.backend()`` says it is there). Every time is the median of ``repeats`` calls after
 two warm-up calls, dense and coded measured in the same process one after the other.
 """
 
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from . import kernels
 from .errors import VQCError
-from .layers import CodedConv1d, CodedConv2d, CodedEmbedding, CodedTensor, densify, iter_coded, set_forward_path
+from .layers import CodedConv1d, CodedConv2d, CodedEmbedding, CodedTensor, densify, iter_coded
 
 WARMUP = 2
 CONV_SIZE = 16  # a convolution's input length (1-d) or side (2-d) when timing it alone
@@ -201,7 +201,6 @@ def bench_speed(model: nn.Module, repeats: int = 20, batches: tuple[int, ...] = 
         raise VQCError("the model has no coded layers: nothing to compare")
     if threads is not None:
         torch.set_num_threads(threads)
-    set_forward_path(model, "lut")
     dense = dense_twin(model).eval()
     report = SpeedReport(kernels.backend(), torch.get_num_threads(), repeats,
                          layer_speeds(model, dense, list(batches), repeats))

@@ -31,6 +31,15 @@ far faster per input than the gather once there are several. ``lut_matmul`` comp
 estimates (constants measured on the machine above) and takes the cheaper: batch 1 and small
 batches go through the table, large batches and convolutions over many positions through
 decode-then-multiply, in blocks of rows so that no dense copy of a large weight is ever held.
+
+Threads: a coded layer's default forward path ("auto", ``layers``) comes here for every CPU call,
+so the kernel must not collapse when other processes share the cores. It shares torch's OpenMP
+runtime (the same ``libgomp.so.1`` is loaded once), whose waiting threads sleep when
+``OMP_WAIT_POLICY=PASSIVE`` (``vqcompress`` sets it); but a thread on a core another process keeps
+busy runs only when the scheduler gives it a slice, and every barrier of the call waits for it.
+So each call takes ``threads()``: torch's count, capped by the cores the other processes left free
+lately, one on a loaded machine. Splitting rows dynamically instead did not help: the barrier still
+waits for the thread that is not running (docs/methods.md).
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ import hashlib
 import os
 import platform
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -55,6 +65,7 @@ SOURCE = Path(__file__).with_name("lut.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 FORCE_TORCH = "VQC_KERNEL"  # set to "torch" to always take the pure-torch path
 DECODE_BLOCK = 1 << 22  # weights decoded at a time by the large-batch path (16 MiB of float32)
+LOOK_INTERVAL = 0.1  # seconds between two looks at how busy other processes keep the cores
 
 # Measured costs in nanoseconds, one thread of the 2-core EPYC (the same ratios hold on two): a
 # table multiply-add, a gather, decoding one weight (with the small products' fixed costs), one
@@ -167,16 +178,66 @@ def _describe(code: CodedWeight) -> _Coded:
         float(code.gain) if lay.gain else 1.0)
 
 
+def codes_suffice(x: Tensor, code: CodedWeight) -> bool:
+    """Whether this call may be computed from the codes without autograd: no gradients wanted, and
+    not a soft or candidate assignment in training (whose weight is not its codes')."""
+    wants_grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in code.parameters()))
+    return not wants_grad and code.assigner is None and code.temperature is None
+
+
 def _serves(x: Tensor, code: CodedWeight) -> bool:
-    """Whether the compiled kernel computes this call: CPU float32, fp16 stored tensors, no gradients,
-    one codeword per sub-vector (the factor form goes through torch)."""
+    """Whether the compiled kernel computes this call: CPU float32, fp16 stored tensors, the codes
+    suffice, one codeword per sub-vector (the factor form goes through torch)."""
     lay = code.layout
-    if lay.factored:
+    if lay.factored or not codes_suffice(x, code):
         return False
     halves = [code.codebook, *([code.scale] if lay.scale_group else []), *([code.offset] if lay.offset else [])]
-    wants_grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in code.parameters()))
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and not wants_grad
-            and code.codes.device.type == "cpu" and all(t.dtype == torch.float16 and t.is_contiguous() for t in halves))
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and code.codes.device.type == "cpu"
+            and all(t.dtype == torch.float16 and t.is_contiguous() for t in halves))
+
+
+def serves(x: Tensor, code: CodedWeight) -> bool:
+    """Whether ``lut_matmul`` computes y = x · Wᵀ for this call with the compiled kernel (rather than
+    return None): what a coded layer's "auto" forward path asks."""
+    return _forced != "torch" and _serves(x, code) and _lib() is not None
+
+
+_look: tuple[float, float, float] | None = None  # the last look: wall clock, busy seconds of our cores, ours
+_free = 1  # threads that look allowed: one until two looks have measured the others' load
+
+
+def busy_seconds(cpus: set[int]) -> float | None:
+    """CPU seconds the cores ``cpus`` have been busy since boot (/proc/stat); None where unreadable."""
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+    except OSError:
+        return None
+    ticks = 0
+    for name, *fields in (line.split() for line in lines):
+        if name[:3] == "cpu" and name[3:].isdigit() and int(name[3:]) in cpus:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[:8])  # guest is in user
+            ticks += user + nice + system + irq + softirq + steal
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def threads() -> int:
+    """Threads for the next kernel call: torch's count, capped by the cores other processes left free
+    over the last ``LOOK_INTERVAL`` or more (this process's own CPU time taken out), at least one.
+    A thread on a core another process keeps busy gets a time slice now and then, and every
+    barrier of the call waits for it: two threads on two busy cores ran the table several times
+    slower than one (docs/methods.md)."""
+    global _look, _free
+    now = time.monotonic()
+    if _look is None or now - _look[0] >= LOOK_INTERVAL:
+        cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+        busy, own = busy_seconds(cpus), time.process_time()
+        if busy is None:
+            _free = len(cpus)
+        elif _look is not None:
+            others = max(0.0, busy - _look[1] - (own - _look[2])) / (now - _look[0])
+            _free = max(1, int(len(cpus) - others + 0.5))
+        _look = (now, busy or 0.0, own)
+    return min(torch.get_num_threads(), _free)
 
 
 def lut_is_cheaper(batch: int, rows: int, cols: int, k: int, dim: int, tables: int) -> bool:
@@ -187,28 +248,51 @@ def lut_is_cheaper(batch: int, rows: int, cols: int, k: int, dim: int, tables: i
     return lut <= dense
 
 
+def takes_table(batch: int, code: CodedWeight, input_groups: int = 1) -> bool:
+    """Whether the kernel's product of ``batch`` input vectors goes through the table rather than
+    decode-then-multiply: as ``forced``, else by the cost model."""
+    lay = code.layout
+    if _forced in ("table", "decode"):
+        return _forced == "table"
+    return lut_is_cheaper(batch, lay.rows, lay.cols, lay.k, lay.dim, input_groups * lay.groups)
+
+
 def lut_matmul(x: Tensor, code: CodedWeight, input_groups: int = 1) -> Tensor | None:
     """y = x · Wᵀ for ``x`` of shape (batch, input_groups, cols), rows in original order, by the
     compiled kernel: the table when it is cheaper, else decode-then-multiply. None when the
     kernel does not serve this call (see the module docstring): the caller falls back to torch."""
-    lib = _lib()
-    if lib is None or _forced == "torch" or not _serves(x, code):
+    if not serves(x, code):
         return None
-    lay = code.layout
+    lib, lay = _lib(), code.layout
     x = x.contiguous()
-    batch, weight, threads = x.shape[0], _describe(code), torch.get_num_threads()
-    cheaper = lut_is_cheaper(batch, lay.rows, lay.cols, lay.k, lay.dim, input_groups * lay.groups)
-    if _forced == "table" or (_forced is None and cheaper):
+    batch, weight, count = x.shape[0], _describe(code), threads()
+    if takes_table(batch, code, input_groups):
         y = torch.empty(batch, lay.rows)
-        lib.vqc_lut_matmul(ctypes.byref(weight), x.data_ptr(), batch, input_groups, y.data_ptr(), threads)
+        lib.vqc_lut_matmul(ctypes.byref(weight), x.data_ptr(), batch, input_groups, y.data_ptr(), count)
         return y
-    return _decode_matmul(lib, weight, x, code, input_groups, threads)
+    return _decode_matmul(lib, weight, x, code, input_groups, count)
 
 
 def _decode(lib: ctypes.CDLL, weight: _Coded, first: int, last: int, threads: int) -> Tensor:
     rows = torch.empty(last - first, weight.cols)
     lib.vqc_decode(ctypes.byref(weight), first, last, rows.data_ptr(), threads)
     return rows
+
+
+def _original_rows(lib: ctypes.CDLL, weight: _Coded, code: CodedWeight, threads: int) -> Tensor:
+    """The whole decoded (rows, cols) matrix, rows in original order."""
+    dense = _decode(lib, weight, 0, weight.rows, threads)
+    return torch.empty_like(dense).index_copy_(0, code.permutation(), dense) if code.layout.permuted else dense
+
+
+def decode(code: CodedWeight) -> Tensor:
+    """The dense float32 weight in its original shape, kept rows included, by the compiled decode
+    (where ``serves`` says the kernel serves the layer): what a coded convolution's "auto" path
+    hands to torch's own convolution, which beats im2col and a matrix product."""
+    dense = _original_rows(_lib(), _describe(code), code, threads())
+    if code.layout.kept_rows:
+        dense.index_copy_(0, code.kept_row_numbers(), code.kept_matrix())
+    return dense.reshape(code.layout.shape)
 
 
 def _decode_matmul(lib: ctypes.CDLL, weight: _Coded, x: Tensor, code: CodedWeight, input_groups: int,
@@ -222,8 +306,5 @@ def _decode_matmul(lib: ctypes.CDLL, weight: _Coded, x: Tensor, code: CodedWeigh
         y = torch.cat([x[:, 0] @ _decode(lib, weight, first, min(lay.rows, first + block), threads).T
                        for first in range(0, lay.rows, block)], dim=1)
         return torch.empty_like(y).index_copy_(1, code.permutation(), y) if lay.permuted else y
-    dense = _decode(lib, weight, 0, lay.rows, threads)
-    if lay.permuted:
-        dense = torch.empty_like(dense).index_copy_(0, code.permutation(), dense)
-    per_group = dense.reshape(input_groups, lay.rows // input_groups, lay.cols)
+    per_group = _original_rows(lib, weight, code, threads).reshape(input_groups, lay.rows // input_groups, lay.cols)
     return torch.bmm(x.transpose(0, 1), per_group.transpose(1, 2)).transpose(0, 1).reshape(x.shape[0], lay.rows)
