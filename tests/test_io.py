@@ -215,3 +215,13 @@ def test_a_permutation_of_more_than_65536_rows_is_saved_loaded_and_counted(tmp_p
     ids = torch.tensor([[0, 65535, 65536, 69999]])
     with torch.no_grad():
         assert torch.equal(loaded(ids), model(ids))
+
+
+def test_a_file_of_one_bare_layer_loads_like_one(tmp_path):
+    """``load(path, like=nn.Linear(…))`` ended in "Cannot set the submodule without a target name"."""
+    torch.manual_seed(0)
+    layer = vqc.compress(torch.nn.Linear(128, 64), "kmeans", bits=4, progress=False)
+    loaded = vqc.load(vqc.save(layer, tmp_path / "one.vqc"), like=torch.nn.Linear(128, 64))
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), layer(x))

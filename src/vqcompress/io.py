@@ -172,10 +172,11 @@ def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, manifest
 
 
-def _install_coded_layers(model: nn.Module, manifest: dict, stored: set[str]) -> None:
-    """Put an empty coded layer wherever the file has one, checking the model has that layer. A
-    layer whose coded weight is stored only as aliases of another's (a tied embedding and output
-    layer) gets that layer's very coded weight, as when it was compressed, so training moves both."""
+def _install_coded_layers(model: nn.Module, manifest: dict, stored: set[str]) -> nn.Module:
+    """Put an empty coded layer wherever the file has one, checking the model has that layer; the
+    model (a new object only when it is itself the one coded layer). A layer whose coded weight is
+    stored only as aliases of another's (a tied embedding and output layer) gets that layer's very
+    coded weight, as when it was compressed, so training moves both."""
     leaders = _tied_leaders(manifest, stored)
     codes: dict[str, CodedWeight] = {}
     present = {name for name, _ in model.named_modules()}  # a coded tensor's holder is made here when absent
@@ -197,7 +198,11 @@ def _install_coded_layers(model: nn.Module, manifest: dict, stored: set[str]) ->
         codes[name] = code
         layer = coded_from_args(entry["type"], entry["args"], code, entry["bias"])
         carry_embed_scale(current, layer)
-        model.set_submodule(name, layer)
+        if name:
+            model.set_submodule(name, layer)
+        else:  # the model is itself one layer
+            model = layer
+    return model
 
 
 def _restore_kept_rows_codes(manifest: dict, tensors: dict[str, torch.Tensor]) -> None:
@@ -247,12 +252,13 @@ def _universal_tables(model: nn.Module, folders: list[Path]) -> dict[str, torch.
 
 def load(path: str | os.PathLike, like: nn.Module | None = None, device: str = "cpu",
          codebooks: list[str | os.PathLike] = ()) -> nn.Module:
-    """Rebuild a compressed model: into ``like`` (modified in place) or from the recorded source.
+    """Rebuild a compressed model: into ``like`` (modified in place; a single layer is replaced) or
+    from the recorded source.
     Universal codebooks are looked up by hash beside the file, in ``codebooks`` (folders) and on
     the search path (``universal.search_path``)."""
     tensors, manifest = read(path)
     model = skeleton(manifest["source"]) if like is None else like
-    _install_coded_layers(model, manifest, set(tensors))
+    model = _install_coded_layers(model, manifest, set(tensors))
     if manifest["format_version"] >= 2:
         _restore_kept_rows_codes(manifest, tensors)
     universal_tables = _universal_tables(model, [Path(path).parent, *map(Path, codebooks), *universal.search_path()])
