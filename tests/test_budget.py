@@ -52,3 +52,21 @@ def test_a_model_average_without_data_is_spread_by_weight_error():
     assert vqc.report(model).model_bits_per_weight <= 3.5
     with pytest.raises(VQCError, match="whole number of bits"):
         vqc.compress(_mlp(), "rtn", 2.5, progress=False)  # data-free, a plain number is each layer's ceiling
+
+
+def test_a_methods_own_option_goes_to_the_method_never_to_the_pipeline():
+    """``compress(…, method="jlcm", lr=0.05)`` was taken as the fine-tuning rate."""
+    model = vqc.compress(_mlp(), "jlcm", 3, _data(), lr=0.05, progress=False)
+    assert all(layer.weight_code.recipe["lr"] == 0.05 for layer in (model[0], model[2]))
+
+
+def test_what_a_run_is_not_is_said(caplog):
+    """jlcm without calibration data ran uncalibrated without a word; a budget above what a method
+    codes was capped in silence."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="vqcompress"):
+        vqc.compress(_mlp(), "jlcm", 2, progress=False)
+        vqc.compress(_mlp(), "kmeans", PerLayer(12), progress=False)
+    assert "none were given" in caplog.text
+    assert "capped there" in caplog.text
