@@ -33,6 +33,7 @@ demo: $(STAMP)
 	$(VENV)/bin/vqc demo -o out/minilm-2bit.vqc
 
 test: $(STAMP)
+	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m pytest -q
 
 test-slow: $(STAMP)

@@ -129,6 +129,7 @@ def run_ours(model_name: str, method: str, bits: float, steps: int, device: str,
 def run_dkm(model_name: str, n_bits: int, cluster_dim: int, steps: int, device: str) -> dict:
     """coremltools DKM on the same layers (first and last at 4-bit scalar LUTs), same data and loss."""
     from torch import nn
+
     from vqcompress.models import load_model
     from vqcompress.models.fashion import accuracy
 
@@ -274,6 +275,7 @@ def _file_accuracy(path: Path) -> float:
 def layer_inputs(model, names: list[str], batch: int):
     """What each named layer sees when the model runs on ``batch`` test images."""
     import torch
+
     from vqcompress.models.fashion import load_split
 
     images, _ = load_split("test")

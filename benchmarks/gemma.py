@@ -23,7 +23,6 @@ import json
 import os
 import re
 import sys
-import time
 from pathlib import Path
 
 from . import render
@@ -116,7 +115,8 @@ LONG_SCRIPT = ("import sys, copy; from transformers import AutoTokenizer; from v
                "from vqcompress.suites.gemma import evaluate; "
                "model, source = load_model('gemma-270m'); "
                "model = model if sys.argv[1] == 'dense' else load(sys.argv[1], like=copy.deepcopy(model)); "
-               f"print(evaluate(model, AutoTokenizer.from_pretrained(str(model_folder(source.to_json()))), tokens={LONG_TOKENS})['perplexity'])")
+               "tokenizer = AutoTokenizer.from_pretrained(str(model_folder(source.to_json()))); "
+               f"print(evaluate(model, tokenizer, tokens={LONG_TOKENS})['perplexity'])")
 
 
 def vqc(*args: str) -> list[str]:

@@ -312,6 +312,7 @@ def dkm_palettize(
         DKMPalettizerConfig,
         ModuleDKMPalettizerConfig,
     )
+
     from vqcompress.finetune import classification_task
 
     names = layer_names if layer_names is not None else default_layers(model, (nn.Linear, nn.Conv2d))

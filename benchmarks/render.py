@@ -241,7 +241,8 @@ def fashion_markdown(result: dict) -> list[str]:
         "## fashion-cnn and fashion-vit: every Conv2d and Linear coded", "",
         f"Measured by `make bench-fashion` (`benchmarks/fashion.py`), {result['started']} to "
         f"{max(result['measured'].values())}.", "",
-        f"Every Conv2d and Linear is coded. The first and the last layer ({', '.join(' / '.join(v) for v in result['edge_layers'].values())}; "
+        "Every Conv2d and Linear is coded. The first and the last layer "
+        f"({', '.join(' / '.join(v) for v in result['edge_layers'].values())}; "
         "under 2% of the weights) get 4-bit scalar codebooks (d = 1, k = 16), counted; the others take the budget's "
         f"index bits through the budget rule ({budgets}). *bits/w coded* counts every stored bit of all coded layers "
         "(codes, codebooks, scales, gains) over their weights, read from the written .vqc file; accuracy is of the "
@@ -585,7 +586,8 @@ def gemma_parts_markdown(result: dict, dense: float) -> list[str]:
                   "| grid | bits/w | perplexity | × dense |", "|---|--:|--:|--:|"]
         lines += [f"| {_grid(row['grid'])} | {row['bits_per_weight']:.2f} | {row['perplexity']:,.2f} | "
                   f"{row['perplexity'] / dense:.2f}× |" for row in study["linear"]]
-    return lines + ["", f"Measured on {result['machine']['cpu']}, {max([r['date'] for r in result['files']] + ([study['date']] if study else []))[:10]}.", ""]
+    last = max([r["date"] for r in result["files"]] + ([study["date"]] if study else []))
+    return lines + ["", f"Measured on {result['machine']['cpu']}, {last[:10]}.", ""]
 
 
 def _figure(row: dict) -> str:

@@ -173,8 +173,9 @@ def measure(config: dict) -> dict:
     Ours is scored on the model reloaded from its file, so the file is what is judged; it is decoded
     to dense layers once (the same weights) because the decode-per-forward path is ~3× slower.
     """
-    import vqcompress as vqc
     from transformers import AutoTokenizer
+
+    import vqcompress as vqc
     from vqcompress.layers import densify
     from vqcompress.models import load_model
     from vqcompress.suites import minilm

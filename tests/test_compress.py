@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 import vqcompress as vqc
+from tests.test_finetune import batch_at, distillation_loss, mlp
 from vqcompress.budget import PerLayer
 from vqcompress.errors import VQCError
 from vqcompress.finetune import TrainingData, classification_task, finetune
 from vqcompress.layers import iter_coded
-from tests.test_finetune import batch_at, distillation_loss, mlp
 
 DATA = TrainingData(classification_task(), batch_at)
 EVERY_LAYER = vqc.Plan(min_weights=0)
@@ -324,7 +324,7 @@ def test_tied_scaled_embedding_is_coded_once_and_keeps_its_scale(tmp_path):
 def test_tuned_blocks_on_a_decoder_with_sliding_and_full_attention(tmp_path):
     """A tiny Gemma-3 (sliding-window and full-attention layers, each with its own mask and
     rotary table): block tuning runs, and the file it writes gives the same logits."""
-    from transformers import Gemma3TextConfig, Gemma3ForCausalLM
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     from vqcompress.finetune import causal_lm_task
 

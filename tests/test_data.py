@@ -78,7 +78,7 @@ def test_causal_windows_have_the_window_length(minilm_tokenizer):
 
 def test_causal_data_counts_every_token_of_the_calibration_text(minilm_tokenizer):
     """Token counts cover the whole text, not only the calibration windows."""
-    from vqcompress.data import causal_lm_data, calibration_text
+    from vqcompress.data import calibration_text, causal_lm_data
 
     data = causal_lm_data(minilm_tokenizer, calib="lee-background", samples=1, batch_size=1)
     ids = minilm_tokenizer(calibration_text("lee-background"), add_special_tokens=False)["input_ids"]

@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 
 import vqcompress as vqc
-from vqcompress.models import load_model
 from tests.test_cli import vqc_cli
+from vqcompress.models import load_model
 
 
 @pytest.fixture(scope="module")

@@ -127,7 +127,8 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, assignments):
 
     with pytest.raises(KeyboardInterrupt):
         finetune(interrupted, teacher, classification_task(), batch_then_interrupt, steps=30, lr=3e-3,
-                 learn_assignments=True, assignments=assignments, reassign_every=7, checkpoint=checkpoint, checkpoint_every=10, progress=False)
+                 learn_assignments=True, assignments=assignments, reassign_every=7, checkpoint=checkpoint,
+                 checkpoint_every=10, progress=False)
     assert checkpoint.exists()
     resumed = finetune(compressed(teacher), teacher, classification_task(), batch_at, steps=30, lr=3e-3,
                        learn_assignments=True, assignments=assignments, reassign_every=7, checkpoint=checkpoint, checkpoint_every=10,

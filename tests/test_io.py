@@ -12,9 +12,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import vqcompress as vqc
+from tests.conftest import TinyNet
 from vqcompress import io
 from vqcompress.errors import VQCError
-from tests.conftest import TinyNet
 
 
 @pytest.fixture

@@ -14,8 +14,18 @@ from torch import nn
 
 from vqcompress.coded import CodedWeight, CodeLayout
 from vqcompress.errors import VQCError
-from vqcompress.layers import (CodedConv1d, CodedConv2d, CodedEmbedding, CodedLayer, CodedLinear, coded_from_args,
-                               coded_from_dense, densify, layer_args, set_forward_path)
+from vqcompress.layers import (
+    CodedConv1d,
+    CodedConv2d,
+    CodedEmbedding,
+    CodedLayer,
+    CodedLinear,
+    coded_from_args,
+    coded_from_dense,
+    densify,
+    layer_args,
+    set_forward_path,
+)
 from vqcompress.methods import get_method, make_config
 
 

@@ -8,9 +8,9 @@ from torch import nn
 
 import vqcompress as vqc
 from vqcompress import Plan, VQCError
-from vqcompress.plan import LeftDense, left_dense_lines
 from vqcompress.layers import CodedEmbedding, CodedLayer, CodedLinear
 from vqcompress.methods.kmeans import dim_and_k_for_bits
+from vqcompress.plan import LeftDense, left_dense_lines
 
 
 class Net(nn.Module):

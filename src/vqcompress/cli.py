@@ -110,7 +110,8 @@ def compress(
     quiet: bool = typer.Option(False, help="no progress bars"),
 ) -> None:
     """Compress a model into a .vqc file and print its bit report."""
-    from . import compress as compress_model, save
+    from . import compress as compress_model
+    from . import save
     from .atomic import check_writable
     from .budget import PerLayer, checked_bits
     from .defaults import calibration_samples
@@ -439,7 +440,8 @@ def bench_speed(
     """Latency per layer and of the whole model, tokens/s (causal LMs) and resident memory: the coded
     model (compiled lookup-table kernel) against its dense fp32 twin, medians of repeats."""
     from .io import load
-    from .speed import bench_speed as measure, check_settings
+    from .speed import bench_speed as measure
+    from .speed import check_settings
 
     check_settings(repeats, tuple(batch), tokens, threads)
     result = measure(load(file, codebooks=codebooks), repeats, tuple(batch), tokens, threads)

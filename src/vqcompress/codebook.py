@@ -17,7 +17,6 @@ import faiss
 import numpy as np
 import torch
 
-
 #: Below this many point–centroid distances per iteration, one thread: OpenMP's start-up and
 #: spinning cost more than the work, and far more when the cores are shared.
 SMALL_FIT = 1 << 22

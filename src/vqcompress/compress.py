@@ -21,14 +21,14 @@ from .allocate import allocate, check_budget, describe, has_levels, levels, sens
 from .budget import Budget, ModelAverage, PerLayer, resolve
 from .calibrate import Blocks, InputStatistics, capturing, find_blocks, predicted_probabilities, statistics_pass
 from .coded import CodedWeight
-from .inputs import as_training_data
-from .io import load, read_manifest, save
 from .errors import VQCError
 from .finetune import BLOCK_LR, Task, TrainingData, check_assignments, finetune, mean_loss, relative_error, tune_block
+from .inputs import as_training_data
+from .io import load, read_manifest, save
 from .layers import coded_from_dense, iter_coded
 from .memory import release_free_memory, release_pages, released_after_use
-from .notes import say
 from .methods import Method, MethodConfig, get_method, make_config
+from .notes import say
 from .plan import Plan
 
 

@@ -24,8 +24,8 @@ import copy
 import math
 import os
 import sys
-from contextlib import contextmanager
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,6 @@ from . import progressive
 from .atomic import write_atomically
 from .errors import VQCError
 from .layers import iter_coded
-
 
 #: Assignments stop moving after this share of the steps, so the codebooks, scales and norms
 #: adapt to the final assignment during the rest.

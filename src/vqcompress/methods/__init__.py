@@ -17,7 +17,6 @@ from ..calibrate import InputStatistics
 from ..coded import CodedWeight, CodeLayout
 from ..errors import VQCError
 
-
 #: Settings that belong to the pipeline, not to a method: named in the error when a user gives
 #: one as a method option (they never share one namespace).
 PIPELINE_OPTIONS = {"finetune_steps": "compress(finetune_steps=…) / --finetune-steps",

@@ -1,7 +1,8 @@
 """``jlcm``: jointly learnable codebooks and mappings, fitted to the layer's calibration inputs.
 
 1. **Grouping.** Rows whose weight distributions are alike share a codebook: each row is
-   described by quantiles of its values (over its RMS when rows get their own scale); rows are sorted along the first principal component of those statistics and cut
+   described by quantiles of its values (over its RMS when rows get their own scale); rows are
+   sorted along the first principal component of those statistics and cut
    into ``groups`` equal contiguous groups. The permutation is stored bit-packed
    (⌈log2 rows⌉ bits per row, counted); which codebook a row uses follows from its position,
    so no per-weight codebook index is stored. ``grouping="none"`` keeps the rows in place.

@@ -34,8 +34,17 @@ from torch import Tensor
 
 from ..calibrate import InputStatistics
 from ..codebook import kmeans
-from ..coded import (FP16_COEFFICIENTS, MAX_GRID_BITS, CodedWeight, CodeLayout, best_grid_step, codebook_grid_scale,
-                     grid_levels, grid_values, row_slices)
+from ..coded import (
+    FP16_COEFFICIENTS,
+    MAX_GRID_BITS,
+    CodedWeight,
+    CodeLayout,
+    best_grid_step,
+    codebook_grid_scale,
+    grid_levels,
+    grid_values,
+    row_slices,
+)
 from ..errors import Unfit, VQCError
 from . import MethodConfig, register
 

@@ -23,7 +23,7 @@ from torch import Tensor
 from .. import universal
 from ..calibrate import InputStatistics
 from ..coded import CodedWeight, CodeLayout
-from ..errors import Unfit, VQCError
+from ..errors import Unfit
 from . import MethodConfig, register
 
 

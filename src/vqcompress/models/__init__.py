@@ -165,7 +165,8 @@ def load_model(name_or_path: str, seed: int = 0) -> tuple[nn.Module, Source]:
     config = json.loads((folder / "config.json").read_text())
     model = _whole_model(folder, (config.get("architectures") or ["AutoModel"])[0])
     architecture = type(model).__name__
-    source = Source(kind, name, architecture, str(folder), model.config.to_dict(), files_sha256(sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))))
+    weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+    source = Source(kind, name, architecture, str(folder), model.config.to_dict(), files_sha256(weights))
     model.vqc_source = source
     return model, source
 
