@@ -33,26 +33,24 @@ def checked_bits(bits: object, what: str = "bits") -> float:
 
 
 @dataclass(frozen=True)
-class PerLayer:
-    """Each coded layer's index bits per weight at most ``bits``."""
+class _Bits:
+    """A number of bits per weight, checked where it is made."""
 
     bits: float
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bits", checked_bits(self.bits))
+
+
+class PerLayer(_Bits):
+    """Each coded layer's index bits per weight at most ``bits``."""
 
     def describe(self) -> str:
         return f"{self.bits:g} index bits per weight at most, in every coded layer (codebooks and scales on top)"
 
 
-@dataclass(frozen=True)
-class ModelAverage:
+class ModelAverage(_Bits):
     """The whole file at most ``bits`` per weight of the original model's parameters."""
-
-    bits: float
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "bits", checked_bits(self.bits))
 
     def describe(self) -> str:
         return f"{self.bits:g} bits per weight for the whole file (every byte), spread by measured sensitivity"

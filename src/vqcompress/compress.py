@@ -273,6 +273,8 @@ def compress(model: nn.Module, method: str | MethodConfig = "kmeans", bits: floa
     finetune_steps = _training_steps(model, spec, calibration, finetune_steps)
     calibrate = calibration is not None and (not finetune_steps or bool(tune_blocks) if calibrate is None else calibrate)
     budget = resolve(bits, calibrate)
+    if budget is not None and progress:
+        say(f"budget: {budget.describe()}")
     plan, tune_blocks = _with_defaults(model, plan or Plan(), spec, budget, calibrate, tune_blocks)
     # What the plan or a method leaves dense is listed, not refused (plan.Selection); a tensor
     # outside Linear / Conv / Embedding moves into a holder module (held.py) once its job stands.
