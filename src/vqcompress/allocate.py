@@ -123,6 +123,12 @@ def check_budget(model: nn.Module, jobs: list, bits: float) -> float:
     return available
 
 
+def ceiling(jobs: list, bits: float) -> int:
+    """The most bits the jobs' methods can spend on them under a model average of ``bits``: each
+    layer at its dearest level (a budget above it is not spent: ``compress`` says so)."""
+    return sum(max((layout.nbits() for _, layout in _level_settings(job, levels(bits))), default=0) for job in jobs)
+
+
 def header_bytes(model: nn.Module, jobs: list, tensors: dict[str, torch.Tensor], aliases: dict[str, str]) -> int:
     """The file's bytes beyond its tensors (safetensors' tensor table and the manifest) for the
     jobs' present settings, with a margin for the digits the allocation may still change."""

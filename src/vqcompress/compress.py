@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import defaults
-from .allocate import allocate, check_budget, describe, has_levels, levels, sensitivities
+from .allocate import allocate, ceiling, check_budget, describe, has_levels, levels, sensitivities
 from .budget import Budget, ModelAverage, PerLayer, resolve
 from .calibrate import Blocks, InputStatistics, capturing, find_blocks, predicted_probabilities, statistics_pass
 from .coded import CodedWeight
@@ -299,6 +299,8 @@ def compress(model: nn.Module, method: str | MethodConfig = "kmeans", bits: floa
                        "use fine-tuning steps instead")
     # the budget checked now, not after the calibration passes
     available = check_budget(model, jobs, budget.bits) if isinstance(budget, ModelAverage) else None
+    if available is not None:
+        _say_if_unspent(model, jobs, budget, available)
     predicted = _predicted_rows(model, jobs, followers, calibration, progress) if calibrate else {}
     if available is not None and any(has_levels(job) for job in jobs):
         _allocate(model, jobs, calibration if calibrate else None, budget.bits, available, seed, predicted, progress)
@@ -357,6 +359,17 @@ def _say_what_is_missing(jobs: list[Job], budget: Budget | None, calibrate: bool
         if budget.bits > most + 0.5:
             say(f"--bits {budget.bits:g} is more than {', '.join(sorted({job.method.name for job in jobs}))} codes "
                 f"here: at most {most:g} index bits per weight (capped there)")
+
+
+def _say_if_unspent(model: nn.Module, jobs: list[Job], budget: ModelAverage, available: float) -> None:
+    """Say where a model average is more than the methods can spend (a universal codebook has one
+    cost, say): the file then stays well under the budget."""
+    most = ceiling(jobs, budget.bits)
+    if most < 0.9 * available:
+        parameters = sum(t.numel() for t in model.state_dict().values() if t.is_floating_point())
+        unspent = (available - most) / parameters
+        say(f"the budget of {budget.bits:g} bits per weight is more than {', '.join(sorted({job.method.name for job in jobs}))} "
+            f"codes here: about {budget.bits - unspent:.2f} bits per weight at most (capped there)")
 
 
 def _global_spec(method: str | MethodConfig, options: dict) -> dict:
