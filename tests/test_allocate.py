@@ -69,8 +69,15 @@ def test_high_budgets_are_measured_at_high_levels():
     from vqcompress.allocate import LEVELS, levels
 
     assert levels(2.1) == LEVELS
-    assert levels(3.1) == (*LEVELS, 5.0, 6.0)
+    assert levels(3.1) == (2.0, 3.0, 4.0, 5.0, 6.0)
     assert max(levels(4.1)) == 8.0
+
+
+def test_no_layer_falls_more_than_a_bit_under_the_budget():
+    """A 4-bit recognizer's 6,625-way head (8% of its weights) was given 1 bit: 0 lines read."""
+    from vqcompress.allocate import levels
+
+    assert min(levels(4)) == 3.0 and min(levels(3.5)) == 2.0 and min(levels(2)) == 1.0
 
 
 def test_an_embeddings_kept_rows_get_no_noise_in_the_sensitivity_probe():

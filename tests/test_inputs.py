@@ -76,3 +76,15 @@ def test_text_without_a_tokenizer_and_bad_examples_fail_in_one_line():
         as_training_data([1, 2, 3], _mlp())
     with pytest.raises(VQCError, match="calibration must be"):
         as_training_data(3.5, _mlp())
+
+
+def test_a_softmax_output_is_matched_as_distributions():
+    """A recognizer whose graph ends in a softmax: squared differences of probabilities near 0 and 1
+    hardly see a changed decision, so its outputs are matched by their KL."""
+    model = nn.Sequential(nn.Linear(8, 5), nn.Softmax(-1))
+    task = infer_task(model, torch.randn(3, 4, 8))
+    x = torch.randn(3, 4, 8)
+    teacher = model(x)
+    flipped = teacher.flip(-1)
+    assert float(task.loss(teacher, teacher, x)) == pytest.approx(0, abs=1e-6)
+    assert float(task.loss(flipped, teacher, x)) > 0.1

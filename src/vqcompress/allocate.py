@@ -75,9 +75,12 @@ def sensitivities(jobs: list, statistics: dict[str, InputStatistics], loss: Call
 
 
 def levels(bits: float) -> tuple[float, ...]:
-    """The index budgets each layer is measured at: ``LEVELS``, and above them those of
-    ``HIGH_LEVELS`` up to twice the model's budget, so that a high budget is not capped at 4."""
-    return LEVELS + tuple(level for level in HIGH_LEVELS if level <= 2 * bits)
+    """The index budgets each layer is measured at: ``LEVELS`` from one bit under the model's
+    budget (in whole bits), and above them those of ``HIGH_LEVELS`` up to twice it, so that a high budget is not
+    capped at 4. The floor is there because the summed-error model holds for small errors only: a
+    large layer it finds cheap to ruin (a recognizer's 6,625-way head at 1 bit of a 4-bit model)
+    ruins the whole network."""
+    return tuple(level for level in LEVELS if level >= math.floor(bits) - 1) + tuple(level for level in HIGH_LEVELS if level <= 2 * bits)
 
 
 def allocate(jobs: list, statistics: dict[str, InputStatistics], bits: float, available: float, seed: int = 0,

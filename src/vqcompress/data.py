@@ -3,6 +3,8 @@
 - zoo models (``fashion-cnn``, ``fashion-vit``): Fashion-MNIST training images with labels;
 - ``minilm`` (an encoder): sentences, by default of ``lee_background.cor`` (news; the
   evaluation uses other texts);
+- PP-OCR's recognizer and direction classifier (``ppocr-rec``, ``ppocr-cls``): news lines rendered
+  as their suite renders them, but other lines (``suites.ppocr.calibration_batches``);
 - a causal LM (``gemma-270m``): windows of ``WINDOW`` tokens of running text, by default of the
   shortened English Wikipedia dump in gensim's test data (the perplexity suite reads
   ``lee_background.cor``, so calibration and evaluation never share text).
@@ -28,7 +30,9 @@ from .finetune import TrainingData, causal_lm_task, classification_task, encoder
 from .memory import release_free_memory
 
 WINDOW = 512  # tokens per causal-LM sample
-DEFAULT_SAMPLES = {"encoder": 128, "causal": 64, "images": 1024}
+DEFAULT_SAMPLES = {"encoder": 128, "causal": 64, "images": 1024, "text lines": 64}
+#: bundled networks that calibrate on rendered text lines: name → whether it is the direction classifier
+TEXT_LINE_MODELS = {"ppocr-rec": False, "ppocr-cls": True}
 
 
 class NoData(VQCError):
@@ -184,6 +188,19 @@ def causal_lm_data(tokenizer, seed: int = 0, batch_size: int = 4, calib: str = "
                         token_counts=torch.bincount(ids))
 
 
+def text_line_data(name: str, calib: str | None = None, samples: int | None = None) -> TrainingData:
+    """Rendered text lines for PP-OCR's networks, their outputs matched (relative squared error of
+    the recognizer's character probabilities, the classifier's softened KL)."""
+    from .inputs import infer_task
+    from .suites.ppocr import calibration_batches
+
+    if calib not in (None, "text-lines"):
+        raise VQCError(f"{name} calibrates on rendered text lines only (--calib text-lines), not {calib!r}")
+    batches = calibration_batches(samples or DEFAULT_SAMPLES["text lines"], TEXT_LINE_MODELS[name])
+    return TrainingData(infer_task(None, batches[0]), lambda step: batches[step % len(batches)],
+                        calibration_batches=len(batches))
+
+
 def training_data(source: dict, seed: int = 0, calib: str | None = None, samples: int | None = None,
                   limit: int = DEFAULT_SAMPLES["causal"]) -> TrainingData:
     """The calibration / fine-tuning data that suits a model from ``source`` (see the module
@@ -194,6 +211,8 @@ def training_data(source: dict, seed: int = 0, calib: str | None = None, samples
         if calib not in (None, "fashion"):
             raise VQCError(f"{source['name']} calibrates on Fashion-MNIST images only (--calib fashion), not {calib!r}")
         return fashion_training_data(seed, samples=samples)
+    if source["kind"] == "bundled" and source["name"] in TEXT_LINE_MODELS:
+        return text_line_data(source["name"], calib, samples)
     from .models import model_folder
 
     folder = model_folder(source) if source["kind"] in ("bundled", "folder") else None

@@ -121,8 +121,8 @@ def is_causal_lm(model: nn.Module) -> bool:
     return bool(callable(can_generate) and can_generate() and callable(head) and head() is not None)
 
 
-def infer_task(model: nn.Module, example: Any) -> Task:
-    """The task for examples like ``example`` (see the module docstring)."""
+def infer_task(model: nn.Module | None, example: Any) -> Task:
+    """The task for examples like ``example`` (see the module docstring; a tensor's needs no model)."""
     if isinstance(example, dict):
         if is_causal_lm(model):
             return causal_lm_task()
@@ -144,8 +144,8 @@ def _gives_token_states(model: nn.Module, example: dict) -> bool:
 
 def _output_task(forward, labelled: bool) -> Task:
     """Match the primary output: logits of a classifier (2-D float output) by the softened KL
-    (and cross-entropy with the examples' labels, when they carry integer labels); anything else
-    by relative squared error."""
+    (and cross-entropy with the examples' labels, when they carry integer labels); probabilities
+    (a softmax inside the model) by their KL; anything else by relative squared error."""
     classifier = classification_task()
 
     def loss(student: Tensor, teacher: Tensor, batch: Any) -> Tensor:
@@ -153,9 +153,25 @@ def _output_task(forward, labelled: bool) -> Task:
             labels = batch[1] if labelled and len(batch) > 1 else None
             usable = isinstance(labels, Tensor) and labels.dtype == torch.int64 and labels.shape == student.shape[:1]
             return classifier.loss(student, teacher, (None, labels if usable else None))
+        if _is_distribution(teacher):
+            return distribution_divergence(student, teacher)
         return relative_squared_error(student, teacher, batch)
 
     return Task(forward=forward, loss=loss)
+
+
+def _is_distribution(output: Tensor) -> bool:
+    """Whether an output is probabilities along its last dimension (a softmax inside the model)."""
+    return output.is_floating_point() and output.shape[-1] > 1 and bool(
+        (output >= 0).all() and torch.allclose(output.float().sum(-1), torch.ones(()), atol=1e-3))
+
+
+def distribution_divergence(student: Tensor, teacher: Tensor) -> Tensor:
+    """KL(teacher ‖ student) per distribution, averaged: probabilities near 0 or 1 count by what
+    they decide, not by their tiny squared differences."""
+    log_student = student.float().clamp_min(1e-12).log()
+    return F.kl_div(log_student.reshape(-1, student.shape[-1]), teacher.float().reshape(-1, teacher.shape[-1]),
+                    reduction="batchmean")
 
 
 def relative_squared_error(student: Tensor, teacher: Tensor, batch: Any = None) -> Tensor:
