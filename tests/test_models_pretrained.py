@@ -93,12 +93,16 @@ def test_kmeans_4_bits_recognizer_reads_what_fp32_reads(networks, tmp_path):
 
 
 def test_the_plain_command_takes_a_wheel_network_by_name(tmp_path):
+    import json
+    import shutil
     import subprocess
 
     out = tmp_path / "vad.vqc"
     result = subprocess.run([sys.executable, "-m", "vqcompress", "compress", "silero-vad", "--method", "kmeans",
                              "--bits", "4", "-o", str(out), "--quiet"], capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr
-    evaluated = subprocess.run([sys.executable, "-m", "vqcompress", "eval", str(out)], capture_output=True, text=True, check=False,
-                               timeout=300)
-    assert evaluated.returncode == 0 and "agreement" in evaluated.stdout, evaluated.stderr
+    evaluated = subprocess.run([sys.executable, "-m", "vqcompress", "eval", str(out), "--json"], capture_output=True, text=True,
+                               check=False, timeout=300)
+    assert evaluated.returncode == 0, evaluated.stderr
+    if shutil.which("espeak-ng"):  # calibrated on spoken lines, the plain command keeps the detector within a point
+        assert json.loads(evaluated.stdout)["compressed"]["agreement"] >= 99

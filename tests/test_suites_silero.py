@@ -52,3 +52,21 @@ def test_missing_clips_are_one_line(monkeypatch, tmp_path):
             silero.audio()
     finally:
         silero.audio.cache_clear()
+
+
+def test_calibration_speech_is_spoken_text_in_model_windows():
+    import shutil
+
+    if shutil.which(silero.SPEAKER) is None:
+        pytest.skip("espeak-ng is not installed (make setup)")
+    batches = silero.calibration_batches(lines=2, batch_size=16)
+    assert all(b.shape[1] == silero.CONTEXT + silero.WINDOW for b in batches) and len(batches) > 2
+    assert float(batches[1].abs().max()) > 0.05  # spoken, not silence
+
+
+def test_without_a_speaker_there_is_no_calibration_data(monkeypatch):
+    from vqcompress.data import NoData, training_data
+
+    monkeypatch.setattr(silero.shutil, "which", lambda name: None)
+    with pytest.raises(NoData, match="apt-get install espeak-ng"):
+        training_data({"kind": "bundled", "name": "silero-vad"})

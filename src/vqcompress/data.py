@@ -5,6 +5,8 @@
   evaluation uses other texts);
 - PP-OCR's recognizer and direction classifier (``ppocr-rec``, ``ppocr-cls``): news lines rendered
   as their suite renders them, but other lines (``suites.ppocr.calibration_batches``);
+- Silero VAD (``silero-vad``): news lines spoken by ``espeak-ng`` (``suites.silero.calibration_batches``;
+  its suite listens to ALSA's recorded voices);
 - a causal LM (``gemma-270m``): windows of ``WINDOW`` tokens of running text, by default of the
   shortened English Wikipedia dump in gensim's test data (the perplexity suite reads
   ``lee_background.cor``, so calibration and evaluation never share text).
@@ -30,7 +32,7 @@ from .finetune import TrainingData, causal_lm_task, classification_task, encoder
 from .memory import release_free_memory
 
 WINDOW = 512  # tokens per causal-LM sample
-DEFAULT_SAMPLES = {"encoder": 128, "causal": 64, "images": 1024, "text lines": 64}
+DEFAULT_SAMPLES = {"encoder": 128, "causal": 64, "images": 1024, "text lines": 64, "spoken lines": 24}
 #: bundled networks that calibrate on rendered text lines: name → whether it is the direction classifier
 TEXT_LINE_MODELS = {"ppocr-rec": False, "ppocr-cls": True}
 
@@ -189,7 +191,7 @@ def causal_lm_data(tokenizer, seed: int = 0, batch_size: int = 4, calib: str = "
 
 
 def text_line_data(name: str, calib: str | None = None, samples: int | None = None) -> TrainingData:
-    """Rendered text lines for PP-OCR's networks, their outputs matched (relative squared error of
+    """Rendered text lines for PP-OCR's networks, their outputs matched (the KL of
     the recognizer's character probabilities, the classifier's softened KL)."""
     from .inputs import infer_task
     from .suites.ppocr import calibration_batches
@@ -197,6 +199,22 @@ def text_line_data(name: str, calib: str | None = None, samples: int | None = No
     if calib not in (None, "text-lines"):
         raise VQCError(f"{name} calibrates on rendered text lines only (--calib text-lines), not {calib!r}")
     batches = calibration_batches(samples or DEFAULT_SAMPLES["text lines"], TEXT_LINE_MODELS[name])
+    return TrainingData(infer_task(None, batches[0]), lambda step: batches[step % len(batches)],
+                        calibration_batches=len(batches))
+
+
+def speech_data(calib: str | None = None, samples: int | None = None) -> TrainingData:
+    """Spoken news lines for a voice-activity detector, its speech probability matched; without
+    ``espeak-ng`` there is none (``NoData``: the run is then data-free, said)."""
+    from .inputs import infer_task
+    from .suites.silero import calibration_batches
+
+    if calib not in (None, "speech"):
+        raise VQCError(f"silero-vad calibrates on spoken lines only (--calib speech), not {calib!r}")
+    try:
+        batches = calibration_batches(samples or DEFAULT_SAMPLES["spoken lines"])
+    except VQCError as error:
+        raise NoData(str(error)) from None
     return TrainingData(infer_task(None, batches[0]), lambda step: batches[step % len(batches)],
                         calibration_batches=len(batches))
 
@@ -213,6 +231,8 @@ def training_data(source: dict, seed: int = 0, calib: str | None = None, samples
         return fashion_training_data(seed, samples=samples)
     if source["kind"] == "bundled" and source["name"] in TEXT_LINE_MODELS:
         return text_line_data(source["name"], calib, samples)
+    if source["kind"] == "bundled" and source["name"] == "silero-vad":
+        return speech_data(calib, samples)
     from .models import model_folder
 
     folder = model_folder(source) if source["kind"] in ("bundled", "folder") else None

@@ -8,10 +8,16 @@ before it and the LSTM state carried, as Silero runs.
 ``agreement``: percent of windows decided (probability > 0.5) as the fp32 model decides them;
 ``speech``: percent of windows decided as speech; ``error``: mean absolute difference of the
 probabilities from fp32's, in points.
+
+Calibration never uses these clips: ``calibration_batches`` speaks news lines (other than the
+PP-OCR suite's) through Debian's ``espeak-ng``, in two voices and four speeds.
 """
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import tempfile
 import wave
 from functools import lru_cache
 from pathlib import Path
@@ -24,6 +30,8 @@ from ..errors import VQCError
 
 CLIPS = Path("/usr/share/sounds/alsa")
 INSTALL = "apt-get install alsa-utils"
+SPEAKER, SPEAKER_INSTALL = "espeak-ng", "apt-get install espeak-ng"
+SPOKEN_FROM = 500  # the news lines spoken for calibration start here (ppocr's suite reads the first 100)
 RATE, WINDOW, CONTEXT, GAP = 16_000, 512, 64, 8_000
 
 
@@ -47,6 +55,35 @@ def audio() -> Tensor:
         raise VQCError(f"the silero-vad suite needs the speech clips in {CLIPS}: {INSTALL}")
     gap = np.zeros(GAP, np.float32)
     return torch.from_numpy(np.concatenate([part for path in paths for part in (_read(path), gap)]))
+
+
+def spoken(lines: list[str]) -> Tensor:
+    """``lines`` spoken by ``espeak-ng`` (voices and speeds by turns) at 16 kHz, with ``GAP``
+    samples of silence after each."""
+    if shutil.which(SPEAKER) is None:
+        raise VQCError(f"calibrating silero-vad speaks text through {SPEAKER}: {SPEAKER_INSTALL}")
+    parts, gap = [], np.zeros(GAP, np.float32)
+    with tempfile.TemporaryDirectory() as folder:
+        for i, text in enumerate(lines):
+            path = Path(folder) / f"{i}.wav"
+            subprocess.run([SPEAKER, "-v", ("en-us", "en-gb")[i % 2], "-s", str(140 + 10 * (i % 4)), "-w", str(path), text],
+                           check=True, capture_output=True)
+            parts += [_read(path), gap]
+    return torch.from_numpy(np.concatenate(parts))
+
+
+def windows(samples: Tensor) -> Tensor:
+    """Every whole ``WINDOW`` of ``samples`` with the ``CONTEXT`` samples before it: the model's inputs."""
+    padded = torch.cat([torch.zeros(CONTEXT), samples[: len(samples) // WINDOW * WINDOW]])
+    return torch.stack([padded[start - CONTEXT:start + WINDOW] for start in range(CONTEXT, len(padded), WINDOW)])
+
+
+def calibration_batches(lines: int = 24, batch_size: int = 64) -> list[Tensor]:
+    """Windows of ``lines`` news lines spoken (see the module), in batches; each window is read
+    from a fresh state."""
+    from .ppocr import text_lines
+
+    return list(windows(spoken(list(text_lines()[SPOKEN_FROM:SPOKEN_FROM + lines]))).split(batch_size))
 
 
 @torch.no_grad()
