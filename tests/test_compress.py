@@ -11,7 +11,7 @@ from torch import nn
 
 import vqcompress as vqc
 from tests.test_finetune import batch_at, distillation_loss, mlp
-from vqcompress.budget import PerLayer
+from vqcompress.budget import ModelAverage, PerLayer
 from vqcompress.errors import VQCError
 from vqcompress.finetune import TrainingData, classification_task, finetune
 from vqcompress.layers import iter_coded
@@ -432,9 +432,11 @@ class _TiedCausalLM(_TiedLM):
         return self.head
 
 
-def test_a_tied_output_head_weighs_rows_by_predicted_probability_too(monkeypatch):
+@pytest.mark.parametrize("budget", [PerLayer(3), ModelAverage(6)])
+def test_a_tied_output_head_weighs_rows_by_predicted_probability_too(monkeypatch, budget):
     """A tied table's row errors count half by how often the calibration text uses each token and
-    half by how much probability the uncompressed model gives it (its logit's noise costs that)."""
+    half by how much probability the uncompressed model gives it (its logit's noise costs that).
+    Under a model average the allocation's statistics pass measures both (no pass of its own)."""
     import sys
 
     from vqcompress.finetune import Task
@@ -452,7 +454,9 @@ def test_a_tied_output_head_weighs_rows_by_predicted_probability_too(monkeypatch
         seen.update(statistics or {}), fit_run(run, seed, statistics))[1])
     with torch.no_grad():
         predicted = torch.softmax(model(ids), -1).reshape(-1, 512).mean(0)
-    vqc.compress(model, "kmeans", PerLayer(3), data, progress=False, scale="row")
+    if isinstance(budget, ModelAverage):
+        monkeypatch.setattr(compress_module, "predicted_probabilities", None)  # its own pass would fail
+    vqc.compress(model, "kmeans", budget, data, progress=False, scale="row")
     assert torch.allclose(seen["embed"].row_weight, (counts / counts.sum() + predicted) / 2, atol=1e-6)
 
 

@@ -74,13 +74,25 @@ def sensitivities(jobs: list, statistics: dict[str, InputStatistics], loss: Call
     return gains
 
 
-def levels(bits: float) -> tuple[float, ...]:
+def levels(bits: float, floor: bool = True) -> tuple[float, ...]:
     """The index budgets each layer is measured at: ``LEVELS`` from one bit under the model's
-    budget (in whole bits), and above them those of ``HIGH_LEVELS`` up to twice it, so that a high budget is not
-    capped at 4. The floor is there because the summed-error model holds for small errors only: a
-    large layer it finds cheap to ruin (a recognizer's 6,625-way head at 1 bit of a 4-bit model)
-    ruins the whole network."""
-    return tuple(level for level in LEVELS if level >= math.floor(bits) - 1) + tuple(level for level in HIGH_LEVELS if level <= 2 * bits)
+    budget (in whole bits; all of them without ``floor``), and above them those of
+    ``HIGH_LEVELS`` up to twice it, so that a high budget is not capped at 4. The floor is there
+    because the summed-error model holds for small errors only: a large layer it finds cheap to
+    ruin (a recognizer's 6,625-way head at 1 bit of a 4-bit model) ruins the whole network."""
+    lowest = math.floor(bits) - 1 if floor else 0
+    return tuple(level for level in LEVELS if level >= lowest) + tuple(level for level in HIGH_LEVELS if level <= 2 * bits)
+
+
+def _cheapest(jobs: list, budgets: tuple[float, ...]) -> int:
+    return sum(min((layout.nbits() for _, layout in _level_settings(job, budgets)), default=0) for job in jobs)
+
+
+def _fitting_levels(jobs: list, bits: float, available: float) -> tuple[float, ...]:
+    """``levels(bits)``, or, where the budget cannot pay for the floor (a small model's codebooks
+    and scales weigh a lot), every level."""
+    floored = levels(bits)
+    return floored if _cheapest(jobs, floored) <= available else levels(bits, floor=False)
 
 
 def allocate(jobs: list, statistics: dict[str, InputStatistics], bits: float, available: float, seed: int = 0,
@@ -88,7 +100,8 @@ def allocate(jobs: list, statistics: dict[str, InputStatistics], bits: float, av
     """The option each job gets so that the model averages at most ``bits`` per weight (its coded
     layers spending at most ``available`` bits: ``check_budget``), minimising the sum of relative
     errors times each layer's gain (``sensitivities``; 1 each by default)."""
-    options = [_options(job, statistics.get(job.name), seed, gain, levels(bits))
+    budgets = _fitting_levels(jobs, bits, available)
+    options = [_options(job, statistics.get(job.name), seed, gain, budgets)
                for job, gain in tqdm(list(zip(jobs, gains or [1.0] * len(jobs))), desc="bit levels", unit="layer",
                                      disable=not progress, leave=False)]
     chosen = [0] * len(jobs)
@@ -119,7 +132,7 @@ def check_budget(model: nn.Module, jobs: list, bits: float) -> float:
     fixed = sum(t.numel() * t.element_size() * 8 for n, t in tensors.items() if n not in coded_names)
     fixed += 8 * header_bytes(model, jobs, tensors, aliases)
     available = bits * parameters - fixed
-    cheapest = sum(min((layout.nbits() for _, layout in _level_settings(job, levels(bits))), default=0) for job in jobs)
+    cheapest = _cheapest(jobs, levels(bits, floor=False))
     if cheapest > available:
         raise VQCError(f"{bits} bits per weight cannot hold this model: its cheapest coding takes "
                        f"{(cheapest + fixed) / parameters:.3f} (layers left dense and the file's header included)")

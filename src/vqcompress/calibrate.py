@@ -12,7 +12,7 @@ the blocks already compressed, holding only one block's activations.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -204,14 +204,14 @@ def statistics_pass(model: nn.Module, forward: Callable[[nn.Module, Any], Any], 
             handle.remove()
 
 
-def predicted_probabilities(model: nn.Module, head: nn.Module, forward: Callable[[nn.Module, Any], Any],
-                            batches: Iterable[Any], positions: Callable[[Any], Tensor | None] = lambda batch: None,
-                            chunk: int = 64) -> Tensor:
-    """The mean over every (real) position of the batches of the softmax of ``head``'s outputs: how
-    much probability a language model gives each token. Each pass stops before the head, which
-    then runs on ``chunk`` positions at a time, so a batch's full logits (Gemma: 2 GB) are never
-    held at once (at 64 positions: 2,081 MiB peak for a pass of Gemma, 2,459 at 256, no slower).
-    Logit transforms outside the head (soft-capping) are not applied."""
+@contextmanager
+def predicting(head: nn.Module, chunk: int = 64) -> Iterator[Callable[[], Tensor]]:
+    """While open, every pass that reaches ``head`` adds the softmax of its outputs at every (real)
+    position and stops there; yields a function giving the mean so far: how much probability a
+    language model gives each token. The head runs on ``chunk`` positions at a time, so a batch's
+    full logits (Gemma: 2 GB) are never held at once (at 64 positions: 2,081 MiB peak for a pass
+    of Gemma, 2,459 at 256, no slower). Logit transforms outside the head (soft-capping) are not
+    applied. Other hooks on the pass (``capturing``) collect as usual: one pass serves both."""
     total, count = torch.zeros(head.out_features, dtype=torch.float64), 0
 
     def record(module: nn.Module, args: tuple) -> None:
@@ -226,11 +226,20 @@ def predicted_probabilities(model: nn.Module, head: nn.Module, forward: Callable
 
     handle = head.register_forward_pre_hook(record)
     try:
-        for batch in batches:
-            statistics_pass(model, forward, batch, positions(batch))
+        yield lambda: (total / max(count, 1)).float()
     finally:
         handle.remove()
-    return (total / max(count, 1)).float()
+
+
+def predicted_probabilities(model: nn.Module, head: nn.Module, forward: Callable[[nn.Module, Any], Any],
+                            batches: Iterable[Any], positions: Callable[[Any], Tensor | None] = lambda batch: None,
+                            chunk: int = 64) -> Tensor:
+    """The mean over every (real) position of the batches of the softmax of ``head``'s outputs
+    (``predicting``), each pass stopping before the head."""
+    with predicting(head, chunk) as mean:
+        for batch in batches:
+            statistics_pass(model, forward, batch, positions(batch))
+        return mean()
 
 
 class Blocks:

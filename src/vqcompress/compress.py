@@ -9,6 +9,7 @@ import os
 import sys
 import zlib
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 from . import defaults
 from .allocate import allocate, ceiling, check_budget, describe, has_levels, levels, sensitivities
 from .budget import Budget, ModelAverage, PerLayer, resolve
-from .calibrate import Blocks, InputStatistics, capturing, find_blocks, predicted_probabilities, statistics_pass
+from .calibrate import Blocks, InputStatistics, capturing, find_blocks, predicted_probabilities, predicting, statistics_pass
 from .coded import CodedWeight
 from .errors import VQCError
 from .finetune import BLOCK_LR, Task, TrainingData, check_assignments, finetune, mean_loss, relative_error, tune_block
@@ -301,9 +302,11 @@ def compress(model: nn.Module, method: str | MethodConfig = "kmeans", bits: floa
     available = check_budget(model, jobs, budget.bits) if isinstance(budget, ModelAverage) else None
     if available is not None:
         _say_if_unspent(model, jobs, budget, available)
-    predicted = _predicted_rows(model, jobs, followers, calibration, progress) if calibrate else {}
     if available is not None and any(has_levels(job) for job in jobs):
-        _allocate(model, jobs, calibration if calibrate else None, budget.bits, available, seed, predicted, progress)
+        predicted = _allocate(model, jobs, calibration if calibrate else None, budget.bits, available, seed, followers,
+                              progress)
+    else:
+        predicted = _predicted_rows(model, jobs, followers, calibration, progress) if calibrate else {}
     bar = tqdm(total=len(jobs), desc=spec["method"], unit="layer", disable=not progress)
     if not calibrate:
         model = _fit_runs(model, shared_runs(jobs), seed, bar, followers=followers)
@@ -384,27 +387,33 @@ def _global_spec(method: str | MethodConfig, options: dict) -> dict:
 
 
 def _allocate(model: nn.Module, jobs: list[Job], data: TrainingData | None, bits: float, available: float,
-              seed: int, predicted: dict[str, Tensor], progress: bool = False) -> None:
+              seed: int, followers: dict[str, list[Job]], progress: bool = False) -> dict[str, Tensor]:
     """Give each job the settings of its share of the model's bit budget (``allocate``), measured
     on the statistics of one pass of the uncompressed model (without data: each layer's relative
-    weight error, every layer alike); the table is kept in ``model.vqc_allocation``."""
-    statistics, gains = _sensitivities(model, jobs, data, seed, predicted, progress) if data is not None else ({}, None)
+    weight error, every layer alike); the table is kept in ``model.vqc_allocation``. Returns the
+    tied tables' predicted token probabilities, which the same pass measures (``_predicted_rows``)."""
+    statistics, gains, predicted = _sensitivities(model, jobs, data, seed, followers, progress) if data is not None else ({}, None, {})
     chosen = allocate(jobs, statistics, bits, available, seed, gains, progress)
     release_pages(job.module.weight for job in jobs)  # the passes read every weight
     for job, option in zip(jobs, chosen):
         job.settings = option.settings
     model.vqc_allocation = describe(jobs, chosen)
+    return predicted
 
 
-def _sensitivities(model: nn.Module, jobs: list[Job], data: TrainingData, seed: int, predicted: dict[str, Tensor],
-                   progress: bool = False) -> tuple[dict[str, InputStatistics | None], list[float]]:
-    """Each job's fitting statistics from one pass of the uncompressed model, and its sensitivity
-    (the model's output loss per unit of the layer's relative output error)."""
-    with capturing({job.name: job.module for job in jobs}) as collected:
+def _sensitivities(model: nn.Module, jobs: list[Job], data: TrainingData, seed: int, followers: dict[str, list[Job]],
+                   progress: bool = False) -> tuple[dict[str, InputStatistics | None], list[float], dict[str, Tensor]]:
+    """Each job's fitting statistics from one pass of the uncompressed model, which also measures
+    the tied tables' predicted tokens (``_predicted_rows``), and its sensitivity (the model's
+    output loss per unit of the layer's relative output error)."""
+    head, tied = _tied_head(model, jobs, followers)
+    with capturing({job.name: job.module for job in jobs}) as collected, \
+            (predicting(head) if tied else nullcontext(lambda: None)) as mean:
         for i in tqdm(range(data.calibration_batches), desc="input statistics", unit="batch", disable=not progress,
                       leave=False):
             batch = data.batch_at(i)
             statistics_pass(model, data.task.forward, batch, data.task.positions(batch), _uncollected_head(model, jobs))
+        predicted = dict.fromkeys(tied, mean())
         statistics = _embedding_statistics(collected(), jobs, data, predicted)
     statistics = {job.name: _fitting_statistics(job, statistics.get(job.name)) for job in jobs}
     probe = [data.task.probe(data.batch_at(0))]
@@ -414,7 +423,7 @@ def _sensitivities(model: nn.Module, jobs: list[Job], data: TrainingData, seed: 
     def loss() -> float:
         return mean_loss(data.task, model, probe, targets)
 
-    return statistics, sensitivities(jobs, statistics, loss, seed, progress)
+    return statistics, sensitivities(jobs, statistics, loss, seed, progress), predicted
 
 
 def _embedding_statistics(statistics: dict[str, InputStatistics], jobs: list[Job], data: TrainingData,
@@ -438,17 +447,24 @@ def _embedding_statistics(statistics: dict[str, InputStatistics], jobs: list[Job
     return statistics
 
 
+def _tied_head(model: nn.Module, jobs: list[Job], followers: dict[str, list[Job]]) -> tuple[nn.Module | None, list[str]]:
+    """The model's output head and the embeddings whose table it shares (a tied language model)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = [job.name for job in jobs if isinstance(job.module, nn.Embedding)
+            and any(follower.module is head for follower in followers.get(job.name, []))]
+    return (head, tied) if head is not None and tied else (None, [])
+
+
 def _predicted_rows(model: nn.Module, jobs: list[Job], followers: dict[str, list[Job]],
                     data: TrainingData, progress: bool = False) -> dict[str, Tensor]:
     """For an embedding whose table is also the model's output head (a tied language model), by
     name: the mean probability the uncompressed model gives each token on the calibration batches.
     A row's error lands twice, where its token is looked up and in its logit at every position;
     there, noise in the logits of tokens the model finds likely costs most, and those include
-    tokens the calibration text never uses (on Gemma: 2.7% of the predicted probability)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    tied = [job.name for job in jobs if isinstance(job.module, nn.Embedding)
-            and any(follower.module is head for follower in followers.get(job.name, []))]
-    if head is None or not tied:
+    tokens the calibration text never uses (on Gemma: 2.7% of the predicted probability). Its own
+    pass where no allocation runs one (``_sensitivities``)."""
+    head, tied = _tied_head(model, jobs, followers)
+    if not tied:
         return {}
     batches = tqdm((data.batch_at(i) for i in range(data.calibration_batches)), total=data.calibration_batches,
                    desc="predicted tokens", unit="batch", disable=not progress, leave=False)
