@@ -70,8 +70,6 @@ def test_asking_for_more_lines_than_the_text_has_is_one_line():
 
 
 def test_calibration_lines_are_none_the_suite_reads():
-    batches = ppocr.calibration_batches(10, classifier=False, batch_size=4)
+    batches = ppocr.calibration_batches(10, batch_size=4)
     assert [len(b) for b in batches] == [4, 4, 2] and batches[0].shape[1:] == (3, ppocr.HEIGHT, ppocr.REC_WIDTH)
     assert ppocr.CALIBRATION_FROM >= ppocr.LINES
-    turned = ppocr.calibration_batches(2, classifier=True, batch_size=2)[0]
-    assert turned.shape[1:] == (3, ppocr.HEIGHT, ppocr.CLS_WIDTH)

@@ -82,18 +82,14 @@ def samples(count: int) -> list[tuple[str, object]]:
     return [(text, render(text, FONTS[i % len(FONTS)])) for i, text in enumerate(lines[:count])]
 
 
-def calibration_batches(count: int, classifier: bool, batch_size: int = 8) -> list[Tensor]:
+def calibration_batches(count: int, batch_size: int = 8) -> list[Tensor]:
     """``count`` lines the suite never reads (from ``CALIBRATION_FROM`` on), prepared as the
-    recognizer's (or, half turned by 180°, the direction classifier's) inputs, in batches."""
+    recognizer's inputs, in batches."""
     lines = text_lines()[CALIBRATION_FROM:CALIBRATION_FROM + count]
     if len(lines) < count:
         raise VQCError(f"the text has {len(text_lines()) - CALIBRATION_FROM} calibration lines, not {count}")
     images = [render(text, FONTS[i % len(FONTS)]) for i, text in enumerate(lines)]
-    if classifier:
-        images = [image.rotate(180) if i % 2 else image for i, image in enumerate(images)]
-    width = CLS_WIDTH if classifier else REC_WIDTH
-    prepared = torch.stack([prepare(image, width, True) for image in images])
-    return list(prepared.split(batch_size))
+    return list(torch.stack([prepare(image, REC_WIDTH, True) for image in images]).split(batch_size))
 
 
 def ctc_greedy(probabilities: Tensor, characters: list[str]) -> str:
