@@ -79,7 +79,7 @@ def levels(bits: float, floor: bool = True) -> tuple[float, ...]:
     budget (in whole bits; all of them without ``floor``), and above them those of
     ``HIGH_LEVELS`` up to twice it, so that a high budget is not capped at 4. The floor is there
     because the summed-error model holds for small errors only: a large layer it finds cheap to
-    ruin (a recognizer's 6,625-way head at 1 bit of a 4-bit model) ruins the whole network."""
+    ruin (docs/methods.md, "Real pretrained networks") ruins the whole network."""
     lowest = math.floor(bits) - 1 if floor else 0
     return tuple(level for level in LEVELS if level >= lowest) + tuple(level for level in HIGH_LEVELS if level <= 2 * bits)
 
@@ -128,7 +128,7 @@ def check_budget(model: nn.Module, jobs: list, bits: float) -> float:
     coding does not fit."""
     tensors, aliases = model_tensors(model)
     coded_names = {job.name + ".weight" for job in jobs}
-    parameters = sum(t.numel() for t in tensors.values() if t.is_floating_point())
+    parameters = _parameters(tensors)
     fixed = sum(t.numel() * t.element_size() * 8 for n, t in tensors.items() if n not in coded_names)
     fixed += 8 * header_bytes(model, jobs, tensors, aliases)
     available = bits * parameters - fixed
@@ -139,10 +139,16 @@ def check_budget(model: nn.Module, jobs: list, bits: float) -> float:
     return available
 
 
-def ceiling(jobs: list, bits: float) -> int:
-    """The most bits the jobs' methods can spend on them under a model average of ``bits``: each
-    layer at its dearest level (a budget above it is not spent: ``compress`` says so)."""
-    return sum(max((layout.nbits() for _, layout in _level_settings(job, levels(bits))), default=0) for job in jobs)
+def ceiling(model: nn.Module, jobs: list, bits: float, available: float) -> float:
+    """The most bits per weight a file can reach under a model average of ``bits`` (the coded
+    layers spending at most ``available``: ``check_budget``): each layer at its dearest level.
+    A budget above it is not spent (``compress`` says so)."""
+    most = sum(max((layout.nbits() for _, layout in _level_settings(job, levels(bits))), default=0) for job in jobs)
+    return bits - max(available - most, 0) / _parameters(model_tensors(model)[0])
+
+
+def _parameters(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() for t in tensors.values() if t.is_floating_point())
 
 
 def header_bytes(model: nn.Module, jobs: list, tensors: dict[str, torch.Tensor], aliases: dict[str, str]) -> int:

@@ -367,12 +367,10 @@ def _say_what_is_missing(jobs: list[Job], budget: Budget | None, calibrate: bool
 def _say_if_unspent(model: nn.Module, jobs: list[Job], budget: ModelAverage, available: float) -> None:
     """Say where a model average is more than the methods can spend (a universal codebook has one
     cost, say): the file then stays well under the budget."""
-    most = ceiling(jobs, budget.bits)
-    if most < 0.9 * available:
-        parameters = sum(t.numel() for t in model.state_dict().values() if t.is_floating_point())
-        unspent = (available - most) / parameters
+    most = ceiling(model, jobs, budget.bits, available)
+    if most < 0.9 * budget.bits:
         say(f"the budget of {budget.bits:g} bits per weight is more than {', '.join(sorted({job.method.name for job in jobs}))} "
-            f"codes here: about {budget.bits - unspent:.2f} bits per weight at most (capped there)")
+            f"codes here: about {most:.2f} bits per weight at most (capped there)")
 
 
 def _global_spec(method: str | MethodConfig, options: dict) -> dict:

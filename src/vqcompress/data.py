@@ -4,9 +4,8 @@
 - ``minilm`` (an encoder): sentences, by default of ``lee_background.cor`` (news; the
   evaluation uses other texts);
 - PP-OCR's recognizer (``ppocr-rec``): news lines rendered as its suite renders them, but other
-  lines (``suites.ppocr.calibration_batches``); its direction classifier has none: 39% of its
-  parameters stay dense (layers under 4,096 weights, BatchNorms), so no model average under 15.5
-  bits (what calibration makes of a plain number) can be met, while data-free 4-bit codes keep it;
+  lines (``suites.ppocr.calibration_batches``); its direction classifier has none, since much of
+  it stays dense and a calibrated run's model average could not be met (docs/methods.md);
 - Silero VAD (``silero-vad``): news lines spoken by ``espeak-ng`` (``suites.silero.calibration_batches``;
   its suite listens to ALSA's recorded voices);
 - a causal LM (``gemma-270m``): windows of ``WINDOW`` tokens of running text, by default of the
@@ -24,6 +23,7 @@ from __future__ import annotations
 
 import bz2
 import re
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
@@ -34,7 +34,9 @@ from .finetune import TrainingData, causal_lm_task, classification_task, encoder
 from .memory import release_free_memory
 
 WINDOW = 512  # tokens per causal-LM sample
-DEFAULT_SAMPLES = {"encoder": 128, "causal": 64, "images": 1024, "text lines": 64, "spoken lines": 24}
+DEFAULT_SAMPLES = {"encoder": 128, "causal": 64, "images": 1024}
+#: bundled networks whose suites make their calibration examples (``example_data``): name → lines by default
+EXAMPLE_DATA = {"ppocr-rec": 64, "silero-vad": 24}
 
 
 class NoData(VQCError):
@@ -190,28 +192,25 @@ def causal_lm_data(tokenizer, seed: int = 0, batch_size: int = 4, calib: str = "
                         token_counts=torch.bincount(ids))
 
 
-def text_line_data(name: str, calib: str | None = None, samples: int | None = None) -> TrainingData:
-    """Rendered text lines for PP-OCR's recognizer, its character probabilities matched by their KL."""
+def _example_batches(name: str) -> tuple[str, Callable[[int], list[torch.Tensor]]]:
+    """A bundled network's calibration examples: the ``--calib`` name they go by and the batches
+    its suite makes of that many lines (``EXAMPLE_DATA``)."""
+    from .suites import ppocr, silero
+
+    return {"ppocr-rec": ("text-lines", ppocr.calibration_batches), "silero-vad": ("speech", silero.calibration_batches)}[name]
+
+
+def example_data(name: str, calib: str | None = None, samples: int | None = None) -> TrainingData:
+    """A bundled network's calibration examples (``EXAMPLE_DATA``), its outputs matched as
+    ``inputs.infer_task`` matches a tensor's (a softmax's by its KL); where the examples cannot be
+    made (a tool missing) there are none (``NoData``: the run is then data-free, said)."""
     from .inputs import infer_task
-    from .suites.ppocr import calibration_batches
 
-    if calib not in (None, "text-lines"):
-        raise VQCError(f"{name} calibrates on rendered text lines only (--calib text-lines), not {calib!r}")
-    batches = calibration_batches(samples or DEFAULT_SAMPLES["text lines"])
-    return TrainingData(infer_task(None, batches[0]), lambda step: batches[step % len(batches)],
-                        calibration_batches=len(batches))
-
-
-def speech_data(calib: str | None = None, samples: int | None = None) -> TrainingData:
-    """Spoken news lines for a voice-activity detector, its speech probability matched; without
-    ``espeak-ng`` there is none (``NoData``: the run is then data-free, said)."""
-    from .inputs import infer_task
-    from .suites.silero import calibration_batches
-
-    if calib not in (None, "speech"):
-        raise VQCError(f"silero-vad calibrates on spoken lines only (--calib speech), not {calib!r}")
+    kind, batches_of = _example_batches(name)
+    if calib not in (None, kind):
+        raise VQCError(f"{name} calibrates on its {kind} only (--calib {kind}), not {calib!r}")
     try:
-        batches = calibration_batches(samples or DEFAULT_SAMPLES["spoken lines"])
+        batches = batches_of(samples or EXAMPLE_DATA[name])
     except VQCError as error:
         raise NoData(str(error)) from None
     return TrainingData(infer_task(None, batches[0]), lambda step: batches[step % len(batches)],
@@ -228,10 +227,8 @@ def training_data(source: dict, seed: int = 0, calib: str | None = None, samples
         if calib not in (None, "fashion"):
             raise VQCError(f"{source['name']} calibrates on Fashion-MNIST images only (--calib fashion), not {calib!r}")
         return fashion_training_data(seed, samples=samples)
-    if source["kind"] == "bundled" and source["name"] == "ppocr-rec":
-        return text_line_data(source["name"], calib, samples)
-    if source["kind"] == "bundled" and source["name"] == "silero-vad":
-        return speech_data(calib, samples)
+    if source["kind"] == "bundled" and source["name"] in EXAMPLE_DATA:
+        return example_data(source["name"], calib, samples)
     from .models import model_folder
 
     folder = model_folder(source) if source["kind"] in ("bundled", "folder") else None

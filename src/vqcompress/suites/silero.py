@@ -90,10 +90,9 @@ def calibration_batches(lines: int = 24, batch_size: int = 64) -> list[Tensor]:
 def probabilities(model: nn.Module, samples: Tensor, device: str = "cpu") -> Tensor:
     """Speech probability of every whole ``WINDOW`` of ``samples``, run as a stream."""
     model.eval().to(device)
-    padded = torch.cat([torch.zeros(CONTEXT), samples[: len(samples) // WINDOW * WINDOW]]).to(device)
     state, out = None, []
-    for start in range(CONTEXT, len(padded), WINDOW):
-        probability, state = model(padded[None, start - CONTEXT:start + WINDOW], state)
+    for window in windows(samples).to(device):
+        probability, state = model(window[None], state)
         out.append(probability)
     return torch.cat(out).cpu()
 
