@@ -7,7 +7,7 @@ import torch
 
 from vqcompress.calibrate import InputStatistics
 from vqcompress.errors import VQCError
-from vqcompress.methods import get_method, make_config
+from vqcompress.methods import get_method, jlcm, make_config
 from vqcompress.methods.jlcm import _Mixture, group_rows
 
 JLCM = get_method("jlcm")
@@ -99,3 +99,19 @@ def test_bad_options(options, message):
 
 def test_default_groups_divide_any_row_count():
     assert JLCM.settings((30522, 384), 2, JLCM.config())["groups"] == 3
+
+
+def test_an_embedding_gets_the_nearest_codewords_of_its_start_in_original_row_order(monkeypatch):
+    """Nothing is learnt where each row's error is its own: the codes are the row-weighted nearest
+    codewords, and no candidate tensors (gigabytes for a 262k-row table) are built."""
+    monkeypatch.setattr(jlcm, "learn", None)
+    weight, _ = skewed_problem(rows=256)
+    counts = torch.rand(256, generator=torch.Generator().manual_seed(1)) + 0.1
+    code = fit(weight, InputStatistics(row_weight=counts))
+    assert code.layout.permuted
+    decoded = code.decode()
+    unassigned = torch.zeros(code.layout.rows, code.layout.segments, dtype=torch.uint8)
+    again = code.__class__.encode(code.layout, code.codebook, unassigned, code.scale, perm=code.permutation())
+    again.reassign(weight, counts[:, None])
+    assert torch.equal(again.decode(), decoded)
+    assert float(((decoded - weight).square() * counts[:, None]).sum()) < 0.2 * float((weight.square() * counts[:, None]).sum())

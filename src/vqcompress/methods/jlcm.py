@@ -34,10 +34,10 @@ from torch import Tensor
 
 from ..calibrate import InputStatistics
 from ..codebook import nearest_candidates
-from ..coded import CodedWeight, CodeLayout
+from ..coded import CodedWeight, CodeLayout, row_slices
 from ..errors import VQCError
 from . import MethodConfig, register
-from .kmeans import KMeans, KMeansConfig, _codebooks, _rms
+from .kmeans import KMeans, KMeansConfig, _codebooks, _encode, _rms
 
 STEPS = 10  # joint-learning steps: 40 gave no better MiniLM cosine (docs/methods.md), in twice the time
 DEFAULT_GROUPS = 4  # codebooks per layer unless asked: the most of 1 … 4 that divides the rows
@@ -98,17 +98,28 @@ class JLCM:
         matrix = weight.reshape(layout.rows, layout.cols).float()
         stats = inputs or InputStatistics(gram=torch.eye(layout.cols, device=matrix.device))
         perm = group_rows(matrix, layout.groups, by_magnitude=settings["scale"] != "row") if layout.permuted else None
-        rows = matrix if perm is None else matrix[perm]
         if stats.row_weight is not None and perm is not None:
             stats = InputStatistics(row_weight=stats.row_weight[perm])
-        scale = _rms(rows.cpu(), rows=True).to(rows.device) if settings["scale"] == "row" else None
-        importance = stats.importance().expand(rows.shape)
-        codebook = _codebooks(rows.cpu(), 1 if scale is None else scale.cpu(), importance.cpu(), layout.groups,
-                              {**settings, "iterations": 12, "max_points_per_centroid": 128}, seed).to(rows.device)
-        if stats.gram is None:  # an embedding: each row's error is its own, which weighted k-means already minimises
-            settings = {**settings, "steps": 0}
+        codebook, scale = _start(matrix if perm is None else matrix[perm], stats, layout, settings, seed)
+        if stats.gram is None or settings["steps"] == 0:  # nothing to learn: the nearest codewords
+            # (an embedding's error is each row's own, which weighted k-means already minimises)
+            original = None if inputs is None else inputs.importance().cpu()
+            return _encode(layout, codebook.cpu(), matrix.cpu(), None if scale is None else scale.cpu(),
+                           importance=original, perm=perm)
+        rows = matrix if perm is None else matrix[perm]
         codes, codebook, scale = learn(rows, stats, layout, codebook.float(), scale, settings)
         return CodedWeight.encode(layout, codebook, codes, scale, perm=perm)
+
+
+def _start(rows: Tensor, stats: InputStatistics, layout: CodeLayout, settings: dict,
+           seed: int) -> tuple[Tensor, Tensor | None]:
+    """The codebooks by weighted k-means and the row scales (when rows are scaled) of the stored
+    rows: where joint learning starts."""
+    scale = _rms(rows.cpu(), rows=True).to(rows.device) if settings["scale"] == "row" else None
+    importance = stats.importance().expand(rows.shape)
+    codebook = _codebooks(rows.cpu(), 1 if scale is None else scale.cpu(), importance.cpu(), layout.groups,
+                          {**settings, "iterations": 12, "max_points_per_centroid": 128}, seed).to(rows.device)
+    return codebook, scale
 
 
 def group_rows(matrix: Tensor, groups: int, by_magnitude: bool) -> Tensor:
@@ -117,8 +128,12 @@ def group_rows(matrix: Tensor, groups: int, by_magnitude: bool) -> Tensor:
     must cover its magnitude, of the row over its RMS when rows are scaled). Returns original
     row numbers."""
     levels = torch.tensor([0.02, 0.1, 0.25, 0.5, 0.75, 0.9, 0.98], device=matrix.device)
-    rows = matrix if by_magnitude else matrix / matrix.square().mean(1, keepdim=True).sqrt().clamp_min(1e-12)
-    features = torch.quantile(rows, levels, dim=1).T
+
+    def quantiles(rows: Tensor) -> Tensor:
+        rows = rows if by_magnitude else rows / rows.square().mean(1, keepdim=True).sqrt().clamp_min(1e-12)
+        return torch.quantile(rows, levels, dim=1).T
+
+    features = torch.cat([quantiles(matrix[part]) for part in row_slices(*matrix.shape)])  # no copy of an embedding
     features = features - features.mean(0)
     direction = torch.linalg.svd(features, full_matrices=False).Vh[0]
     direction = direction * direction[-1].sign()  # the SVD's sign is arbitrary: fix it, same file every run

@@ -214,11 +214,12 @@ def _rms(values: Tensor, rows: bool = False) -> Tensor:
 
 
 def _encode(layout: CodeLayout, codebook: Tensor, matrix: Tensor, scale: Tensor | None,
-            gain: Tensor | None = None, importance: Tensor | None = None) -> CodedWeight:
+            gain: Tensor | None = None, importance: Tensor | None = None, perm: Tensor | None = None) -> CodedWeight:
     """The coded weight, its codes assigned against the stored (fp16) codebook, scales and gain
-    (weighted by ``importance`` when given), so decoding gives what was chosen."""
+    (weighted by ``importance`` when given), so decoding gives what was chosen. ``matrix`` and
+    ``importance`` are in the original row order, ``scale`` in the stored one (``perm``'s)."""
     unassigned = torch.zeros(layout.rows, layout.segments, dtype=torch.uint8)  # any code; 1 byte each
-    code = CodedWeight.encode(layout, codebook, unassigned, scale, gain=gain)
+    code = CodedWeight.encode(layout, codebook, unassigned, scale, gain=gain, perm=perm)
     code.reassign(matrix, importance)
     return code
 
