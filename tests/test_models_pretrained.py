@@ -106,3 +106,12 @@ def test_the_plain_command_takes_a_wheel_network_by_name(tmp_path):
     assert evaluated.returncode == 0, evaluated.stderr
     if shutil.which("espeak-ng"):  # calibrated on spoken lines, the plain command keeps the detector within a point
         assert json.loads(evaluated.stdout)["compressed"]["agreement"] >= 99
+
+
+def test_silence_gives_the_voice_detector_finite_gradients(networks):
+    """A zero spectrum (silence, padding) must not make training's gradients 0/0: vqdnn's
+    fine-tuning on spoken calibration data diverged at its second step."""
+    model = copy.deepcopy(networks["silero-vad"])
+    probability, _ = model(torch.zeros(2, 576))
+    probability.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

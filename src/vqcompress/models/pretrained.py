@@ -144,7 +144,8 @@ class SileroVAD(nn.Module):
     def forward(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(batch, 576) samples and a (2, batch, 128) state or None → (batch,) probability, state."""
         x = self.stft_conv(F.pad(x, (0, 64), mode="reflect").unsqueeze(1))
-        x = (x[:, :129].square() + x[:, 129:].square()).sqrt()
+        # the magnitude; clamped so that silence (a zero spectrum) has a finite gradient, not 0/0
+        x = (x[:, :129].square() + x[:, 129:].square()).clamp_min(1e-24).sqrt()
         for conv in (self.conv1, self.conv2, self.conv3, self.conv4):
             x = conv(x).relu()
         h, c = self.lstm_cell(x.squeeze(-1), None if state is None else (state[0], state[1]))
