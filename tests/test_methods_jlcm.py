@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from vqcompress.calibrate import InputStatistics
+from vqcompress.coded import CodedWeight
 from vqcompress.errors import VQCError
 from vqcompress.methods import get_method, jlcm, make_config
 from vqcompress.methods.jlcm import _Mixture, group_rows
@@ -111,7 +112,7 @@ def test_an_embedding_gets_the_nearest_codewords_of_its_start_in_original_row_or
     assert code.layout.permuted
     decoded = code.decode()
     unassigned = torch.zeros(code.layout.rows, code.layout.segments, dtype=torch.uint8)
-    again = code.__class__.encode(code.layout, code.codebook, unassigned, code.scale, perm=code.permutation())
+    again = CodedWeight.encode(code.layout, code.codebook, unassigned, code.scale, perm=code.permutation())
     again.reassign(weight, counts[:, None])
     assert torch.equal(again.decode(), decoded)
     assert float(((decoded - weight).square() * counts[:, None]).sum()) < 0.2 * float((weight.square() * counts[:, None]).sum())

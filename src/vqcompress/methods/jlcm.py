@@ -100,13 +100,14 @@ class JLCM:
         perm = group_rows(matrix, layout.groups, by_magnitude=settings["scale"] != "row") if layout.permuted else None
         if stats.row_weight is not None and perm is not None:
             stats = InputStatistics(row_weight=stats.row_weight[perm])
-        codebook, scale = _start(matrix if perm is None else matrix[perm], stats, layout, settings, seed)
+        rows = matrix if perm is None else matrix[perm]
+        codebook, scale = _start(rows, stats, layout, settings, seed)
         if stats.gram is None or settings["steps"] == 0:  # nothing to learn: the nearest codewords
             # (an embedding's error is each row's own, which weighted k-means already minimises)
+            del rows  # reassigning reads the original rows: no second copy of a token table
             original = None if inputs is None else inputs.importance().cpu()
             return _encode(layout, codebook.cpu(), matrix.cpu(), None if scale is None else scale.cpu(),
                            importance=original, perm=perm)
-        rows = matrix if perm is None else matrix[perm]
         codes, codebook, scale = learn(rows, stats, layout, codebook.float(), scale, settings)
         return CodedWeight.encode(layout, codebook, codes, scale, perm=perm)
 
