@@ -114,3 +114,26 @@ def test_a_layer_the_plan_gives_bits_keeps_them_and_the_others_share_the_rest():
     assert rows["encoder.layer.1.output.dense"].bits_per_weight == vqc.report(expected).coded[0].bits_per_weight
     assert result.model_bits_per_weight <= 3.0
     assert max(row.bits_per_weight for row in result.coded) > 3.0  # the bits it left went to others
+
+
+def test_jlcm_levels_are_measured_with_its_own_grouped_fit():
+    """Gemma at 3 bits: jlcm's levels were measured with a one-codebook k-means, which saw only the
+    cost of its groups; 11 layers went a level down and the perplexity lost 11%."""
+    from types import SimpleNamespace
+
+    from vqcompress.allocate import _measure
+    from vqcompress.methods import get_method
+    from vqcompress.methods.jlcm import JLCMConfig
+
+    g = torch.Generator().manual_seed(0)
+    small = 0.1 * torch.randn(64, 64, generator=g)
+    two_valued = torch.randint(0, 2, (64, 64), generator=g).float() * 2 - 1  # two codewords hold it exactly
+    weight = torch.cat([small, two_valued])[torch.randperm(128, generator=g)]
+    jlcm = get_method("jlcm")
+    settings = jlcm.settings((128, 64), 1.0, JLCMConfig(dim=1, k=2, groups=2, scale="none"))
+    job = SimpleNamespace(module=torch.nn.Linear(64, 128, bias=False), method=jlcm)
+    job.module.weight.data = weight
+    layout = jlcm.layout((128, 64), settings)
+    grouped = _measure(job, None, settings, layout, seed=0)
+    one_codebook = _measure(SimpleNamespace(module=job.module, method=get_method("kmeans")), None, settings, layout, 0)
+    assert grouped < 0.7 * one_codebook

@@ -212,10 +212,13 @@ def _measure(job, inputs: InputStatistics | None, settings: dict, layout: CodeLa
 
     weight = job.module.weight.detach().float().reshape(job.module.weight.shape[0], -1)
     stats = inputs or InputStatistics(gram=torch.eye(weight.shape[1]))
+    own = hasattr(job.method, "quick_settings")
+    groups = layout.groups if own else 1
     rows = _sample_rows(weight, stats, seed, layout.kept_rows)
+    rows = rows[:len(rows) - len(rows) % groups]  # whole groups of rows
     sample = stats if stats.gram is not None else InputStatistics(row_weight=stats.row_weight[rows])
-    k = min(layout.k, len(rows) * layout.segments)
-    if hasattr(job.method, "quick_settings"):
+    k = min(layout.k, len(rows) * layout.segments // groups)
+    if own:
         method, quick = job.method, job.method.quick_settings(settings) | {"k": k}
     else:
         method, quick = KMeans(), {"dim": layout.dim, "k": k, "groups": 1, "shared": 0, "iterations": 3,

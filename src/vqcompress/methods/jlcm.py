@@ -43,6 +43,7 @@ STEPS = 10  # joint-learning steps: 40 gave no better MiniLM cosine (docs/method
 DEFAULT_GROUPS = 4  # codebooks per layer unless asked: the most of 1 … 4 that divides the rows
 TUNE_HARD = 0.2  # share of the steps spent on codebooks and scales with the mapping fixed
 TEMPERATURES = (1.0, 0.02)  # τ at the first step and at the switch to the hard mapping
+START = {"iterations": 12, "max_points_per_centroid": 128}  # the k-means start, unless the settings say
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,12 @@ class JLCM:
                 "steps": STEPS if config.steps is None else config.steps, "lr": config.lr or 2e-2,
                 "candidates": min(config.candidates or 4, base["k"])}
 
+    @staticmethod
+    def quick_settings(settings: dict) -> dict:
+        """For the model-average budget's measurements: the same groups and scales, the k-means
+        start alone (its grouping is what its levels buy; a one-codebook fit would not see it)."""
+        return settings | {"steps": 0, "iterations": 3, "max_points_per_centroid": 64}
+
     def layout(self, shape: tuple[int, ...], settings: dict) -> CodeLayout:
         layout = CodeLayout(tuple(shape), k=settings["k"], dim=settings["dim"], groups=settings["groups"],
                             scale_group=math.prod(shape[1:]) if settings["scale"] == "row" else None,
@@ -119,7 +126,7 @@ def _start(rows: Tensor, stats: InputStatistics, layout: CodeLayout, settings: d
     scale = _rms(rows.cpu(), rows=True).to(rows.device) if settings["scale"] == "row" else None
     importance = stats.importance().expand(rows.shape)
     codebook = _codebooks(rows.cpu(), 1 if scale is None else scale.cpu(), importance.cpu(), layout.groups,
-                          {**settings, "iterations": 12, "max_points_per_centroid": 128}, seed).to(rows.device)
+                          START | settings, seed).to(rows.device)
     return codebook, scale
 
 
