@@ -5,15 +5,14 @@ holds them computes with the decoded tensors."""
 from __future__ import annotations
 
 import copy
-import json
 
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 from torch import nn
 
 import vqcompress as vqc
+from vqcompress import io
 from vqcompress.layers import CodedLinear, CodedTensor, densify, iter_coded
 
 
@@ -152,8 +151,7 @@ def test_a_converted_graphs_constants_are_coded_and_a_mask_is_left_dense_and_lis
         got = model(x)
     assert relative_error(got, expected) < 0.15
     path = vqc.save(model, tmp_path / "graph.vqc")
-    with safe_open(str(path), framework="pt") as handle:
-        assert json.loads(handle.metadata()["vqcompress"])["format_version"] == 3  # readers of 2 know no held tensors
+    assert io.read_manifest(path)[0]["format_version"] >= 3  # readers of 2 know no held tensors
     loaded = vqc.load(path, like=traced())
     with torch.no_grad():
         assert torch.equal(loaded(x), got)

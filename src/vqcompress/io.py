@@ -1,7 +1,10 @@
 """The .vqc file: a safetensors container with a JSON manifest; never pickle.
 
 Tensors: every entry of the model's state dict (packed codes as uint8, codebooks, scales,
-permutations, and every tensor left dense). Metadata key ``vqcompress``: the manifest —
+permutations, and every tensor left dense); those under ``PACK_BELOW`` bytes are stored back to
+back in one uint8 tensor, ``PACKED``, so that a small model's header is not mostly the
+safetensors table. Metadata key ``vqcompress.zlib`` (``vqcompress`` before version 4, plain
+JSON): the manifest, zlib-compressed and base85-encoded —
 format and library version, the source model's identity and config, per coded layer its torch
 type, constructor arguments, code layout and recipe (method + settings), tensors stored once
 for several names (tied weights), and a sha256 of the payload that loading checks. A coded
@@ -11,10 +14,12 @@ loading moves the model's tensor into a holder first.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
 import os
+import zlib
 from pathlib import Path
 
 import torch
@@ -33,14 +38,20 @@ from .models import Source, skeleton, source_of
 FORMAT = "vqc"
 #: 2: a kept row's codes are left out of the file (1 stored them, unused); 3: a layout lists only
 #: what differs from its defaults (2 listed every field, and kept rows' dtype only when int8 was possible);
-#: coded tensors of any module (``HeldTensor`` layers) and permutations past 65,536 rows (row numbers past 16 bits)
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
-MANIFEST_KEY = "vqcompress"
+#: coded tensors of any module (``HeldTensor`` layers) and permutations past 65,536 rows (row numbers past 16 bits);
+#: 4: small tensors packed into one, the manifest compressed
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
+MANIFEST_KEY = "vqcompress"  # versions 1 - 3: the manifest as JSON
+ZLIB_KEY = "vqcompress.zlib"  # version 4: the manifest (with its ``packed`` list) compressed
+MANIFEST_LIMIT = 64 << 20  # bytes a decompressed manifest may reach: no file can make the reader allocate more
+PACKED = "vqc:packed"  # no state-dict name holds a colon
+PACK_BELOW = 16384  # bytes: a smaller tensor's table entry (about 90 bytes) would cost it more than 0.5%
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
                       torch.uint8: "U8", torch.bool: "BOOL"}
+TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 
 
 def payload_sha256(tensors: dict[str, torch.Tensor]) -> str:
@@ -103,51 +114,105 @@ def manifest_of(model: nn.Module, tensors: dict[str, torch.Tensor], aliases: dic
     }
 
 
-def _metadata(manifest: dict) -> dict[str, str]:
-    return {MANIFEST_KEY: json.dumps(manifest, sort_keys=True, separators=(",", ":"))}
+Shapes = dict[str, tuple[str, tuple[int, ...]]]
 
 
-def file_bytes(shapes: dict[str, tuple[str, tuple[int, ...]]], manifest: dict) -> int:
+def _nbytes(shape: tuple[str, tuple[int, ...]]) -> int:
+    return DTYPE_BYTES[shape[0]] * math.prod(shape[1])
+
+
+def _packing(shapes: Shapes) -> list[str]:
+    """The tensors stored inside ``PACKED``, in their order there: widest dtype first, so that each
+    one's offset is a multiple of its item size (no padding), then by name."""
+    small = [name for name, shape in shapes.items() if _nbytes(shape) < PACK_BELOW]
+    return sorted(small, key=lambda name: (-DTYPE_BYTES[shapes[name][0]], name))
+
+
+def _stored_form(shapes: Shapes, manifest: dict) -> tuple[Shapes, dict[str, str], list[str]]:
+    """What the file holds for these tensors and manifest: its tensors' (dtype, shape), its
+    metadata, and the names packed into ``PACKED``."""
+    packed = _packing(shapes)
+    stored = {name: shape for name, shape in shapes.items() if name not in set(packed)}
+    if packed:
+        stored[PACKED] = ("U8", (sum(_nbytes(shapes[name]) for name in packed),))
+    listed = {**manifest, "packed": [[name, *shapes[name]] for name in packed]}
+    text = json.dumps(listed, sort_keys=True, separators=(",", ":")).encode()
+    return stored, {ZLIB_KEY: base64.b85encode(zlib.compress(text, 9)).decode()}, packed
+
+
+def write(path: str | os.PathLike, tensors: dict[str, torch.Tensor], manifest: dict) -> Path:
+    """Write ``tensors`` and ``manifest`` as a .vqc file, atomically: a temp file beside it,
+    renamed when complete."""
+    _, metadata, packed = _stored_form(shapes_of(tensors), manifest)
+    stored = {name: t for name, t in tensors.items() if name not in set(packed)}
+    if packed:
+        stored[PACKED] = torch.cat([tensors[name].reshape(-1).view(torch.uint8) for name in packed])
+    return write_atomically(path, lambda temp: save_file(stored, temp, metadata=metadata))
+
+
+def file_bytes(shapes: Shapes, manifest: dict) -> int:
     """The exact size of the file ``save`` writes for tensors of these (safetensors dtype, shape) and
     this manifest: the 8-byte header length, the header (safetensors' JSON tensor table, entries
-    sorted by alignment then name, and the manifest as metadata; padded to 8 bytes) and the
+    sorted by alignment then name, and the metadata; padded to 8 bytes) and the
     payload. What every whole-model bits-per-weight figure counts, before or after writing."""
-    sizes = {name: DTYPE_BYTES[dtype] * math.prod(shape) for name, (dtype, shape) in shapes.items()}
+    shapes, metadata, _ = _stored_form(shapes, manifest)
+    sizes = {name: _nbytes(shape) for name, shape in shapes.items()}
     entries, offset = [], 0
     for name in sorted(shapes, key=lambda n: (-DTYPE_BYTES[shapes[n][0]], n)):
         entry = {"dtype": shapes[name][0], "shape": list(shapes[name][1]), "data_offsets": [offset, offset + sizes[name]]}
         entries.append(json.dumps(name, ensure_ascii=False) + ":" + json.dumps(entry, separators=(",", ":")))
         offset += sizes[name]
-    metadata = json.dumps(_metadata(manifest), ensure_ascii=False, separators=(",", ":"))
+    metadata = json.dumps(metadata, ensure_ascii=False, separators=(",", ":"))
     header = len(("{" + ",".join(['"__metadata__":' + metadata, *entries]) + "}").encode())
     return 8 + header + (-header) % 8 + offset
 
 
 def save(model: nn.Module, path: str | os.PathLike, source: Source | None = None, run: str | None = None) -> Path:
-    """Write ``model`` to ``path`` atomically: a temp file beside it, renamed when complete. A
-    checkpoint records the ``run`` it belongs to (``compress``), so only that run resumes from it."""
+    """Write ``model`` to ``path`` atomically. A checkpoint records the ``run`` it belongs to
+    (``compress``), so only that run resumes from it."""
     tensors, aliases = model_tensors(model)
-    metadata = _metadata(manifest_of(model, tensors, aliases, source, run))
-    return write_atomically(path, lambda temp: save_file(tensors, temp, metadata=metadata))
+    return write(path, tensors, manifest_of(model, tensors, aliases, source, run))
 
 
-def read_manifest(path: str | os.PathLike) -> tuple[dict, dict[str, tuple[str, tuple[int, ...]]]]:
+def read_manifest(path: str | os.PathLike) -> tuple[dict, Shapes]:
     """The manifest and each tensor's (dtype, shape), without loading the tensors."""
-    path = Path(path)
+    manifest, shapes, packed = _header(Path(path))
+    shapes.pop(PACKED, None)
+    return manifest, shapes | dict(packed)
+
+
+def _manifest_text(path: Path, metadata: dict[str, str]) -> str:
+    if ZLIB_KEY in metadata:
+        try:
+            inflater = zlib.decompressobj()
+            text = inflater.decompress(base64.b85decode(metadata[ZLIB_KEY]), MANIFEST_LIMIT)
+        except (ValueError, zlib.error):
+            raise VQCError(f"{path} has a corrupt manifest") from None
+        if inflater.unconsumed_tail:
+            raise VQCError(f"{path} has a manifest of more than {MANIFEST_LIMIT >> 20} MiB: not a file vqcompress wrote")
+        return text.decode("utf-8", "replace")
+    if MANIFEST_KEY in metadata:
+        return metadata[MANIFEST_KEY]
+    raise VQCError(f"{path} is a safetensors file but not a .vqc file (no vqcompress manifest)")
+
+
+def _header(path: Path) -> tuple[dict, Shapes, list[tuple[str, tuple[str, tuple[int, ...]]]]]:
+    """The manifest, the file's own tensors' (dtype, shape), and the packed tensors in order."""
     if not path.is_file():
         raise VQCError(f"no such file: {path}")
     try:
         with safe_open(str(path), framework="pt") as handle:
-            raw = (handle.metadata() or {}).get(MANIFEST_KEY)
+            metadata = handle.metadata() or {}
             shapes = {k: (str(handle.get_slice(k).get_dtype()), tuple(handle.get_slice(k).get_shape())) for k in handle.keys()}
     except (SafetensorError, OSError, ValueError) as error:
         raise VQCError(f"{path} is not a readable .vqc file (truncated or corrupt?): {error}") from None
-    if raw is None:
-        raise VQCError(f"{path} is a safetensors file but not a .vqc file (no vqcompress manifest)")
     try:
-        manifest = json.loads(raw)
+        manifest = json.loads(_manifest_text(path, metadata))
     except json.JSONDecodeError:
         raise VQCError(f"{path} has a corrupt manifest") from None
+    if not isinstance(manifest, dict):
+        raise VQCError(f"{path} has a corrupt manifest")
+    packed = _packed_list(path, manifest.pop("packed", []))
     if manifest.get("format") != FORMAT:
         raise VQCError(f"{path} is not a .vqc file")
     if manifest.get("format_version") not in READABLE_VERSIONS:
@@ -156,20 +221,48 @@ def read_manifest(path: str | os.PathLike) -> tuple[dict, dict[str, tuple[str, t
     if manifest["format_version"] < 3:  # files from before kept rows could be int8 kept them in fp16, unsaid
         for entry in manifest.get("layers", {}).values():
             entry["layout"].setdefault("kept_dtype", "float16")
-    return manifest, shapes
+    return manifest, shapes, packed
+
+
+def _packed_list(path: Path, listed) -> list[tuple[str, tuple[str, tuple[int, ...]]]]:
+    """The manifest's list of packed tensors, [name, dtype, shape] each, checked."""
+    try:
+        packed = [(name, (dtype, tuple(shape))) for name, dtype, shape in listed]
+    except (TypeError, ValueError):
+        packed = None
+    if packed is None or not all(isinstance(name, str) and dtype in TORCH_DTYPES
+                                 and all(isinstance(n, int) and n >= 0 for n in shape) for name, (dtype, shape) in packed):
+        raise VQCError(f"{path} has a corrupt manifest: its list of packed tensors")
+    return packed
 
 
 def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     """All tensors and the manifest, after checking the payload's sha256."""
-    manifest, _ = read_manifest(path)
+    manifest, _, packed = _header(Path(path))
     try:
         with safe_open(str(path), framework="pt") as handle:
             tensors = {k: handle.get_tensor(k) for k in handle.keys()}
     except (SafetensorError, OSError, ValueError) as error:
         raise VQCError(f"{path} is not a readable .vqc file (truncated or corrupt?): {error}") from None
+    tensors |= _unpack(Path(path), tensors.pop(PACKED, torch.zeros(0, dtype=torch.uint8)), packed)
     if payload_sha256(tensors) != manifest["payload_sha256"]:
         raise VQCError(f"{path} is corrupt or was tampered with: its payload does not match its sha256")
     return tensors, manifest
+
+
+def _unpack(path: Path, blob: torch.Tensor, packed: list[tuple[str, tuple[str, tuple[int, ...]]]]) -> dict[str, torch.Tensor]:
+    """The tensors stored back to back in ``PACKED``: views of it."""
+    if blob.dtype != torch.uint8 or blob.dim() != 1 or len(blob) != sum(_nbytes(shape) for _, shape in packed):
+        raise VQCError(f"{path} is corrupt: its packed tensors do not match their list in the manifest")
+    tensors, offset = {}, 0
+    for name, (dtype, shape) in packed:
+        size = _nbytes((dtype, shape))
+        try:  # a view is refused where an edited list puts a tensor off its item size
+            tensors[name] = blob[offset:offset + size].view(TORCH_DTYPES[dtype]).reshape(shape)
+        except RuntimeError:
+            raise VQCError(f"{path} is corrupt: packed tensor {name} is misplaced") from None
+        offset += size
+    return tensors
 
 
 def _install_coded_layers(model: nn.Module, manifest: dict, stored: set[str]) -> nn.Module:
