@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibrate import InputStatistics
-from .coded import CodedWeight, CodeLayout
+from .coded import CodedWeight, CodeLayout, row_slices
 from .errors import VQCError
 from .io import DTYPE_BYTES, file_bytes, layer_entry, model_tensors, shapes_of
 from .models import source_of
@@ -56,11 +56,13 @@ def sensitivities(jobs: list, statistics: dict[str, InputStatistics], loss: Call
     with torch.no_grad():
         for job in tqdm(jobs, desc="sensitivity", unit="layer", disable=not progress, leave=False):
             weight = job.module.weight
-            noise = NOISE * weight  # then times the normal draw in place: one weight-sized temporary less
-            noise.mul_(torch.randn(weight.shape, generator=generator).to(weight))
+            flat = weight.reshape(len(weight), -1)
+            noise = torch.empty_like(weight)
+            flat_noise = noise.reshape(len(weight), -1)
+            for rows in row_slices(*flat.shape):  # drawn a slice at a time: no second temporary as large as a token table
+                flat_noise[rows] = NOISE * flat[rows] * torch.randn(flat[rows].shape, generator=generator).to(weight)
             stats = statistics.get(job.name) or InputStatistics(gram=torch.eye(weight[0].numel(), device=weight.device))
             coded = torch.ones(len(weight), dtype=torch.bool, device=weight.device)
-            flat, flat_noise = weight.reshape(len(weight), -1), noise.reshape(len(weight), -1)
             if getattr(job, "kept", 0):
                 coded[stats.heaviest_rows(flat, job.kept)] = False
                 noise[~coded] = 0
