@@ -132,7 +132,8 @@ def _stored_form(shapes: Shapes, manifest: dict) -> tuple[Shapes, dict[str, str]
     """What the file holds for these tensors and manifest: its tensors' (dtype, shape), its
     metadata, and the names packed into ``PACKED``."""
     packed = _packing(shapes)
-    stored = {name: shape for name, shape in shapes.items() if name not in set(packed)}
+    inside = set(packed)
+    stored = {name: shape for name, shape in shapes.items() if name not in inside}
     if packed:
         stored[PACKED] = ("U8", (sum(_nbytes(shapes[name]) for name in packed),))
     listed = {**manifest, "packed": [[name, *shapes[name]] for name in packed]}
@@ -143,8 +144,8 @@ def _stored_form(shapes: Shapes, manifest: dict) -> tuple[Shapes, dict[str, str]
 def write(path: str | os.PathLike, tensors: dict[str, torch.Tensor], manifest: dict) -> Path:
     """Write ``tensors`` and ``manifest`` as a .vqc file, atomically: a temp file beside it,
     renamed when complete."""
-    _, metadata, packed = _stored_form(shapes_of(tensors), manifest)
-    stored = {name: t for name, t in tensors.items() if name not in set(packed)}
+    stored_shapes, metadata, packed = _stored_form(shapes_of(tensors), manifest)
+    stored = {name: t for name, t in tensors.items() if name in stored_shapes}
     if packed:
         stored[PACKED] = torch.cat([tensors[name].reshape(-1).view(torch.uint8) for name in packed])
     return write_atomically(path, lambda temp: save_file(stored, temp, metadata=metadata))
