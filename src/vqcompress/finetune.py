@@ -58,8 +58,8 @@ FREEZE_EVERY = 10
 ASSIGNMENTS = ("ste", "soft", "progressive")
 #: Causal LMs: tokens of the batch the allocation probes each layer's sensitivity on.
 PROBE_TOKENS = 256
-#: positions whose next-token KL is computed at once (its temporaries: about five times 32 × 262,144
-#: fp32 numbers, 160 MiB, for Gemma; 256 made the allocation's probe 1.3 GB above the model)
+#: positions whose next-token KL is computed at once: its temporaries are a few vocabulary-sized rows
+#: each, so a large vocabulary's loss stays small next to the model (docs/methods.md, jlcm: memory)
 LOSS_ROWS = 32
 #: Block tuning: Adam's step size (codebooks and scales are O(1) numbers after row scaling).
 BLOCK_LR = 1e-3
