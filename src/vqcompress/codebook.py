@@ -118,16 +118,16 @@ def _largest(values: Callable[[int, int], np.ndarray], count: int, k: int, chunk
     return candidates[top(candidate_values)]
 
 
-def _weighted_distances(points: torch.Tensor, weights: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+def weighted_distances(points: torch.Tensor, weights: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """Σ_j w_ij (x_ij − c_j)² for every point i and centroid c, less Σ_j w_ij x_ij² (the same for
-    every centroid of a point, so it changes no argmin): two matrix products."""
-    return weights @ centroids.square().T - 2 * (weights * points) @ centroids.T
+    every centroid of a point, so it changes no argmin): one matrix product of the two side by side."""
+    return torch.cat([weights, weights * points], 1) @ torch.cat([centroids.square(), -2 * centroids], 1).T
 
 
 def weighted_assign(points: torch.Tensor, weights: torch.Tensor, centroids: torch.Tensor,
                     chunk: int = 1 << 16) -> torch.Tensor:
     """Index of the nearest centroid of each point under its own per-coordinate weights."""
-    return torch.cat([_weighted_distances(points[i:i + chunk], weights[i:i + chunk], centroids).argmin(1)
+    return torch.cat([weighted_distances(points[i:i + chunk], weights[i:i + chunk], centroids).argmin(1)
                       for i in range(0, len(points), chunk)])
 
 

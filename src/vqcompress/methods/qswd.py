@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ..calibrate import InputStatistics
-from ..codebook import kmeans
+from ..codebook import weighted_distances, kmeans
 from ..coded import (
     FP16_COEFFICIENTS,
     MAX_GRID_BITS,
@@ -237,17 +237,19 @@ class Problem:
 
     def _pursue_part(self, codebook: Tensor, terms: int, unit: bool, part: slice) -> tuple[Tensor, Tensor]:
         points, w = self.points[part], self.weights[part]
-        residual = points.clone()
-        chosen = torch.zeros(len(points), codebook.shape[0], dtype=torch.bool)
-        support = torch.empty(len(points), terms, dtype=torch.int64)
-        energy = w @ codebook.square().T  # (n, k): weighted |c|²
+        residual, support = points, torch.empty(len(points), terms, dtype=torch.int64)
+        energy = None if unit else (w @ codebook.square().T).clamp_min(1e-30)  # (n, k): weighted |c|²
+        chosen = torch.zeros(len(points), codebook.shape[0], dtype=torch.bool) if terms > 1 else None
         for t in range(terms):
-            correlation = (w * residual) @ codebook.T
-            score = 2 * correlation - energy if unit else correlation.square() / energy.clamp_min(1e-30)
-            support[:, t] = score.masked_fill(chosen, -math.inf).argmax(1)
-            chosen.scatter_(1, support[:, t:t + 1], True)
+            cost = (weighted_distances(residual, w, codebook) if unit  # lower is better
+                    else ((w * residual) @ codebook.T).square_().div_(energy).neg_())
+            if t:
+                cost.masked_fill_(chosen, math.inf)
+            support[:, t] = cost.argmin(1)
             coefs = torch.ones(len(points), t + 1) if unit else self.solve(codebook, support[:, :t + 1], part)
-            residual = points - (codebook[support[:, :t + 1]] * coefs[..., None]).sum(1)
+            if t + 1 < terms:
+                chosen.scatter_(1, support[:, t:t + 1], True)
+                residual = points - (codebook[support[:, :t + 1]] * coefs[..., None]).sum(1)
         return support, coefs
 
     def codebook_step(self, support: Tensor, coefs: Tensor, codebook: Tensor) -> Tensor:
