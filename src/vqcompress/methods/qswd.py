@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ..calibrate import InputStatistics
-from ..codebook import weighted_distances, kmeans
+from ..codebook import kmeans, weighted_distances
 from ..coded import (
     FP16_COEFFICIENTS,
     MAX_GRID_BITS,
