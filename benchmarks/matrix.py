@@ -80,6 +80,21 @@ def cells(patterns: list[str]) -> list[tuple[str, str, int]]:
     return [cell for cell in every if not patterns or any(re.search(p, cell_name(*cell)) for p in patterns)]
 
 
+def _measured() -> dict[str, dict]:
+    """The cells in the results file now, by name."""
+    rows = json.loads(RESULTS.read_text())["rows"] if RESULTS.exists() else []
+    return {cell_name(r["model"], r["method"], r["bits"]): r for r in rows}
+
+
+def _record(row: dict) -> None:
+    """Put one cell's row into the results file, read again just before (so two runs of
+    different cells side by side keep each other's rows)."""
+    done = _measured() | {cell_name(row["model"], row["method"], row["bits"]): row}
+    order = {cell_name(*c): i for i, c in enumerate(cells([]))}
+    write_json(RESULTS, {"machine": machine(), "fast_failure_seconds": FAST_FAILURE,
+                         "rows": sorted(done.values(), key=lambda r: order.get(cell_name(r["model"], r["method"], r["bits"]), 0))})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", action="append", default=[], help="regex of cells ('MODEL METHOD BITS') to run")
@@ -90,20 +105,15 @@ def main() -> None:
     if args.list:
         print("\n".join(cell_name(*cell) for cell in chosen))
         return
-    result = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"rows": []}
-    done = {cell_name(r["model"], r["method"], r["bits"]): r for r in result["rows"]}
     for cell in chosen:
         name = cell_name(*cell)
-        if name in done and not args.fresh:
+        if name in _measured() and not args.fresh:
             continue
         print(f"{name} …", file=sys.stderr, flush=True)
-        done[name] = run_cell(*cell)
-        row = done[name]
+        row = run_cell(*cell)
         print(f"{name}: {row['status']} in {row['seconds']:.0f} s" + (f" ({row.get('message')})" if "message" in row else ""),
               file=sys.stderr, flush=True)
-        order = {cell_name(*c): i for i, c in enumerate(cells([]))}
-        write_json(RESULTS, {"machine": machine(), "fast_failure_seconds": FAST_FAILURE,
-                             "rows": sorted(done.values(), key=lambda r: order.get(cell_name(r["model"], r["method"], r["bits"]), 0))})
+        _record(row)
     from . import render
 
     render.main()

@@ -72,7 +72,7 @@ def test_bad_inputs_fail_before_work(tmp_path, book):
     odd = nn.Sequential(nn.Linear(66, 128))
     with pytest.raises(VQCError, match="d = 4 does not divide the 66 inputs"):
         vqc.compress(odd, "vq4all", codebook=path, progress=False)
-    with pytest.raises(VQCError, match="below that"):
+    with pytest.raises(VQCError, match="above its budget"):
         vqc.compress(_model(), "vq4all", bits=1.5, codebook=path, progress=False)
 
 

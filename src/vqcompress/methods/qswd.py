@@ -129,7 +129,7 @@ class QSWD:
         if bits is not None and cost > bits + 1e-9:
             raise VQCError(f"qswd with d={settings['dim']}, k={settings['k']}, s={settings['terms']}, "
                            f"b_z={settings['coef_bits']}, b_c={settings['codebook_bits']} costs {cost:.3f} bits per weight "
-                           f"on shape {tuple(shape)}, above --bits {bits}")
+                           f"on shape {tuple(shape)}, above its budget of {bits:g} bits per weight")
         return settings
 
     @staticmethod

@@ -62,7 +62,7 @@ class VQ4All:
         cost = math.log2(book.k) / book.dim + 16 / cols
         if bits is not None and bits + 1e-9 < cost:
             raise Unfit(f"the universal codebook (k = {book.k}, d = {book.dim}) costs {cost:.3f} bits per weight on "
-                        f"shape {tuple(shape)} (indices and row scales); --bits {bits} is below that")
+                        f"shape {tuple(shape)} (indices and row scales), above its budget of {bits:g} bits per weight")
         return {"codebook": book.sha256, "candidates": min(config.candidates or 4, book.k)}
 
     def layout(self, shape: tuple[int, ...], settings: dict) -> CodeLayout:
