@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import logging
 
 import pytest
@@ -46,6 +47,18 @@ def test_vqdnn_and_finetuned_kmeans_beat_plain_kmeans():
     assert distillation_loss(learned, teacher) < distillation_loss(plain, teacher)
     assert vqc.report(learned).coded_bits == vqc.report(plain).coded_bits
     assert {layer.weight_code.recipe["method"] for _, layer in iter_coded(learned)} == {"vqdnn"}
+
+
+@pytest.mark.parametrize(("large_from", "expected"), [(10**9, 1e-3), (1_000, 1e-4)])
+def test_the_fine_tuning_rate_follows_the_models_size_unless_given(monkeypatch, large_from, expected):
+    rates = []
+    monkeypatch.setattr("vqcompress.defaults.LARGE_MODEL", large_from)
+    monkeypatch.setattr(importlib.import_module("vqcompress.compress"), "finetune",
+                        lambda *args, lr, **kwargs: rates.append(lr))
+    vqc.compress(mlp(), "vqdnn", bits=1, calibration=DATA, finetune_steps=2, plan=EVERY_LAYER, progress=False)
+    vqc.compress(mlp(), "vqdnn", bits=1, calibration=DATA, finetune_steps=2, finetune_lr=5e-3, plan=EVERY_LAYER,
+                 progress=False)
+    assert rates == [expected, 5e-3]
 
 
 # -- shared codebooks (VQ-DNN's group number) ------------------------------------------------------

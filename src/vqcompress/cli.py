@@ -91,8 +91,9 @@ def compress(
                                     "that layer's budget (the others share the rest)"),
     finetune_steps: Optional[int] = typer.Option(None, help="distil from the original for N steps on the model's "
                                                             "training data (default 0; vqdnn: by the model's size)"),
-    finetune_lr: float = typer.Option(1e-3, "--finetune-lr", "--lr", help="fine-tuning learning rate (a method's "
-                                      "own rate, e.g. jlcm's, is -O lr=…)"),
+    finetune_lr: Optional[float] = typer.Option(None, "--finetune-lr", "--lr", help="fine-tuning learning rate "
+                                                "(default: 10⁻³, 10⁻⁴ for models of 100 M parameters and more; a "
+                                                "method's own rate, e.g. jlcm's, is -O lr=…)"),
     tune_dense: bool = typer.Option(True, help="fine-tuning also tunes norms, biases and layers left dense"),
     keep_rows: Optional[int] = typer.Option(None, help="each token embedding also stores its N most used rows (by "
                                                        "the calibration text) apart, in int8 with a scale per row "

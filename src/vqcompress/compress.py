@@ -242,7 +242,7 @@ def _cut(jobs: list[Job], pieces: int) -> list[list[Job]]:
 
 def compress(model: nn.Module, method: str | MethodConfig = "kmeans", bits: float | Budget | None = None,
              calibration: TrainingData | None = None, *, plan: Plan | None = None, seed: int = 0,
-             progress: bool = True, finetune_steps: int | None = None, finetune_lr: float = 1e-3,
+             progress: bool = True, finetune_steps: int | None = None, finetune_lr: float | None = None,
              assignments: str | None = None, checkpoint: str | os.PathLike | None = None,
              calibrate: bool | None = None, tune_dense: bool = True, tune_blocks: int | None = None,
              block_lr: float = BLOCK_LR, task: Task | None = None, **options) -> nn.Module:
@@ -261,7 +261,8 @@ def compress(model: nn.Module, method: str | MethodConfig = "kmeans", bits: floa
     repeated blocks (see ``_fit_calibrated``); under a model average ``allocate`` gives each layer
     its share by measured sensitivity (by its weight error alone without data). With ``finetune_steps`` too,
     the compressed model is then distilled from a copy of the original by the shared fine-tuning
-    engine: norms and biases too unless ``tune_dense=False``, and methods that learn assignments
+    engine at ``finetune_lr`` (default by the model's size, ``defaults.finetune_settings``): norms
+    and biases too unless ``tune_dense=False``, and methods that learn assignments
     do so by ``assignments`` ("ste", "soft" or "progressive", see ``finetune``; by default the
     method's own way). With ``tune_blocks`` = N (calibrated, block by block), each block's coded
     weights (and, with ``tune_dense``, its norms and biases) are trained for N passes over the
@@ -315,7 +316,8 @@ def compress(model: nn.Module, method: str | MethodConfig = "kmeans", bits: floa
                                 tune_dense, predicted)
     bar.close()
     if finetune_steps:
-        finetune(model, teacher, calibration.task, calibration.batch_at, finetune_steps, lr=finetune_lr,
+        lr = finetune_lr or defaults.finetune_settings(teacher)[0]
+        finetune(model, teacher, calibration.task, calibration.batch_at, finetune_steps, lr=lr,
                  learn_assignments=any(job.method.learns_assignments for job in jobs), assignments=assignments,
                  checkpoint=store and store.path.with_name(store.path.name + ".finetune"), progress=progress,
                  tune_dense=tune_dense, run=store.run if store else "")
