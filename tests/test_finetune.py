@@ -60,14 +60,37 @@ def test_fine_tuning_lowers_the_loss_and_keeps_the_format(learn_assignments, ass
     assert not any("latent" in code._parameters for code in codes)
 
 
+def scrambled(student: nn.Module) -> nn.Module:
+    """Its first layer's codes shuffled: a start any nearest-codeword move improves on."""
+    code = next(iter_coded(student))[1].weight_code
+    code.codes = code.codes[torch.randperm(len(code.codes), generator=torch.Generator().manual_seed(0))]
+    return student
+
+
 @pytest.mark.parametrize("assignments", ["ste", "soft"])
 def test_learned_assignments_move(assignments):
     teacher = mlp()
-    student = compressed(teacher)
+    student = scrambled(compressed(teacher))
     codes_before = [layer.weight_code.codes.clone() for _, layer in iter_coded(student)]
     finetune(student, teacher, classification_task(), batch_at, steps=40, lr=3e-3, learn_assignments=True,
              assignments=assignments, reassign_every=10, progress=False)
     assert any(not torch.equal(a, layer.weight_code.codes) for a, (_, layer) in zip(codes_before, iter_coded(student)))
+
+
+def test_a_reassignment_that_raises_the_loss_is_not_kept(monkeypatch):
+    teacher = mlp()
+    student = compressed(teacher)
+    codes_before = [layer.weight_code.codes.clone() for _, layer in iter_coded(student)]
+    moves = []
+
+    def harmful(code, latent):  # every code to the first codeword
+        moves.append(code)
+        code.codes = torch.zeros_like(code.codes)
+
+    monkeypatch.setattr("vqcompress.coded.CodedWeight.reassign", harmful)
+    finetune(student, teacher, classification_task(), batch_at, steps=40, lr=1e-4, learn_assignments=True,
+             reassign_every=10, progress=False)
+    assert moves and all(torch.equal(a, layer.weight_code.codes) for a, (_, layer) in zip(codes_before, iter_coded(student)))
 
 
 def test_soft_assignments_anneal_then_freeze():
