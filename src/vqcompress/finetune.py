@@ -240,7 +240,7 @@ def _reassign_unless_worse(codes: list, loss: Callable[[], float]) -> None:
     """Move every sub-vector of ``codes`` to the codeword nearest its latent weight, and keep the
     move only if ``loss`` (the guard batches') does not rise. Adam moves every latent weight by
     about one step size whatever its gradient, so many sub-vectors cross into the next cell at
-    once, all the same way: one such move took MiniLM's loss from 0.08 to 0.25 (docs/methods.md)."""
+    once, all the same way, and such a move can undo what training gained (docs/methods.md)."""
     before, kept = loss(), [code.codes.clone() for code in codes]
     with torch.no_grad():
         for code in codes:
