@@ -58,8 +58,8 @@ import torch
 from torch import Tensor
 
 from ..atomic import write_atomically
+from ..cache import cache_dir
 from ..coded import CodedWeight, code_bits
-from ..models import cache_dir
 
 SOURCE = Path(__file__).with_name("lut.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
