@@ -94,7 +94,7 @@ def embedding_study() -> list[dict]:
     """The tied embedding alone, by ``TIERS``: its most used rows (by the wiki text's token
     counts) on one grid, the others on another; bits per weight counted with an fp16 scale and
     offset per group (a row's single scale for the int8 tier, nothing for fp16)."""
-    from vqcompress.data import causal_lm_data
+    from vqcompress.text import causal_lm_data
 
     model, tokenizer = dense_model()
     table = model.model.embed_tokens.weight

@@ -236,7 +236,7 @@ def skm_palettize_calibrated(
     on the task's forward (the last hidden state).
     """
     from vqcompress.data import training_data
-    from vqcompress.models import source_of
+    from vqcompress.source import source_of
 
     data = training_data(source_of(model).to_json())
     batches = [data.batch_at(i) for i in range(data.calibration_batches)]

@@ -123,7 +123,7 @@ def ours(method: str):
     def run(model, settings: dict, path: Path):
         import vqcompress as vqc
         from vqcompress.data import training_data
-        from vqcompress.models import source_of
+        from vqcompress.source import source_of
 
         start = time.perf_counter()
         options, calibrated = compress_options(method, settings)

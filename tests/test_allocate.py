@@ -8,6 +8,7 @@ from transformers import BertConfig, BertModel
 
 import vqcompress as vqc
 from vqcompress.budget import PerLayer
+from vqcompress.compress import compress_with_summary
 from vqcompress.errors import VQCError
 from vqcompress.finetune import TrainingData, encoder_task
 
@@ -35,18 +36,20 @@ PLAN = vqc.Plan(min_weights=2048)
 
 @pytest.mark.parametrize("bits", [2.0, 3.0])
 def test_the_whole_model_averages_at_most_the_budget(bits):
-    model = vqc.compress(tiny_bert(), "kmeans", bits, text_batches(), plan=PLAN, progress=False, scale="row")
+    model, summary = compress_with_summary(tiny_bert(), "kmeans", bits, text_batches(), plan=PLAN, progress=False,
+                                           scale="row")
     result = vqc.report(model)
     assert bits - 0.25 < result.model_bits_per_weight <= bits
     per_layer = {row.name: row.bits_per_weight for row in result.coded}
     assert len(set(round(b, 2) for b in per_layer.values())) > 1  # layers got different shares
-    assert "share" in model.vqc_allocation
+    assert "share" in summary.allocation
 
 
 def test_without_allocation_every_layer_gets_the_budget_as_its_ceiling():
-    model = vqc.compress(tiny_bert(), "kmeans", PerLayer(2), text_batches(), plan=PLAN, progress=False)
+    model, summary = compress_with_summary(tiny_bert(), "kmeans", PerLayer(2), text_batches(), plan=PLAN,
+                                           progress=False)
     assert all(row.dim * 2 == row.k.bit_length() - 1 or row.bits_per_weight < 2.6 for row in vqc.report(model).coded)
-    assert not hasattr(model, "vqc_allocation")
+    assert summary.allocation is None and not [name for name in vars(model) if name.startswith("vqc_")]
 
 
 def test_an_impossible_budget_fails_before_any_layer_is_coded_or_batch_is_read():

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import vqcompress.coded as coded_module
+from vqcompress.assign import LatentWeight
 from vqcompress.coded import KEPT_DTYPES, CodedWeight, CodeLayout, code_bits, pack_codes, unpack_codes
 from vqcompress.errors import VQCError
 
@@ -321,8 +322,9 @@ def trained_code(temperature: float) -> tuple[CodedWeight, torch.Tensor]:
                               torch.rand(8, 2, generator=gen) + 0.5, torch.randn(8, 2, generator=gen) / 4,
                               torch.randperm(8, generator=gen), torch.tensor([1.5]))
     latent = torch.randn(8, 12, generator=gen)
-    code.start_training(latent)
-    code.temperature = temperature
+    code.start_training()
+    code.assigner = LatentWeight(latent)
+    code.assigner.temperature = temperature
     return code, latent
 
 
@@ -330,7 +332,7 @@ def test_cold_soft_assignment_is_the_nearest_codeword():
     code, latent = trained_code(temperature=1e-4)
     soft = code.decode().detach()
     code.reassign(latent)
-    code.temperature = None
+    code.assigner.temperature = None
     assert torch.allclose(soft, code.decode().detach(), atol=1e-5)
     assert not torch.allclose(soft, latent, atol=1e-2)  # it is the quantized weight, not the latent one
 
@@ -338,8 +340,8 @@ def test_cold_soft_assignment_is_the_nearest_codeword():
 def test_warm_soft_assignment_trains_latent_and_codebook():
     code, latent = trained_code(temperature=1.0)
     code.decode().square().sum().backward()
-    assert code.latent.grad.abs().sum() > 0 and code.codebook.grad.abs().sum() > 0
-    code.temperature = 1e-4
+    assert code.assigner.latent.grad.abs().sum() > 0 and code.codebook.grad.abs().sum() > 0
+    code.assigner.temperature = 1e-4
     assert not torch.allclose(code.decode(), trained_code(1.0)[0].decode())  # warm mixes, cold picks
 
 

@@ -6,18 +6,19 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from vqcompress.data import _epoch_order, fashion_training_data, text_training_data, training_data
+from vqcompress.data import fashion_training_data, training_data
 from vqcompress.errors import VQCError
 from vqcompress.models import bundled_path
+from vqcompress.text import epoch_order, text_training_data
 
 
 def test_epoch_order_is_a_fixed_shuffle_per_epoch():
-    order = _epoch_order(10, seed=3, batch_size=3)  # 3 batches an epoch, one sample dropped
+    order = epoch_order(10, seed=3, batch_size=3)  # 3 batches an epoch, one sample dropped
     first_epoch = torch.cat([order(s) for s in range(3)])
     assert len(set(first_epoch.tolist())) == 9
-    assert torch.equal(order(1), _epoch_order(10, seed=3, batch_size=3)(1))
+    assert torch.equal(order(1), epoch_order(10, seed=3, batch_size=3)(1))
     assert not torch.equal(torch.cat([order(s) for s in range(3, 6)]), first_epoch)
-    assert not torch.equal(order(0), _epoch_order(10, seed=4, batch_size=3)(0))
+    assert not torch.equal(order(0), epoch_order(10, seed=4, batch_size=3)(0))
 
 
 def test_fashion_batches():
@@ -29,7 +30,7 @@ def test_fashion_batches():
 
 def test_text_batches():
     tokenizer = AutoTokenizer.from_pretrained(str(bundled_path("minilm")))
-    batch = text_training_data(tokenizer, batch_size=4).batch_at(0)
+    batch = text_training_data(tokenizer, batch_size=4, calib="lee-background").batch_at(0)
     assert batch["input_ids"].shape[0] == 4 and batch["attention_mask"].shape == batch["input_ids"].shape
 
 
@@ -69,7 +70,7 @@ def test_calibration_from_a_file_uses_exactly_the_samples_asked_for(tmp_path, mi
 
 
 def test_causal_windows_have_the_window_length(minilm_tokenizer):
-    from vqcompress.data import WINDOW, causal_lm_data
+    from vqcompress.text import WINDOW, causal_lm_data
 
     data = causal_lm_data(minilm_tokenizer, calib="lee-background", samples=4, batch_size=2)
     batch = data.batch_at(0)["input_ids"]
@@ -78,7 +79,7 @@ def test_causal_windows_have_the_window_length(minilm_tokenizer):
 
 def test_causal_data_counts_every_token_of_the_calibration_text(minilm_tokenizer):
     """Token counts cover the whole text, not only the calibration windows."""
-    from vqcompress.data import calibration_text, causal_lm_data
+    from vqcompress.text import calibration_text, causal_lm_data
 
     data = causal_lm_data(minilm_tokenizer, calib="lee-background", samples=1, batch_size=1)
     ids = minilm_tokenizer(calibration_text("lee-background"), add_special_tokens=False)["input_ids"]

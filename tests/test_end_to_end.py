@@ -13,6 +13,7 @@ from transformers import AutoModel
 import vqcompress as vqc
 from tests.test_cli import vqc_cli
 from vqcompress.models import load_model
+from vqcompress.source import source_of
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +86,7 @@ def test_any_model_folder_compresses(dense_folder, tmp_path):
                      "--quiet", "--json")
     assert result.returncode == 0, result.stderr
     assert 4.4 < json.loads(result.stdout)["coded_bits_per_weight"] < 4.6  # 4 bits + 32 / 64 for scale and offset
-    assert vqc.load(out).vqc_source.kind == "folder"
+    assert source_of(vqc.load(out)).kind == "folder"
 
 
 def test_nan_weights_refused_with_no_output(dense_folder, tmp_path):

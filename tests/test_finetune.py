@@ -56,7 +56,7 @@ def test_fine_tuning_lowers_the_loss_and_keeps_the_format(learn_assignments, ass
     assert distillation_loss(student, teacher) < 0.8 * before
     assert {n: layer.weight_code.nbits() for n, layer in iter_coded(student)} == sizes
     codes = [layer.weight_code for _, layer in iter_coded(student)]
-    assert all(code.codebook.dtype == torch.float16 and code.temperature is None for code in codes)
+    assert all(code.codebook.dtype == torch.float16 and code.assigner is None for code in codes)
     assert not any("latent" in code._parameters for code in codes)
 
 
@@ -101,7 +101,7 @@ def test_soft_assignments_anneal_then_freeze():
     seen = []
 
     def batches(step: int):
-        seen.append((code.temperature, code.codes.clone()))
+        seen.append((code.assigner and code.assigner.temperature, code.codes.clone()))
         return batch_at(step)
 
     finetune(student, teacher, classification_task(), batches, steps=20, lr=3e-3, learn_assignments=True,
@@ -121,8 +121,8 @@ def test_latent_weights_start_from_the_teachers_dense_weights():
 
     def batches(step: int):
         for name, layer in iter_coded(student):
-            if "latent" in layer.weight_code._parameters:  # training (the guard's batches come before it)
-                seen.setdefault(name, layer.weight_code.latent.detach().clone())
+            if layer.weight_code.assigner is not None:  # training (the guard's batches come before it)
+                seen.setdefault(name, layer.weight_code.assigner.latent.detach().clone())
         return batch_at(step)
 
     finetune(student, teacher, classification_task(), batches, steps=1, lr=1e-9, learn_assignments=True,

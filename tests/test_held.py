@@ -13,6 +13,7 @@ from torch import nn
 
 import vqcompress as vqc
 from vqcompress import io
+from vqcompress.compress import compress_with_summary
 from vqcompress.layers import CodedLinear, CodedTensor, densify, iter_coded
 
 
@@ -55,8 +56,8 @@ def test_attention_and_rnn_weights_are_coded_saved_and_loaded(tmp_path, kind, bi
     x = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = build(kind)(x)
-    model = vqc.compress(build(kind), "kmeans", bits=bits, progress=False)
-    assert model.vqc_left_dense == []
+    model, summary = compress_with_summary(build(kind), "kmeans", bits=bits, progress=False)
+    assert summary.left_dense == []
     coded = dict(iter_coded(model))
     assert len(coded) == {"attention": 2, "lstm": 4, "gru": 4}[kind]  # MHA: in_proj_weight and out_proj
     result = vqc.report(model)
@@ -143,9 +144,9 @@ def test_a_converted_graphs_constants_are_coded_and_a_mask_is_left_dense_and_lis
     x = torch.randn(4, 64, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         expected = traced()(x)
-    model = vqc.compress(traced(), "kmeans", bits=4, progress=False)
+    model, summary = compress_with_summary(traced(), "kmeans", bits=4, progress=False)
     assert [name for name, _ in iter_coded(model)] == ["initializers.onnx_initializer_0_coded"]
-    assert [(e.name, e.reason) for e in model.vqc_left_dense] == [
+    assert [(e.name, e.reason) for e in summary.left_dense] == [
         ("initializers.onnx_initializer_2", "holds Inf or NaN values (a mask?)")]
     with torch.no_grad():
         got = model(x)
@@ -175,7 +176,7 @@ def test_an_onnx_graph_converted_by_onnx2torch():
     x = torch.randn(4, 64, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         expected = onnx2torch.convert(onnx_model)(x)
-    model = vqc.compress(onnx2torch.convert(onnx_model), "kmeans", bits=4, progress=False)
-    assert len(list(iter_coded(model))) == 2 and model.vqc_left_dense == []  # the MatMul's constant and the Gemm
+    model, summary = compress_with_summary(onnx2torch.convert(onnx_model), "kmeans", bits=4, progress=False)
+    assert len(list(iter_coded(model))) == 2 and summary.left_dense == []  # the MatMul's constant and the Gemm
     with torch.no_grad():
         assert relative_error(model(x), expected) < 0.15

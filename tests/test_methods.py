@@ -333,14 +333,16 @@ def test_every_method_codes_small_kernels_or_leaves_them_dense_and_says_so(metho
     exception, never the whole run refused; the large depthwise kernel is coded by every method
     whose sub-vectors can be as short as one weight."""
     import vqcompress as vqc
+    from vqcompress.compress import compress_with_summary
     from vqcompress.layers import CodedConv2d
 
     torch.manual_seed(0)
     model = SmallKernels().eval()
     x = torch.randn(1, 240, 8, 8)
     options = {"codebook": universal_book} if method == "vq4all" else {}
-    compressed = vqc.compress(model, method, bits=bits, plan=vqc.Plan(min_weights=0), progress=False, **options)
-    dense = {entry.name: entry.reason for entry in compressed.vqc_left_dense}
+    compressed, summary = compress_with_summary(model, method, bits=bits, plan=vqc.Plan(min_weights=0), progress=False,
+                                                **options)
+    dense = {entry.name: entry.reason for entry in summary.left_dense}
     for index, conv in enumerate(compressed.convs):
         name = f"convs.{index}"
         assert isinstance(conv, CodedConv2d) != (name in dense)

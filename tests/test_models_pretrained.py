@@ -13,8 +13,9 @@ from torch import nn
 
 import vqcompress as vqc
 from vqcompress.errors import VQCError
-from vqcompress.models import load_model, pretrained, skeleton
+from vqcompress.models import load_model, pretrained
 from vqcompress.plan import Plan
+from vqcompress.source import skeleton, source_of
 from vqcompress.suites import ppocr, silero
 
 for package in ("onnx", "onnx2torch", "rapidocr_onnxruntime", "silero_vad"):
@@ -35,7 +36,7 @@ def networks() -> dict[str, nn.Module]:
 def test_each_network_loads_with_its_layers_codable(networks, name, coded, kinds):
     layers = Plan().resolve(networks[name], {"method": "kmeans"})
     assert len(layers) == coded and {type(m).__name__ for _, m, _ in layers} == kinds
-    source = networks[name].vqc_source
+    source = source_of(networks[name])
     assert source.kind == "bundled" and len(source.sha256) == 64 and not networks[name].training
 
 
@@ -58,12 +59,12 @@ def test_a_missing_wheel_says_how_to_install_it(monkeypatch):
 
 
 def test_a_file_made_from_a_wheel_network_loads_without_like(networks, tmp_path):
-    model = copy.deepcopy(networks["silero-vad"])
-    vqc.save(vqc.compress(model, method="kmeans", bits=4, progress=False), tmp_path / "vad.vqc")
+    model, source = copy.deepcopy(networks["silero-vad"]), source_of(networks["silero-vad"])
+    vqc.save(vqc.compress(model, method="kmeans", bits=4, progress=False), tmp_path / "vad.vqc", source)
     loaded = vqc.load(tmp_path / "vad.vqc")
     window = torch.randn(2, 576)
     assert torch.equal(loaded(window)[0], model(window)[0])
-    assert isinstance(skeleton(loaded.vqc_source.to_json()), pretrained.SileroVAD)
+    assert source_of(loaded) == source and isinstance(skeleton(source.to_json()), pretrained.SileroVAD)
 
 
 def _round_trip(model: nn.Module, tmp_path) -> nn.Module:

@@ -8,6 +8,7 @@ from torch import nn
 
 import vqcompress as vqc
 from vqcompress import Plan, VQCError
+from vqcompress.compress import compress_with_summary
 from vqcompress.layers import CodedEmbedding, CodedLayer, CodedLinear
 from vqcompress.methods.kmeans import dim_and_k_for_bits
 from vqcompress.plan import LeftDense, left_dense_lines
@@ -180,13 +181,13 @@ def test_compress_a_bare_linear():
 
 def test_what_is_left_dense_is_listed_with_its_reason_and_share(net):
     net.limited = nn.Embedding(64, 64, max_norm=1.0)  # renormalises its weight in place: not codable
-    model = vqc.compress(net, "kmeans", bits=2, plan=Plan(by_type={"Embedding": None}), progress=False)
+    _, summary = compress_with_summary(net, "kmeans", bits=2, plan=Plan(by_type={"Embedding": None}), progress=False)
     total = sum(p.numel() for p in Net().parameters()) + 64 * 64
-    assert [(e.name, e.weights, e.reason) for e in model.vqc_left_dense] == [
+    assert [(e.name, e.weights, e.reason) for e in summary.left_dense] == [
         ("embed", 8192, "skipped by the plan"), ("tiny", 512, "too small (under 4,096 weights)"),
         ("limited", 4096, "unsupported: an Embedding with max_norm rewrites its weight")]
-    assert model.vqc_left_dense[0].share == pytest.approx(8192 / total)
-    lines = left_dense_lines(model.vqc_left_dense)
+    assert summary.left_dense[0].share == pytest.approx(8192 / total)
+    lines = left_dense_lines(summary.left_dense)
     assert lines[0] == f"left dense: 3 tensor(s), {100 * (8192 + 512 + 4096) / total:.2f}% of the weights (biases and norms aside):"
     assert lines[2] == f"  tiny ({100 * 512 / total:.2f}%): too small (under 4,096 weights)"
 
@@ -205,9 +206,9 @@ def small_first() -> nn.Module:
 def test_a_layer_its_method_cannot_take_is_left_dense_unless_asked_for_by_name():
     """At 2 bits no codebook of a 3-input, 48-weight layer costs under a quarter of its index bits:
     kmeans cannot take it. Planned by default it stays dense, listed; named, the run stops."""
-    model = vqc.compress(small_first(), "kmeans", bits=2, plan=Plan(min_weights=0), progress=False)
+    model, summary = compress_with_summary(small_first(), "kmeans", bits=2, plan=Plan(min_weights=0), progress=False)
     assert type(model[0]) is nn.Linear and isinstance(model[2], CodedLinear)
-    [entry] = model.vqc_left_dense
+    [entry] = summary.left_dense
     assert (entry.name, entry.weights) == ("0", 48) and entry.reason.startswith("kmeans cannot take it: no codebook")
     with pytest.raises(VQCError, match="^0: no codebook"):
         vqc.compress(small_first(), "kmeans", bits=2, plan=Plan(min_weights=0, by_name={"0": {}}), progress=False)

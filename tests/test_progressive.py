@@ -18,10 +18,15 @@ def _code() -> tuple[CodedWeight, torch.Tensor]:
     return code, weight
 
 
+def _attach(code: CodedWeight, weight: torch.Tensor, n: int) -> progressive.Progressive:
+    code.recipe["candidates"] = n
+    return progressive.Progressive({"w": code}, {"w": weight})
+
+
 def test_candidates_start_nearest_first_and_cold_mixtures_are_the_nearest_codeword():
     code, weight = _code()
     nearest = code.decode()
-    assigner = progressive.attach(code, weight, 4)
+    assigner = _attach(code, weight, 4).codes["w"].assigner
     assert torch.equal(assigner.candidates[..., 0].long(), code.code_matrix())
     assert (assigner.logits[..., 0] >= assigner.logits[..., 1:].max(-1).values).all()
     assigner.anneal(1.0)
@@ -29,9 +34,10 @@ def test_candidates_start_nearest_first_and_cold_mixtures_are_the_nearest_codewo
     assert torch.allclose(code.decode(), nearest, atol=1e-4)
 
 
-def test_freezing_is_for_good_and_detach_stores_the_choice():
+def test_freezing_is_for_good_and_finishing_stores_the_choice():
     code, weight = _code()
-    assigner = progressive.attach(code, weight, 3)
+    learning = _attach(code, weight, 3)
+    assigner = code.assigner
     with torch.no_grad():
         assigner.logits.zero_()
         assigner.logits[0, 0, 2] = 20.0  # one sub-vector sure of its third candidate
@@ -42,13 +48,13 @@ def test_freezing_is_for_good_and_detach_stores_the_choice():
     assert torch.equal(assigner.probabilities()[0, 0], torch.tensor([0.0, 0.0, 1.0]))
     assert assigner.regulariser() > 0
     third = assigner.candidates[0, 0, 2]
-    progressive.detach(code)
+    learning.finish()
     assert code.assigner is None and code.code_matrix()[0, 0] == third
 
 
 def test_gradients_reach_the_logits_not_the_frozen_ones():
     code, weight = _code()
-    assigner = progressive.attach(code, weight, 4)
+    assigner = _attach(code, weight, 4).codes["w"].assigner
     with torch.no_grad():
         assigner.logits[1, 1] = torch.tensor([30.0, 0.0, 0.0, 0.0])
     assigner.freeze()

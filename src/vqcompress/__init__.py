@@ -16,6 +16,9 @@ __version__ = "0.1.0"
 # when set before torch and faiss start, as in the ``vqc`` command; a user's setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+# The harness plugs into the core here: the bundled networks and the zoo say how to rebuild their
+# models (``source.SKELETONS``), the installed corpora register their names (``text.CORPORA``).
+from . import data, models  # noqa: E402, F401
 from .budget import ModelAverage, PerLayer  # noqa: E402
 from .coded import CodedWeight, CodeLayout  # noqa: E402
 from .compress import compress  # noqa: E402

@@ -25,7 +25,7 @@ from .calibrate import InputStatistics
 from .coded import CodedWeight, CodeLayout, row_slices
 from .errors import VQCError
 from .io import DTYPE_BYTES, file_bytes, layer_entry, model_tensors, shapes_of
-from .models import source_of
+from .source import source_of
 
 LEVELS = (1.0, 1.5, 2.0, 3.0, 4.0)
 HIGH_LEVELS = (5.0, 6.0, 8.0)  # offered where the budget is at least half of them (``levels``)

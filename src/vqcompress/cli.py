@@ -111,10 +111,10 @@ def compress(
     quiet: bool = typer.Option(False, help="no progress bars"),
 ) -> None:
     """Compress a model into a .vqc file and print its bit report."""
-    from . import compress as compress_model
     from . import save
     from .atomic import check_writable
     from .budget import PerLayer, checked_bits
+    from .compress import compress_with_summary
     from .defaults import calibration_samples
     from .memory import map_large_blocks
     from .models import load_model
@@ -140,20 +140,20 @@ def compress(
         source.to_json(), seed, calib, calib_samples or calibration_samples(dense), bool(finetune_steps))
     checkpoint = output.with_name(f".{output.name}.partial")  # work so far, resumed from if found
     try:
-        compressed = compress_model(dense.to(device), method, budget, calibration, plan=plan, seed=seed,
-                                    progress=not quiet, finetune_steps=finetune_steps, finetune_lr=finetune_lr,
-                                    assignments=assignments, checkpoint=checkpoint, tune_dense=tune_dense,
-                                    tune_blocks=tune_blocks, calibrate=False if data_free else None, **options)
+        compressed, summary = compress_with_summary(
+            dense.to(device), method, budget, calibration, plan=plan, seed=seed, progress=not quiet,
+            finetune_steps=finetune_steps, finetune_lr=finetune_lr, assignments=assignments, checkpoint=checkpoint,
+            tune_dense=tune_dense, tune_blocks=tune_blocks, calibrate=False if data_free else None, **options)
     except KeyboardInterrupt:
         if checkpoint.exists():
             say(f"interrupted: the work so far is kept in {checkpoint}; the same command resumes from it")
         raise
     save(compressed, output, source)
-    allocation, settings = getattr(compressed, "vqc_allocation", None), _settings_summary(compressed)
-    left_dense = getattr(compressed, "vqc_left_dense", [])  # what compress left dense, and why
-    _say_written(output, started, json_out, {"settings": settings, "allocation": allocation,
-                                             "left_dense": [vars(entry) for entry in left_dense]},
-                 [*([] if allocation is None else [allocation]), *settings, *left_dense_lines(left_dense)])
+    settings = _settings_summary(compressed)
+    _say_written(output, started, json_out, {"settings": settings, "allocation": summary.allocation,
+                                             "left_dense": [vars(entry) for entry in summary.left_dense]},
+                 [*([] if summary.allocation is None else [summary.allocation]), *settings,
+                  *left_dense_lines(summary.left_dense)])
 
 
 def _calibration(source: dict, seed: int, calib: str | None, samples: int | None, needed: bool):
@@ -209,12 +209,13 @@ def finetune_file(
     from .finetune import finetune
     from .io import load, read_manifest
     from .models import original_model
+    from .source import Source
 
     device = _device(device)
     started = time.perf_counter()
     check_writable(output)
     student = load(file, device=device)
-    source = student.vqc_source
+    source = Source(**read_manifest(file)[0]["source"])
     teacher = original_model(source.to_json()).to(device)
     default_lr, windows = finetune_settings(teacher)
     data = training_data(source.to_json(), seed, calib, calib_samples, limit=windows)
@@ -294,12 +295,12 @@ def evaluate(
                                                     "2,048, the suite's protocol; more tells close files apart)"),
 ) -> None:
     """Quality of a compressed model against its uncompressed source, on real data."""
-    from .io import load
+    from .io import load, read_manifest
     from .suites import run_suite
 
     device = _device(device)
     model = load(file, device=device, codebooks=codebooks)
-    figures = run_suite(suite, model, model.vqc_source.to_json(), device, tokens)
+    figures = run_suite(suite, model, read_manifest(file)[0]["source"], device, tokens)
     typer.echo(json.dumps(figures, indent=1) if json_out else figures.pop("table"))
 
 
@@ -307,7 +308,7 @@ def evaluate(
 def decompress(file: Path, output: Path = typer.Option(..., "-o", "--output", help="folder to write"),
                codebooks: list[Path] = typer.Option([], help="folder holding universal codebooks (repeatable)")) -> None:
     """Write a plain model folder (dense safetensors + config) that transformers loads."""
-    from .io import load
+    from .io import load, read_manifest
     from .layers import densify
     from .models import model_folder
 
@@ -316,7 +317,7 @@ def decompress(file: Path, output: Path = typer.Option(..., "-o", "--output", he
         raise VQCError(f"{output} exists and is not empty; choose a new folder")
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent if output.parent.exists() else None))
     try:
-        source_folder = model_folder(model.vqc_source.to_json()) if hasattr(model, "vqc_source") else None
+        source_folder = model_folder(read_manifest(file)[0]["source"])
         if source_folder is not None:  # tokenizer, pooling config …: everything but the weights
             shutil.copytree(source_folder, staging, dirs_exist_ok=True,
                             ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.gguf", ".git*"))

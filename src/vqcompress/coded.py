@@ -317,8 +317,7 @@ class CodedWeight(nn.Module):
         layout.validate()
         self.layout = layout
         self.recipe: dict = {}  # the method and settings that made it, for the file manifest
-        self.temperature: float | None = None  # set while assignments train soft (see ``finetune``)
-        self.assigner: nn.Module | None = None  # set while candidate assignments train (``progressive``)
+        self.assigner: nn.Module | None = None  # how assignments learn while it trains (``assign``)
         # a codebook on a grid is stored as its levels and scale; the codewords are derived from them
         self.register_buffer("codebook", codebook, persistent=not layout.codebook_bits)
         self.register_buffer("codes", codes)
@@ -474,21 +473,20 @@ class CodedWeight(nn.Module):
             return rows
         return torch.argsort(self.permutation())[rows]
 
+    def chosen_codewords(self, stored: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """(len(stored), segments, d): the stored codes' values in codeword units (the factor form's
+        weighted sums of codewords)."""
+        if self.layout.factored:
+            picked = self.codewords(dtype)[self.codebook_of_rows(stored)[:, None, None], self.positions(stored)]
+            return (picked * self.coefficients(stored, dtype)[..., None]).sum(2)
+        return self.codewords(dtype)[self.codebook_of_rows(stored)[:, None], self.code_matrix(stored)]
+
     def decode_rows(self, rows: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
         """Dense (len(rows), cols) slice for original rows: the embedding lookup path."""
         lay = self.layout
         stored = self.stored_rows_of(rows.to(torch.int64))
-        soft = self.temperature is not None and "latent" in self._parameters
-        if self.assigner is not None:
-            values = self.assigner(stored, self.codebook.to(dtype), self.codebook_of_rows(stored))
-        elif soft:
-            values = self._soft_codewords(rows, stored, dtype)
-        elif lay.factored:
-            picked = self.codewords(dtype)[self.codebook_of_rows(stored)[:, None, None], self.positions(stored)]
-            values = (picked * self.coefficients(stored, dtype)[..., None]).sum(2)
-        else:
-            values = self.codewords(dtype)[self.codebook_of_rows(stored)[:, None], self.code_matrix(stored)]
-        values = values.reshape(len(stored), lay.cols)
+        values = None if self.assigner is None else self.assigner.codewords(self, rows, stored, dtype)
+        values = (self.chosen_codewords(stored, dtype) if values is None else values).reshape(len(stored), lay.cols)
         if lay.scale_group:
             values = values.reshape(len(stored), lay.cols // lay.scale_group, lay.scale_group) * self.scale[stored].to(dtype)[..., None]
             if lay.offset:
@@ -496,9 +494,8 @@ class CodedWeight(nn.Module):
         values = values.reshape(len(stored), lay.cols)
         if lay.gain:
             values = values * self.gain.to(dtype)
-        if "latent" in self._parameters and not soft:  # straight-through: quantized value, gradient to the latent
-            latent = self.latent.reshape(lay.rows, lay.cols)[rows].to(dtype)
-            values = values + latent - latent.detach()
+        if self.assigner is not None:
+            values = self.assigner.adjust(self, rows, values)
         if lay.kept_rows:
             slot, kept = self._kept_slots(rows.to(torch.int64))
             values = torch.where(kept[:, None], self.kept_matrix(dtype, slot), values)
@@ -568,7 +565,7 @@ class CodedWeight(nn.Module):
         """``reassign``'s codes for a slice of stored rows, (rows, segments) int64."""
         lay = self.layout
         rows = original[stored]
-        matrix = self._in_codeword_units(weight[rows.to(weight.device)].to(stored.device).float(), stored)
+        matrix = self.in_codeword_units(weight[rows.to(weight.device)].to(stored.device).float(), stored)
         if importance is not None:
             importance = importance[rows.to(importance.device)].to(matrix) * self.unit(stored).square()
         codes = torch.empty(len(stored), lay.segments, dtype=torch.int64)
@@ -596,7 +593,7 @@ class CodedWeight(nn.Module):
         stored = torch.arange(lay.rows, device=device)
         matrix = weight.detach().reshape(lay.rows, lay.cols)[self.permutation()].float().clone()
         unit = self.unit(stored)
-        shift = -unit * self._in_codeword_units(torch.zeros_like(matrix), stored)  # the offsets, in weight units
+        shift = -unit * self.in_codeword_units(torch.zeros_like(matrix), stored)  # the offsets, in weight units
         factor = _inverse_factor(gram.double().to(device))
         books = self.codebook.detach().float()
         group = self.codebook_of_rows(stored)
@@ -621,7 +618,7 @@ class CodedWeight(nn.Module):
             unit = (unit.reshape(len(stored), -1, lay.scale_group) * scale).reshape(len(stored), lay.cols)
         return unit * self.gain.detach().float() if lay.gain else unit
 
-    def _in_codeword_units(self, matrix: Tensor, stored: Tensor) -> Tensor:
+    def in_codeword_units(self, matrix: Tensor, stored: Tensor) -> Tensor:
         """Dense rows (of the given stored rows) with gain, offsets and scales undone: the units
         the codewords are in. Those factors are taken as constants, not differentiated."""
         lay = self.layout
@@ -634,29 +631,11 @@ class CodedWeight(nn.Module):
             matrix = matrix / self.scale.detach()[stored].to(matrix)[..., None]
         return matrix.reshape(len(stored), lay.cols)
 
-    def _soft_codewords(self, rows: Tensor, stored: Tensor, dtype: torch.dtype) -> Tensor:
-        """Soft assignment (differentiable k-means): each sub-vector of the latent weight becomes the
-        softmax mixture of its codebook's codewords, weighted by -distance² / temperature. The
-        temperature is relative to the mean squared distance to the nearest codeword, so one
-        schedule suits every layer; as it falls to 0 the mixture becomes the nearest codeword."""
-        lay = self.layout
-        latent = self.latent.reshape(lay.rows, lay.cols)[rows].to(dtype)
-        points = self._in_codeword_units(latent, stored).reshape(len(stored), lay.segments, lay.dim)
-        codebooks = self.codebook.to(dtype)[self.codebook_of_rows(stored)]  # (rows, k, d)
-        # |p - c|² less |p|², which is the same for every codeword of a segment: softmax ignores it
-        partial = torch.baddbmm(codebooks.square().sum(-1)[:, None, :], points, codebooks.transpose(1, 2), alpha=-2)
-        with torch.no_grad():
-            unit = (points.square().sum(-1) + partial.min(-1).values).mean().clamp_min(torch.finfo(dtype).tiny)
-        weights = torch.softmax(partial / (-self.temperature * unit), dim=-1)
-        return weights @ codebooks
-
-    def start_training(self, latent: Tensor | None = None, shared: dict[int, tuple] | None = None) -> None:
+    def start_training(self, shared: dict[int, tuple] | None = None) -> None:
         """Turn codebooks, scales, offsets and gains into float32 parameters that gradients reach
-        through ``decode`` (a codeword gets the summed gradient of its sub-vectors). To learn
-        assignments, pass a ``latent`` dense weight (best the original one, which still knows where
-        each sub-vector lies inside its cell): the forward pass uses its quantized value and passes
-        the gradient straight through to it. Give every weight of a model the same ``shared`` dict,
-        so that a codebook several weights hold becomes one parameter."""
+        through ``decode`` (a codeword gets the summed gradient of its sub-vectors); assignments
+        learn by a strategy attached beside (``assign``). Give every weight of a model the same
+        ``shared`` dict, so that a codebook several weights hold becomes one parameter."""
         shared = {} if shared is None else shared
         for name in TRAINABLE:
             if name in self._buffers and not self._held_apart(name):
@@ -664,17 +643,14 @@ class CodedWeight(nn.Module):
                 if id(buffer) not in shared:  # the pair keeps the key alive, so its id cannot be reused
                     shared[id(buffer)] = (buffer, nn.Parameter(buffer.float()))
                 self.register_parameter(name, shared[id(buffer)][1])
-        if latent is not None:
-            self.latent = nn.Parameter(latent.detach().float().reshape(self.layout.shape).clone())
         if self.layout.coef_bits:  # coefficients train in codeword units, their positions fixed
             self.coef_values = nn.Parameter(self.coefficients().clone())
 
     def finish_training(self, shared: dict[int, tuple] | None = None) -> None:
-        """Keep the current assignment, drop the latent weight, store everything in its stored
-        dtype (a parameter several weights hold stays one tensor, given the same ``shared``)."""
+        """Store everything in its stored dtype (a parameter several weights hold stays one tensor,
+        given the same ``shared``)."""
         shared = {} if shared is None else shared
         lay = self.layout
-        self._parameters.pop("latent", None)
         if "coef_values" in self._parameters:
             self.coef = _pack_coefficients(lay, self._parameters.pop("coef_values").detach())
         if lay.codebook_bits and "codebook" in self._parameters:  # back onto its grid, same scale

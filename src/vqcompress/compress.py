@@ -10,7 +10,7 @@ import sys
 import zlib
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -30,7 +30,8 @@ from .layers import coded_from_dense, iter_coded
 from .memory import release_free_memory, release_pages, released_after_use
 from .methods import Method, MethodConfig, get_method, make_config
 from .notes import say
-from .plan import Plan
+from .plan import LeftDense, Plan
+from .source import source_of
 
 
 @dataclass
@@ -67,8 +68,8 @@ def _run_identity(model: nn.Module, spec: dict, plan: Plan | None, budget: Budge
     else every tensor's sum), the method and its options, the plan, budget and seed, the
     calibration data (its first batch and its size) and the pipeline's other ``settings``."""
     digest = hashlib.sha256()
-    source = getattr(model, "vqc_source", None)
-    if getattr(source, "sha256", None):
+    source = source_of(model)
+    if source.sha256:
         digest.update(source.sha256.encode())
     else:
         for name, tensor in model.state_dict().items():
@@ -240,14 +241,29 @@ def _cut(jobs: list[Job], pieces: int) -> list[list[Job]]:
     return runs
 
 
+@dataclass
+class Summary:
+    """What a run decided beside the codes, for its caller to say: what was left dense and why
+    (``plan.LeftDense``) and, under a model average, the allocation's table."""
+    left_dense: list[LeftDense] = field(default_factory=list)
+    allocation: str | None = None
+
+
 def compress(model: nn.Module, method: str | MethodConfig = "kmeans", bits: float | Budget | None = None,
-             calibration: TrainingData | None = None, *, plan: Plan | None = None, seed: int = 0,
-             progress: bool = True, finetune_steps: int | None = None, finetune_lr: float | None = None,
-             assignments: str | None = None, checkpoint: str | os.PathLike | None = None,
-             calibrate: bool | None = None, tune_dense: bool = True, tune_blocks: int | None = None,
-             block_lr: float = BLOCK_LR, task: Task | None = None, **options) -> nn.Module:
-    """Replace the planned layers of ``model`` (in place) by coded layers; returns the model
-    (a new object only when ``model`` is itself a single layer).
+             calibration: object = None, **options) -> nn.Module:
+    """Replace the planned layers of ``model`` (in place) by coded layers; returns the model (a new
+    object only when ``model`` is itself a single layer). The keywords are ``compress_with_summary``'s."""
+    return compress_with_summary(model, method, bits, calibration, **options)[0]
+
+
+def compress_with_summary(model: nn.Module, method: str | MethodConfig = "kmeans", bits: float | Budget | None = None,
+                          calibration: object = None, *, plan: Plan | None = None, seed: int = 0,
+                          progress: bool = True, finetune_steps: int | None = None, finetune_lr: float | None = None,
+                          assignments: str | None = None, checkpoint: str | os.PathLike | None = None,
+                          calibrate: bool | None = None, tune_dense: bool = True, tune_blocks: int | None = None,
+                          block_lr: float = BLOCK_LR, task: Task | None = None,
+                          **options) -> tuple[nn.Module, Summary]:
+    """``compress``, and the run's ``Summary``.
 
     ``method`` is a method's name, its options then in ``options``, or its config object
     (``KMeansConfig(dim=4)``, with ``options`` over it); ``bits`` a budget (``budget.PerLayer``,
@@ -303,8 +319,9 @@ def compress(model: nn.Module, method: str | MethodConfig = "kmeans", bits: floa
     available = check_budget(model, jobs, budget.bits) if isinstance(budget, ModelAverage) else None
     if available is not None:
         _say_if_unspent(model, jobs, budget, available)
+    summary = Summary(selection.left_dense)
     if available is not None and any(has_levels(job) for job in jobs):
-        predicted = _allocate(model, jobs, calibration if calibrate else None, budget.bits, available, seed, followers,
+        predicted, summary.allocation = _allocate(model, jobs, calibration if calibrate else None, budget.bits, available, seed, followers,
                               progress)
     else:
         predicted = _predicted_rows(model, jobs, followers, calibration, progress) if calibrate else {}
@@ -323,8 +340,7 @@ def compress(model: nn.Module, method: str | MethodConfig = "kmeans", bits: floa
                  tune_dense=tune_dense, run=store.run if store else "")
     if store is not None and store.path.exists():
         store.path.unlink()
-    model.vqc_left_dense = selection.left_dense  # what was left dense and why (plan.LeftDense; ``vqc compress`` says it)
-    return model
+    return model, summary
 
 
 def _training_steps(model: nn.Module, spec: dict, data: TrainingData | None, steps: int | None) -> int:
@@ -387,18 +403,17 @@ def _global_spec(method: str | MethodConfig, options: dict) -> dict:
 
 
 def _allocate(model: nn.Module, jobs: list[Job], data: TrainingData | None, bits: float, available: float,
-              seed: int, followers: dict[str, list[Job]], progress: bool = False) -> dict[str, Tensor]:
+              seed: int, followers: dict[str, list[Job]], progress: bool = False) -> tuple[dict[str, Tensor], str]:
     """Give each job the settings of its share of the model's bit budget (``allocate``), measured
     on the statistics of one pass of the uncompressed model (without data: each layer's relative
-    weight error, every layer alike); the table is kept in ``model.vqc_allocation``. Returns the
-    tied tables' predicted token probabilities, which the same pass measures (``_predicted_rows``)."""
+    weight error, every layer alike). Returns the tied tables' predicted token probabilities, which
+    the same pass measures (``_predicted_rows``), and the allocation's table (``allocate.describe``)."""
     statistics, gains, predicted = _sensitivities(model, jobs, data, seed, followers, progress) if data is not None else ({}, None, {})
     chosen = allocate(jobs, statistics, bits, available, seed, gains, progress)
     release_pages(job.module.weight for job in jobs)  # the passes read every weight
     for job, option in zip(jobs, chosen):
         job.settings = option.settings
-    model.vqc_allocation = describe(jobs, chosen)
-    return predicted
+    return predicted, describe(jobs, chosen)
 
 
 def _sensitivities(model: nn.Module, jobs: list[Job], data: TrainingData, seed: int, followers: dict[str, list[Job]],

@@ -2,17 +2,10 @@
 
 What trains: every codebook, scale and offset of the coded layers (a codeword receives the
 summed gradient of the sub-vectors that use it), and every other parameter the student still
-has (norms, biases, small dense layers). With ``learn_assignments`` each coded layer also keeps
-a latent dense weight: the forward pass uses its quantized value, the gradient goes straight
-through to it, and every ``reassign_every`` steps each sub-vector moves to its nearest codeword
-(the move kept only if the loss on the guard batches does not rise), until 80% of the steps;
-the last 20% tune the codebooks to that fixed assignment. With
-``assignments="soft"`` the sub-vectors are instead soft mixtures of codewords (differentiable
-k-means) whose temperature anneals geometrically from ``SOFT_TEMPERATURES[0]`` to
-``SOFT_TEMPERATURES[1]``, and become their nearest codeword at 80% of the steps. With
-``assignments="progressive"`` (VQ4ALL) each sub-vector learns logits over its nearest
-candidates, a one-hot regulariser is added to the loss, and sub-vectors are frozen as they
-become sure (``progressive``), all of them at 80% of the steps (a universal codebook never trains).
+has (norms, biases, small dense layers). With ``learn_assignments`` the assignments learn too,
+the way ``assignments`` names (``ASSIGNMENTS``: straight-through, soft or progressive, each a
+strategy of ``assign`` that wraps the coded weights for the run), until 80% of the steps; the
+last 20% tune the codebooks to that fixed assignment.
 
 Batches come from ``batch_at(step)``, a pure function of the step, so an interrupted run resumed
 from its checkpoint sees the same data and ends with the same weights as an uninterrupted one.
@@ -38,25 +31,15 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import progressive
+from .assign import Fixed, Soft, StraightThrough
 from .atomic import write_atomically
 from .errors import VQCError
 from .layers import iter_coded
+from .progressive import LOGIT_LR, Progressive
 
-#: Assignments stop moving after this share of the steps, so the codebooks, scales and norms
-#: adapt to the final assignment during the rest.
-FREEZE_AT = 0.8
-#: Soft assignments: temperature at the first step and just before the freeze, in units of the
-#: layer's mean squared distance to the nearest codeword (1: a sub-vector midway between two
-#: codewords mixes them almost evenly; 0.01: practically the nearest one).
-SOFT_TEMPERATURES = (1.0, 0.01)
-#: Progressive assignments: weight of the one-hot regulariser, reached linearly at the freeze;
-#: candidates per sub-vector unless the layer's recipe says; steps between freezing passes.
-ONE_HOT_WEIGHT = 0.5
-CANDIDATES = 4
 GUARD_BATCHES = 4  # batches a fine-tuning run is judged on before and after (undone if worse)
-FREEZE_EVERY = 10
-ASSIGNMENTS = ("ste", "soft", "progressive")
+#: the ways assignments learn (``assign``)
+ASSIGNMENTS = {"ste": StraightThrough, "soft": Soft, "progressive": Progressive}
 #: Causal LMs: tokens of the batch the allocation probes each layer's sensitivity on.
 PROBE_TOKENS = 256
 #: positions whose next-token KL is computed at once: its temporaries are a few vocabulary-sized rows
@@ -222,65 +205,13 @@ def check_assignments(assignments: str) -> None:
         raise VQCError(f"assignments must be one of {', '.join(ASSIGNMENTS)}, got {assignments!r}")
 
 
-def _anneal(codes: list, step: int, steps: int) -> None:
-    """Soft assignments: set this step's temperature, a pure function of the step (so resume is
-    exact); from the freeze on, fix each sub-vector to its nearest codeword, once."""
-    freeze = FREEZE_AT * steps
-    for code in codes:
-        if step < freeze:
-            first, last = SOFT_TEMPERATURES
-            code.temperature = first * (last / first) ** (step / freeze)
-        elif code.temperature is not None:
-            with torch.no_grad():
-                code.reassign(code.latent)
-            code.temperature = None
-
-
-def _reassign_unless_worse(codes: list, loss: Callable[[], float]) -> None:
-    """Move every sub-vector of ``codes`` to the codeword nearest its latent weight, and keep the
-    move only if ``loss`` (the guard batches') does not rise. Adam moves every latent weight by
-    about one step size whatever its gradient, so many sub-vectors cross into the next cell at
-    once, all the same way, and such a move can undo what training gained (docs/methods.md)."""
-    before, kept = loss(), [code.codes.clone() for code in codes]
-    with torch.no_grad():
-        for code in codes:
-            code.reassign(code.latent)
-    if not loss() <= before:
-        for code, codes_before in zip(codes, kept):
-            code.codes = codes_before
-
-
-def _optimizer(student: nn.Module, lr: float, learning_choices: list) -> torch.optim.Adam:
-    """Adam over every trainable parameter at ``lr``; candidate logits at their own step size."""
-    logits = {id(code.assigner.logits) for code in learning_choices}
-    groups = [{"params": [p for p in student.parameters() if p.requires_grad and id(p) not in logits], "base_lr": lr}]
+def _optimizer(student: nn.Module, lr: float, logits: list[nn.Parameter]) -> torch.optim.Adam:
+    """Adam over every trainable parameter at ``lr``; candidate ``logits`` at their own step size."""
+    apart = {id(p) for p in logits}
+    groups = [{"params": [p for p in student.parameters() if p.requires_grad and id(p) not in apart], "base_lr": lr}]
     if logits:
-        groups.append({"params": [code.assigner.logits for code in learning_choices],
-                       "base_lr": progressive.LOGIT_LR})
+        groups.append({"params": logits, "base_lr": LOGIT_LR})
     return torch.optim.Adam([{**g, "lr": g["base_lr"]} for g in groups])
-
-
-def _freeze(codes: dict[str, nn.Module], step: int, steps: int, hard: set[str], progress: bool) -> dict[str, str]:
-    """Progressive freezing of the coded weights ``codes`` (by layer name): every
-    ``FREEZE_EVERY`` steps freeze the sure sub-vectors, from the freeze point all of them; returns
-    the progress (share frozen, layers hard, the least frozen) and, with ``progress``, prints each
-    layer as it becomes hard (``hard``: the layers already reported)."""
-    if step + 1 >= FREEZE_AT * steps or (step + 1) % FREEZE_EVERY == 0:
-        for code in codes.values():
-            code.assigner.freeze(0.0 if step + 1 >= FREEZE_AT * steps else progressive.THRESHOLD)
-    shares = {name: code.assigner.frozen_share() for name, code in codes.items()}
-    sizes = {name: code.layout.rows * code.layout.segments for name, code in codes.items()}
-    newly_hard = [n for n, share in shares.items() if share == 1.0 and n not in hard]
-    hard.update(newly_hard)
-    for name in newly_hard:
-        if progress:
-            softest = ", ".join(f"{n} {v:.0%}" for v, n in sorted((v, n) for n, v in shares.items() if n not in hard)[:3])
-            tqdm.write(f"step {step + 1}: {name} is hard ({len(hard)}/{len(shares)})"
-                       + (f"; least frozen: {softest}" if softest else ""), file=sys.stderr)
-    least = min(shares, key=shares.get)
-    return {"frozen": f"{sum(shares[n] * sizes[n] for n in shares) / sum(sizes.values()):.0%}",
-            "hard": f"{len(hard)}/{len(shares)}",
-            "least": f"{least} {shares[least]:.0%}"}
 
 
 def finetune(student: nn.Module, teacher: nn.Module, task: Task, batch_at: Callable[[int], Any], steps: int, *,
@@ -312,26 +243,24 @@ def finetune(student: nn.Module, teacher: nn.Module, task: Task, batch_at: Calla
         return (task.forward(teacher, batch) for batch in guard)
 
     before, initial = mean_loss(task, student, guard, targets()), copy.deepcopy(student.state_dict())
-    soft = learn_assignments and assignments == "soft"
-    candidates = learn_assignments and assignments == "progressive"
     first: dict[int, tuple[str, nn.Module]] = {}  # layers tied to one coded weight: the first of them
     for name, layer in coded:
         first.setdefault(id(layer.weight_code), (name, layer))
-    named_codes = {name: layer.weight_code for name, layer in first.values()}
-    codes = list(named_codes.values())
+    codes = {name: layer.weight_code for name, layer in first.values()}
     shared: dict[int, tuple] = {}  # a codebook held by several layers trains as one parameter
-    for name, layer in first.values():
-        code = layer.weight_code
-        original = _original_weight(teacher, name, layer) if learn_assignments else None
-        code.start_training(None if candidates else original, shared)
-        if candidates:
-            progressive.attach(code, original, code.recipe.get("candidates", CANDIDATES))
+    for code in codes.values():
+        code.start_training(shared)
+    if learn_assignments:
+        originals = {name: _original_weight(teacher, name, layer) for name, layer in first.values()}
+        way = ASSIGNMENTS[assignments]
+        learning = way(codes, originals) if way is Progressive else way(codes, originals, reassign_every)
+    else:
+        learning = Fixed(codes)
     teacher.eval()
     student.eval().requires_grad_(tune_dense)
-    for code in codes:
+    for code in codes.values():
         code.requires_grad_(True)
-    optimizer = _optimizer(student, lr, codes if candidates else [])
-    hard: set[str] = set()  # layers whose sub-vectors are all frozen
+    optimizer = _optimizer(student, lr, learning.logits())
     checkpoint = Path(checkpoint) if checkpoint else None
     run = f"{run}|{steps}|{lr}|{learn_assignments}|{assignments}|{reassign_every}|{tune_dense}"
     start = _load_checkpoint(checkpoint, student, optimizer, run) if checkpoint and checkpoint.exists() else 0
@@ -340,33 +269,24 @@ def finetune(student: nn.Module, teacher: nn.Module, task: Task, batch_at: Calla
         for step in bar:
             for group in optimizer.param_groups:
                 group["lr"] = _learning_rate(group["base_lr"], step, steps, warmup=max(1, steps // 20))
-            if soft:
-                _anneal(codes, step, steps)
+            learning.before_step(step, steps)
             batch = batch_at(step)
             with torch.no_grad():
                 target = task.forward(teacher, batch)
             loss = task.loss(task.forward(student, batch), target, batch)
-            if candidates and step < FREEZE_AT * steps:
-                for code in codes:
-                    code.assigner.anneal(step / (FREEZE_AT * steps))
-                weight = ONE_HOT_WEIGHT * step / (FREEZE_AT * steps)
-                loss = loss + weight * sum(code.assigner.regulariser() for code in codes) / len(codes)
+            loss = loss + learning.penalty(step, steps)
             if not torch.isfinite(loss):  # a diverged run would write NaN weights
                 raise VQCError(f"fine-tuning diverged at step {step + 1} (the loss is {loss.item()}): lower the learning rate")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            bar.set_postfix(loss=f"{loss.item():.4f}", **(_freeze(named_codes, step, steps, hard, progress) if candidates else {}))
-            if learn_assignments and assignments == "ste" and (step + 1) % reassign_every == 0 and step < FREEZE_AT * steps:
-                _reassign_unless_worse(codes, lambda: mean_loss(task, student, guard, targets()))
+            shown = learning.after_step(step, steps, lambda: mean_loss(task, student, guard, targets()), progress)
+            bar.set_postfix(loss=f"{loss.item():.4f}", **shown)
             if checkpoint and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
                 _save_checkpoint(checkpoint, step + 1, student, optimizer, run)
-    if soft:  # a run too short to reach the freeze still ends with hard codes
-        _anneal(codes, steps, steps)
-    for code in codes if candidates else []:
-        progressive.detach(code)
+    learning.finish()
     finished: dict[int, tuple] = {}  # the shared codebook parameter back to one stored tensor
-    for code in codes:
+    for code in codes.values():
         code.finish_training(finished)
     after = mean_loss(task, student, guard, targets())
     if not after <= before:  # said even when quiet: it is no progress bar but what the file holds
@@ -436,7 +356,7 @@ def tune_block(blocks: Any, index: int, inputs: list[Tensor], targets: list[Tens
     trainable = {parameter: parameter.requires_grad for parameter in block.parameters()}
     shared: dict[int, tuple] = {}
     for code in codes:
-        code.start_training(None, shared)
+        code.start_training(shared)
     block.requires_grad_(tune_dense)
     for code in codes:
         code.requires_grad_(True)

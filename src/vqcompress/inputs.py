@@ -7,7 +7,7 @@
   model's ``forward`` takes fewer arguments, ``(inputs, labels)`` as data loaders give them) or a
   dict of tensors (``model(**x)``); a single tensor or dict is one example;
 - text, for a model whose folder holds its tokenizer (``from_pretrained`` remembers it): a corpus
-  name (``data.CORPORA``), a UTF-8 text file, or a list of strings;
+  name (``text.CORPORA``), a UTF-8 text file, or a list of strings;
 - a ``TrainingData`` (task and batches), used as it is.
 
 The task (which outputs the compressed model must match) is inferred from the model and the first
@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from .errors import VQCError
 from .finetune import Task, TrainingData, causal_lm_task, classification_task, encoder_task
+from .source import source_of
 
 #: Examples read from an iterable at most (a data loader over a whole dataset is not read through).
 MAX_EXAMPLES = 256
@@ -181,8 +182,7 @@ def relative_squared_error(student: Tensor, teacher: Tensor, batch: Any = None) 
 
 def tokenizer_folder(model: nn.Module) -> Path | None:
     """The folder the model was loaded from, if it holds a tokenizer."""
-    source = getattr(model, "vqc_source", None)
-    candidates = [getattr(source, "path", None), getattr(getattr(model, "config", None), "_name_or_path", None),
+    candidates = [source_of(model).path, getattr(getattr(model, "config", None), "_name_or_path", None),
                   getattr(model, "name_or_path", None)]
     for candidate in candidates:
         if candidate and Path(candidate).is_dir() and any(Path(candidate).glob("tokenizer*")):
@@ -196,7 +196,7 @@ def text_data(model: nn.Module, text: str | os.PathLike | list[str], seed: int =
     token windows for a causal LM, sentences for an encoder."""
     from transformers import AutoTokenizer
 
-    from .data import causal_lm_data, text_training_data
+    from .text import causal_lm_data, text_training_data
 
     folder = tokenizer_folder(model)
     if folder is None:

@@ -33,7 +33,7 @@ from .coded import CodedWeight, CodeLayout, streams_with_kept_rows, streams_with
 from .errors import VQCError
 from .held import HeldTensor, hold_named
 from .layers import LAYER_ARGS, carry_embed_scale, coded_from_args, dense_type_of, iter_coded, layer_args
-from .models import Source, skeleton, source_of
+from .source import Source, skeleton, source_of
 
 FORMAT = "vqc"
 #: 2: a kept row's codes are left out of the file (1 stored them, unused); 3: a layout lists only

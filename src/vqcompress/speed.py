@@ -23,7 +23,9 @@ from torch import Tensor, nn
 
 from . import kernels
 from .errors import VQCError
+from .inputs import tokenizer_folder
 from .layers import CodedConv1d, CodedConv2d, CodedEmbedding, CodedTensor, densify, iter_coded
+from .source import source_of
 
 WARMUP = 2
 CONV_SIZE = 16  # a convolution's input length (1-d) or side (2-d) when timing it alone
@@ -155,8 +157,7 @@ def layer_speeds(model: nn.Module, dense: nn.Module, batches: list[int], repeats
 def model_input(model: nn.Module) -> tuple[str, Tensor] | None:
     """A batch-1 input for the whole model when its kind is known: a short prompt's token ids for a
     transformers model, one image for a zoo model; None otherwise."""
-    source = getattr(model, "vqc_source", None)
-    if source is not None and source.kind == "zoo":
+    if source_of(model).kind == "zoo":
         return "one 28×28 image", torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     if not hasattr(getattr(model, "config", None), "vocab_size"):
         return None
@@ -166,11 +167,8 @@ def model_input(model: nn.Module) -> tuple[str, Tensor] | None:
 
 def prompt_ids(model: nn.Module) -> Tensor:
     """The prompt's token ids through the model's own tokenizer where it has one, else fixed ids."""
-    from .models import model_folder
-
-    source = getattr(model, "vqc_source", None)
-    folder = model_folder(source.to_json()) if source is not None else None
-    if folder is None or not any(folder.glob("tokenizer*")):  # the speed does not depend on which ids
+    folder = tokenizer_folder(model)
+    if folder is None:  # the speed does not depend on which ids
         return torch.arange(1, 13)[None] % model.config.vocab_size
     from transformers import AutoTokenizer
 

@@ -31,6 +31,7 @@ from scipy.stats import gaussian_kde
 from torch import Tensor, nn
 
 from .atomic import write_atomically
+from .cache import cache_dir
 from .codebook import kmeans
 from .errors import VQCError
 
@@ -204,8 +205,6 @@ DEFAULT = Path(__file__).with_name("codebooks") / "universal-d4-k256.vqcb"
 def search_path(beside: Path | None = None) -> list[Path]:
     """Folders searched for a codebook by hash: the model file's own, ``$VQC_CODEBOOKS``
     (os.pathsep-separated), ``codebooks/`` in the cache, and the package's own."""
-    from .models import cache_dir
-
     extra = [Path(p) for p in os.environ.get("VQC_CODEBOOKS", "").split(os.pathsep) if p]
     return [p for p in [beside, *extra, cache_dir() / "codebooks", DEFAULT.parent] if p is not None]
 

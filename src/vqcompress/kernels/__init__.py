@@ -58,8 +58,8 @@ import torch
 from torch import Tensor
 
 from ..atomic import write_atomically
+from ..cache import cache_dir
 from ..coded import CodedWeight, code_bits
-from ..models import cache_dir
 
 SOURCE = Path(__file__).with_name("lut.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
@@ -182,7 +182,7 @@ def codes_suffice(x: Tensor, code: CodedWeight) -> bool:
     """Whether this call may be computed from the codes without autograd: no gradients wanted, and
     not a soft or candidate assignment in training (whose weight is not its codes')."""
     wants_grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in code.parameters()))
-    return not wants_grad and code.assigner is None and code.temperature is None
+    return not wants_grad and (code.assigner is None or code.assigner.hard)
 
 
 def _serves(x: Tensor, code: CodedWeight) -> bool:

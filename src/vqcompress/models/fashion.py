@@ -12,7 +12,6 @@ from __future__ import annotations
 import gzip
 import json
 import math
-import os
 import time
 import zlib
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..atomic import write_atomically
+from ..cache import cache_dir
 from ..errors import VQCError
 
 DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -185,7 +185,7 @@ def _spec(name: str) -> Spec:
 
 def zoo_dir() -> Path:
     """Where trained zoo models are cached: ``$VQC_CACHE/zoo``, else ``~/.cache/vqcompress/zoo``."""
-    return Path(os.environ.get("VQC_CACHE") or Path.home() / ".cache" / "vqcompress") / "zoo"
+    return cache_dir() / "zoo"
 
 
 def checkpoint_path(name: str, seed: int = 0, epochs: int | None = None) -> Path:

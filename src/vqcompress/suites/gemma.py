@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from .minilm import ENCODING, data_dir
+from ..data import lee_background
 
 # Perplexity of the dense (dequantized) model with this exact protocol.
 FP32_REFERENCE = {"perplexity": 38.37}
@@ -24,7 +24,7 @@ FP32_REFERENCE = {"perplexity": 38.37}
 
 def text() -> str:
     """The whole of lee_background.cor (300 news articles, one a line)."""
-    return (data_dir() / "lee_background.cor").read_text(encoding=ENCODING)
+    return lee_background()
 
 
 def windows(ids: list[int], tokens: int = 2048, window: int = 512) -> list[list[int]]:

@@ -7,14 +7,11 @@ All data comes from the test folder that ships inside the gensim wheel, so the
 suite runs offline.
 """
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from vqcompress.errors import VQCError
+from vqcompress.data import ENCODING, data_dir
 
 # Spearman figures of the fp32 model with this exact protocol; a compressed
 # model is judged by how far it falls below them.
@@ -27,18 +24,6 @@ MAX_TOKENS = 256
 # How many pang_lee_polarity.cor sentences the cosine metric uses (it has 200).
 HELD_OUT_SENTENCES = 256
 
-# The gensim test files are Windows-1252 (a pound sign, em dashes, accents).
-ENCODING = "cp1252"
-
-
-def data_dir() -> Path:
-    """The gensim test_data folder, found without importing gensim (whose
-    compiled parts may not match the installed numpy)."""
-    spec = importlib.util.find_spec("gensim")
-    folder = Path(spec.submodule_search_locations[0]) / "test" / "test_data" if spec else None
-    if folder is None or not (folder / "lee.cor").is_file():
-        raise VQCError("the minilm suite needs gensim's test data: pip install --no-deps gensim")
-    return folder
 
 
 def _lines(name: str) -> list[str]:

@@ -37,10 +37,10 @@ HEIGHT, REC_WIDTH, CLS_WIDTH = 48, 320, 192
 @lru_cache(maxsize=1)
 def text_lines() -> tuple[str, ...]:
     """Every line of ``lee_background.cor``'s words, in order, none longer than ``LINE_CHARS``."""
-    from .minilm import ENCODING, data_dir
+    from ..data import lee_background
 
     lines, line = [], ""
-    for word in (data_dir() / "lee_background.cor").read_text(encoding=ENCODING).split():
+    for word in lee_background().split():
         if line and len(line) + 1 + len(word) > LINE_CHARS:
             lines.append(line)
             line = ""

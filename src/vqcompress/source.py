@@ -1,0 +1,71 @@
+"""A model's identity, recorded in every .vqc file: what it was made from, and how to rebuild an
+empty model of that kind when a file is loaded without ``like=``.
+
+``Source`` says where a model came from (a kind, a name, its architecture, its transformers
+config, the sha256 of its weights). Whoever loads a model may ``remember`` its source (the
+library's own loaders do); any other module is described by its class and, if it has one, its
+config. Rebuilding goes by the source's kind: a transformers config rebuilds through
+transformers, and other kinds (the bundled networks, the zoo) register their builders in
+``SKELETONS`` — the core never names a model.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from torch import nn
+
+from .errors import VQCError
+
+
+@dataclass
+class Source:
+    kind: str  # "bundled", "zoo", "folder" or "module"
+    name: str
+    architecture: str
+    path: str | None = None
+    config: dict | None = None
+    sha256: str | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+_known: weakref.WeakKeyDictionary[nn.Module, Source] = weakref.WeakKeyDictionary()
+
+#: source kind → a builder of an empty model from a source (a dict); set by the loaders of that kind
+SKELETONS: dict[str, Callable[[dict], nn.Module | None]] = {}
+
+
+def remember(model: nn.Module, source: Source) -> nn.Module:
+    """Record where ``model`` came from (a weak reference: the model carries nothing)."""
+    _known[model] = source
+    return model
+
+
+def source_of(model: nn.Module) -> Source:
+    """What a model came from: as remembered, else its class and its config (a transformers model's)."""
+    if model in _known:
+        return _known[model]
+    config = getattr(model, "config", None)
+    path = getattr(config, "_name_or_path", None) or None
+    return Source("module", type(model).__name__, type(model).__name__, path,
+                  config.to_dict() if hasattr(config, "to_dict") else None)
+
+
+def skeleton(source: dict) -> nn.Module:
+    """An empty model of the source's kind (its weights to come from a file), remembered as of that
+    source: a kind's registered builder, else the architecture built from a transformers config."""
+    builder = SKELETONS.get(source["kind"])
+    model = builder(source) if builder is not None else None
+    if model is None and "model_type" in (source.get("config") or {}):
+        import transformers
+
+        config = transformers.AutoConfig.for_model(**source["config"])
+        architecture = getattr(transformers, source["architecture"], None)
+        model = architecture(config) if architecture is not None else transformers.AutoModel.from_config(config)
+    if model is None:
+        raise VQCError(f"this file was made from a plain module ({source['name']}): load it with like=<a {source['name']}>")
+    return remember(model.eval(), Source(**source))
