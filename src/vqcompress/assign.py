@@ -80,7 +80,7 @@ class LatentWeight(nn.Module):
 class Fixed:
     """Codes that do not move: nothing attached, nothing to do."""
 
-    def __init__(self, codes: dict[str, nn.Module], originals: dict[str, Tensor] | None = None):
+    def __init__(self, codes: dict[str, nn.Module]):
         self.codes = codes
 
     def logits(self) -> list[nn.Parameter]:
@@ -103,15 +103,22 @@ class Fixed:
             code.assigner = None
 
 
-class StraightThrough(Fixed):
-    """Latent weights (from ``originals``, best the uncompressed weights, which still know where
-    each sub-vector lies inside its cell) and guarded reassignment every ``reassign_every`` steps."""
+class _Latent(Fixed):
+    """A latent weight for every coded weight, from ``originals`` (best the uncompressed weights,
+    which still know where each sub-vector lies inside its cell)."""
 
-    def __init__(self, codes: dict[str, nn.Module], originals: dict[str, Tensor], reassign_every: int = 25):
+    def __init__(self, codes: dict[str, nn.Module], originals: dict[str, Tensor]):
         super().__init__(codes)
-        self.reassign_every = reassign_every
         for name, code in codes.items():
             code.assigner = LatentWeight(originals[name].reshape(code.layout.shape)).to(code.codes.device)
+
+
+class StraightThrough(_Latent):
+    """Straight-through latent weights, guarded reassignment every ``reassign_every`` steps."""
+
+    def __init__(self, codes: dict[str, nn.Module], originals: dict[str, Tensor], reassign_every: int = 25):
+        super().__init__(codes, originals)
+        self.reassign_every = reassign_every
 
     def after_step(self, step: int, steps: int, loss: Callable[[], float], progress: bool) -> dict[str, str]:
         if (step + 1) % self.reassign_every == 0 and step < FREEZE_AT * steps:
@@ -127,23 +134,26 @@ class StraightThrough(Fixed):
                 code.codes = codes_before
 
 
-class Soft(StraightThrough):
+class Soft(_Latent):
     """Soft mixtures until the freeze, where each sub-vector takes its nearest codeword once; the
     temperature a pure function of the step (so a resumed run is exact)."""
 
     def before_step(self, step: int, steps: int) -> None:
         freeze = FREEZE_AT * steps
+        if step >= freeze:
+            self._harden()
+            return
+        first, last = SOFT_TEMPERATURES
         for code in self.codes.values():
-            if step < freeze:
-                first, last = SOFT_TEMPERATURES
-                code.assigner.temperature = first * (last / first) ** (step / freeze)
-            elif code.assigner.temperature is not None:
+            code.assigner.temperature = first * (last / first) ** (step / freeze)
+
+    def _harden(self) -> None:
+        """Each sub-vector to its nearest codeword, once (after that, straight through)."""
+        for code in self.codes.values():
+            if code.assigner.temperature is not None:
                 code.assigner.nearest(code)
                 code.assigner.temperature = None
 
-    def after_step(self, step: int, steps: int, loss: Callable[[], float], progress: bool) -> dict[str, str]:
-        return {}
-
     def finish(self) -> None:
-        self.before_step(1, 1)  # a run too short to reach the freeze still ends with hard codes
+        self._harden()  # a run too short to reach the freeze still ends with hard codes
         super().finish()

@@ -321,8 +321,8 @@ def compress_with_summary(model: nn.Module, method: str | MethodConfig = "kmeans
         _say_if_unspent(model, jobs, budget, available)
     summary = Summary(selection.left_dense)
     if available is not None and any(has_levels(job) for job in jobs):
-        predicted, summary.allocation = _allocate(model, jobs, calibration if calibrate else None, budget.bits, available, seed, followers,
-                              progress)
+        predicted, summary.allocation = _allocate(model, jobs, calibration if calibrate else None, budget.bits,
+                                                  available, seed, followers, progress)
     else:
         predicted = _predicted_rows(model, jobs, followers, calibration, progress) if calibrate else {}
     bar = tqdm(total=len(jobs), desc=spec["method"], unit="layer", disable=not progress)

@@ -21,6 +21,7 @@ import sys
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -252,8 +253,8 @@ def finetune(student: nn.Module, teacher: nn.Module, task: Task, batch_at: Calla
         code.start_training(shared)
     if learn_assignments:
         originals = {name: _original_weight(teacher, name, layer) for name, layer in first.values()}
-        way = ASSIGNMENTS[assignments]
-        learning = way(codes, originals) if way is Progressive else way(codes, originals, reassign_every)
+        ways = {**ASSIGNMENTS, "ste": partial(StraightThrough, reassign_every=reassign_every)}
+        learning = ways[assignments](codes, originals)
     else:
         learning = Fixed(codes)
     teacher.eval()
