@@ -463,8 +463,8 @@ def test_a_tied_output_head_weighs_rows_by_predicted_probability_too(monkeypatch
     task = Task(forward=lambda m, batch: m(batch), loss=lambda s, t, batch: (s - t).square().mean())
     data = TrainingData(task, lambda step: ids, calibration_batches=2, token_counts=counts)
     seen, fit_run = {}, compress_module.fit_run
-    monkeypatch.setattr(compress_module, "fit_run", lambda run, seed, statistics=None: (
-        seen.update(statistics or {}), fit_run(run, seed, statistics))[1])
+    monkeypatch.setattr(compress_module, "fit_run", lambda run, seed, statistics=None, rotations=None: (
+        seen.update(statistics or {}), fit_run(run, seed, statistics, rotations))[1])
     with torch.no_grad():
         predicted = torch.softmax(model(ids), -1).reshape(-1, 512).mean(0)
     if isinstance(budget, ModelAverage):

@@ -51,6 +51,15 @@ class InputStatistics:
         ridge = fraction * self.gram.diagonal().mean()
         return InputStatistics(gram=self.gram + ridge * torch.eye(len(self.gram), device=self.gram.device), mean=self.mean)
 
+    def transformed(self, apply: Callable[[Tensor], Tensor]) -> InputStatistics:
+        """Statistics of the inputs T x, for ``apply`` x ↦ T x a linear map along the last dimension
+        (an incoherence rotation): Gram T G Tᵀ, mean T μ; row weights as they are."""
+        if self.gram is None:
+            return self
+        gram = apply(apply(self.gram).T)
+        return InputStatistics(gram=(gram + gram.T) / 2, row_weight=self.row_weight,
+                               mean=None if self.mean is None else apply(self.mean))
+
     def heaviest_rows(self, weight: Tensor, count: int) -> Tensor:
         """The ``count`` rows of ``weight`` (rows × cols) of largest weighted energy: the rows whose
         coding error weighs most (it is about a fixed fraction of that energy), which an embedding

@@ -26,11 +26,12 @@ from .errors import VQCError
 from .finetune import BLOCK_LR, Task, TrainingData, check_assignments, finetune, mean_loss, relative_error, tune_block
 from .inputs import as_training_data
 from .io import load, read_manifest, save
-from .layers import coded_from_dense, iter_coded
+from .layers import coded_from_dense, iter_coded, rotates_rows
 from .memory import release_free_memory, release_pages, released_after_use
 from .methods import Method, MethodConfig, get_method, make_config
 from .notes import say
 from .plan import LeftDense, Plan
+from .rotation import Rotation
 from .source import source_of
 
 
@@ -164,31 +165,54 @@ def _fitting_statistics(job: Job, inputs: InputStatistics | None, kept: Tensor |
     return (inputs.centred() if _corrects_bias(job) else inputs).damped(DAMPING)
 
 
-def fit_layer(job: Job, seed: int, inputs: InputStatistics | None = None) -> CodedWeight:
-    kept = _rows_to_keep(job, inputs)
+def rotation_of(job: Job, seed: int, followers: list[Job] = ()) -> Rotation | None:
+    """The layer's incoherence rotation (``rotation.py``) where its config or its method asks for
+    one: seeded by the layer's name; its outputs mixed too where the layer and every layer tied
+    to it allow that (``layers.rotates_rows``)."""
+    if (job.config.transform or getattr(job.method, "transform", "none")) == "none":
+        return None
+    weight = job.module.weight
+    mix_rows = all(rotates_rows(layer.module) for layer in (job, *followers))
+    return Rotation(len(weight), weight[0].numel(), _layer_seed(seed, job.name), mix_rows).to(weight.device)
+
+
+def _stored_weight(job: Job, rotation: Rotation | None) -> Tensor:
+    """The layer's weight (float32) in the basis its code holds it."""
+    weight = job.module.weight.detach().float()
+    return weight if rotation is None else rotation.to_stored(weight)
+
+
+def _rotated(inputs: InputStatistics | None, rotation: Rotation | None) -> InputStatistics | None:
+    """A layer's input statistics as its rotated weight sees them."""
+    return inputs if inputs is None or rotation is None else inputs.transformed(rotation.inputs)
+
+
+def fit_layer(job: Job, seed: int, inputs: InputStatistics | None = None, rotation: Rotation | None = None) -> CodedWeight:
+    weight, inputs = _stored_weight(job, rotation), _rotated(inputs, rotation)
+    kept = _rows_to_keep(job, weight, inputs)
     statistics = _fitting_statistics(job, inputs, kept)
-    code = job.method.fit(job.module.weight.detach().float(), job.settings, _layer_seed(seed, job.name), statistics)
-    return _finished(code, job, statistics, kept)
+    code = job.method.fit(weight, job.settings, _layer_seed(seed, job.name), statistics)
+    return _finished(code, job, weight, statistics, kept)
 
 
-def _rows_to_keep(job: Job, inputs: InputStatistics | None) -> Tensor | None:
-    """With ``keep_rows``, the rows an embedding stores apart in int8: those of largest weighted
-    energy (its most used ones), chosen before the fit so that the codebook is fitted to the
-    rows that will use it (Gemma's 16,384 most used token rows hold 95% of its row weight)."""
+def _rows_to_keep(job: Job, weight: Tensor, inputs: InputStatistics | None) -> Tensor | None:
+    """With ``keep_rows``, the rows of ``weight`` an embedding stores apart in int8: those of largest
+    weighted energy (its most used ones), chosen before the fit so that the codebook is fitted to
+    the rows that will use it (Gemma's 16,384 most used token rows hold 95% of its row weight)."""
     if not job.kept:
         return None
-    weight = job.module.weight.detach().float()
     statistics = inputs or InputStatistics(row_weight=torch.ones(len(weight)))
     return statistics.heaviest_rows(weight.reshape(len(weight), -1), job.kept)
 
 
-def _finished(code: CodedWeight, job: Job, statistics: InputStatistics | None, kept: Tensor | None) -> CodedWeight:
+def _finished(code: CodedWeight, job: Job, weight: Tensor, statistics: InputStatistics | None,
+              kept: Tensor | None) -> CodedWeight:
     """The method's coded weight with its recipe and, where the layer's input Gram matrix is known
     and its codes are plain, codes re-chosen with error feedback (``reassign_with_feedback``:
     the layer's output error is what the choices then reduce, as in GPTQ); then the ``kept``
     rows stored apart in int8 (an embedding's most used ones)."""
     code.recipe = {"method": job.method.name, **job.settings}
-    weight = job.module.weight.detach().float().to(code.codes.device)
+    weight = weight.to(code.codes.device)
     if (getattr(job.method, "feedback", True) and statistics is not None and statistics.gram is not None
             and code.layout.takes_feedback):
         code.reassign_with_feedback(weight, statistics.gram)
@@ -197,18 +221,21 @@ def _finished(code: CodedWeight, job: Job, statistics: InputStatistics | None, k
     return code
 
 
-def fit_run(run: list[Job], seed: int, statistics: dict[str, InputStatistics] | None = None) -> list[CodedWeight]:
+def fit_run(run: list[Job], seed: int, statistics: dict[str, InputStatistics] | None = None,
+            rotations: list[Rotation | None] | None = None) -> list[CodedWeight]:
     """The coded weights of a run of layers: one layer alone, or several sharing one codebook;
-    each weighted by its layer's calibration ``statistics`` where there are some."""
-    statistics = statistics or {}
+    each weighted by its layer's calibration ``statistics`` where there are some, each in the basis
+    of its rotation where it has one."""
+    statistics, rotations = statistics or {}, rotations or [None] * len(run)
     if len(run) == 1 and not run[0].settings.get("shared"):
-        return [fit_layer(run[0], seed, statistics.get(run[0].name))]
+        return [fit_layer(run[0], seed, statistics.get(run[0].name), rotations[0])]
     first = run[0]
-    kept = [_rows_to_keep(job, statistics.get(job.name)) for job in run]
-    fitting = [_fitting_statistics(job, statistics.get(job.name), rows) for job, rows in zip(run, kept)]
-    codes = first.method.fit_shared([job.module.weight.detach().float() for job in run], first.settings,
-                                    _layer_seed(seed, first.name), fitting)
-    return [_finished(*args) for args in zip(codes, run, fitting, kept)]
+    weights = [_stored_weight(job, rotation) for job, rotation in zip(run, rotations)]
+    inputs = [_rotated(statistics.get(job.name), rotation) for job, rotation in zip(run, rotations)]
+    kept = [_rows_to_keep(*args) for args in zip(run, weights, inputs)]
+    fitting = [_fitting_statistics(*args) for args in zip(run, inputs, kept)]
+    codes = first.method.fit_shared(weights, first.settings, _layer_seed(seed, first.name), fitting)
+    return [_finished(*args) for args in zip(codes, run, weights, fitting, kept)]
 
 
 def shared_runs(jobs: list[Job]) -> list[list[Job]]:
@@ -517,12 +544,13 @@ def _fit_runs(model: nn.Module, runs: list[list[Job]], seed: int, bar: tqdm,
     the very same coded weight); each job then points at its coded layer, so that a dense weight
     (Gemma's embedding: 671 MB) is freed when its layer is done, not when the whole model is."""
     for run in runs:
-        codes = [code.to(run[0].module.weight.device) for code in fit_run(run, seed, statistics)]
+        rotations = [rotation_of(job, seed, (followers or {}).get(job.name, [])) for job in run]
+        codes = [code.to(run[0].module.weight.device) for code in fit_run(run, seed, statistics, rotations)]
         if run[0].settings.get("shared"):  # moved one by one, a shared codebook became copies: one tensor again
             for code in codes[1:]:
                 code.codebook = codes[0].codebook
-        for job, code in zip(run, codes):
-            layer = coded_from_dense(job.module, code)
+        for job, code, rotation in zip(run, codes, rotations):
+            layer = coded_from_dense(job.module, code, rotation)
             if _corrects_bias(job):
                 correct_bias(layer, job.module.weight, (statistics or {}).get(job.name))
             if job.name:
@@ -530,7 +558,7 @@ def _fit_runs(model: nn.Module, runs: list[list[Job]], seed: int, bar: tqdm,
             else:  # the model is itself one layer
                 model = layer
             for follower in (followers or {}).get(job.name, []):
-                follower.module = coded_from_dense(follower.module, code)
+                follower.module = coded_from_dense(follower.module, code, rotation)
                 model.set_submodule(follower.name, follower.module)
             release_pages([job.module.weight])  # never read again: a memory-mapped weight's pages go too
             job.module = layer  # the job no longer holds the dense weight: freed as soon as it is coded
@@ -544,7 +572,7 @@ def correct_bias(layer: nn.Module, weight: torch.Tensor, inputs: InputStatistics
     if inputs is None or inputs.mean is None or getattr(layer, "bias", None) is None:
         return
     with torch.no_grad():
-        difference = weight.detach().float().reshape(len(layer.bias), -1) - layer.weight_code.decode().reshape(len(layer.bias), -1)
+        difference = weight.detach().float().reshape(len(layer.bias), -1) - layer.weight.reshape(len(layer.bias), -1)
         layer.bias += (difference @ inputs.mean).to(layer.bias.dtype)
 
 

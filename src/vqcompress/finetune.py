@@ -196,7 +196,7 @@ def _original_weight(teacher: nn.Module, name: str, layer: nn.Module) -> Tensor:
     except AttributeError:
         original = None
     if isinstance(original, Tensor) and tuple(original.shape) == layer.weight_code.layout.shape:
-        return original.detach()
+        return layer.stored(original.detach())
     return layer.weight_code.decode().detach()
 
 

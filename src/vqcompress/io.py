@@ -33,6 +33,7 @@ from .coded import CodedWeight, CodeLayout, streams_with_kept_rows, streams_with
 from .errors import VQCError
 from .held import HeldTensor, hold_named
 from .layers import LAYER_ARGS, carry_embed_scale, coded_from_args, dense_type_of, iter_coded, layer_args
+from .rotation import Rotation
 from .source import Source, skeleton, source_of
 
 FORMAT = "vqc"
@@ -98,9 +99,12 @@ def model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
 
 
 def layer_entry(layer: nn.Module, layout: CodeLayout, recipe: dict) -> dict:
-    """A coded layer as the manifest records it (``layer`` dense or coded: its type and arguments)."""
+    """A coded layer as the manifest records it (``layer`` dense or coded: its type and arguments,
+    and its rotation where it has one)."""
+    rotation = getattr(layer, "rotation", None)
     return {"type": dense_type_of(layer).__name__, "args": layer_args(layer),
-            "bias": getattr(layer, "bias", None) is not None, "layout": layout.to_json(), "recipe": recipe}
+            "bias": getattr(layer, "bias", None) is not None, "layout": layout.to_json(), "recipe": recipe,
+            **({"rotation": rotation.to_json()} if rotation is not None else {})}
 
 
 def manifest_of(model: nn.Module, tensors: dict[str, torch.Tensor], aliases: dict[str, str],
@@ -290,7 +294,9 @@ def _install_coded_layers(model: nn.Module, manifest: dict, stored: set[str]) ->
         code = codes[leaders[name]] if name in leaders else CodedWeight.empty(layout)
         code.recipe = entry["recipe"]
         codes[name] = code
-        layer = coded_from_args(entry["type"], entry["args"], code, entry["bias"])
+        rotation = entry.get("rotation")
+        rotation = None if rotation is None else Rotation.from_json(rotation, layout.rows, layout.cols)
+        layer = coded_from_args(entry["type"], entry["args"], code, entry["bias"], rotation)
         carry_embed_scale(current, layer)
         if name:
             model.set_submodule(name, layer)

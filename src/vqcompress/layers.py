@@ -29,6 +29,7 @@ from . import kernels
 from .coded import CodedWeight
 from .errors import VQCError
 from .held import HELD_SUFFIX, HeldTensor, release
+from .rotation import Rotation
 
 FORWARD_PATHS = ("auto", "decode", "lut")
 #: Input vectors up to which torch's table product beats torch's decode-then-multiply on the CPU
@@ -94,13 +95,15 @@ def _table_product(x: Tensor, code: CodedWeight, input_groups: int) -> Tensor:
 
 
 class CodedLayer:
-    """Mixin shared by the coded layers: the coded weight, its dense view and its forward path."""
+    """Mixin shared by the coded layers: the coded weight, its dense view and its forward path;
+    and a ``rotation`` (``rotation.py``) where the code holds the weight in a rotated basis."""
 
     weight_code: CodedWeight
+    rotation: Rotation | None
     forward_path: str = "auto"
 
     @classmethod
-    def build(cls, args: dict, code: CodedWeight, bias: Tensor | None) -> CodedLayer:
+    def build(cls, args: dict, code: CodedWeight, bias: Tensor | None, rotation: Rotation | None = None) -> CodedLayer:
         """Make the layer from constructor ``args`` without ever allocating a dense weight."""
         dense_type = next(t for t in LAYER_ARGS if issubclass(cls, t))
         layer = cls.__new__(cls)
@@ -109,11 +112,20 @@ class CodedLayer:
         if bias is not None:
             layer.bias = nn.Parameter(bias)
         layer.weight_code = code
+        layer.rotation = rotation
         return layer
 
     @property
     def weight(self) -> Tensor:
-        return self.weight_code.decode()
+        return self.dense(self.weight_code.decode())
+
+    def dense(self, stored: Tensor) -> Tensor:
+        """The layer's weight from the coded weight's decoded one (its rotation undone)."""
+        return stored if self.rotation is None else self.rotation.from_stored(stored)
+
+    def stored(self, weight: Tensor) -> Tensor:
+        """A weight of this layer as its coded weight holds it (rotated where the layer is)."""
+        return weight if self.rotation is None else self.rotation.to_stored(weight)
 
     def set_forward_path(self, path: str) -> None:
         if path not in FORWARD_PATHS:
@@ -134,11 +146,18 @@ class CodedLayer:
 
 class CodedLinear(CodedLayer, nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
+        if self.rotation is None:
+            return self._product(x, self.bias)
+        y = self.rotation.outputs(self._product(self.rotation.inputs(x), None))
+        return y if self.bias is None else y + self.bias
+
+    def _product(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        """x times the stored weight, plus ``bias``."""
         if self._path(x, x.numel() // self.in_features) == "decode":
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, self.weight_code.decode(), bias)
         y = lut_matmul(x.reshape(-1, 1, self.in_features), self.weight_code)
         y = y.reshape(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
+        return y if bias is None else y + bias
 
 
 class _CodedConv(CodedLayer):
@@ -153,14 +172,18 @@ class _CodedConv(CodedLayer):
         patches = self._patches(x)
         path = self._path(x, patches)
         if path == "kernel" and not kernels.takes_table(patches, self.weight_code, self.groups):
-            return self._conv_forward(x, kernels.decode(self.weight_code), self.bias)
+            return self._conv_forward(x, self.dense(kernels.decode(self.weight_code)), self.bias)
         if path == "decode":
             return self._conv_forward(x, self.weight, self.bias)
         mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
         x = F.pad(x, self._reversed_padding_repeated_twice, mode=mode)
         patches, spatial = self._im2col(x)  # (batch, L, in_channels · kernel), output size
         batch, positions = patches.shape[:2]
-        y = lut_matmul(patches.reshape(batch * positions, self.groups, self.weight_code.layout.cols), self.weight_code, self.groups)
+        patches = patches.reshape(batch * positions, self.groups, self.weight_code.layout.cols)
+        if self.rotation is None:
+            y = lut_matmul(patches, self.weight_code, self.groups)
+        else:
+            y = self.rotation.outputs(lut_matmul(self.rotation.inputs(patches), self.weight_code, self.groups))
         y = y.reshape(batch, positions, self.out_channels).transpose(1, 2).reshape(batch, self.out_channels, *spatial)
         return y if self.bias is None else y + self.bias.reshape(1, -1, *([1] * len(spatial)))
 
@@ -201,7 +224,8 @@ class CodedEmbedding(CodedLayer, nn.Embedding):
             rows = F.embedding(ids, self.weight, self.padding_idx)
         else:
             unique, inverse = torch.unique(ids, return_inverse=True)
-            rows = self.weight_code.decode_rows(unique)[inverse]
+            rows = self.weight_code.decode_rows(unique)
+            rows = (rows if self.rotation is None else self.rotation.rows_from_stored(rows))[inverse]
         return rows * self.embed_scale.to(rows.dtype) if hasattr(self, "embed_scale") else rows
 
 
@@ -221,6 +245,13 @@ def carry_embed_scale(source: nn.Module, target: nn.Module) -> None:
     the model computes from its config, not one it stores)."""
     if isinstance(source, nn.Embedding) and isinstance(getattr(source, "embed_scale", None), Tensor):
         target.register_buffer("embed_scale", source.embed_scale.detach().clone(), persistent=False)
+
+
+def rotates_rows(module: nn.Module) -> bool:
+    """Whether a layer's outputs may be mixed by a rotation: each output reads the same inputs (a
+    Linear, an ungrouped convolution, a tensor decoded whole), not an embedding's rows looked up
+    one at a time or a grouped convolution's blocks."""
+    return not isinstance(module, nn.Embedding) and getattr(module, "groups", 1) == 1
 
 
 def codable(module: nn.Module) -> bool:
@@ -259,27 +290,34 @@ def layer_args(module: nn.Module) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in args.items()}
 
 
-def coded_from_dense(module: nn.Module, code: CodedWeight) -> CodedLayer:
-    """Replace a dense layer by its coded twin, keeping its bias and settings."""
+def coded_from_dense(module: nn.Module, code: CodedWeight, rotation: Rotation | None = None) -> CodedLayer:
+    """Replace a dense layer by its coded twin, keeping its bias and settings; ``rotation``: the
+    basis the code holds the weight in."""
     if isinstance(module, nn.Embedding) and module.max_norm is not None:
         raise VQCError("an Embedding with max_norm rewrites its weight in place and cannot be coded")
     if math.prod(code.layout.shape) != module.weight.numel():
         raise VQCError(f"coded weight of shape {code.layout.shape} does not fit a weight of shape {tuple(module.weight.shape)}")
     bias = getattr(module, "bias", None)
-    layer = CODED_TYPES[dense_type_of(module)].build(layer_args(module), code, None if bias is None else bias.data)
+    if rotation is not None and rotation.rows is not None and not rotates_rows(module):
+        raise VQCError(f"a {type(module).__name__}'s outputs cannot be rotated")
+    layer = CODED_TYPES[dense_type_of(module)].build(layer_args(module), code, None if bias is None else bias.data, rotation)
     carry_embed_scale(module, layer)
     layer.train(module.training)
     return layer
 
 
-def coded_from_args(type_name: str, args: dict, code: CodedWeight, has_bias: bool) -> CodedLayer:
+def coded_from_args(type_name: str, args: dict, code: CodedWeight, has_bias: bool,
+                    rotation: Rotation | None = None) -> CodedLayer:
     """Rebuild a coded layer from what the file records (the bias is filled by ``load_state_dict``)."""
     by_name = {t.__name__: c for t, c in CODED_TYPES.items()}
     if type_name not in by_name:
         raise VQCError(f"unsupported coded layer type {type_name!r} in file")
     args = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
     bias = torch.zeros(args.get("out_features", args.get("out_channels", 0))) if has_bias else None
-    return by_name[type_name].build(args, code, bias)
+    layer = by_name[type_name].build(args, code, bias, rotation)
+    if rotation is not None and rotation.rows is not None and not rotates_rows(layer):
+        raise VQCError(f"a {type_name}'s outputs cannot be rotated: the file is corrupt")
+    return layer
 
 
 def iter_coded(model: nn.Module):
@@ -301,7 +339,7 @@ def dense_from_coded(layer: CodedLayer) -> nn.Module:
     bias = {} if dense_type is nn.Embedding else {"bias": layer.bias is not None}
     dense = (ScaledEmbedding if hasattr(layer, "embed_scale") else dense_type)(**args, **bias, device="meta")
     carry_embed_scale(layer, dense)
-    dense.weight = nn.Parameter(layer.weight_code.decode())
+    dense.weight = nn.Parameter(layer.weight.detach())
     if getattr(layer, "bias", None) is not None:
         dense.bias = nn.Parameter(layer.bias.detach().clone())
     return dense
@@ -313,7 +351,7 @@ def densify(model: nn.Module) -> nn.Module:
     for name, layer in list(iter_coded(model)):
         if isinstance(layer, CodedTensor):
             owner, _, holder = name.rpartition(".")
-            release(model.get_submodule(owner), holder.removesuffix(HELD_SUFFIX), layer.weight_code.decode().detach())
+            release(model.get_submodule(owner), holder.removesuffix(HELD_SUFFIX), layer.weight.detach())
             continue
         dense = dense_from_coded(layer).to(layer.weight_code.codes.device)
         if not name:  # the model is itself one coded layer

@@ -34,6 +34,7 @@ class MethodConfig:
 
     method: ClassVar[str] = ""
     minimum: ClassVar[dict[str, float]] = {}
+    transform: Literal["none", "hadamard"] | None = None  # the weight coded in a rotated basis (``rotation.py``)
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -86,7 +87,8 @@ def make_config(method: Method, options: dict) -> MethodConfig:
 
 
 class Method(Protocol):
-    """Also read where a method defines them: ``assignments`` (how fine-tuning learns its
+    """Also read where a method defines them: ``transform`` (the rotation its weights are coded in
+    unless the config says, else "none"), ``assignments`` (how fine-tuning learns its
     assignments by default, else "ste"), ``corrects_bias`` (False: the layer's bias does not
     absorb the mean output error after fitting, see ``compress.correct_bias``), ``feedback``
     (False: with calibration the codes stay the method's own, not re-chosen with error feedback,
