@@ -24,7 +24,8 @@ from .run import machine, now, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "incoherence.json"
-QUANTIZERS = {"kmeans d=4 k=256": ("kmeans", {"dim": 4, "k": 256, "scale": "none"})}
+QUANTIZERS = {"kmeans d=4 k=256": ("kmeans", {"dim": 4, "k": 256, "scale": "none"}),
+              "E8P d=8 k=65536": ("vq4all", {"codebook": "e8p"})}
 GAUSSIAN_SHAPE = (2048, 2048)
 SEED = 0
 LIMIT = 2.0**-4  # Gaussian source, 2 bits per sample

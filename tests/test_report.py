@@ -47,3 +47,14 @@ def test_a_model_larger_than_fp16_is_said_to_be_larger(tiny):
     line = str(result).splitlines()[-1]
     assert f"{32 / result.model_bits_per_weight:.1f}× smaller than fp32" in line
     assert line.endswith(f"{result.model_bits_per_weight / 16:.1f}× larger than fp16")
+
+
+def test_a_bare_coded_layer_is_counted_from_memory_and_from_its_file(tmp_path):
+    import torch
+
+    coded = vqc.compress(torch.nn.Linear(256, 64), "vq4all", progress=False)  # a universal codebook: found by hash
+    vqc.save(coded, tmp_path / "layer.vqc")
+    loaded = vqc.load(tmp_path / "layer.vqc", like=torch.nn.Linear(256, 64))
+    assert torch.equal(loaded.weight, coded.weight)
+    expected = coded.weight_code.nbits() / coded.weight.numel()
+    assert vqc.report(coded).coded_bits_per_weight == vqc.report(tmp_path / "layer.vqc").coded_bits_per_weight == expected > 2

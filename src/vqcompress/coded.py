@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from . import lattice
 from .codebook import assign, weighted_assign
 from .errors import VQCError
 
@@ -570,10 +571,13 @@ class CodedWeight(nn.Module):
             importance = importance[rows.to(importance.device)].to(matrix) * self.unit(stored).square()
         codes = torch.empty(len(stored), lay.segments, dtype=torch.int64)
         group = self.codebook_of_rows(stored).cpu()
+        structured = lattice.STRUCTURED.get(lay.codebook_sha256)
         for g in group.unique().tolist():
             mine = group == g
             points, book = matrix[mine.to(matrix.device)].reshape(-1, lay.dim), self.codebook.detach()[g].float()
-            if importance is None:
+            if structured is not None:  # a lattice: its own exact search, in plain distance
+                nearest = structured(points).cpu()
+            elif importance is None:
                 nearest = torch.from_numpy(assign(points.cpu().numpy(), book.cpu().numpy()))
             else:
                 nearest = weighted_assign(points, importance[mine.to(matrix.device)].reshape(-1, lay.dim), book).cpu()
@@ -598,12 +602,16 @@ class CodedWeight(nn.Module):
         books = self.codebook.detach().float()
         group = self.codebook_of_rows(stored)
         codes = torch.empty(lay.rows, lay.segments, dtype=torch.int64, device=device)
+        structured = lattice.STRUCTURED.get(lay.codebook_sha256)
         for segment in range(lay.segments):
             cols = slice(segment * lay.dim, (segment + 1) * lay.dim)
             inverse = torch.linalg.inv(factor[cols, cols]).float()
-            points = ((matrix[:, cols] - shift[:, cols]) / unit[:, cols]) @ inverse
-            # each group's rows are a contiguous block: one batched distance for all groups
-            codes[:, segment] = torch.cdist(points.reshape(lay.groups, -1, lay.dim), books @ inverse).argmin(-1).reshape(-1)
+            points = (matrix[:, cols] - shift[:, cols]) / unit[:, cols]
+            if structured is not None:  # a lattice: its nearest point in plain distance (QuIP#'s LDLQ)
+                codes[:, segment] = structured(points)
+            else:  # each group's rows are a contiguous block: one batched distance for all groups
+                codes[:, segment] = torch.cdist((points @ inverse).reshape(lay.groups, -1, lay.dim),
+                                                books @ inverse).argmin(-1).reshape(-1)
             chosen = books[group, codes[:, segment]] * unit[:, cols] + shift[:, cols]
             matrix[:, cols.stop:] -= ((matrix[:, cols] - chosen) @ inverse) @ factor[cols, cols.stop:].float()
         self.codes = pack_codes(codes.reshape(-1), lay.bits).to(device)

@@ -67,7 +67,7 @@ def payload_sha256(tensors: dict[str, torch.Tensor]) -> str:
 
 def universal_codebooks(model: nn.Module) -> dict[str, str]:
     """State-dict name of every universal codebook the model holds → its sha256 (stored apart)."""
-    return {f"{name}.weight_code.codebook": layer.weight_code.layout.codebook_sha256
+    return {f"{name}.weight_code.codebook".lstrip("."): layer.weight_code.layout.codebook_sha256
             for name, layer in iter_coded(model) if layer.weight_code.layout.codebook_sha256}
 
 

@@ -149,7 +149,7 @@ def _build(manifest: dict, shapes: dict[str, tuple[str, tuple[int, ...]]], file_
 
     coded, owned, universal = [], set(), {}
     for name, entry in manifest["layers"].items():
-        parts = [t for t in shapes if t.startswith(name + CODE_PART)]
+        parts = [t for t in shapes if t.startswith((name + CODE_PART).lstrip("."))]
         if not parts:  # every tensor an alias: a layer tied to another, counted there
             continue
         owned.update(parts)

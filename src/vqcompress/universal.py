@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from scipy.stats import gaussian_kde
 from torch import Tensor, nn
 
+from . import lattice
 from .atomic import write_atomically
 from .cache import cache_dir
 from .codebook import kmeans
@@ -184,10 +185,33 @@ _PATHS: dict[str, str] = {}  # sha256 → a file that holds it, for every codebo
 
 
 def open_codebook(path: str | os.PathLike) -> UniversalCodebook:
-    """Load a codebook file and remember where it is, so its layers can find it by hash."""
+    """Load a codebook file (or the lattice codebook by its name: ``LATTICES``) and remember where
+    it is, so its layers can find it by hash; a lattice's table is searched by its structure."""
+    if str(path) in LATTICES:
+        path = lattice_file(str(path))
     codebook = load_codebook(path)
     _PATHS[codebook.sha256] = str(Path(path).resolve())
+    if codebook.info.get("lattice") in LATTICES:
+        if not torch.equal(codebook.codewords, lattice.table().half()):
+            raise VQCError(f"{path} claims to be the {codebook.info['lattice']} lattice but holds other points")
+        lattice.STRUCTURED[codebook.sha256] = lattice.nearest
     return codebook
+
+
+#: Codebooks made by a rule, not extracted: a name ``vq4all`` takes as its codebook.
+LATTICES = ("e8p",)
+
+
+def lattice_file(name: str) -> Path:
+    """The codebook file of a lattice, written to the cache on first use (the same bytes, so the
+    same hash, on every machine)."""
+    path = cache_dir() / "codebooks" / f"{name}{SUFFIX}"
+    if not path.is_file():
+        info = {"format": FORMAT, "format_version": FORMAT_VERSION, "dim": lattice.DIM, "k": lattice.K,
+                "lattice": name, "unit": lattice.UNIT, "normalisation": "row-rms"}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_codebook(UniversalCodebook(lattice.table().half(), info), path)
+    return path
 
 
 def table(sha256: str) -> Tensor:
@@ -217,6 +241,9 @@ def find(sha256: str, folders: list[Path]) -> UniversalCodebook:
         for candidate in sorted(Path(folder).glob(f"*{SUFFIX}")) if Path(folder).is_dir() else []:
             if file_sha256(candidate) == sha256:
                 return open_codebook(candidate)
+    for name in LATTICES:  # made by a rule: written to the cache if this machine has not yet
+        if file_sha256(lattice_file(name)) == sha256:
+            return open_codebook(name)
     raise VQCError(f"this model needs the universal codebook with sha256 {sha256}, which is in none of "
                    f"{', '.join(map(str, folders))}: put its .vqcb file beside the model or in $VQC_CODEBOOKS")
 

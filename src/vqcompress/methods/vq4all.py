@@ -20,7 +20,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .. import universal
+from .. import lattice, universal
 from ..calibrate import InputStatistics
 from ..coded import CodedWeight, CodeLayout
 from ..errors import Unfit
@@ -30,7 +30,8 @@ from . import MethodConfig, register
 @dataclass(frozen=True)
 class VQ4AllConfig(MethodConfig):
     """``codebook``: the universal codebook file (.vqcb; default: the one the package ships,
-    ``universal.DEFAULT``); ``candidates``: codewords
+    ``universal.DEFAULT``), or a lattice by name (``e8p``: 2^16 points in 8 dimensions, best on
+    rotated weights, ``transform=hadamard``); ``candidates``: codewords
     each sub-vector's learned assignment chooses among."""
 
     method: ClassVar[str] = "vq4all"
@@ -79,7 +80,10 @@ class VQ4All:
         _, rms = universal.row_normalised(matrix)
         unassigned = torch.zeros(layout.rows, layout.segments, dtype=torch.int64)
         code = CodedWeight.encode(layout, universal.table(settings["codebook"]), unassigned, rms)
-        code.reassign(matrix, importance)
+        if settings["codebook"] in lattice.STRUCTURED and inputs is not None and inputs.gram is not None:
+            code.reassign_with_feedback(matrix, inputs.gram)  # a lattice's plain nearest point needs the feedback
+        else:
+            code.reassign(matrix, importance)
         return code
 
 
