@@ -19,6 +19,7 @@ GEMMA = ROOT / "benchmarks" / "results" / "gemma.json"
 GEMMA_PARTS = ROOT / "benchmarks" / "results" / "gemma-parts.json"
 MATRIX = ROOT / "benchmarks" / "results" / "matrix.json"
 PRETRAINED = ROOT / "benchmarks" / "results" / "pretrained.json"
+INCOHERENCE = ROOT / "benchmarks" / "results" / "incoherence.json"
 SPEED_RUNS = "speed*.json"  # speed.json (make bench-speed), and runs with other settings beside it
 SPEED_COLUMNS = ("dense", "default path", "lut path", "kernel, table", "kernel, decode-then-multiply", "decode path",
                  "torch table product")
@@ -665,6 +666,38 @@ def pretrained_markdown(result: dict) -> list[str]:
     return lines + ["", f"Measured on {result['machine']['cpu']}, {result['started'][:10]}.", ""]
 
 
+def incoherence_markdown(result: dict) -> list[str]:
+    """Relative error at about 2 bits per weight: each quantizer on Gaussian weights and on every
+    Linear layer of each network, as they are and rotated; the Done bar is 0.072 on the Gaussian
+    and, rotated, every layer within 10% of the quantizer's Gaussian figure."""
+    lines = ["## Quantizers against the rate–distortion limit: the incoherence rotation", "",
+             "Generated from `benchmarks/results/incoherence.json` (`.venv/bin/python -m benchmarks.incoherence`). "
+             "Relative squared error ‖W − Ŵ‖² / ‖W‖² of each weight coded alone (no calibration), at the bits per "
+             f"weight shown (codes, codebook and row scales); the Gaussian limit at 2 bits is {result['limit']:.4f}. "
+             "Layers: the median and the worst over every Linear layer; within 10%: how many layers, rotated, lie "
+             "within 10% of the same quantizer's Gaussian figure.", "",
+             "| quantizer | weights | layers | bits/weight | as they are: median / worst | rotated: median / worst "
+             "| kurtosis as they are → rotated | rotated within 10% of Gaussian |", "|---|---|---|---|---|---|---|---|"]
+    rows = result["rows"]
+    for quantizer in dict.fromkeys(r["quantizer"] for r in rows):
+        gaussian = next((r["relative_error"] for r in rows if r["quantizer"] == quantizer and r["source"] == "gaussian"
+                         and r["rotated"]), None)
+        for source in dict.fromkeys(r["source"] for r in rows):
+            raw = [r for r in rows if r["quantizer"] == quantizer and r["source"] == source and not r["rotated"]]
+            turned = [r for r in rows if r["quantizer"] == quantizer and r["source"] == source and r["rotated"]]
+            if not raw or not turned:
+                continue
+            errors = [sorted(r["relative_error"] for r in part) for part in (raw, turned)]
+            kurtosis = [sorted(r["kurtosis"] for r in part) for part in (raw, turned)]
+            within = sum(abs(e / gaussian - 1) <= 0.10 for e in errors[1]) if gaussian else 0
+            bits = sorted(r["bits_per_weight"] for r in turned)
+            lines.append(f"| {quantizer} | {source} | {len(turned)} | {bits[len(bits) // 2]:.3f} "
+                         f"| {errors[0][len(raw) // 2]:.4f} / {errors[0][-1]:.4f} | {errors[1][len(turned) // 2]:.4f} / "
+                         f"{errors[1][-1]:.4f} | {kurtosis[0][len(raw) // 2]:.1f} → {kurtosis[1][len(turned) // 2]:.2f} "
+                         f"| {within} of {len(turned)} |")
+    return lines + ["", f"Measured on {result['machine']['cpu']}, {result['measured'][:10]}.", ""]
+
+
 def markdown(result: dict) -> str:
     rows = result["rows"]
     lines = [
@@ -696,6 +729,8 @@ def markdown(result: dict) -> str:
         lines += pretrained_markdown(json.loads(PRETRAINED.read_text()))
     if UNIVERSAL.exists():
         lines += universal_markdown(json.loads(UNIVERSAL.read_text()))
+    if INCOHERENCE.exists():
+        lines += incoherence_markdown(json.loads(INCOHERENCE.read_text()))
     if MATRIX.exists():
         lines += matrix_markdown(json.loads(MATRIX.read_text()))
     for path in sorted((ROOT / "benchmarks" / "results").glob(SPEED_RUNS)):

@@ -54,3 +54,14 @@ def test_vq4all_codes_with_the_lattice_and_the_file_finds_it_by_hash(tmp_path, m
         torch.testing.assert_close(loaded(inputs), coded(inputs))
         error = (coded(inputs) - model(inputs)).norm() / model(inputs).norm()
     assert error < 0.5
+
+
+def test_fine_tuning_keeps_a_lattice_s_codes_and_trains_its_scales():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256))
+    inputs = [torch.randn(32, 256)]
+    fitted, tuned = (vqc.compress(copy.deepcopy(model), "vq4all", codebook="e8p", transform="hadamard",
+                                  calibration=inputs, finetune_steps=steps, calibrate=True, progress=False)
+                     for steps in (0, 3))
+    assert torch.equal(fitted[0].weight_code.codes, tuned[0].weight_code.codes)
+    assert not torch.equal(fitted[0].weight_code.scale, tuned[0].weight_code.scale)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import defaults
+from . import defaults, lattice
 from .allocate import allocate, ceiling, check_budget, describe, has_levels, levels, sensitivities
 from .budget import Budget, ModelAverage, PerLayer, resolve
 from .calibrate import Blocks, InputStatistics, capturing, find_blocks, predicted_probabilities, predicting, statistics_pass
@@ -362,12 +362,25 @@ def compress_with_summary(model: nn.Module, method: str | MethodConfig = "kmeans
     if finetune_steps:
         lr = finetune_lr or defaults.finetune_settings(teacher)[0]
         finetune(model, teacher, calibration.task, calibration.batch_at, finetune_steps, lr=lr,
-                 learn_assignments=any(job.method.learns_assignments for job in jobs), assignments=assignments,
+                 learn_assignments=_learns_assignments(model, jobs, progress), assignments=assignments,
                  checkpoint=store and store.path.with_name(store.path.name + ".finetune"), progress=progress,
                  tune_dense=tune_dense, run=store.run if store else "")
     if store is not None and store.path.exists():
         store.path.unlink()
     return model, summary
+
+
+def _learns_assignments(model: nn.Module, jobs: list[Job], progress: bool) -> bool:
+    """Whether fine-tuning moves sub-vectors to other codewords: where a method learns them, and no
+    coded weight points at a codebook searched by its structure (a lattice's candidates would need
+    a scan of its 2^16 points per sub-vector); said when that keeps the codes fixed."""
+    if not any(job.method.learns_assignments for job in jobs):
+        return False
+    structured = any(layer.weight_code.layout.codebook_sha256 in lattice.STRUCTURED for _, layer in iter_coded(model))
+    if structured and progress:
+        say("a lattice codebook's codes stay as fitted while fine-tuning (their candidates would need a scan of "
+            "every point); scales, norms and biases train")
+    return not structured
 
 
 def _training_steps(model: nn.Module, spec: dict, data: TrainingData | None, steps: int | None) -> int:

@@ -36,9 +36,10 @@ STRUCTURED: dict[str, Callable[[Tensor], Tensor]] = {}
 @lru_cache(maxsize=1)
 def absolute_grid() -> Tensor:
     """The 256 vectors a (256 × 8, float64, in half-integers)."""
-    half = torch.cartesian_prod(*[torch.arange(-4, 4, dtype=torch.float64) + 0.5] * DIM)
-    inside = (half.sum(-1) % 2 == 0) & (half.square().sum(-1) <= 10)
-    small = torch.unique(half[inside].abs(), dim=0)
+    # every vector of positive half-integers of squared norm ≤ 10 is the absolute value of a point
+    # of D8 + 1/2 with an even sum (turning one sign changes the sum's parity)
+    half = torch.cartesian_prod(*[torch.tensor([0.5, 1.5, 2.5], dtype=torch.float64)] * DIM)
+    small = torch.unique(half[half.square().sum(-1) <= 10], dim=0)
     twelve = []
     for halves in itertools.combinations(range(DIM), 3):
         row = torch.full((DIM,), 1.5, dtype=torch.float64)
