@@ -166,10 +166,10 @@ def _fitting_statistics(job: Job, inputs: InputStatistics | None, kept: Tensor |
 
 
 def rotation_of(job: Job, seed: int, followers: list[Job] = ()) -> Rotation | None:
-    """The layer's incoherence rotation (``rotation.py``) where its config or its method asks for
-    one: seeded by the layer's name; its outputs mixed too where the layer and every layer tied
-    to it allow that (``layers.rotates_rows``)."""
-    if (job.config.transform or getattr(job.method, "transform", "none")) == "none":
+    """The layer's incoherence rotation (``rotation.py``) where its config asks for one: seeded by
+    the layer's name; its outputs mixed too where the layer and every layer tied to it allow that
+    (``layers.rotates_rows``)."""
+    if job.config.transform in (None, "none"):
         return None
     weight = job.module.weight
     mix_rows = all(rotates_rows(layer.module) for layer in (job, *followers))

@@ -8,9 +8,10 @@ sign pattern with as many negative entries as makes s ⊙ a's sum even (so s ⊙
 the point lies in E8 + 1/4), and the shift ±1/4. A 16-bit code is the index of a (8 bits), the
 signs of entries 1–7 (7 bits; entry 0's follows from the parity) and the shift (1 bit).
 
-Search: for each shift and each a, the best signs are those of the point itself, unless their
-parity is wrong, when the entry of least a_j |y_j| flips; so the nearest point is an argmin over
-256 scores per shift (about 5,000 multiply-adds a point), and exact.
+Search (exact): for each shift and each a, the best signs are those of the point itself, unless
+their parity is wrong, when the entry of least a_j |y_j| flips. The 227 vectors of norm ≤ 10 are
+every arrangement of 7 multisets, and a multiset's best arrangement sorts as |y| sorts, so each
+shift scores 7 multisets and the 29 other vectors (``_nearest_shifted``).
 
 The table is scaled by ``UNIT`` so that weights of unit RMS (a row over its RMS, after the
 incoherence rotation: close to i.i.d. Gaussian) are coded as they are.

@@ -112,6 +112,8 @@ class CodedLayer:
         if bias is not None:
             layer.bias = nn.Parameter(bias)
         layer.weight_code = code
+        if rotation is not None and rotation.rows is not None and not rotates_rows(layer):
+            raise VQCError(f"a {dense_type.__name__}'s outputs cannot be rotated")
         layer.rotation = rotation
         return layer
 
@@ -298,8 +300,6 @@ def coded_from_dense(module: nn.Module, code: CodedWeight, rotation: Rotation | 
     if math.prod(code.layout.shape) != module.weight.numel():
         raise VQCError(f"coded weight of shape {code.layout.shape} does not fit a weight of shape {tuple(module.weight.shape)}")
     bias = getattr(module, "bias", None)
-    if rotation is not None and rotation.rows is not None and not rotates_rows(module):
-        raise VQCError(f"a {type(module).__name__}'s outputs cannot be rotated")
     layer = CODED_TYPES[dense_type_of(module)].build(layer_args(module), code, None if bias is None else bias.data, rotation)
     carry_embed_scale(module, layer)
     layer.train(module.training)
@@ -314,10 +314,7 @@ def coded_from_args(type_name: str, args: dict, code: CodedWeight, has_bias: boo
         raise VQCError(f"unsupported coded layer type {type_name!r} in file")
     args = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
     bias = torch.zeros(args.get("out_features", args.get("out_channels", 0))) if has_bias else None
-    layer = by_name[type_name].build(args, code, bias, rotation)
-    if rotation is not None and rotation.rows is not None and not rotates_rows(layer):
-        raise VQCError(f"a {type_name}'s outputs cannot be rotated: the file is corrupt")
-    return layer
+    return by_name[type_name].build(args, code, bias, rotation)
 
 
 def iter_coded(model: nn.Module):

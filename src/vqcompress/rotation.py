@@ -88,9 +88,8 @@ class Rotation(nn.Module):
         return self.cols.inverse(matrix).reshape(stored.shape)
 
     def rows_from_stored(self, rows: Tensor) -> Tensor:
-        """Some rows of W' as the same rows of W (only without an output transform: an embedding's)."""
-        if self.rows is not None:
-            raise VQCError("a weight whose rows are mixed cannot be read a row at a time")
+        """Some rows of W' as the same rows of W: for an embedding, whose outputs are never mixed
+        (``layers.rotates_rows``)."""
         return self.cols.inverse(rows)
 
     # -- the layer's inputs and outputs --------------------------------------------------------

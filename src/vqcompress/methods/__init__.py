@@ -87,8 +87,7 @@ def make_config(method: Method, options: dict) -> MethodConfig:
 
 
 class Method(Protocol):
-    """Also read where a method defines them: ``transform`` (the rotation its weights are coded in
-    unless the config says, else "none"), ``assignments`` (how fine-tuning learns its
+    """Also read where a method defines them: ``assignments`` (how fine-tuning learns its
     assignments by default, else "ste"), ``corrects_bias`` (False: the layer's bias does not
     absorb the mean output error after fitting, see ``compress.correct_bias``), ``feedback``
     (False: with calibration the codes stay the method's own, not re-chosen with error feedback,

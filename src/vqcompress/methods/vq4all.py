@@ -4,7 +4,9 @@ The codebook is a file of its own (``universal.py``: built once by kernel densit
 over many networks, identified by its sha256); a layer stores only its packed indices and one
 fp16 scale per row, so the cost is log2(k)/d + 16/inputs bits per weight whatever the budget
 (``--bits`` is only checked against it). Fitting: each row over its RMS (the units the codebook
-was extracted in), then the nearest codeword under the input-weighted distance. (Rescaling rows
+was extracted in), then the nearest codeword under the input-weighted distance; with a lattice
+codebook (``lattice.py``), whose search is in plain distance, its nearest point with error
+feedback where calibration gives the Gram matrix. (Rescaling rows
 by least squares after that moved them off the distribution the codebook covers: on MiniLM the
 held-out cosine fell from 0.74 to 0.53.) With training data and fine-tuning steps the assignments are then learned among
 each sub-vector's nearest ``candidates`` by distillation with progressive freezing
