@@ -4,6 +4,7 @@ after the incoherence rotation (``vqcompress.rotation``).
 
     .venv/bin/python -m benchmarks.incoherence                   # everything (minutes on 2 cores)
     .venv/bin/python -m benchmarks.incoherence --only minilm     # sources whose name contains "minilm"
+    .venv/bin/python -m benchmarks.incoherence --quantizer trellis --rotated-only   # those rows only
 
 The figure is the relative squared error ‖W − Ŵ‖² / ‖W‖² of each weight coded alone (no
 calibration data: the weight's own error), at about 2 bits per weight; for a Gaussian source at
@@ -25,7 +26,8 @@ from .run import machine, now, write_json
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "incoherence.json"
 QUANTIZERS = {"kmeans d=4 k=256": ("kmeans", {"dim": 4, "k": 256, "scale": "none"}),
-              "E8P d=8 k=65536": ("vq4all", {"codebook": "e8p"})}
+              "E8P d=8 k=65536": ("vq4all", {"codebook": "e8p"}),
+              "trellis L=16, 2 bits": ("vq4all", {"codebook": "trellis"})}
 GAUSSIAN_SHAPE = (2048, 2048)
 SEED = 0
 LIMIT = 2.0**-4  # Gaussian source, 2 bits per sample
@@ -80,6 +82,8 @@ def measure(weight, quantizer: str, rotated: bool, seed: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", action="append", default=[], help="sources whose name contains this")
+    parser.add_argument("--quantizer", action="append", default=[], help="quantizers whose name contains this")
+    parser.add_argument("--rotated-only", action="store_true", help="measure the rotated weights only")
     args = parser.parse_args()
     earlier = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"rows": []}
     result = {"machine": machine(), "limit": LIMIT, "rows": earlier["rows"], "started": now()}
@@ -87,15 +91,17 @@ def main() -> None:
         if args.only and not any(p in source for p in args.only):
             continue
         print(f"{now()} {source} …", flush=True)
+        quantizers = [q for q in QUANTIZERS if not args.quantizer or any(p in q for p in args.quantizer)]
         rows = []
         for index, (layer, weight) in enumerate(layers()):
-            for quantizer in QUANTIZERS:
-                for rotated in (False, True):
+            for quantizer in quantizers:
+                for rotated in (True,) if args.rotated_only else (False, True):
                     row = {"source": source, "layer": layer, "shape": list(weight.shape), "quantizer": quantizer,
                            "rotated": rotated, **measure(weight, quantizer, rotated, SEED + index)}
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-        result["rows"] = [r for r in result["rows"] if r["source"] != source] + rows
+        measured = {(r["source"], r["quantizer"], r["rotated"]) for r in rows}
+        result["rows"] = [r for r in result["rows"] if (r["source"], r["quantizer"], r["rotated"]) not in measured] + rows
         result["measured"] = now()
         write_json(RESULTS, result)
 

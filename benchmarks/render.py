@@ -685,16 +685,17 @@ def incoherence_markdown(result: dict) -> list[str]:
         for source in dict.fromkeys(r["source"] for r in rows):
             raw = [r for r in rows if r["quantizer"] == quantizer and r["source"] == source and not r["rotated"]]
             turned = [r for r in rows if r["quantizer"] == quantizer and r["source"] == source and r["rotated"]]
-            if not raw or not turned:
+            if not turned:
                 continue
             errors = [sorted(r["relative_error"] for r in part) for part in (raw, turned)]
             kurtosis = [sorted(r["kurtosis"] for r in part) for part in (raw, turned)]
             within = sum(abs(e / gaussian - 1) <= 0.10 for e in errors[1]) if gaussian else 0
             bits = sorted(r["bits_per_weight"] for r in turned)
+            as_they_are = f"{errors[0][len(raw) // 2]:.4f} / {errors[0][-1]:.4f}" if raw else "not measured"
+            kurtosis_raw = f"{kurtosis[0][len(raw) // 2]:.1f}" if raw else "–"
             lines.append(f"| {quantizer} | {source} | {len(turned)} | {bits[len(bits) // 2]:.3f} "
-                         f"| {errors[0][len(raw) // 2]:.4f} / {errors[0][-1]:.4f} | {errors[1][len(turned) // 2]:.4f} / "
-                         f"{errors[1][-1]:.4f} | {kurtosis[0][len(raw) // 2]:.1f} → {kurtosis[1][len(turned) // 2]:.2f} "
-                         f"| {within} of {len(turned)} |")
+                         f"| {as_they_are} | {errors[1][len(turned) // 2]:.4f} / {errors[1][-1]:.4f} "
+                         f"| {kurtosis_raw} → {kurtosis[1][len(turned) // 2]:.2f} | {within} of {len(turned)} |")
     return lines + ["", f"Measured on {result['machine']['cpu']}, {result['measured'][:10]}.", ""]
 
 

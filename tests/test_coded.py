@@ -489,7 +489,7 @@ def test_kept_rows_decode_as_stored_everywhere_and_are_counted(dtype):
 def test_a_files_row_streams_leave_the_kept_rows_out_and_come_back_decoding_the_same(form):
     """Codes and coefficients of kept rows are never read: the stored streams drop them (the bit
     count with them), and restoring the streams gives a weight that decodes the same."""
-    from vqcompress.coded import streams_with_kept_rows, streams_without_kept_rows
+    from vqcompress.coded import file_streams, memory_streams
 
     gen = torch.Generator().manual_seed(3)
     settings = {"plain": {}, "indices": {"terms": 2, "coef_bits": 3}, "mask": {"terms": 3, "coef_bits": 2},
@@ -505,13 +505,13 @@ def test_a_files_row_streams_leave_the_kept_rows_out_and_come_back_decoding_the_
     full_bits = code.nbits()
     code.keep_rows(weight, torch.tensor([0, 5, 11]))
     decoded, buffers = code.decode(), dict(code.named_buffers())
-    stored = streams_without_kept_rows(code.layout, buffers)
+    stored = file_streams(code.layout, buffers)
     for name in code.layout.row_streams():
         assert stored[name].numel() * stored[name].element_size() * 8 == code.layout.stream_bits()[name]
     left_out = sum(buffers[n].numel() * buffers[n].element_size() * 8 for n in stored) - sum(code.layout.stream_bits().values())
     assert code.nbits() == code.layout.nbits() == full_bits + code.layout.kept_bits() - left_out and left_out > 0
     shell = CodedWeight.empty(code.layout)
-    shell.load_state_dict({**buffers, **streams_with_kept_rows(code.layout, {**buffers, **stored})})
+    shell.load_state_dict({**buffers, **memory_streams(code.layout, {**buffers, **stored})})
     assert torch.equal(shell.decode(), decoded)
 
 

@@ -19,7 +19,10 @@ stored as the index of a codeword, bit-packed at ``ceil(log2 k)`` bits. On top o
   per row (or exactly, in fp16: ``kept_dtype``), with their row numbers (int32), and decoded as
   stored (a language model's most used token rows, whose error every text meets). In memory
   their codes stay in the stream, unused, so the code layout stays uniform; a file leaves them
-  out (``streams_without_kept_rows``) and the bit count does not include them.
+  out (``file_streams``) and the bit count does not include them;
+- or trellis codes (``trellis``, see ``trellis.py``): d = 1, each code a 16-bit state of a
+  bitshift trellis whose row is one tail-biting sequence; memory holds the states, a file and the
+  bit count only each state's new bits (2 per weight).
 
 The factor form (quantized sparse decomposition, ``qswd``) generalises the index: a sub-vector is
 ``Σ_t z_t · C[p_t]`` over ``terms`` (s) distinct codewords. The positions p are stored as
@@ -39,7 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import lattice
+from . import lattice, trellis
 from .codebook import assign, weighted_assign
 from .errors import VQCError
 
@@ -167,6 +170,7 @@ class CodeLayout:
     codebook_bits: int = 0  # 0: codebook stored as ``codebook_dtype``; 1–8: grid with a scale per codebook
     kept_rows: int = 0  # rows also stored apart (with their row numbers), decoded as stored
     kept_dtype: str = "int8"  # kept rows: "int8" (an fp16 absmax scale per row) or "float16" (exact)
+    trellis: int = 0  # > 0: codes are bitshift-trellis states (``trellis.py``), this many new bits per weight
 
     @property
     def rows(self) -> int:
@@ -194,7 +198,13 @@ class CodeLayout:
     def takes_feedback(self) -> bool:
         """Whether codes can be re-chosen with error feedback: plain codes, scales covering whole
         sub-vectors (``CodedWeight.reassign_with_feedback``)."""
-        return not self.factored and not (self.scale_group and self.scale_group % self.dim)
+        return not self.factored and not self.trellis and not (self.scale_group and self.scale_group % self.dim)
+
+    @property
+    def file_streams_differ(self) -> bool:
+        """Whether a file holds the row streams otherwise than memory: without the kept rows' codes,
+        or a trellis's new bits only (``file_streams``)."""
+        return bool(self.kept_rows or self.trellis)
 
     @property
     def masked(self) -> bool:
@@ -230,7 +240,7 @@ class CodeLayout:
         name → (bits per entry, entries per row). Fp16 coefficients are a (rows, entries) matrix."""
         per_sub_vector = self.terms if self.factored else 1
         streams = {"codes": (1, self.segments * self.k) if self.factored and self.masked
-                   else (self.bits, self.segments * per_sub_vector)}
+                   else (self.trellis or self.bits, self.segments * per_sub_vector)}
         if self.coef_bits:
             streams["coef"] = (self.coef_bits, self.segments * self.terms)
         return streams
@@ -253,6 +263,8 @@ class CodeLayout:
     def describe_form(self) -> str:
         """One line for reports: plain index, or the factor form with its settings; and the kept rows."""
         kept = f" +{self.kept_rows} rows {self.kept_dtype.replace('float', 'fp')}" if self.kept_rows else ""
+        if self.trellis:
+            return f"trellis L={self.bits} +{self.trellis}b" + kept
         if not self.factored and not self.codebook_bits:
             return "index" + kept
         coefficients = {0: "unit", FP16_COEFFICIENTS: "fp16"}.get(self.coef_bits, f"{self.coef_bits}b")
@@ -291,6 +303,10 @@ class CodeLayout:
             raise VQCError(f"kept rows are stored as {' or '.join(KEPT_DTYPES)}, not {self.kept_dtype!r}")
         if self.codebook_bits and (self.codebook_sha256 is not None or self.gain):
             raise VQCError("a codebook on a grid is the layer's own: not a universal or shared one")
+        if self.trellis and (self.dim != 1 or self.factored or self.k != 1 << self.bits or self.bits % self.trellis
+                             or self.cols * self.trellis < self.bits):
+            raise VQCError(f"a trellis of {self.bits}-bit states, {self.trellis} new bits per weight, needs d = 1, "
+                           f"k = 2^{self.bits}, plain codes and rows of at least {self.bits // max(self.trellis, 1)} weights")
 
     def to_json(self) -> dict:
         """Shape, k, d and every field that differs from its default: what a manifest records."""
@@ -575,7 +591,10 @@ class CodedWeight(nn.Module):
         for g in group.unique().tolist():
             mine = group == g
             points, book = matrix[mine.to(matrix.device)].reshape(-1, lay.dim), self.codebook.detach()[g].float()
-            if structured is not None:  # a lattice: its own exact search, in plain distance
+            if lay.trellis:  # whole rows, one Viterbi search each
+                weights = None if importance is None else importance[mine.to(matrix.device)]
+                nearest = trellis.encode(points.reshape(-1, lay.cols), book, weights, lay.bits, lay.trellis)
+            elif structured is not None:  # a lattice: its own exact search, in plain distance
                 nearest = structured(points).cpu()
             elif importance is None:
                 nearest = torch.from_numpy(assign(points.cpu().numpy(), book.cpu().numpy()))
@@ -676,11 +695,11 @@ class CodedWeight(nn.Module):
 
     def nbits(self) -> int:
         """Exact storage cost: every byte of every buffer this weight stores (a universal codebook
-        is stored apart, once for every model), its row streams as a file holds them (without the
-        kept rows' codes)."""
+        is stored apart, once for every model), its row streams as a file holds them
+        (``file_streams``)."""
         sizes = {name: b.numel() * b.element_size() * 8 for name, b in self.named_buffers(recurse=False)
                  if not self._held_apart(name) and name not in self._non_persistent_buffers_set}
-        if self.layout.kept_rows:
+        if self.layout.file_streams_differ:
             sizes.update(self.layout.stream_bits())
         return sum(sizes.values())
 
@@ -736,6 +755,8 @@ def _pack_terms(layout: CodeLayout, positions: Tensor, coefficients: Tensor | No
 
 def _coded_rows(layout: CodeLayout, buffers: dict[str, Tensor]) -> Tensor:
     """Stored rows that are not kept rows (ascending), from a weight's ``kept_index`` and ``perm``."""
+    if not layout.kept_rows:
+        return torch.arange(layout.rows)
     kept = buffers["kept_index"].cpu().to(torch.int64)
     if layout.permuted:
         rows = torch.arange(layout.rows)
@@ -745,9 +766,15 @@ def _coded_rows(layout: CodeLayout, buffers: dict[str, Tensor]) -> Tensor:
     return coded.nonzero()[:, 0]
 
 
-def streams_without_kept_rows(layout: CodeLayout, buffers: dict[str, Tensor]) -> dict[str, Tensor]:
+def _memory_width(layout: CodeLayout, stream: str, width: int) -> int:
+    """Bits of one entry of a row stream in memory: a trellis's codes are whole states there."""
+    return layout.bits if layout.trellis and stream == "codes" else width
+
+
+def file_streams(layout: CodeLayout, buffers: dict[str, Tensor]) -> dict[str, Tensor]:
     """A weight's row streams (``CodeLayout.row_streams``) as a file stores them: the kept rows'
-    entries left out, as nothing reads them. ``buffers``: the weight's buffers by name."""
+    entries left out, as nothing reads them, and a trellis's states as their new bits.
+    ``buffers``: the weight's buffers by name."""
     rows = _coded_rows(layout, buffers)
     stored = {}
     for name, (width, per_row) in layout.row_streams().items():
@@ -756,13 +783,15 @@ def streams_without_kept_rows(layout: CodeLayout, buffers: dict[str, Tensor]) ->
             stored[name] = stream[rows].contiguous()
             continue
         index = (rows[:, None] * per_row + torch.arange(per_row)).reshape(-1)
-        stored[name] = pack_codes(unpack_codes(stream, width, index), width)
+        entries = unpack_codes(stream, _memory_width(layout, name, width), index)
+        stored[name] = pack_codes(trellis.new_bits(entries, width) if width != _memory_width(layout, name, width)
+                                  else entries, width)
     return stored
 
 
-def streams_with_kept_rows(layout: CodeLayout, buffers: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The inverse of ``streams_without_kept_rows``: the row streams as memory holds them, every
-    kept row given valid placeholder entries (positions 0 … s − 1, grid level 0), never read."""
+def memory_streams(layout: CodeLayout, buffers: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The inverse of ``file_streams``: the row streams as memory holds them, every kept row given
+    valid placeholder entries (positions 0 … s − 1, grid level 0, state 0), never read."""
     rows = _coded_rows(layout, buffers)
     full = {}
     for name, (width, per_row) in layout.row_streams().items():
@@ -771,8 +800,10 @@ def streams_with_kept_rows(layout: CodeLayout, buffers: dict[str, Tensor]) -> di
             full[name] = stream.new_zeros(layout.rows, stream.shape[1]).index_copy_(0, rows, stream)
             continue
         matrix = _placeholder_row(layout, name).repeat(layout.rows, 1)
-        matrix[rows] = unpack_codes(stream, width, torch.arange(len(rows) * per_row)).reshape(len(rows), per_row)
-        full[name] = pack_codes(matrix, width)
+        entries = unpack_codes(stream, width, torch.arange(len(rows) * per_row)).reshape(len(rows), per_row)
+        memory = _memory_width(layout, name, width)
+        matrix[rows] = trellis.states_from(entries, memory, width) if memory != width else entries
+        full[name] = pack_codes(matrix, memory)
     return full
 
 
@@ -780,6 +811,8 @@ def _placeholder_row(layout: CodeLayout, stream: str) -> Tensor:
     """Entries of one row of ``stream`` that decode without error: distinct positions, level 0."""
     if stream == "coef":
         return torch.zeros(1, layout.segments * layout.terms, dtype=torch.int64)
+    if layout.trellis:
+        return torch.zeros(1, layout.segments, dtype=torch.int64)
     if layout.factored and layout.masked:
         mask = torch.zeros(layout.k, dtype=torch.int64)
         mask[:layout.terms] = 1

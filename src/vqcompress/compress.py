@@ -373,12 +373,13 @@ def compress_with_summary(model: nn.Module, method: str | MethodConfig = "kmeans
 def _learns_assignments(model: nn.Module, jobs: list[Job], progress: bool) -> bool:
     """Whether fine-tuning moves sub-vectors to other codewords: where a method learns them, and no
     coded weight points at a codebook searched by its structure (a lattice's candidates would need
-    a scan of its 2^16 points per sub-vector); said when that keeps the codes fixed."""
+    a scan of its 2^16 points per sub-vector) or is trellis-coded (a code is a whole row's path); said when that keeps the codes fixed."""
     if not any(job.method.learns_assignments for job in jobs):
         return False
-    structured = any(layer.weight_code.layout.codebook_sha256 in lattice.STRUCTURED for _, layer in iter_coded(model))
+    structured = any(layer.weight_code.layout.codebook_sha256 in lattice.STRUCTURED or layer.weight_code.layout.trellis
+                     for _, layer in iter_coded(model))
     if structured and progress:
-        say("a lattice codebook's codes stay as fitted while fine-tuning (their candidates would need a scan of "
+        say("a lattice's or trellis's codes stay as fitted while fine-tuning (their candidates would need a scan of "
             "every point); scales, norms and biases train")
     return not structured
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from . import __version__, universal
 from .atomic import write_atomically
-from .coded import CodedWeight, CodeLayout, streams_with_kept_rows, streams_without_kept_rows
+from .coded import CodedWeight, CodeLayout, file_streams, memory_streams
 from .errors import VQCError
 from .held import HeldTensor, hold_named
 from .layers import LAYER_ARGS, carry_embed_scale, coded_from_args, dense_type_of, iter_coded, layer_args
@@ -90,11 +90,11 @@ def model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
         else:
             seen[key] = name
             tensors[name] = tensor.detach().cpu().contiguous()
-    for name, layer in iter_coded(model):  # kept rows' codes are never read: not stored
+    for name, layer in iter_coded(model):  # kept rows' codes are never read, a trellis stores new bits
         code, prefix = layer.weight_code, f"{name}.weight_code."
-        if code.layout.kept_rows and f"{prefix}codes" in tensors:
+        if code.layout.file_streams_differ and f"{prefix}codes" in tensors:
             buffers = dict(code.named_buffers(recurse=False))
-            tensors.update({prefix + k: v for k, v in streams_without_kept_rows(code.layout, buffers).items()})
+            tensors.update({prefix + k: v for k, v in file_streams(code.layout, buffers).items()})
     return tensors, aliases
 
 
@@ -305,19 +305,19 @@ def _install_coded_layers(model: nn.Module, manifest: dict, stored: set[str]) ->
     return model
 
 
-def _restore_kept_rows_codes(manifest: dict, tensors: dict[str, torch.Tensor]) -> None:
-    """Give every coded weight with kept rows its row streams as memory holds them (the file
-    leaves the kept rows' entries out)."""
+def _restore_row_streams(manifest: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Give every coded weight whose file streams differ its row streams as memory holds them (the
+    file leaves the kept rows' entries out, holds a trellis's new bits only)."""
     for name, entry in manifest["layers"].items():
         layout, prefix = CodeLayout.from_json(entry["layout"]), f"{name}.weight_code."
-        if layout.kept_rows and f"{prefix}codes" in tensors:
+        if layout.file_streams_differ and f"{prefix}codes" in tensors:
             buffers = {key.removeprefix(prefix): value for key, value in tensors.items() if key.startswith(prefix)}
             kept = buffers.get("kept_index", torch.zeros(0, dtype=torch.int64))
             sizes = {key: buffers[key].numel() * buffers[key].element_size() * 8 for key in layout.row_streams() if key in buffers}
             if (sizes != layout.stream_bits() or len(kept) != layout.kept_rows or len(kept.unique()) != len(kept)
-                    or int(kept.min()) < 0 or int(kept.max()) >= layout.rows):
-                raise VQCError(f"layer {name}: its kept rows and codes in the file do not match its layout (an edited file?)")
-            tensors.update({prefix + k: v for k, v in streams_with_kept_rows(layout, buffers).items()})
+                    or (len(kept) and (int(kept.min()) < 0 or int(kept.max()) >= layout.rows))):
+                raise VQCError(f"layer {name}: its codes (and kept rows) in the file do not match its layout (an edited file?)")
+            tensors.update({prefix + k: v for k, v in memory_streams(layout, buffers).items()})
 
 
 def _tied_leaders(manifest: dict, stored: set[str]) -> dict[str, str]:
@@ -360,7 +360,7 @@ def load(path: str | os.PathLike, like: nn.Module | None = None, device: str = "
     model = skeleton(manifest["source"]) if like is None else like
     model = _install_coded_layers(model, manifest, set(tensors))
     if manifest["format_version"] >= 2:
-        _restore_kept_rows_codes(manifest, tensors)
+        _restore_row_streams(manifest, tensors)
     universal_tables = _universal_tables(model, [Path(path).parent, *map(Path, codebooks), *universal.search_path()])
     tensors.update(universal_tables)
     for alias, original in manifest["aliases"].items():

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from scipy.stats import gaussian_kde
 from torch import Tensor, nn
 
-from . import lattice
+from . import lattice, trellis
 from .atomic import write_atomically
 from .cache import cache_dir
 from .codebook import kmeans
@@ -59,8 +59,19 @@ class UniversalCodebook:
     def dim(self) -> int:
         return self.codewords.shape[1]
 
+    @property
+    def trellis(self) -> int:
+        """New bits per weight when the codebook is a trellis's state table (``trellis.py``), else 0."""
+        return int(self.info.get("trellis", 0))
+
+    @property
+    def code_bits_per_weight(self) -> float:
+        """What a weight's code costs: log2(k) / d, or a trellis's new bits."""
+        return self.trellis or np.log2(self.k) / self.dim
+
     def describe(self) -> str:
-        return f"universal codebook {self.sha256[:12]}… (k = {self.k}, d = {self.dim})"
+        form = f", a trellis of {self.trellis} bits per weight" if self.trellis else ""
+        return f"universal codebook {self.sha256[:12]}… (k = {self.k}, d = {self.dim}{form})"
 
 
 def file_sha256(path: Path) -> str:
@@ -185,32 +196,38 @@ _PATHS: dict[str, str] = {}  # sha256 → a file that holds it, for every codebo
 
 
 def open_codebook(path: str | os.PathLike) -> UniversalCodebook:
-    """Load a codebook file (or the lattice codebook by its name: ``LATTICES``) and remember where
-    it is, so its layers can find it by hash; a lattice's table is searched by its structure."""
-    if str(path) in LATTICES:
+    """Load a codebook file (or a codebook made by a rule, by its name: ``RULES``) and remember
+    where it is, so its layers can find it by hash; a lattice's table is searched by its structure."""
+    if str(path) in RULES:
         path = lattice_file(str(path))
     codebook = load_codebook(path)
     _PATHS[codebook.sha256] = str(Path(path).resolve())
-    if codebook.info.get("lattice") in LATTICES:
-        if not torch.equal(codebook.codewords, lattice.table().half()):
-            raise VQCError(f"{path} claims to be the {codebook.info['lattice']} lattice but holds other points")
-        lattice.STRUCTURED[codebook.sha256] = lattice.nearest
+    rule = RULES.get(codebook.info.get("lattice"))
+    if rule is not None:
+        if not torch.equal(codebook.codewords, rule.table().half()):
+            raise VQCError(f"{path} claims to be the {codebook.info['lattice']} codebook but holds other points")
+        if rule is lattice:
+            lattice.STRUCTURED[codebook.sha256] = lattice.nearest
     return codebook
 
 
-#: Codebooks made by a rule, not extracted: a name ``vq4all`` takes as its codebook.
-LATTICES = ("e8p",)
+#: Codebooks made by a rule, not extracted (a name ``vq4all`` takes as its codebook): the module
+#: that makes each (``table()``, ``DIM``, ``K``, ``UNIT``; a trellis its ``SHIFT_BITS``).
+RULES = {"e8p": lattice, "trellis": trellis}
 
 
 def lattice_file(name: str) -> Path:
-    """The codebook file of a lattice, written to the cache on first use (the same bytes, so the
-    same hash, on every machine)."""
+    """The codebook file of a rule-made codebook, written to the cache on first use (the same
+    bytes, so the same hash, on every machine)."""
     path = cache_dir() / "codebooks" / f"{name}{SUFFIX}"
     if not path.is_file():
-        info = {"format": FORMAT, "format_version": FORMAT_VERSION, "dim": lattice.DIM, "k": lattice.K,
-                "lattice": name, "unit": lattice.UNIT, "normalisation": "row-rms"}
+        rule = RULES[name]
+        info = {"format": FORMAT, "format_version": FORMAT_VERSION, "dim": rule.DIM, "k": rule.K,
+                "lattice": name, "unit": rule.UNIT, "normalisation": "row-rms"}
+        if rule is trellis:
+            info["trellis"] = trellis.SHIFT_BITS
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_codebook(UniversalCodebook(lattice.table().half(), info), path)
+        save_codebook(UniversalCodebook(rule.table().half(), info), path)
     return path
 
 
@@ -241,7 +258,7 @@ def find(sha256: str, folders: list[Path]) -> UniversalCodebook:
         for candidate in sorted(Path(folder).glob(f"*{SUFFIX}")) if Path(folder).is_dir() else []:
             if file_sha256(candidate) == sha256:
                 return open_codebook(candidate)
-    for name in LATTICES:  # made by a rule: written to the cache if this machine has not yet
+    for name in RULES:  # made by a rule: written to the cache if this machine has not yet
         if file_sha256(lattice_file(name)) == sha256:
             return open_codebook(name)
     raise VQCError(f"this model needs the universal codebook with sha256 {sha256}, which is in none of "

@@ -1,9 +1,7 @@
 """Compiled CPU kernels for coded layers: the lookup-table product and a decode for large batches.
 
-``lut.cpp`` is plain C++ with OpenMP, compiled on first use with the system compiler
-(``$CXX``, else ``g++``; ``-O3 -march=native -fopenmp``) into ``~/.cache/vqcompress/kernels``
-under a hash of its source, flags, compiler and CPU, and called through ``ctypes`` with raw
-pointers to the coded weight's own buffers: the packed codes are read where they lie, never
+``lut.cpp`` is plain C++ with OpenMP, compiled on first use (``compiled.py``) and called
+through ``ctypes`` with raw pointers to the coded weight's own buffers: the packed codes are read where they lie, never
 unpacked into a copy of the whole matrix. When it cannot be built (no compiler, a failed
 build), or ``VQC_KERNEL=torch`` is set, or the call is outside what it serves (a device other
 than the CPU, a dtype other than float32, gradients wanted), ``lut_matmul`` returns None and
@@ -45,10 +43,7 @@ waits for the thread that is not running (docs/methods.md).
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import platform
-import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -57,13 +52,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..atomic import write_atomically
-from ..cache import cache_dir
+from .. import compiled
 from ..coded import CodedWeight, code_bits
 
 SOURCE = Path(__file__).with_name("lut.cpp")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
-FORCE_TORCH = "VQC_KERNEL"  # set to "torch" to always take the pure-torch path
+FORCE_TORCH = compiled.FORCE_TORCH
 DECODE_BLOCK = 1 << 22  # weights decoded at a time by the large-batch path (16 MiB of float32)
 LOOK_INTERVAL = 0.1  # seconds between two looks at how busy other processes keep the cores
 
@@ -83,46 +76,13 @@ class _Coded(ctypes.Structure):
         ("gain", ctypes.c_float)]
 
 
-def _cpu_identity() -> str:
-    """What ``-march=native`` compiles for: a build is only reused on the same kind of CPU."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return next((line for line in lines if line.startswith(("flags", "Features"))), platform.processor())
-    except OSError:
-        return platform.processor()
-
-
-def _compiler() -> str:
-    return os.environ.get("CXX", "g++")
-
-
-def _build() -> ctypes.CDLL:
-    """Compile lut.cpp once per source, flags, compiler and CPU (cached), and load it."""
-    compiler = _compiler()
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, version, _cpu_identity()]).encode()).hexdigest()
-    library = cache_dir() / "kernels" / f"lut-{key[:16]}.so"
-    if not library.exists():
-        def compile_to(temp: str) -> None:
-            done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", temp], capture_output=True, text=True)
-            if done.returncode:
-                raise RuntimeError(f"{compiler} failed: {(done.stderr.strip().splitlines() or ['?'])[0]}")
-
-        write_atomically(library, compile_to)
-    lib = ctypes.CDLL(str(library))
-    lib.vqc_lut_matmul.argtypes = [ctypes.POINTER(_Coded), ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                                   ctypes.c_void_p, ctypes.c_int]
-    lib.vqc_decode.argtypes = [ctypes.POINTER(_Coded), ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
-    return lib
-
-
 def _load() -> tuple[ctypes.CDLL | None, str]:
-    if os.environ.get(FORCE_TORCH, "").lower() == "torch":
-        return None, f"torch (forced by {FORCE_TORCH}=torch)"
-    try:
-        return _build(), f"compiled C++ ({_compiler()} {' '.join(FLAGS[:3])}, OpenMP)"
-    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-        return None, f"torch (the C++ kernel could not be built: {error})"
+    lib, why = compiled.load(SOURCE)
+    if lib is not None:
+        lib.vqc_lut_matmul.argtypes = [ctypes.POINTER(_Coded), ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                       ctypes.c_void_p, ctypes.c_int]
+        lib.vqc_decode.argtypes = [ctypes.POINTER(_Coded), ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    return lib, why
 
 
 _library: ctypes.CDLL | None = None
