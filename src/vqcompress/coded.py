@@ -21,8 +21,8 @@ stored as the index of a codeword, bit-packed at ``ceil(log2 k)`` bits. On top o
   their codes stay in the stream, unused, so the code layout stays uniform; a file leaves them
   out (``file_streams``) and the bit count does not include them;
 - or trellis codes (``trellis``, see ``trellis.py``): d = 1, each code a 16-bit state of a
-  bitshift trellis whose row is one tail-biting sequence; memory holds the states, a file and the
-  bit count only each state's new bits (2 per weight).
+  bitshift trellis whose 16 × 16 tiles are tail-biting sequences; memory holds the states, a file
+  and the bit count only each state's new bits (2 per weight), kept rows' too.
 
 The factor form (quantized sparse decomposition, ``qswd``) generalises the index: a sub-vector is
 ``Σ_t z_t · C[p_t]`` over ``terms`` (s) distinct codewords. The positions p are stored as
@@ -198,7 +198,7 @@ class CodeLayout:
     def takes_feedback(self) -> bool:
         """Whether codes can be re-chosen with error feedback: plain codes, scales covering whole
         sub-vectors (``CodedWeight.reassign_with_feedback``)."""
-        return not self.factored and not self.trellis and not (self.scale_group and self.scale_group % self.dim)
+        return not self.factored and not (self.scale_group and self.scale_group % self.dim)
 
     @property
     def file_streams_differ(self) -> bool:
@@ -247,8 +247,9 @@ class CodeLayout:
 
     def stream_bits(self) -> dict[str, int]:
         """Stored bits of each row stream: the rows that are not kept (a kept row's codes are never
-        read, so a file leaves them out); packed streams fill whole bytes."""
-        coded_rows = self.rows - self.kept_rows
+        read, so a file leaves them out, but a trellis's tiles need every row); packed streams fill
+        whole bytes."""
+        coded_rows = self.rows if self.trellis else self.rows - self.kept_rows
         return {name: (16 * coded_rows * per_row if width == FP16_COEFFICIENTS
                        else 8 * ((coded_rows * per_row * width + 7) // 8))
                 for name, (width, per_row) in self.row_streams().items()}
@@ -303,10 +304,12 @@ class CodeLayout:
             raise VQCError(f"kept rows are stored as {' or '.join(KEPT_DTYPES)}, not {self.kept_dtype!r}")
         if self.codebook_bits and (self.codebook_sha256 is not None or self.gain):
             raise VQCError("a codebook on a grid is the layer's own: not a universal or shared one")
-        if self.trellis and (self.dim != 1 or self.factored or self.k != 1 << self.bits or self.bits % self.trellis
-                             or self.cols * self.trellis < self.bits):
+        if self.trellis and (self.dim != 1 or self.factored or self.k != 1 << self.bits or self.trellis >= self.bits
+                             or self.groups != 1 or self.cols % trellis.TILE or self.permuted
+                             or trellis.TILE * self.trellis < self.bits):
             raise VQCError(f"a trellis of {self.bits}-bit states, {self.trellis} new bits per weight, needs d = 1, "
-                           f"k = 2^{self.bits}, plain codes and rows of at least {self.bits // max(self.trellis, 1)} weights")
+                           f"k = 2^{self.bits}, one codebook, rows in their order, plain codes and inputs in "
+                           f"multiples of {trellis.TILE}")
 
     def to_json(self) -> dict:
         """Shape, k, d and every field that differs from its default: what a manifest records."""
@@ -576,7 +579,7 @@ class CodedWeight(nn.Module):
             importance = importance.expand(lay.rows, lay.cols)  # a view: each slice takes its rows
         self.codes = torch.cat([pack_codes(self._nearest_codes(  # slices of 8 rows' multiples: whole bytes of codes
             weight, original, importance, torch.arange(part.start, part.stop, device=self.codes.device)), lay.bits)
-            for part in row_slices(lay.rows, lay.cols, 8)]).to(self.codes.device)
+            for part in row_slices(lay.rows, lay.cols, trellis.TILE if lay.trellis else 8)]).to(self.codes.device)
 
     def _nearest_codes(self, weight: Tensor, original: Tensor, importance: Tensor | None, stored: Tensor) -> Tensor:
         """``reassign``'s codes for a slice of stored rows, (rows, segments) int64."""
@@ -591,9 +594,8 @@ class CodedWeight(nn.Module):
         for g in group.unique().tolist():
             mine = group == g
             points, book = matrix[mine.to(matrix.device)].reshape(-1, lay.dim), self.codebook.detach()[g].float()
-            if lay.trellis:  # whole rows, one Viterbi search each
-                weights = None if importance is None else importance[mine.to(matrix.device)]
-                nearest = trellis.encode(points.reshape(-1, lay.cols), book, weights, lay.bits, lay.trellis)
+            if lay.trellis:  # tiles, one Viterbi search each (one codebook: ``validate``)
+                nearest = trellis.encode_tiles(points.reshape(-1, lay.cols), book, importance, lay.trellis)
             elif structured is not None:  # a lattice: its own exact search, in plain distance
                 nearest = structured(points).cpu()
             elif importance is None:
@@ -605,7 +607,8 @@ class CodedWeight(nn.Module):
 
     def reassign_with_feedback(self, weight: Tensor, gram: Tensor) -> None:
         """Assign codes so that the layer's output error tr(ΔGΔᵀ) is small, not each weight's own
-        (GPTQ's error feedback, for vectors as in GPTVQ): segments are taken in column order;
+        (GPTQ's error feedback, for vectors as in GPTVQ): segments (a trellis: blocks of its
+        tiles' width) are taken in column order;
         with G⁻¹ = UᵀU, each row's sub-vector goes to the codeword nearest in the metric
         ‖(w − q) U_bb⁻¹‖², and its error is passed on to the columns not yet assigned
         (w_rest −= (w − q) U_bb⁻¹ U_b,rest), which then absorb it. ``gram`` should be damped."""
@@ -622,16 +625,19 @@ class CodedWeight(nn.Module):
         group = self.codebook_of_rows(stored)
         codes = torch.empty(lay.rows, lay.segments, dtype=torch.int64, device=device)
         structured = lattice.STRUCTURED.get(lay.codebook_sha256)
-        for segment in range(lay.segments):
-            cols = slice(segment * lay.dim, (segment + 1) * lay.dim)
+        width = trellis.TILE if lay.trellis else lay.dim  # inputs coded together: a sub-vector, a trellis tile
+        for start in range(0, lay.cols, width):
+            cols, segments = slice(start, start + width), slice(start // lay.dim, (start + width) // lay.dim)
             inverse = torch.linalg.inv(factor[cols, cols]).float()
             points = (matrix[:, cols] - shift[:, cols]) / unit[:, cols]
-            if structured is not None:  # a lattice: its nearest point in plain distance (QuIP#'s LDLQ)
-                codes[:, segment] = structured(points)
+            if lay.trellis:  # its tiles in plain distance (QTIP's LDLQ; one codebook: ``validate``)
+                codes[:, segments] = trellis.encode_tiles(points.cpu(), books[0, :, 0].cpu(), shift=lay.trellis).to(device)
+            elif structured is not None:  # a lattice: its nearest point in plain distance (QuIP#'s LDLQ)
+                codes[:, segments] = structured(points)[:, None]
             else:  # each group's rows are a contiguous block: one batched distance for all groups
-                codes[:, segment] = torch.cdist((points @ inverse).reshape(lay.groups, -1, lay.dim),
-                                                books @ inverse).argmin(-1).reshape(-1)
-            chosen = books[group, codes[:, segment]] * unit[:, cols] + shift[:, cols]
+                codes[:, segments] = torch.cdist((points @ inverse).reshape(lay.groups, -1, lay.dim),
+                                                 books @ inverse).argmin(-1).reshape(-1, 1)
+            chosen = books[group[:, None], codes[:, segments]].reshape(lay.rows, width) * unit[:, cols] + shift[:, cols]
             matrix[:, cols.stop:] -= ((matrix[:, cols] - chosen) @ inverse) @ factor[cols, cols.stop:].float()
         self.codes = pack_codes(codes.reshape(-1), lay.bits).to(device)
 
@@ -754,8 +760,9 @@ def _pack_terms(layout: CodeLayout, positions: Tensor, coefficients: Tensor | No
 
 
 def _coded_rows(layout: CodeLayout, buffers: dict[str, Tensor]) -> Tensor:
-    """Stored rows that are not kept rows (ascending), from a weight's ``kept_index`` and ``perm``."""
-    if not layout.kept_rows:
+    """Stored rows that are not kept rows (ascending), from a weight's ``kept_index`` and ``perm``;
+    every row for a trellis, whose tiles span kept rows too."""
+    if not layout.kept_rows or layout.trellis:
         return torch.arange(layout.rows)
     kept = buffers["kept_index"].cpu().to(torch.int64)
     if layout.permuted:
@@ -791,7 +798,7 @@ def file_streams(layout: CodeLayout, buffers: dict[str, Tensor]) -> dict[str, Te
 
 def memory_streams(layout: CodeLayout, buffers: dict[str, Tensor]) -> dict[str, Tensor]:
     """The inverse of ``file_streams``: the row streams as memory holds them, every kept row given
-    valid placeholder entries (positions 0 … s − 1, grid level 0, state 0), never read."""
+    valid placeholder entries (positions 0 … s − 1, grid level 0), never read."""
     rows = _coded_rows(layout, buffers)
     full = {}
     for name, (width, per_row) in layout.row_streams().items():
@@ -802,7 +809,7 @@ def memory_streams(layout: CodeLayout, buffers: dict[str, Tensor]) -> dict[str, 
         matrix = _placeholder_row(layout, name).repeat(layout.rows, 1)
         entries = unpack_codes(stream, width, torch.arange(len(rows) * per_row)).reshape(len(rows), per_row)
         memory = _memory_width(layout, name, width)
-        matrix[rows] = trellis.states_from(entries, memory, width) if memory != width else entries
+        matrix[rows] = trellis.states_of_tiles(entries, memory, width) if memory != width else entries
         full[name] = pack_codes(matrix, memory)
     return full
 
@@ -811,8 +818,6 @@ def _placeholder_row(layout: CodeLayout, stream: str) -> Tensor:
     """Entries of one row of ``stream`` that decode without error: distinct positions, level 0."""
     if stream == "coef":
         return torch.zeros(1, layout.segments * layout.terms, dtype=torch.int64)
-    if layout.trellis:
-        return torch.zeros(1, layout.segments, dtype=torch.int64)
     if layout.factored and layout.masked:
         mask = torch.zeros(layout.k, dtype=torch.int64)
         mask[:layout.terms] = 1

@@ -1,16 +1,21 @@
 """The bitshift trellis (QTIP's trellis-coded quantization): 2 bits per weight with less error than
 any 8-dimensional codebook.
 
-A row of weights is one sequence of states of ``STATE_BITS`` (L = 16) bits; each weight shifts
-``SHIFT_BITS`` (2) new bits in at the bottom, so a state overlaps its predecessor in L − 2 bits,
+A weight matrix is cut into tiles of ``TILE`` × ``TILE`` weights (16 rows × 16 inputs; the last
+row block may have fewer rows), each one sequence, row after row (``split`` / ``join``), of states
+of ``STATE_BITS`` (L = 16) bits; each weight shifts
+K new bits in at the bottom (``SHIFT_BITS`` = 2 by default, up to 4: ``NEW_BITS``), so a state
+overlaps its predecessor in L − K bits,
 and the weight's value is ``values[state]``: a table of 2^L unit-Gaussian quantiles in a seeded
 random order (fp16, like every codebook; weights of unit RMS, after the incoherence rotation
 close to i.i.d. Gaussian, are coded as they are). Tail-biting: the first state's top bits are the
-last state's low bits, so a row is stored in exactly 2 bits per weight, its new bits only
+last state's low bits, so a tile is stored in exactly K bits per weight, its new bits only
 (``new_bits``); memory holds the whole states (``states_from``), so decoding is a table lookup of
-16-bit codes like any other coded weight (d = 1, k = 2^16).
+16-bit codes like any other coded weight (d = 1, k = 2^16). Tiles 16 inputs wide let calibrated
+coding pass each column block's error on to the inputs after it (LDLQ, as QTIP does), and are
+long enough (256 weights) that tail-biting costs little.
 
-Coding a row is a Viterbi search over 2^16 states per weight (``encode``): compiled
+Coding a sequence is a Viterbi search over 2^16 states per weight (``encode``): compiled
 (``kernels/trellis.cpp``), else the same search in torch, many times slower.
 """
 
@@ -27,10 +32,13 @@ from torch import Tensor
 from . import compiled
 
 STATE_BITS, SHIFT_BITS = 16, 2
+NEW_BITS = (2, 3, 4)  # the bits per weight a trellis can have (the compiled search's fast path)
 K, DIM = 1 << STATE_BITS, 1
 UNIT = 1.0  # table units per unit of RMS
 SOURCE = Path(__file__).parent / "kernels" / "trellis.cpp"
-SEAM = 64  # weights either side of a row's seam that the free first pass searches (as trellis.cpp)
+SEAM = 64  # weights either side of a sequence's seam that the free first pass searches (as trellis.cpp)
+TILE = 16  # a sequence: a tile of this many rows × this many inputs
+TORCH_SEQUENCES = 8  # sequences searched at once by the torch search (its back-pointers: 4 MB each per 256 weights)
 
 
 @lru_cache(maxsize=1)
@@ -49,7 +57,41 @@ def states_from(bits: Tensor, state_bits: int = STATE_BITS, shift: int = SHIFT_B
     """The states of tail-biting rows (…, length) from their new bits: state t holds the new bits of
     weights t, t − 1, … (cyclically), newest lowest."""
     bits = bits.to(torch.int64)
-    return sum(torch.roll(bits, i, -1) << (shift * i) for i in range(state_bits // shift))
+    states = sum(torch.roll(bits, i, -1) << (shift * i) for i in range(-(-state_bits // shift)))
+    return states & ((1 << state_bits) - 1)
+
+
+def split(matrix: Tensor) -> list[Tensor]:
+    """The tile sequences of ``matrix`` (rows × cols, cols a multiple of ``TILE``), one matrix of
+    sequences per tile height: the full tiles (…, 256) and those of the last, shorter row block."""
+    rows, cols = matrix.shape
+    full, rest = rows - rows % TILE, rows % TILE
+    blocks = matrix[:full].reshape(full // TILE, TILE, cols // TILE, TILE).transpose(1, 2)
+    parts = [blocks.reshape(-1, TILE * TILE)]
+    if rest:
+        parts.append(matrix[full:].reshape(rest, cols // TILE, TILE).transpose(0, 1).reshape(-1, rest * TILE))
+    return [part for part in parts if len(part)]
+
+
+def join(parts: list[Tensor], rows: int, cols: int) -> Tensor:
+    """The inverse of ``split``: the matrix whose tile sequences are ``parts``."""
+    full, rest = rows - rows % TILE, rows % TILE
+    pieces = list(parts)
+    head = pieces.pop(0).reshape(full // TILE, cols // TILE, TILE, TILE).transpose(1, 2).reshape(full, cols) if full else None
+    tail = pieces.pop(0).reshape(cols // TILE, rest, TILE).transpose(0, 1).reshape(rest, cols) if rest else None
+    return torch.cat([part for part in (head, tail) if part is not None])
+
+
+def encode_tiles(matrix: Tensor, values: Tensor, importance: Tensor | None = None, shift: int = SHIFT_BITS) -> Tensor:
+    """``encode`` of every tile of ``matrix`` (rows × cols, table units): the states, as ``matrix``."""
+    rows, cols = matrix.shape
+    weights = [None] * 2 if importance is None else split(importance.expand(rows, cols))
+    return join([encode(part, values, w, shift=shift) for part, w in zip(split(matrix), weights)], rows, cols)
+
+
+def states_of_tiles(bits: Tensor, state_bits: int = STATE_BITS, shift: int = SHIFT_BITS) -> Tensor:
+    """``states_from`` of every tile of a matrix of new bits."""
+    return join([states_from(part, state_bits, shift) for part in split(bits)], *bits.shape)
 
 
 _library: ctypes.CDLL | None = None
@@ -79,7 +121,7 @@ def encode(matrix: Tensor, values: Tensor, importance: Tensor | None = None,
     least squared error (each weight's weighed by ``importance``, same shape, when given), int64."""
     rows, length = matrix.shape
     if length * shift < state_bits:
-        raise ValueError(f"a trellis row needs at least {state_bits // shift} weights, got {length}")
+        raise ValueError(f"a trellis sequence needs at least {-(-state_bits // shift)} weights, got {length}")
     x = matrix.detach().float().cpu().contiguous()
     w = None if importance is None else importance.detach().float().cpu().expand(rows, length).contiguous()
     values = values.detach().reshape(-1).float().cpu().contiguous()
@@ -93,7 +135,12 @@ def encode(matrix: Tensor, values: Tensor, importance: Tensor | None = None,
 
 
 def _encode_torch(x: Tensor, values: Tensor, w: Tensor | None, state_bits: int, shift: int) -> Tensor:
-    """``encode`` in torch: the free pass over each row's seam, then the tail-biting pass."""
+    """``encode`` in torch: the free pass over each sequence's seam, then the tail-biting pass; a few
+    sequences at a time."""
+    if len(x) > TORCH_SEQUENCES:
+        return torch.cat([_encode_torch(x[i:i + TORCH_SEQUENCES], values,
+                                        None if w is None else w[i:i + TORCH_SEQUENCES], state_bits, shift)
+                          for i in range(0, len(x), TORCH_SEQUENCES)])
     length = x.shape[1]
     before, after = min(length - length // 2, SEAM), min(length // 2, SEAM)
     seam = torch.cat([x[:, length - before:], x[:, :after]], 1)

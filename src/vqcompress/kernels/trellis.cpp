@@ -7,8 +7,8 @@
 // the row is then stored in exactly shift bits per weight. Those overlap bits come from a free
 // pass over the seam (the row's end, then its start: QTIP's rolled pass), whose state where the
 // row starts is taken. Rows are split across OpenMP threads, each searched alone: repeatable.
-// With AVX2 and 2 new bits a weight, one step runs 8 states at a time (the same sums, the same
-// codes as the plain loop).
+// With AVX2 and 2 to 4 new bits a weight, one step runs 8 states at a time (the same sums, the
+// same codes as the plain loop).
 // Compiled on first use by vqcompress/compiled.py.
 
 #include <algorithm>
@@ -38,7 +38,7 @@ struct Search {
   void step(float xt, float wt, uint8_t* from) {
     const int64_t count = int64_t(1) << bits, low = count >> shift, symbols = int64_t(1) << shift;
 #ifdef __AVX2__
-    if (shift == 2 && low % 8 == 0) return step_avx2(xt, wt, from);
+    if (shift >= 2 && shift <= 4 && low % 8 == 0) return step_avx2(xt, wt, from);
 #endif
     for (int64_t l = 0; l < low; ++l) { best[l] = cost[l]; from[l] = 0; }
     for (int64_t q = 1; q < symbols; ++q) {
@@ -56,14 +56,14 @@ struct Search {
   }
 
 #ifdef __AVX2__
-  // `step` for 4 predecessors, 8 lanes: the minimum and its index, then each best spread over
-  // its 4 successors by lane permutes.
+  // `step` 8 lanes at a time: the minimum of the 2^shift predecessors and its index, then each
+  // best spread over its 2^shift successors (by lane permutes for 4, broadcast for 8 or 16).
   void step_avx2(float xt, float wt, uint8_t* from) {
-    const int64_t low = (int64_t(1) << bits) >> 2;
+    const int64_t symbols = int64_t(1) << shift, low = (int64_t(1) << bits) >> shift;
     float* c = cost.data();
     for (int64_t l = 0; l < low; l += 8) {
       __m256 b = _mm256_loadu_ps(c + l), f = _mm256_setzero_ps();
-      for (int q = 1; q < 4; ++q) {
+      for (int64_t q = 1; q < symbols; ++q) {
         const __m256 v = _mm256_loadu_ps(c + q * low + l), less = _mm256_cmp_ps(v, b, _CMP_LT_OQ);
         b = _mm256_blendv_ps(b, v, less);
         f = _mm256_blendv_ps(f, _mm256_set1_ps(float(q)), less);
@@ -74,13 +74,23 @@ struct Search {
       _mm_storel_epi64(reinterpret_cast<__m128i*>(from + l), _mm_packus_epi16(i16, i16));
     }
     const __m256 X = _mm256_set1_ps(xt), W = _mm256_set1_ps(wt);
-    const __m256i spread[4] = {_mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3),
-                               _mm256_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5), _mm256_setr_epi32(6, 6, 6, 6, 7, 7, 7, 7)};
-    for (int64_t l = 0; l < low; l += 8) {
-      const __m256 b = _mm256_loadu_ps(best.data() + l);
-      for (int j = 0; j < 4; ++j) {
-        const __m256 e = _mm256_sub_ps(X, _mm256_loadu_ps(values + 4 * l + 8 * j));
-        _mm256_storeu_ps(c + 4 * l + 8 * j, _mm256_fmadd_ps(_mm256_mul_ps(W, e), e, _mm256_permutevar8x32_ps(b, spread[j])));
+    if (shift == 2) {
+      const __m256i spread[4] = {_mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3),
+                                 _mm256_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5), _mm256_setr_epi32(6, 6, 6, 6, 7, 7, 7, 7)};
+      for (int64_t l = 0; l < low; l += 8) {
+        const __m256 b = _mm256_loadu_ps(best.data() + l);
+        for (int j = 0; j < 4; ++j) {
+          const __m256 e = _mm256_sub_ps(X, _mm256_loadu_ps(values + 4 * l + 8 * j));
+          _mm256_storeu_ps(c + 4 * l + 8 * j, _mm256_fmadd_ps(_mm256_mul_ps(W, e), e, _mm256_permutevar8x32_ps(b, spread[j])));
+        }
+      }
+      return;
+    }
+    for (int64_t l = 0; l < low; ++l) {
+      const __m256 b = _mm256_set1_ps(best[l]);
+      for (int64_t j = 0; j < symbols; j += 8) {
+        const __m256 e = _mm256_sub_ps(X, _mm256_loadu_ps(values + symbols * l + j));
+        _mm256_storeu_ps(c + symbols * l + j, _mm256_fmadd_ps(_mm256_mul_ps(W, e), e, b));
       }
     }
   }

@@ -6,8 +6,8 @@ fp16 scale per row, so the cost is log2(k)/d + 16/inputs bits per weight whateve
 (``--bits`` is only checked against it). Fitting: each row over its RMS (the units the codebook
 was extracted in), then the nearest codeword under the input-weighted distance; with a lattice
 codebook (``lattice.py``), whose search is in plain distance, its nearest point with error
-feedback where calibration gives the Gram matrix; with a trellis (``trellis.py``), each row's
-least-error path under the input-weighted distance. (Rescaling rows
+feedback where calibration gives the Gram matrix; with a trellis (``trellis.py``) likewise, each
+tile's least-error path (without the Gram matrix: under the input-weighted distance). (Rescaling rows
 by least squares after that moved them off the distribution the codebook covers: on MiniLM the
 held-out cosine fell from 0.74 to 0.53.) With training data and fine-tuning steps the assignments are then learned among
 each sub-vector's nearest ``candidates`` by distillation with progressive freezing
@@ -23,7 +23,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .. import lattice, universal
+from .. import lattice, trellis, universal
 from ..calibrate import InputStatistics
 from ..coded import CodedWeight, CodeLayout
 from ..errors import Unfit
@@ -34,7 +34,8 @@ from . import MethodConfig, register
 class VQ4AllConfig(MethodConfig):
     """``codebook``: the universal codebook file (.vqcb; default: the one the package ships,
     ``universal.DEFAULT``), or one made by a rule, by name (``e8p``: 2^16 points in 8 dimensions;
-    ``trellis``: the bitshift trellis, 2 bits per weight; both best on rotated weights,
+    ``trellis``: the bitshift trellis, 2, 3 or 4 bits per weight by the budget; both best on
+    rotated weights,
     ``transform=hadamard``); ``candidates``: codewords
     each sub-vector's learned assignment chooses among."""
 
@@ -64,11 +65,20 @@ class VQ4All:
         if cols % book.dim:
             raise Unfit(f"the universal codebook's sub-vector length d = {book.dim} does not divide the {cols} "
                         f"inputs of shape {tuple(shape)}")
-        cost = book.code_bits_per_weight + 16 / cols
+        if book.trellis and cols % trellis.TILE:
+            raise Unfit(f"the trellis codes tiles of {trellis.TILE} inputs, which do not divide the {cols} inputs of "
+                        f"shape {tuple(shape)}")
+        new_bits = book.trellis and _trellis_bits(bits, cols, book.trellis)
+        cost = (new_bits or book.code_bits_per_weight) + 16 / cols
         if bits is not None and bits + 1e-9 < cost:
             raise Unfit(f"the universal codebook (k = {book.k}, d = {book.dim}) costs {cost:.3f} bits per weight on "
                         f"shape {tuple(shape)} (indices and row scales), above its budget of {bits:g} bits per weight")
-        return {"codebook": book.sha256, "candidates": min(config.candidates or 4, book.k), "trellis": book.trellis}
+        return {"codebook": book.sha256, "candidates": min(config.candidates or 4, book.k), "trellis": new_bits}
+
+    def quick_settings(self, settings: dict) -> dict:
+        """The fit the allocation measures a layer's sensitivity with: the real one (on sampled rows),
+        as no stand-in codes like a lattice or a trellis."""
+        return settings
 
     def layout(self, shape: tuple[int, ...], settings: dict) -> CodeLayout:
         _, k, dim = universal.table(settings["codebook"]).shape
@@ -84,11 +94,19 @@ class VQ4All:
         _, rms = universal.row_normalised(matrix)
         unassigned = torch.zeros(layout.rows, layout.segments, dtype=torch.int64)
         code = CodedWeight.encode(layout, universal.table(settings["codebook"]), unassigned, rms)
-        if settings["codebook"] in lattice.STRUCTURED and inputs is not None and inputs.gram is not None:
-            code.reassign_with_feedback(matrix, inputs.gram)  # a lattice's plain nearest point needs the feedback
+        structured = settings["codebook"] in lattice.STRUCTURED or settings.get("trellis")
+        if structured and inputs is not None and inputs.gram is not None:
+            code.reassign_with_feedback(matrix, inputs.gram)  # plain distance in the search: the feedback weighs errors
         else:
             code.reassign(matrix, importance)
         return code
+
+
+def _trellis_bits(bits: float | None, cols: int, default: int) -> int:
+    """A trellis's new bits per weight: the most the budget pays for with the row scales
+    (``trellis.NEW_BITS``), the codebook's own without a budget or below the least."""
+    paid = [k for k in trellis.NEW_BITS if bits is not None and k + 16 / cols <= bits + 1e-9]
+    return max(paid, default=default)
 
 
 register(VQ4All())
