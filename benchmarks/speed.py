@@ -4,6 +4,7 @@ core taken by another process.
 
     .venv/bin/python -m benchmarks.speed                  # about 10 minutes on 2 cores
     .venv/bin/python -m benchmarks.speed --device cuda    # the same on a GPU (pure-torch coded path)
+    .venv/bin/python -m benchmarks.speed --layer e8p --skip-gemma   # E8P on rotated weights (speed-e8p.json)
 
 Layer: ``vqc.compress(nn.Linear(4096, 4096), method="kmeans", bits=2)`` and nothing else (no
 ``set_forward_path``), at batch 1 and 64; the variants called in turn within each round, so that a
@@ -12,7 +13,8 @@ change of load on a shared machine hits them alike; median of the rounds:
 - dense: the ``nn.Linear`` it was made from (fp32);
 - default path: the coded layer as ``compress`` returns it ("auto": on the CPU the compiled kernel,
   choosing the table or decode-then-multiply by its cost model);
-- kernel, table / kernel, decode-then-multiply: the kernel's two ways forced (CPU);
+- kernel, table / gather / decode-then-multiply: the kernel's ways forced (CPU; the gather at d = 8,
+  the tables only for small codebooks);
 - decode path: ``set_forward_path("decode")`` (torch decodes the weight, then ``F.linear``);
 - torch table product: the "lut" path without the compiled kernel (the pure-torch table and gather).
 
@@ -44,6 +46,9 @@ from .run import ROOT, machine, now, write_json
 
 RESULTS = ROOT / "benchmarks" / "results" / "speed.json"
 SIDE, BITS = 4096, 2
+#: the layers ``--layer`` times: the plain call, and E8P on rotated weights (the kernel's gather)
+LAYERS = {"kmeans": {"method": "kmeans", "bits": BITS},
+          "e8p": {"method": "vq4all", "bits": BITS + 0.01, "codebook": "e8p", "transform": "hadamard"}}
 BATCHES = (1, 64)
 REPEATS = 20
 GEMMA_SETTINGS = ["--method", "kmeans", "--dim", "4", "--k", "256", "--scale", "row"]
@@ -66,15 +71,15 @@ def rounds(variants: dict[str, Callable[[], object]], repeats: int, sync: Callab
     return {name: 1e3 * statistics.median(values) for name, values in times.items()}
 
 
-def plain_layer(device: str):
-    """(dense Linear, the coded layer the plain ``compress`` call makes of it), on ``device``."""
+def plain_layer(device: str, settings: dict):
+    """(dense Linear, the coded layer ``compress`` makes of it with ``settings``), on ``device``."""
     import torch
 
     import vqcompress as vqc
 
     torch.manual_seed(0)
     dense = torch.nn.Linear(SIDE, SIDE)
-    coded = vqc.compress(dense, method="kmeans", bits=BITS)  # a new layer: ``dense`` stays as it was
+    coded = vqc.compress(dense, progress=False, **settings)  # a new layer: ``dense`` stays as it was
     return dense.to(device), coded.to(device)
 
 
@@ -99,10 +104,14 @@ def layer_bench(dense, coded, device: str, repeats: int) -> list[dict]:
     rows = []
     for batch in BATCHES:
         x = torch.randn(batch, SIDE, generator=g).to(device)
-        variants = {"dense": lambda: dense(x), "default path": lambda: coded(x), "decode path": path("decode"),
-                    "torch table product": path("lut", "torch")}
+        variants = {"dense": lambda: dense(x), "default path": lambda: coded(x), "decode path": path("decode")}
+        small_table = coded.weight_code.layout.k <= 4096  # a table of 2^16 codewords per segment: minutes, GiB
+        if small_table:
+            variants["torch table product"] = path("lut", "torch")
         if device == "cpu":
-            variants |= {"kernel, table": path("lut", "table"), "kernel, decode-then-multiply": path("lut", "decode")}
+            variants |= ({"kernel, table": path("lut", "table")} if small_table else {}) | (
+                {"kernel, gather": path("lut", "gather")} if coded.weight_code.layout.dim == 8 else {}) | {
+                "kernel, decode-then-multiply": path("lut", "decode")}
         with torch.no_grad():
             expected = path("decode")()
             for name, call in variants.items():
@@ -192,7 +201,8 @@ def main() -> None:
     parser.add_argument("--skip-gemma", action="store_true")
     parser.add_argument("--quiet-only", action="store_true", help="no run with the cores taken")
     parser.add_argument("--threads", type=int, help="CPU threads for dense and coded alike (default: torch's)")
-    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--layer", choices=sorted(LAYERS), default="kmeans", help="the 4096 × 4096 layer's coding")
+    parser.add_argument("--output", type=Path, help="default: results/speed.json (speed-e8p.json for --layer e8p)")
     args = parser.parse_args()
 
     import torch
@@ -204,7 +214,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     started, load_before = now(), os.getloadavg()
-    dense, coded = plain_layer(args.device)
+    settings = LAYERS[args.layer]
+    output = args.output or (RESULTS if args.layer == "kmeans" else RESULTS.with_name(f"speed-{args.layer}.json"))
+    dense, coded = plain_layer(args.device, settings)
     layout = coded.weight_code.layout
     gemma = None if args.skip_gemma else gemma_file(args.gemma_file)
     models = None if gemma is None else gemma_models(gemma, args.device)
@@ -219,7 +231,8 @@ def main() -> None:
               "machine": machine() | {"threads": torch.get_num_threads()}, "device": args.device,
               "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
               "backend": kernels.backend() if args.device == "cpu" else "pure torch on CUDA (no compiled kernel)",
-              "layer": {"call": f'`compress(nn.Linear({SIDE}, {SIDE}), method="kmeans", bits={BITS})`',
+              "layer": {"call": f"`compress(nn.Linear({SIDE}, {SIDE}), "
+                                + ", ".join(f"{key}={value!r}" for key, value in settings.items()) + ")`",
                         "shape": list(layout.shape), "dim": layout.dim, "k": layout.k,
                         "bits_per_weight": coded.weight_code.nbits() / layout.rows / layout.cols,
                         "repeats": args.repeats},
@@ -233,9 +246,9 @@ def main() -> None:
                            "dense_weight_bytes": resident_bytes(models[0]),
                            "coded_weight_bytes": resident_bytes(models[1])}
     result["finished"], result["load_averages_after"] = now(), os.getloadavg()
-    write_json(args.output, result)
+    write_json(output, result)
     print(json.dumps(result, indent=1))
-    print(f"wrote {args.output}")
+    print(f"wrote {output}")
 
 
 if __name__ == "__main__":

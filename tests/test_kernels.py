@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ from vqcompress.layers import coded_from_dense, iter_coded, lut_matmul
 needs_kernel = pytest.mark.skipif(kernels._lib() is None, reason=f"no compiled kernel: {kernels.backend()}")
 
 
-@pytest.fixture(params=["table", "decode", "torch"])
+@pytest.fixture(params=["table", "gather", "decode", "torch"])
 def kernel_path(request, monkeypatch):
     """Every way a "lut" forward can go: the compiled table, the compiled decode-then-multiply,
     and the pure-torch fallback; the compiled ones are checked to be the ones that ran."""
@@ -242,3 +243,41 @@ def test_cuda_layer_matches_the_cpu_kernel():
     with torch.no_grad():
         on_cpu = lut_matmul(x, code)
         torch.testing.assert_close(lut_matmul(x.cuda(), code.cuda()).cpu(), on_cpu, rtol=0, atol=1e-4)  # moves code
+
+
+@needs_kernel
+@pytest.mark.parametrize("scale", [None, "row", "block"])
+@pytest.mark.parametrize("e8p", [True, False])
+def test_the_gather_agrees_with_the_decode_path(scale, e8p):
+    """d = 8: E8P's codes decoded from their structure (exactly its fp16 table), and any codebook's
+    gathered from the table, with every part of the layout."""
+    from vqcompress import lattice, universal
+
+    cols = 64
+    scale_group = {None: None, "row": cols, "block": 16}[scale]
+    code = coded((40, cols), 1 << 16, 8, scale_group=scale_group, offset=scale == "block", permuted=True, gain=True)
+    if e8p:
+        sha = universal.open_codebook("e8p").sha256
+        code = CodedWeight.encode(replace(code.layout, codebook_sha256=sha), lattice.table().half()[None].float(),
+                                  code.code_matrix(), code.scale if scale else None,
+                                  code.offset if code.layout.offset else None, code.permutation(), code.gain)
+    assert kernels.is_e8p(code) == e8p
+    with kernels.forced("gather"):
+        assert_close_to_decoded(torch.randn(3, 1, cols), code)
+
+
+def test_the_e8p_tables_decode_every_code_to_the_table():
+    from vqcompress import lattice
+
+    tables = lattice.kernel_tables()
+    low, high, magnitudes = tables[:2048].view(256, 8), tables[2048:4096].view(256, 8), tables[4096:].view(torch.float32)
+    codes = torch.arange(1 << 16)
+    lanes = low[codes & 255] ^ high[codes >> 8]
+    decoded = magnitudes[(lanes & 7).long()] * torch.where(lanes < 0, -1.0, 1.0)
+    assert torch.equal(decoded, lattice.table().half().float())
+
+
+def test_a_large_codebook_gathers_at_small_batches():
+    code = coded((4096, 4096), 1 << 16, 8, scale_group=4096)
+    assert kernels.way(1, code) == "gather" and kernels.way(64, code) == "decode"
+    assert kernels.way(1, coded((4096, 4096), 256, 4, scale_group=4096)) == "table"

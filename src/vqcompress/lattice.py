@@ -73,6 +73,30 @@ def decode(codes: Tensor) -> Tensor:
     return (torch.where(negative, -a, a) + shift[..., None]) / UNIT
 
 
+@lru_cache(maxsize=1)
+def kernel_tables() -> Tensor:
+    """The codes' structure as the compiled kernel decodes it (kernels/lut.cpp, ``dot_e8p``), int32:
+    X (256 × 8) by a code's low byte, H (256 × 8) by its high byte, then the 6 magnitudes (and 2 of
+    padding) as fp32 bits. Entry e of a code is q/4 in lattice units, q = s_e·4a_e ± 1 odd, so its
+    value is sign(q)·m[(|q| − 1)/2] with m the table's own (fp16-rounded) magnitudes; lane e of
+    X ^ H holds sign(q) in bits 31 and 3 (one for a masked sign flip, one for a two-table permute)
+    and (|q| − 1)/2 = (2a_e − 1) + [s_e agrees with the shift] in bits 0–2: X the signs by the low
+    byte (entry 0's by the parity of entries 1–7) and whether each agrees with the shift bit, H
+    2a − 1 and, where a's sum is odd, entry 0's sign turned."""
+    low = torch.arange(256)
+    negative = (low[:, None] >> torch.arange(1, DIM)) & 1
+    negative = torch.cat([negative.sum(-1, keepdim=True) % 2, negative], -1)  # entry 0: the parity
+    agrees = negative ^ (low[:, None] & 1)
+    x = (negative << 31) | (negative << 3) | agrees
+    h = (2 * absolute_grid() - 1).long()
+    h[:, 0] |= _odd_sums().long() * ((1 << 31) | (1 << 3) | 1)
+    magnitudes = (((2 * torch.arange(8, dtype=torch.float64) + 1) / 4) / UNIT).float().half().float()
+    magnitudes[6:] = 0
+    lanes = torch.cat([x.flatten(), h.flatten()]).to(torch.int64)
+    lanes = torch.where(lanes >= 1 << 31, lanes - (1 << 32), lanes).to(torch.int32)
+    return torch.cat([lanes, magnitudes.view(torch.int32)])
+
+
 def nearest(points: Tensor) -> Tensor:
     """The code of the nearest point to each row of ``points`` (N × 8, units of RMS), int64."""
     points = points.reshape(-1, DIM)

@@ -173,7 +173,7 @@ class _CodedConv(CodedLayer):
             return self.forward(x.unsqueeze(0)).squeeze(0)
         patches = self._patches(x)
         path = self._path(x, patches)
-        if path == "kernel" and not kernels.takes_table(patches, self.weight_code, self.groups):
+        if path == "kernel" and kernels.way(patches, self.weight_code, self.groups) == "decode":
             return self._conv_forward(x, self.dense(kernels.decode(self.weight_code)), self.bias)
         if path == "decode":
             return self._conv_forward(x, self.weight, self.bias)

@@ -12,6 +12,8 @@ same way, its output transformed back. A rotation is its seed and its sides: it 
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 from torch import Tensor, nn
 
@@ -47,18 +49,32 @@ class Transform(nn.Module):
         return self._mix(x, self.block.T) * self.signs.to(x)
 
     def _mix(self, x: Tensor, block: Tensor) -> Tensor:
-        """(block ⊗ H / √2^a) x: the fast Walsh–Hadamard transform on blocks of 2^a, then the odd block."""
-        shape, h = x.shape, 1 << self.a
-        x = x.reshape(-1, self.m, h)
-        step = 1
-        while step < h:
-            pairs = x.reshape(len(x), self.m, h // (2 * step), 2, step)
-            x = torch.stack((pairs[:, :, :, 0] + pairs[:, :, :, 1], pairs[:, :, :, 0] - pairs[:, :, :, 1]), 3)
-            step *= 2
-        x = x.reshape(-1, self.m, h) * h**-0.5
+        """(block ⊗ H / √2^a) x: the Walsh–Hadamard transform on blocks of 2^a as a product of small
+        ones (H of 2^a is the Kronecker product of H of its factors: one small matrix product per
+        factor instead of a step per bit), then the odd block."""
+        shape, factors = x.shape, [1 << min(FACTOR_BITS, self.a - i) for i in range(0, self.a, FACTOR_BITS)]
+        x = x.reshape(-1, self.m, *factors)
+        for axis, size in enumerate(factors, start=2):
+            x = (x.movedim(axis, -1) @ _sylvester(size).to(x)).movedim(-1, axis)
+        x = x.reshape(-1, self.m, 1 << self.a) * 2 ** (-self.a / 2)
         if self.m > 1:
             x = torch.einsum("ij,bjk->bik", block.to(x), x)
         return x.reshape(shape)
+
+
+FACTOR_BITS = 6  # the largest Hadamard factor, 64 × 64: O(n · 64 · a / 6) multiply-adds, few calls
+
+
+@lru_cache(maxsize=None)
+def _sylvester(size: int) -> Tensor:
+    """The size × size Walsh–Hadamard matrix of ±1 (symmetric): entry (i, j) is (−1)^popcount(i & j)."""
+    index = torch.arange(size)
+    bits = torch.bitwise_and(index[:, None], index[None]).to(torch.int64)
+    parity = torch.zeros_like(bits)
+    while bits.any():
+        parity ^= bits & 1
+        bits >>= 1
+    return 1.0 - 2.0 * parity.float()
 
 
 class Rotation(nn.Module):

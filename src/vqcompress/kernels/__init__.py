@@ -29,6 +29,9 @@ far faster per input than the gather once there are several. ``lut_matmul`` comp
 estimates (constants measured on the machine above) and takes the cheaper: batch 1 and small
 batches go through the table, large batches and convolutions over many positions through
 decode-then-multiply, in blocks of rows so that no dense copy of a large weight is ever held.
+A large codebook (k = 2^16 at d = 8: E8P, a universal codebook) makes the table cost far more
+than the codes it serves; there small batches gather the codewords and multiply them instead
+(``way``: "gather"), E8P's decoded from their structure rather than read from its 1 MiB table.
 
 Threads: a coded layer's default forward path ("auto", ``layers``) comes here for every CPU call,
 so the kernel must not collapse when other processes share the cores. It shares torch's OpenMP
@@ -52,7 +55,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .. import compiled
+from .. import compiled, lattice
 from ..coded import CodedWeight, code_bits
 
 SOURCE = Path(__file__).with_name("lut.cpp")
@@ -65,6 +68,9 @@ LOOK_INTERVAL = 0.1  # seconds between two looks at how busy other processes kee
 # multiply-add of torch's dense product. On the 4096 × 4096 layer, d = 4, k = 256, they put the
 # crossover between batch 4 and 5, where it was measured.
 TABLE_NS, GATHER_NS, DECODE_NS, GEMM_NS = 0.15, 0.65, 0.65, 0.021
+# The gather product at d = 8, per weight and input vector (4096 × 4096, one thread): codewords read
+# from the table, and E8P's decoded from their structure.
+CODEWORD_NS, E8P_NS = 0.10, 0.093
 
 
 class _Coded(ctypes.Structure):
@@ -73,7 +79,7 @@ class _Coded(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int64) for name in (
         "rows", "cols", "k", "dim", "groups", "scale_group", "bits", "code_bytes", "perm_bits", "perm_bytes")] + [
         (name, ctypes.c_void_p) for name in ("codes", "codebook", "scale", "offset", "perm")] + [
-        ("gain", ctypes.c_float)]
+        ("gain", ctypes.c_float), ("lattice", ctypes.c_void_p)]
 
 
 def _load() -> tuple[ctypes.CDLL | None, str]:
@@ -81,6 +87,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     if lib is not None:
         lib.vqc_lut_matmul.argtypes = [ctypes.POINTER(_Coded), ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                        ctypes.c_void_p, ctypes.c_int]
+        lib.vqc_gather_matmul.argtypes = [ctypes.POINTER(_Coded), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                          ctypes.c_int]
         lib.vqc_decode.argtypes = [ctypes.POINTER(_Coded), ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
     return lib, why
 
@@ -112,10 +120,11 @@ def reset() -> None:
 
 @contextmanager
 def forced(path: str) -> Iterator[None]:
-    """Inside the block every call takes ``path``: "table" or "decode" (the compiled kernel's two
-    ways, when it is available) or "torch" (the fallback); for tests and benchmarks."""
+    """Inside the block every call takes ``path``: "table", "gather" or "decode" (the compiled
+    kernel's ways, when it is available; see ``way``) or "torch" (the fallback); for tests and
+    benchmarks."""
     global _forced
-    if path not in ("table", "decode", "torch"):
+    if path not in ("table", "gather", "decode", "torch"):
         raise ValueError(f"unknown kernel path {path!r}")
     saved, _forced = _forced, path
     try:
@@ -135,7 +144,21 @@ def _describe(code: CodedWeight) -> _Coded:
         code_bits(lay.rows) if lay.permuted else 0, code.perm.numel() if lay.permuted else 0,
         _pointer(code.codes), _pointer(code.codebook), _pointer(code.scale if lay.scale_group else None),
         _pointer(code.offset if lay.offset else None), _pointer(code.perm if lay.permuted else None),
-        float(code.gain) if lay.gain else 1.0)
+        float(code.gain) if lay.gain else 1.0, _pointer(lattice.kernel_tables() if is_e8p(code) else None))
+
+
+_E8P: dict[str, bool] = {}  # codebook sha256 → whether its table is E8P's, checked once a process
+
+
+def is_e8p(code: CodedWeight) -> bool:
+    """Whether the codebook is the E8P table (``lattice``): the kernel then decodes the codes from
+    their structure. Known by the layout's codebook hash, the table compared once per hash."""
+    lay = code.layout
+    if not lay.codebook_sha256 or (lay.k, lay.dim, lay.groups, lay.bits) != (lattice.K, lattice.DIM, 1, 16):
+        return False
+    if lay.codebook_sha256 not in _E8P:
+        _E8P[lay.codebook_sha256] = torch.equal(code.codebook.reshape(lattice.K, lattice.DIM), lattice.table().half())
+    return _E8P[lay.codebook_sha256]
 
 
 def codes_suffice(x: Tensor, code: CodedWeight) -> bool:
@@ -200,37 +223,42 @@ def threads() -> int:
     return min(torch.get_num_threads(), _free)
 
 
-def lut_is_cheaper(batch: int, rows: int, cols: int, k: int, dim: int, tables: int) -> bool:
-    """The measured cost model: the lookup table for every input vector, against decoding once
-    and the dense product."""
-    lut = batch * (tables * cols * k * TABLE_NS + rows * cols / dim * GATHER_NS)
-    dense = rows * cols * (DECODE_NS + batch * GEMM_NS)
-    return lut <= dense
-
-
-def takes_table(batch: int, code: CodedWeight, input_groups: int = 1) -> bool:
-    """Whether the kernel's product of ``batch`` input vectors goes through the table rather than
-    decode-then-multiply: as ``forced``, else by the cost model."""
+def way(batch: int, code: CodedWeight, input_groups: int = 1) -> str:
+    """How the kernel computes a product of ``batch`` input vectors: "table" (the lookup table, k·d
+    multiply-adds per segment and a gather per code), "gather" (codewords gathered and multiplied,
+    d = 8 Linear layers only: a large codebook's table costs more than the codes it serves) or
+    "decode" (decode once, torch's dense product). As ``forced`` (a forced gather the layout does
+    not take goes through the table), else the cheapest by the measured costs."""
     lay = code.layout
-    if _forced in ("table", "decode"):
-        return _forced == "table"
-    return lut_is_cheaper(batch, lay.rows, lay.cols, lay.k, lay.dim, input_groups * lay.groups)
+    gathers = lay.dim == 8 and input_groups == 1
+    if _forced in ("table", "decode", "gather"):
+        return "table" if _forced == "gather" and not gathers else _forced
+    weights = lay.rows * lay.cols
+    costs = {"table": batch * (input_groups * lay.groups * lay.cols * lay.k * TABLE_NS + weights / lay.dim * GATHER_NS),
+             "decode": weights * (DECODE_NS + batch * GEMM_NS)}
+    if gathers:
+        costs["gather"] = batch * weights * (E8P_NS if is_e8p(code) else CODEWORD_NS)
+    return min(costs, key=costs.get)
 
 
 def lut_matmul(x: Tensor, code: CodedWeight, input_groups: int = 1) -> Tensor | None:
     """y = x · Wᵀ for ``x`` of shape (batch, input_groups, cols), rows in original order, by the
-    compiled kernel: the table when it is cheaper, else decode-then-multiply. None when the
-    kernel does not serve this call (see the module docstring): the caller falls back to torch."""
+    compiled kernel the cheapest ``way``. None when the kernel does not serve this call (see the
+    module docstring): the caller falls back to torch."""
     if not serves(x, code):
         return None
     lib, lay = _lib(), code.layout
     x = x.contiguous()
     batch, weight, count = x.shape[0], _describe(code), threads()
-    if takes_table(batch, code, input_groups):
-        y = torch.empty(batch, lay.rows)
+    chosen = way(batch, code, input_groups)
+    if chosen == "decode":
+        return _decode_matmul(lib, weight, x, code, input_groups, count)
+    y = torch.empty(batch, lay.rows)
+    if chosen == "gather":
+        lib.vqc_gather_matmul(ctypes.byref(weight), x.data_ptr(), batch, y.data_ptr(), count)
+    else:
         lib.vqc_lut_matmul(ctypes.byref(weight), x.data_ptr(), batch, input_groups, y.data_ptr(), count)
-        return y
-    return _decode_matmul(lib, weight, x, code, input_groups, count)
+    return y
 
 
 def _decode(lib: ctypes.CDLL, weight: _Coded, first: int, last: int, threads: int) -> Tensor:

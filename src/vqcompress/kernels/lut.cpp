@@ -12,6 +12,11 @@
 #include <numeric>
 #include <vector>
 
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+#include <immintrin.h>
+#define VQC_SIMD 1
+#endif
+
 namespace {
 
 constexpr int64_t PARALLEL_WORK = 1 << 18;  // codes read per call below which one thread does it all
@@ -26,6 +31,7 @@ struct Coded {
   const uint16_t* offset;    // fp16 (rows, cols / scale_group) or null
   const uint8_t* perm;       // LSB-first stream: stored row r is original row perm[r]; or null
   float gain;                // 1 when the layout has none
+  const int32_t* lattice;    // E8P codes decoded by structure (see dot_e8p), or null: by the table
 };
 
 inline float half(uint16_t h) {
@@ -86,6 +92,85 @@ inline void gather_add(const float* table, int32_t k, const Code* code, int64_t 
     for (int32_t j = 0; j < LANES; ++j) sum[j] += table[j * k + code[s + j]];
   for (; s < n; ++s, table += k) sum[0] += table[code[s]];
   for (int32_t j = 0; j < LANES; ++j) acc[j] += sum[j] * scale;
+}
+
+#ifdef VQC_SIMD
+inline float horizontal_sum(__m256 all) {
+  const __m128 four = _mm_add_ps(_mm256_castps256_ps128(all), _mm256_extractf128_ps(all, 1));
+  const __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));
+  return _mm_cvtss_f32(_mm_add_ss(two, _mm_shuffle_ps(two, two, 1)));
+}
+#endif
+
+// <codeword code[s], x segment s> summed over segments s < n, d = `dim`: the gather product's inner
+// loop. At d = 8 with AVX2 one codeword is one fp16 load and one fused multiply-add, in four
+// independent sums so that the loads overlap.
+template <typename Code>
+inline float dot_codewords(const uint16_t* book, int64_t dim, const Code* code, int64_t n, const float* x) {
+#ifdef VQC_SIMD
+  if (dim == 8) {
+    __m256 sum[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    int64_t s = 0;
+    auto add = [&](int j, int64_t at) {
+      const __m256 word = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(book + 8 * int64_t(code[at]))));
+      sum[j] = _mm256_fmadd_ps(word, _mm256_loadu_ps(x + 8 * at), sum[j]);
+    };
+    for (; s + 4 <= n; s += 4)
+      for (int j = 0; j < 4; ++j) add(j, s + j);
+    for (; s < n; ++s) add(0, s);
+    return horizontal_sum(_mm256_add_ps(_mm256_add_ps(sum[0], sum[1]), _mm256_add_ps(sum[2], sum[3])));
+  }
+#endif
+  float sum[LANES] = {};
+  for (int64_t s = 0; s < n; ++s)
+    for (int64_t e = 0; e < dim; ++e) sum[e % LANES] += half(book[int64_t(code[s]) * dim + e]) * x[s * dim + e];
+  return std::accumulate(sum, sum + LANES, 0.0f);
+}
+
+// The same sum for the E8P codebook (lattice.py), decoded from its structure instead of read from
+// its 1 MiB table, whose reads miss the caches: `lattice` holds X (256 × 8) by a code's low byte,
+// H (256 × 8) by its high byte and the 6 magnitudes of an entry (fp32 bits); lane e of X ^ H has
+// the entry's sign in bits 31 and 3 and its magnitude's index in bits 0–2 (lattice.py builds them;
+// tests check them against the table). With AVX-512 one two-table permute gives the signed entry.
+template <typename Code>
+inline float dot_e8p(const int32_t* lattice, const Code* code, int64_t n, const float* x) {
+#ifdef VQC_SIMD
+  const __m256 magnitudes = _mm256_loadu_ps(reinterpret_cast<const float*>(lattice + 2 * 256 * 8));
+#ifdef __AVX512VL__
+  const __m256 negatives = _mm256_sub_ps(_mm256_setzero_ps(), magnitudes);  // entries 8–15 of the table
+#else
+  const __m256i sign = _mm256_set1_epi32(INT32_MIN);
+#endif
+  __m256 sum[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  auto add = [&](int j, int64_t at) {
+    const uint32_t c = code[at];
+    const __m256i lanes = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(lattice + 8 * (c & 255))),
+                                           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lattice + 8 * (256 + (c >> 8)))));
+#ifdef __AVX512VL__
+    const __m256 word = _mm256_permutex2var_ps(magnitudes, lanes, negatives);  // bit 3: the sign
+#else
+    const __m256 word = _mm256_xor_ps(_mm256_permutevar8x32_ps(magnitudes, lanes),
+                                      _mm256_castsi256_ps(_mm256_and_si256(lanes, sign)));
+#endif
+    sum[j] = _mm256_fmadd_ps(word, _mm256_loadu_ps(x + 8 * at), sum[j]);
+  };
+  int64_t s = 0;
+  for (; s + 4 <= n; s += 4)
+    for (int j = 0; j < 4; ++j) add(j, s + j);
+  for (; s < n; ++s) add(0, s);
+  return horizontal_sum(_mm256_add_ps(_mm256_add_ps(sum[0], sum[1]), _mm256_add_ps(sum[2], sum[3])));
+#else
+  const float* magnitudes = reinterpret_cast<const float*>(lattice + 2 * 256 * 8);
+  float sum[LANES] = {};
+  for (int64_t s = 0; s < n; ++s) {
+    const uint32_t c = code[s];
+    for (int e = 0; e < 8; ++e) {
+      const int32_t lane = lattice[8 * (c & 255) + e] ^ lattice[8 * (256 + (c >> 8)) + e];
+      sum[e] += (lane < 0 ? -magnitudes[lane & 7] : magnitudes[lane & 7]) * x[8 * s + e];
+    }
+  }
+  return std::accumulate(sum, sum + LANES, 0.0f);
+#endif
 }
 
 }  // namespace
@@ -161,6 +246,46 @@ void vqc_lut_matmul(const Coded* weight, const float* x, int64_t batch, int64_t 
         }
         y[b * w.rows + original] = total * w.gain;
       }
+    }
+  }
+}
+
+// y (batch, rows) = x (batch, cols) · Wᵀ, rows in original order, by gathering codewords: each
+// row sums <codeword, input segment> over its codes, d multiply-adds per code and input, with no
+// table. What a large codebook (k = 2^16 at d = 8) takes at small batches, where the table's
+// k·d multiply-adds per segment would cost far more than the codes it serves.
+void vqc_gather_matmul(const Coded* weight, const float* x, int64_t batch, float* y, int threads) {
+  const Coded& w = *weight;
+  const int64_t segments = w.cols / w.dim;
+  const int64_t group_segments = w.scale_group ? w.scale_group / w.dim : segments;
+  const int64_t scales_per_row = w.scale_group ? w.cols / w.scale_group : 0;
+  std::vector<float> sums(w.offset ? batch * scales_per_row : 0);  // inputs summed per scale group
+  for (int64_t i = 0; i < int64_t(sums.size()); ++i)
+    sums[i] = std::accumulate(x + i * w.scale_group, x + (i + 1) * w.scale_group, 0.0f);
+  #pragma omp parallel num_threads(threads) if (batch * w.rows * segments >= PARALLEL_WORK)
+  {
+    std::vector<uint16_t> unpacked(w.bits == 8 || w.bits == 16 ? 0 : segments);
+    #pragma omp for schedule(static)
+    for (int64_t r = 0; r < w.rows; ++r) {
+      const uint16_t* book = w.codebook + r / (w.rows / w.groups) * w.k * w.dim;
+      auto row_times = [&](const auto* code, int64_t b) {  // <row r, input b>, one piece per scale group
+        float total = 0;
+        for (int64_t q = 0; q * group_segments < segments; ++q) {
+          const float* xq = x + b * w.cols + q * group_segments * w.dim;
+          const auto* cq = code + q * group_segments;
+          const float dot = w.lattice ? dot_e8p(w.lattice, cq, group_segments, xq)
+                                      : dot_codewords(book, w.dim, cq, group_segments, xq);
+          total += dot * (w.scale ? half(w.scale[r * scales_per_row + q]) : 1.0f);
+          if (w.offset) total += half(w.offset[r * scales_per_row + q]) * sums[b * scales_per_row + q];
+        }
+        return total * w.gain;
+      };
+      if (w.bits != 8 && w.bits != 16) read_codes(w, r * segments, segments, unpacked.data());
+      for (int64_t b = 0; b < batch; ++b)
+        y[b * w.rows + original_row(w, r)] =
+            w.bits == 8 ? row_times(w.codes + r * segments, b)
+            : w.bits == 16 ? row_times(reinterpret_cast<const uint16_t*>(w.codes) + r * segments, b)
+            : row_times(unpacked.data(), b);
     }
   }
 }
