@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test test-slow bench bench-fashion bench-gemma bench-speed bench-matrix bench-pretrained clean
+.PHONY: setup demo test test-slow bench bench-fashion bench-gemma bench-speed bench-matrix bench-pretrained bench-llamacpp clean
 
 setup: $(STAMP)
 
@@ -63,6 +63,13 @@ bench-matrix: $(STAMP)
 bench-pretrained: $(STAMP)
 	$(PY) -m benchmarks.pretrained
 	$(PY) -m benchmarks.render
+
+# llama.cpp as a peer on Gemma-270M: its tools built once from the llama-cpp-python sdist into
+# ~/.cache/vqcompress/llama.cpp (about 10-20 min on 2 cores), an importance matrix on the wiki text, seven
+# 2-4-bit types, each scored by the gemma-270m suite; every heavy step under nice -n 19; then the docs
+bench-llamacpp: $(STAMP)
+	command -v cmake || apt-get install -y -q cmake build-essential || (apt-get update -q && apt-get install -y -q cmake build-essential)
+	$(PY) -m benchmarks.llamacpp
 
 clean:
 	rm -rf $(VENV) out

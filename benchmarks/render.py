@@ -20,8 +20,10 @@ GEMMA_PARTS = ROOT / "benchmarks" / "results" / "gemma-parts.json"
 MATRIX = ROOT / "benchmarks" / "results" / "matrix.json"
 PRETRAINED = ROOT / "benchmarks" / "results" / "pretrained.json"
 INCOHERENCE = ROOT / "benchmarks" / "results" / "incoherence.json"
+LLAMACPP = ROOT / "benchmarks" / "results" / "llamacpp.json"
 SPEED_RUNS = "speed*.json"  # speed.json (make bench-speed), and runs with other settings beside it
-SPEED_COLUMNS = ("dense", "default path", "lut path", "kernel, table", "kernel, decode-then-multiply", "decode path",
+SPEED_COLUMNS = ("dense", "default path", "lut path", "kernel, table", "kernel, gather", "kernel, decode-then-multiply",
+                 "decode path",
                  "torch table product")
 FASHION_TARGETS = {"≤ 1.6": 0.5, "≤ 1.0": 1.5}  # points of accuracy a budget may lose against fp32
 DOCS = ROOT / "docs"
@@ -459,8 +461,9 @@ def speed_markdown(result: dict, name: str) -> list[str]:
 
 
 SPEED_LEGEND = ("*default path* is the coded layer as it comes, no `set_forward_path` (\"auto\": the compiled "
-                "kernel on the CPU, choosing the table or decode-then-multiply by its cost model); *kernel, table* "
-                "and *kernel, decode-then-multiply* are those ways forced; *decode path* is `set_forward_path(\"decode\")` "
+                "kernel on the CPU, choosing the table, the gather or decode-then-multiply by its cost model); *kernel, "
+                "table*, *kernel, gather* (d = 8 only) and *kernel, decode-then-multiply* are those ways forced; "
+                "*decode path* is `set_forward_path(\"decode\")` "
                 "(torch decodes the weight, then `F.linear`); *torch table product* is the `lut` path without the "
                 "compiled kernel. *load*: the condition, the 1-minute load average at its start and the cores other "
                 "processes kept busy meanwhile (measured from /proc/stat less this process's own CPU time).")
@@ -611,6 +614,49 @@ def matrix_cell(row: dict | None) -> str:
     return f"**{row['status']}** in {row['seconds']:.0f} s: {row.get('message', '')}".replace("|", "/")
 
 
+def llamacpp_markdown(result: dict) -> list[str]:
+    """llama.cpp's own types on Gemma-270M, each file scored by the gemma-270m suite."""
+    dense, imatrix = result["dense"], result["settings"]["imatrix"]
+    check = result["tokenizer_check"]
+    lines = ["## gemma-270m beside llama.cpp: its 2–4-bit types scored by our suite", "",
+             "Generated from `benchmarks/results/llamacpp.json` (`make bench-llamacpp`, i.e. `.venv/bin/python -m "
+             f"benchmarks.llamacpp`). llama.cpp as the `llama-cpp-python` {result['llama_cpp_python']} sdist vendors it, "
+             "built here: the dense model folder converted to an f32 GGUF (`convert_hf_to_gguf.py`, the tokenizer keys "
+             f"of the shipped GGUF copied over; the suite's tokenizer, transformers' and llama.cpp's own tokenize the "
+             f"first {check['tokens']:,} tokens of the evaluation text alike), an importance matrix from `llama-imatrix` "
+             f"on {imatrix['chunks']} chunks of {imatrix['context']} tokens of the `--calib {imatrix['calib']}` text "
+             "(as our calibrated rows' 64 windows), then `llama-quantize --imatrix` to each type. Each file is loaded "
+             "back with transformers (dequantized to fp32) and scored by the gemma-270m suite's own function (first "
+             "2,048 tokens of lee_background, 512-token windows). *File* bits/w: the file's bytes × 8 over all "
+             f"{dense['parameters']:,} parameters; *Linear*: the {dense['linear_layers']} block Linear weights' bytes × 8 "
+             "over their weights (GGUF tensor types). llama.cpp keeps the tied 262,144 × 640 token embedding at "
+             f"{', '.join(sorted({r['embedding_type'] for r in result['rows']}))} whatever the type asked for, and "
+             "a tensor whose rows (640 inputs) its 256-weight super-blocks do not divide at a fallback type (the "
+             "*held in* column), so its files are large as a whole: compare them with our "
+             "whole-model rows at the file's bits and with the *Linear layers only* rows at the Linear bits. "
+             "Tokens/s: `llama-bench " + " ".join(result["settings"]["llama_bench"]) + "` (prompt of 64, then 64 "
+             "generated), run like every step under `" + " ".join(result["settings"]["nice"]) + "` on a machine "
+             "whose 2 cores other work shared (*load*: the 1-minute load average as it ended): lower bounds, not "
+             "idle-machine figures.", "",
+             "| type | file bits/w | Linear bits/w | Linear layers held in | token embedding | perplexity | × dense | "
+             "prompt tok/s | generation tok/s | load |",
+             "|---|---:|---:|---|---|---:|---:|---:|---:|---:|"]
+    for row in [dense, *result["rows"]]:
+        held = ", ".join(f"{kind} ×{count}" for kind, count in sorted(row["linear_types"].items(), key=lambda kv: -kv[1]))
+        speed = row["speed"]
+        lines.append(f"| {row['type'] + ' (dense)' if row is dense else row['type']} | {row['file_bits_per_weight']:.3f} | "
+                     f"{row['linear_bits_per_weight']:.3f} | {held} | {row['embedding_type']} | {row['perplexity']:,.2f} | "
+                     f"{row['perplexity'] / dense['perplexity']:.2f}× | {speed['prompt_64']['tokens_per_second']:,.1f} | "
+                     f"{speed['generation_64']['tokens_per_second']:,.1f} | "
+                     f"{(row.get('speed_load_average') or row['load_average'])[0]:.1f} |")
+    rows = [dense, *result["rows"]]
+    lines += [""] + [f"- {row['type']}: `llama-bench` crashed with its default settings "
+                     f"({row['speed']['failed'][0]['error'].rstrip(':')}); its tokens/s are `llama-bench {' '.join(row['speed']['args'])}`."
+                     for row in rows if row["speed"].get("failed")]
+    return lines + ["", f"Machine: {rows_machines(rows)}; measured {min(r['date'] for r in rows)[:10]} to "
+                        f"{max(r['date'] for r in rows)[:10]}.", ""]
+
+
 def matrix_markdown(result: dict) -> list[str]:
     """Every method × model × budget as the plain command: finished (bits from the file, quality,
     time) or refused in its first seconds, with the line it said."""
@@ -726,6 +772,8 @@ def markdown(result: dict) -> str:
         lines += gemma_markdown(gemma)
         if GEMMA_PARTS.exists():
             lines += gemma_parts_markdown(json.loads(GEMMA_PARTS.read_text()), gemma["dense"]["perplexity"])
+    if LLAMACPP.exists():
+        lines += llamacpp_markdown(json.loads(LLAMACPP.read_text()))
     if PRETRAINED.exists():
         lines += pretrained_markdown(json.loads(PRETRAINED.read_text()))
     if UNIVERSAL.exists():
