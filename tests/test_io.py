@@ -229,21 +229,28 @@ def test_a_version_1_file_with_kept_rows_codes_still_loads(tmp_path, tiny_inputs
 
 
 def test_a_manifest_whose_layout_does_not_fit_the_kept_rows_codes_is_refused(tmp_path):
-    """The payload hash covers the tensors, not the manifest: an edited layout must still fail in words."""
+    """A layout edited (and the file's hashes made again) must still fail in words."""
     torch.manual_seed(0)
     model = vqc.compress(TinyNet(), "kmeans", bits=2, plan=vqc.Plan(by_name={"embed": {"keep_rows": 40}}), progress=False)
     path = vqc.save(model, tmp_path / "kept.vqc")
     _rewrite_manifest(path, tmp_path / "edited.vqc", lambda m: m["layers"]["embed"]["layout"].update(k=256))
-    with pytest.raises(VQCError, match=r"layer embed: its codes \(and kept rows\) in the file do not match"):
+    with pytest.raises(VQCError, match=r"layers/embed: tensor embed\.weight_code\.\w+ is .* they do not match"):
         vqc.load(tmp_path / "edited.vqc", like=TinyNet())
 
 
-def test_a_version_2_manifest_without_the_kept_rows_dtype_reads_them_as_fp16(tmp_path):
+def test_a_version_2_file_without_the_kept_rows_dtype_reads_them_as_fp16(tmp_path, tiny_inputs):
     """Files written before ``kept_dtype`` existed kept their rows in fp16 and do not say so."""
-    layout = {"shape": [4, 8], "k": 4, "dim": 2, "kept_rows": 1}
-    manifest = {"format": "vqc", "format_version": 2, "layers": {"x": {"layout": layout}}}
-    save_file({"t": torch.zeros(1)}, str(tmp_path / "v2.vqc"), metadata={"vqcompress": json.dumps(manifest)})
-    assert io.read_manifest(tmp_path / "v2.vqc")[0]["layers"]["x"]["layout"]["kept_dtype"] == "float16"
+    torch.manual_seed(0)
+    model = vqc.compress(TinyNet(), "kmeans", bits=2, progress=False)
+    code = model.embed.weight_code
+    code.keep_rows(model.embed.weight_code.decode(), torch.arange(0, 80, 2), "float16")
+    tensors, aliases = io.model_tensors(model)
+    manifest = {**io.manifest_of(model, tensors, aliases), "format_version": 2}
+    del manifest["layers"]["embed"]["layout"]["kept_dtype"]
+    save_file(tensors, str(tmp_path / "v2.vqc"), metadata={"vqcompress": json.dumps(manifest)})
+    assert io.read_manifest(tmp_path / "v2.vqc")[0]["layers"]["embed"]["layout"]["kept_dtype"] == "float16"
+    with torch.no_grad():
+        assert torch.equal(vqc.load(tmp_path / "v2.vqc", like=TinyNet())(*tiny_inputs), model(*tiny_inputs))
 
 
 def test_a_permutation_of_more_than_65536_rows_is_saved_loaded_and_counted(tmp_path):

@@ -53,6 +53,7 @@ SLICE_WEIGHTS = 1 << 22  # weights per slice of rows that a pass over a whole la
 MAX_GRID_BITS = 8  # coefficient and codebook grids: more bits than this is fp16
 FP16_COEFFICIENTS = 16
 KEPT_DTYPES = ("int8", "float16")
+FLOAT_DTYPES = ("float16", "bfloat16", "float32")  # what codebooks and scales may be stored as
 TRAINABLE = ("codebook", "scale", "offset", "gain")  # what fine-tuning may change; codes change by reassignment
 
 
@@ -300,6 +301,9 @@ class CodeLayout:
             raise VQCError(f"codebook bits must be 0 (stored as {self.codebook_dtype}) or 1–{MAX_GRID_BITS}, got {self.codebook_bits}")
         if not 0 <= self.kept_rows <= self.rows:
             raise VQCError(f"{self.kept_rows} kept rows: must be between 0 and the {self.rows} rows")
+        if self.codebook_dtype not in FLOAT_DTYPES or self.scale_dtype not in FLOAT_DTYPES:
+            raise VQCError(f"codebooks and scales are stored as {', '.join(FLOAT_DTYPES)}, not "
+                           f"{self.codebook_dtype!r} / {self.scale_dtype!r}")
         if self.kept_dtype not in KEPT_DTYPES:
             raise VQCError(f"kept rows are stored as {' or '.join(KEPT_DTYPES)}, not {self.kept_dtype!r}")
         if self.codebook_bits and (self.codebook_sha256 is not None or self.gain):
@@ -310,6 +314,41 @@ class CodeLayout:
             raise VQCError(f"a trellis of {self.bits}-bit states, {self.trellis} new bits per weight, needs d = 1, "
                            f"k = 2^{self.bits}, one codebook, rows in their order, plain codes and inputs in "
                            f"multiples of {trellis.TILE}")
+
+    def buffers(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """Each buffer a weight of this layout holds in memory, name → (dtype, shape): what
+        ``CodedWeight.empty`` allocates, and what a file's tensors are checked against before that."""
+        codes = self.rows * self.segments
+        scales, grid = (self.rows, self.cols // (self.scale_group or self.cols)), self.codebook_bits
+        sc_dtype = getattr(torch, self.scale_dtype)
+        specs = {"codebook": (torch.float32 if grid else getattr(torch, self.codebook_dtype), (self.groups, self.k, self.dim)),
+                 "codes": (torch.uint8, ((codes * (self.position_bits if self.factored else self.bits) + 7) // 8,)),
+                 "scale": (sc_dtype, scales), "offset": (sc_dtype, scales),
+                 "perm": (torch.uint8, ((self.rows * code_bits(self.rows) + 7) // 8,)), "gain": (sc_dtype, (1,)),
+                 "coef": ((torch.float16, (self.rows, self.segments * self.terms)) if self.coef_bits == FP16_COEFFICIENTS
+                          else (torch.uint8, ((codes * self.terms * self.coef_bits + 7) // 8,))),
+                 "codebook_levels": (torch.uint8, ((self.groups * self.k * self.dim * grid + 7) // 8,)),
+                 "codebook_scale": (torch.float16, (self.groups, 1, 1)),
+                 "kept_index": (torch.int32, (self.kept_rows,)),
+                 "kept_values": (getattr(torch, self.kept_dtype), (self.kept_rows, self.cols)),
+                 "kept_scale": (torch.float16, (self.kept_rows, 1))}
+        present = {"scale": self.scale_group, "offset": self.offset, "perm": self.permuted, "gain": self.gain,
+                   "coef": self.coef_bits, "codebook_levels": grid, "codebook_scale": grid, "kept_index": self.kept_rows,
+                   "kept_values": self.kept_rows, "kept_scale": self.kept_rows and self.kept_dtype == "int8"}
+        return {name: spec for name, spec in specs.items() if present.get(name, True)}
+
+    def file_buffers(self, streams_apart: bool = True) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """``buffers`` as a file stores them: no codebook that is derived (a grid's) or held apart (a
+        universal one), and, with ``streams_apart`` (format version 2 on), the row streams as
+        ``file_streams`` leaves them."""
+        specs = self.buffers()
+        if self.codebook_bits or self.codebook_sha256 is not None:
+            del specs["codebook"]
+        if streams_apart and self.file_streams_differ:
+            for name, bits in self.stream_bits().items():
+                dtype, shape = specs[name]
+                specs[name] = (dtype, (bits // 16 // shape[1], shape[1]) if dtype == torch.float16 else (bits // 8,))
+        return specs
 
     def to_json(self) -> dict:
         """Shape, k, d and every field that differs from its default: what a manifest records."""
@@ -391,30 +430,12 @@ class CodedWeight(nn.Module):
     def empty(cls, layout: CodeLayout) -> CodedWeight:
         """A shell with buffers of the right shapes and dtypes, to be filled by ``load_state_dict``."""
         layout.validate()  # before allocating anything from its numbers
-        n_codes = layout.rows * layout.segments
-        n_scales = layout.cols // layout.scale_group if layout.scale_group else 0
-        sc_dtype = getattr(torch, layout.scale_dtype)
-        code_stream_bits = n_codes * (layout.position_bits if layout.factored else layout.bits)
-        if layout.coef_bits == FP16_COEFFICIENTS:
-            coef = torch.zeros(layout.rows, layout.segments * layout.terms, dtype=torch.float16)
-        else:
-            coef = torch.zeros((n_codes * layout.terms * layout.coef_bits + 7) // 8, dtype=torch.uint8) if layout.coef_bits else None
-        grid = layout.codebook_bits
-        return cls(
-            layout,
-            torch.zeros(layout.groups, layout.k, layout.dim, dtype=torch.float32 if grid else getattr(torch, layout.codebook_dtype)),
-            torch.zeros((code_stream_bits + 7) // 8, dtype=torch.uint8),
-            torch.zeros(layout.rows, n_scales, dtype=sc_dtype) if layout.scale_group else None,
-            torch.zeros(layout.rows, n_scales, dtype=sc_dtype) if layout.offset else None,
-            pack_codes(torch.arange(layout.rows), code_bits(layout.rows)) if layout.permuted else None,
-            torch.ones(1, dtype=sc_dtype) if layout.gain else None,
-            coef,
-            torch.zeros((layout.groups * layout.k * layout.dim * grid + 7) // 8, dtype=torch.uint8) if grid else None,
-            torch.ones(layout.groups, 1, 1, dtype=torch.float16) if grid else None,
-            torch.zeros(layout.kept_rows, dtype=torch.int32) if layout.kept_rows else None,
-            torch.zeros(layout.kept_rows, layout.cols, dtype=getattr(torch, layout.kept_dtype)) if layout.kept_rows else None,
-            torch.ones(layout.kept_rows, 1, dtype=torch.float16) if layout.kept_rows and layout.kept_dtype == "int8" else None,
-        )
+        ones = ("gain", "codebook_scale", "kept_scale")
+        buffers = {name: (torch.ones if name in ones else torch.zeros)(shape, dtype=dtype)
+                   for name, (dtype, shape) in layout.buffers().items()}
+        if layout.permuted:
+            buffers["perm"] = pack_codes(torch.arange(layout.rows), code_bits(layout.rows))
+        return cls(layout, **buffers)
 
     def _derive_codebook(self) -> None:
         """Codewords (float32) from the stored grid levels and scale (after encoding or loading)."""

@@ -7,7 +7,9 @@ safetensors table. Metadata key ``vqcompress.zlib`` (``vqcompress`` before versi
 JSON): the manifest, zlib-compressed and base85-encoded —
 format and library version, the source model's identity and config, per coded layer its torch
 type, constructor arguments, code layout and recipe (method + settings), tensors stored once
-for several names (tied weights), and a sha256 of the payload that loading checks. A coded
+for several names (tied weights), and a sha256 of the payload that loading checks; from version 5
+on, the manifest's own sha256 beside it. Before anything is built from a manifest, ``schema``
+checks every field and its claims against the tensors present (any version). A coded
 tensor of another module (``held.py``) is a layer of type ``HeldTensor`` named after its holder;
 loading moves the model's tensor into a holder first.
 """
@@ -27,9 +29,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from . import __version__, universal
+from . import __version__, schema, universal
 from .atomic import write_atomically
-from .coded import CodedWeight, CodeLayout, file_streams, memory_streams
+from .coded import CodedWeight, CodeLayout, code_bits, file_streams, memory_streams, row_slices, unpack_codes
 from .errors import VQCError
 from .held import HeldTensor, hold_named
 from .layers import LAYER_ARGS, carry_embed_scale, coded_from_args, dense_type_of, iter_coded, layer_args
@@ -40,11 +42,12 @@ FORMAT = "vqc"
 #: 2: a kept row's codes are left out of the file (1 stored them, unused); 3: a layout lists only
 #: what differs from its defaults (2 listed every field, and kept rows' dtype only when int8 was possible);
 #: coded tensors of any module (``HeldTensor`` layers) and permutations past 65,536 rows (row numbers past 16 bits);
-#: 4: small tensors packed into one, the manifest compressed
-FORMAT_VERSION = 4
-READABLE_VERSIONS = (1, 2, 3, 4)
+#: 4: small tensors packed into one, the manifest compressed; 5: the manifest's own sha256 (``MANIFEST_HASH``)
+FORMAT_VERSION = 5
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 MANIFEST_KEY = "vqcompress"  # versions 1 - 3: the manifest as JSON
 ZLIB_KEY = "vqcompress.zlib"  # version 4: the manifest (with its ``packed`` list) compressed
+MANIFEST_HASH = "manifest_sha256"  # version 5: the sha256 of the rest of the stored manifest (``_manifest_sha256``)
 MANIFEST_LIMIT = 64 << 20  # bytes a decompressed manifest may reach: no file can make the reader allocate more
 PACKED = "vqc:packed"  # no state-dict name holds a colon
 PACK_BELOW = 16384  # bytes: a smaller tensor's table entry (about 90 bytes) would cost it more than 0.5%
@@ -141,8 +144,18 @@ def _stored_form(shapes: Shapes, manifest: dict) -> tuple[Shapes, dict[str, str]
     if packed:
         stored[PACKED] = ("U8", (sum(_nbytes(shapes[name]) for name in packed),))
     listed = {**manifest, "packed": [[name, *shapes[name]] for name in packed]}
-    text = json.dumps(listed, sort_keys=True, separators=(",", ":")).encode()
+    text = _canonical({**listed, MANIFEST_HASH: _manifest_sha256(listed)})
     return stored, {ZLIB_KEY: base64.b85encode(zlib.compress(text, 9)).decode()}, packed
+
+
+def _canonical(manifest: dict) -> bytes:
+    return json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _manifest_sha256(listed: dict) -> str:
+    """The sha256 of a stored manifest without its own hash: it holds the payload's sha256, so it
+    covers the whole file, and a reader checks it before it uses any field."""
+    return hashlib.sha256(_canonical({k: v for k, v in listed.items() if k != MANIFEST_HASH})).hexdigest()
 
 
 def write(path: str | os.PathLike, tensors: dict[str, torch.Tensor], manifest: dict) -> Path:
@@ -217,16 +230,28 @@ def _header(path: Path) -> tuple[dict, Shapes, list[tuple[str, tuple[str, tuple[
         raise VQCError(f"{path} has a corrupt manifest") from None
     if not isinstance(manifest, dict):
         raise VQCError(f"{path} has a corrupt manifest")
+    _check_version(path, manifest)
     packed = _packed_list(path, manifest.pop("packed", []))
+    where = f"{path} has a bad manifest"
+    schema.check(schema.MANIFEST, manifest, where)
+    if manifest["format_version"] < 3:  # files from before kept rows could be int8 kept them in fp16, unsaid
+        for entry in manifest["layers"].values():
+            entry["layout"].setdefault("kept_dtype", "float16")
+    schema.check_tensors(manifest, {k: v for k, v in shapes.items() if k != PACKED} | dict(packed), where,
+                         SAFETENSORS_DTYPES)
+    return manifest, shapes, packed
+
+
+def _check_version(path: Path, manifest: dict) -> None:
+    """Ours, a version this library reads, and from version 5 on, its own sha256 matching."""
+    version = manifest.get("format_version")
     if manifest.get("format") != FORMAT:
         raise VQCError(f"{path} is not a .vqc file")
-    if manifest.get("format_version") not in READABLE_VERSIONS:
-        raise VQCError(f"{path} has format version {manifest.get('format_version')}; this vqcompress {__version__} "
+    if type(version) is not int or version not in READABLE_VERSIONS:
+        raise VQCError(f"{path} has format version {version!r}; this vqcompress {__version__} "
                        f"reads versions {', '.join(map(str, READABLE_VERSIONS))}")
-    if manifest["format_version"] < 3:  # files from before kept rows could be int8 kept them in fp16, unsaid
-        for entry in manifest.get("layers", {}).values():
-            entry["layout"].setdefault("kept_dtype", "float16")
-    return manifest, shapes, packed
+    if version >= 5 and manifest.pop(MANIFEST_HASH, None) != _manifest_sha256(manifest):
+        raise VQCError(f"{path} is corrupt or was edited: its manifest does not match its sha256")
 
 
 def _packed_list(path: Path, listed) -> list[tuple[str, tuple[str, tuple[int, ...]]]]:
@@ -291,6 +316,7 @@ def _install_coded_layers(model: nn.Module, manifest: dict, stored: set[str]) ->
             raise VQCError(f"layer {name} is a {type(current).__name__} in the model but a {entry['type']} in the file")
         if tuple(current.weight.shape) != layout.shape:
             raise VQCError(f"shape mismatch at {name}: the model has {tuple(current.weight.shape)}, the file {layout.shape}")
+        _check_arguments(name, current, entry)
         code = codes[leaders[name]] if name in leaders else CodedWeight.empty(layout)
         code.recipe = entry["recipe"]
         codes[name] = code
@@ -305,6 +331,50 @@ def _install_coded_layers(model: nn.Module, manifest: dict, stored: set[str]) ->
     return model
 
 
+def _check_arguments(name: str, module: nn.Module, entry: dict) -> None:
+    """The model's layer is what the file says it codes: its constructor arguments (a convolution's
+    stride, padding …) and bias are the model's own, never overridden by the file."""
+    args = layer_args(module)
+    if args != entry["args"]:
+        differ = next(key for key in sorted({*args, *entry["args"]}) if args.get(key) != entry["args"].get(key))
+        raise VQCError(f"layer {name}: {differ} is {entry['args'].get(differ)!r} in the file but "
+                       f"{args.get(differ)!r} in the model: is it the same architecture?")
+    if (getattr(module, "bias", None) is not None) != entry["bias"]:
+        raise VQCError(f"layer {name}: the file says it has {'a' if entry['bias'] else 'no'} bias, the model's has "
+                       f"{'none' if entry['bias'] else 'one'}: is it the same architecture?")
+
+
+def _check_values(manifest: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """What no shape can say, checked before a tensor is used as an index: kept row numbers
+    ascending and in range, a permutation one of the rows, every code below k (each sub-vector of
+    a mask with its s positions)."""
+    for name, entry in manifest["layers"].items():
+        layout, prefix, where = CodeLayout.from_json(entry["layout"]), f"{name}.weight_code.".lstrip("."), f"layer {name}"
+
+        def part(key: str) -> torch.Tensor:
+            return tensors[manifest["aliases"].get(prefix + key, prefix + key)]
+
+        if layout.kept_rows:
+            kept = part("kept_index").to(torch.int64)
+            if int(kept[0]) < 0 or int(kept[-1]) >= layout.rows or (kept[1:] <= kept[:-1]).any():
+                raise VQCError(f"{where}: its kept row numbers are not ascending row numbers (an edited file?)")
+        if layout.permuted:
+            perm = unpack_codes(part("perm"), code_bits(layout.rows), torch.arange(layout.rows))
+            if not torch.equal(perm.sort().values, torch.arange(layout.rows)):
+                raise VQCError(f"{where}: its row permutation is not one (an edited file?)")
+        width, per_row = layout.row_streams()["codes"]
+        codes, masked = part("codes"), layout.factored and layout.masked
+        if layout.trellis or (not masked and layout.k == 1 << width):
+            continue
+        rows = codes.numel() * 8 // (width * per_row)
+        for piece in row_slices(rows, per_row):
+            entries = unpack_codes(codes, width, torch.arange(piece.start * per_row, piece.stop * per_row))
+            if masked and not (entries.reshape(-1, layout.k).sum(1) == layout.terms).all():
+                raise VQCError(f"{where}: a sub-vector's mask does not hold its {layout.terms} positions (an edited file?)")
+            if not masked and int(entries.max()) >= layout.k:
+                raise VQCError(f"{where}: a code points past its {layout.k} codewords (an edited file?)")
+
+
 def _restore_row_streams(manifest: dict, tensors: dict[str, torch.Tensor]) -> None:
     """Give every coded weight whose file streams differ its row streams as memory holds them (the
     file leaves the kept rows' entries out, holds a trellis's new bits only)."""
@@ -312,11 +382,6 @@ def _restore_row_streams(manifest: dict, tensors: dict[str, torch.Tensor]) -> No
         layout, prefix = CodeLayout.from_json(entry["layout"]), f"{name}.weight_code."
         if layout.file_streams_differ and f"{prefix}codes" in tensors:
             buffers = {key.removeprefix(prefix): value for key, value in tensors.items() if key.startswith(prefix)}
-            kept = buffers.get("kept_index", torch.zeros(0, dtype=torch.int64))
-            sizes = {key: buffers[key].numel() * buffers[key].element_size() * 8 for key in layout.row_streams() if key in buffers}
-            if (sizes != layout.stream_bits() or len(kept) != layout.kept_rows or len(kept.unique()) != len(kept)
-                    or (len(kept) and (int(kept.min()) < 0 or int(kept.max()) >= layout.rows))):
-                raise VQCError(f"layer {name}: its codes (and kept rows) in the file do not match its layout (an edited file?)")
             tensors.update({prefix + k: v for k, v in memory_streams(layout, buffers).items()})
 
 
@@ -350,6 +415,12 @@ def _universal_tables(model: nn.Module, folders: list[Path]) -> dict[str, torch.
     return tables
 
 
+def _parameters(manifest: dict, tensors: dict[str, torch.Tensor]) -> int:
+    """What a file holds at most, in parameters: every coded layer's weights, every stored element."""
+    return (sum(math.prod(entry["layout"]["shape"]) for entry in manifest["layers"].values())
+            + sum(t.numel() for t in tensors.values()))
+
+
 def load(path: str | os.PathLike, like: nn.Module | None = None, device: str = "cpu",
          codebooks: list[str | os.PathLike] = ()) -> nn.Module:
     """Rebuild a compressed model: into ``like`` (modified in place; a single layer is replaced) or
@@ -357,8 +428,9 @@ def load(path: str | os.PathLike, like: nn.Module | None = None, device: str = "
     Universal codebooks are looked up by hash beside the file, in ``codebooks`` (folders) and on
     the search path (``universal.search_path``)."""
     tensors, manifest = read(path)
-    model = skeleton(manifest["source"]) if like is None else like
+    model = like if like is not None else skeleton(manifest["source"], _parameters(manifest, tensors), len(tensors))
     model = _install_coded_layers(model, manifest, set(tensors))
+    _check_values(manifest, tensors)
     if manifest["format_version"] >= 2:
         _restore_row_streams(manifest, tensors)
     universal_tables = _universal_tables(model, [Path(path).parent, *map(Path, codebooks), *universal.search_path()])

@@ -55,17 +55,40 @@ def source_of(model: nn.Module) -> Source:
                   config.to_dict() if hasattr(config, "to_dict") else None)
 
 
-def skeleton(source: dict) -> nn.Module:
+def skeleton(source: dict, parameters: int | None = None, tensors: int | None = None) -> nn.Module:
     """An empty model of the source's kind (its weights to come from a file), remembered as of that
-    source: a kind's registered builder, else the architecture built from a transformers config."""
+    source: a kind's registered builder, else the architecture built from a transformers config —
+    refused before it is built where the file could not fill it: more layers than the file's
+    ``tensors``, or more than twice its ``parameters``."""
     builder = SKELETONS.get(source["kind"])
     model = builder(source) if builder is not None else None
     if model is None and "model_type" in (source.get("config") or {}):
-        import transformers
-
-        config = transformers.AutoConfig.for_model(**source["config"])
-        architecture = getattr(transformers, source["architecture"], None)
-        model = architecture(config) if architecture is not None else transformers.AutoModel.from_config(config)
+        model = _from_config(source, parameters, tensors)
     if model is None:
         raise VQCError(f"this file was made from a plain module ({source['name']}): load it with like=<a {source['name']}>")
     return remember(model.eval(), Source(**source))
+
+
+def _from_config(source: dict, parameters: int | None, tensors: int | None) -> nn.Module:
+    """The transformers model of a file's source config, its size checked first on the meta device;
+    a config transformers cannot build is the file's fault, said in one line."""
+    import torch
+    import transformers
+
+    architecture = getattr(transformers, source["architecture"], None)
+    if not (isinstance(architecture, type) and issubclass(architecture, transformers.PreTrainedModel)):
+        architecture = transformers.AutoModel.from_config
+    try:
+        config = transformers.AutoConfig.for_model(**source["config"])
+        layers = getattr(config, "num_hidden_layers", 0)
+        if tensors is not None and (type(layers) is not int or layers > tensors):
+            raise VQCError(f"it claims {layers!r} layers, and the file holds {tensors} tensors")
+        if parameters is not None:
+            with torch.device("meta"):
+                probe = architecture(config)
+            size = sum(t.numel() for t in [*probe.parameters(), *probe.buffers()])
+            if size > 2 * parameters + (1 << 20):
+                raise VQCError(f"it makes a model of {size:,} parameters, and the file holds {parameters:,}")
+        return architecture(config)
+    except Exception as error:  # transformers raises anything at a bad config
+        raise VQCError(f"the file's source config does not build its model: {str(error).splitlines()[0][:200]}") from None
