@@ -56,6 +56,7 @@ SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16:
                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
                       torch.uint8: "U8", torch.bool: "BOOL"}
 TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
+PACKED_LIST = schema.listing(schema.row(schema.kind(str), schema.one_of(*TORCH_DTYPES), schema.listing(schema.integer())))
 
 
 def payload_sha256(tensors: dict[str, torch.Tensor]) -> str:
@@ -254,16 +255,10 @@ def _check_version(path: Path, manifest: dict) -> None:
         raise VQCError(f"{path} is corrupt or was edited: its manifest does not match its sha256")
 
 
-def _packed_list(path: Path, listed) -> list[tuple[str, tuple[str, tuple[int, ...]]]]:
+def _packed_list(path: Path, listed: object) -> list[tuple[str, tuple[str, tuple[int, ...]]]]:
     """The manifest's list of packed tensors, [name, dtype, shape] each, checked."""
-    try:
-        packed = [(name, (dtype, tuple(shape))) for name, dtype, shape in listed]
-    except (TypeError, ValueError):
-        packed = None
-    if packed is None or not all(isinstance(name, str) and dtype in TORCH_DTYPES
-                                 and all(isinstance(n, int) and n >= 0 for n in shape) for name, (dtype, shape) in packed):
-        raise VQCError(f"{path} has a corrupt manifest: its list of packed tensors")
-    return packed
+    schema.check(PACKED_LIST, listed, f"{path} has a corrupt manifest: its list of packed tensors")
+    return [(name, (dtype, tuple(shape))) for name, dtype, shape in listed]
 
 
 def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
@@ -336,7 +331,7 @@ def _check_arguments(name: str, module: nn.Module, entry: dict) -> None:
     stride, padding …) and bias are the model's own, never overridden by the file."""
     args = layer_args(module)
     if args != entry["args"]:
-        differ = next(key for key in sorted({*args, *entry["args"]}) if args.get(key) != entry["args"].get(key))
+        differ = next(key for key in sorted(args) if args[key] != entry["args"][key])  # the schema checked the keys
         raise VQCError(f"layer {name}: {differ} is {entry['args'].get(differ)!r} in the file but "
                        f"{args.get(differ)!r} in the model: is it the same architecture?")
     if (getattr(module, "bias", None) is not None) != entry["bias"]:

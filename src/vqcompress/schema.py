@@ -82,12 +82,24 @@ def listing(check: Check, low: int = 0) -> Check:
     return run
 
 
-def mapping(check: Check) -> Check:
-    """A JSON object of any keys, each value passing ``check``."""
+def row(*checks: Check) -> Check:
+    """A JSON array of exactly one item per check, in order."""
+    def run(value: object, path: str) -> None:
+        if type(value) is not list or len(value) != len(checks):
+            fail(path, f"a list of {len(checks)} items", value)
+        for index, (item, check) in enumerate(zip(value, checks)):
+            check(item, f"{path}/{index}")
+    return run
+
+
+def mapping(check: Check, known: dict[str, Check] | None = None) -> Check:
+    """A JSON object of any keys, each value passing ``check`` (or its own check in ``known``)."""
+    known = known or {}
+
     def run(value: object, path: str) -> None:
         kind(dict)(value, path)
         for key, item in value.items():
-            check(item, f"{path}/{key}")
+            known.get(key, check)(item, f"{path}/{key}")
     return run
 
 
@@ -130,7 +142,8 @@ LAYOUT = record({"shape": ANNOTATIONS["tuple[int, ...]"], "k": integer(0, 1 << 6
                 {item.name: ANNOTATIONS[item.type] for item in fields(CodeLayout)})
 ROTATION = record({"kind": one_of("hadamard"), "seed": integer(0, MAX_SEED), "rows": kind(bool)})
 LAYER = record({"type": kind(str), "args": mapping(json_value), "bias": kind(bool), "layout": LAYOUT,
-                "recipe": mapping(json_value)}, {"rotation": ROTATION})
+                "recipe": mapping(json_value, {"method": kind(str), "candidates": integer(1, 1 << 16)})},
+               {"rotation": ROTATION})
 SOURCE = record({"kind": kind(str), "name": kind(str), "architecture": kind(str)},
                 {"path": optional(kind(str)), "config": optional(mapping(json_value)), "sha256": optional(kind(str))})
 MANIFEST = record({"format": one_of("vqc"), "format_version": integer(1), "library_version": kind(str),
@@ -195,6 +208,9 @@ def _check_arguments(entry: dict, layout: CodeLayout, where: str) -> None:
     unknown = [key for key in entry["args"] if key not in LAYER_ARGS[dense]]
     if unknown:
         raise VQCError(f"{where}/args/{unknown[0]} is not an argument of a {dense.__name__}")
+    missing = [key for key in LAYER_ARGS[dense] if key not in entry["args"]]
+    if missing:
+        raise VQCError(f"{where}/args/{missing[0]} is missing")
     args = {key: tuple(value) if isinstance(value, list) else value for key, value in entry["args"].items()}
     try:
         with torch.device("meta"):
