@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 import vqcompress as vqc
 from tests.conftest import TinyNet
-from vqcompress import io
+from vqcompress import atomic, io
 from vqcompress.errors import VQCError
 
 
@@ -176,7 +176,7 @@ def test_interrupted_save_leaves_nothing(tmp_path, tiny, monkeypatch):
     def explode(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(io, "save_file", explode)
+    monkeypatch.setattr(atomic, "save_file", explode)
     with pytest.raises(KeyboardInterrupt):
         vqc.save(model, tmp_path / "half.vqc")
     assert list(tmp_path.iterdir()) == []

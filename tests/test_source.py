@@ -93,3 +93,38 @@ def test_the_architecture_page_maps_every_module_once_in_a_short_line():
         name = f"`{relative.parts[0]}/`" if relative.parts[0] in ("kernels", "suites") else f"`{relative.as_posix()}`"
         assert sum(name in row.split("|")[2] for row in rows) == 1, name
     assert max(len(row) for row in rows) <= 240
+
+
+UNPICKLING_MODULES = {"pickle", "cPickle", "_pickle", "dill", "joblib", "shelve", "marshal", "cloudpickle"}
+
+
+def _unpickling_calls(tree: ast.AST) -> list[str]:
+    """What in a module can run code from a file: an unpickling module imported, ``eval`` or
+    ``exec`` called, ``torch.load`` without ``weights_only=True``, ``numpy.load`` with pickles allowed."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [alias.name for alias in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
+            found += [f"import {name}" for name in names if name and name.split(".")[0] in UNPICKLING_MODULES]
+        if not isinstance(node, ast.Call):
+            continue
+        called = ast.unparse(node.func)
+        keywords = {k.arg: ast.unparse(k.value) for k in node.keywords}
+        if called in ("eval", "exec") or (called.endswith("read_pickle")):
+            found.append(called)
+        if called == "torch.load" and keywords.get("weights_only") != "True":
+            found.append("torch.load without weights_only=True")
+        if called in ("np.load", "numpy.load") and keywords.get("allow_pickle") not in (None, "False"):
+            found.append("numpy.load with pickles allowed")
+    return found
+
+
+def test_nothing_in_the_project_ever_unpickles():
+    """Files come from strangers: no code path may run what a file holds."""
+    root = PACKAGE.parents[1]
+    offenders = {str(path.relative_to(root)): calls for folder in ("src", "benchmarks", "tests")
+                 for path in sorted((root / folder).rglob("*.py"))
+                 if (calls := _unpickling_calls(ast.parse(path.read_text(), str(path))))}
+    assert offenders == {}
+    assert _unpickling_calls(ast.parse("import pickle\ntorch.load(f)\neval('1')\nnp.load(f, allow_pickle=True)")) == [
+        "import pickle", "torch.load without weights_only=True", "eval", "numpy.load with pickles allowed"]

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 from torch import nn
 
@@ -93,3 +97,28 @@ def test_plot_writes_a_png(tmp_path, book_file):
     _, book = book_file
     out = universal.plot(book, tmp_path / "u.png", torch.randn(500, 4))
     assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+@settings(max_examples=150, deadline=5000, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kind=st.sampled_from(["bytes", "description"]), rng=st.randoms(use_true_random=False))
+def test_a_mutated_codebook_file_loads_as_the_original_or_fails_in_words(tmp_path_factory, kind, rng):
+    """A codebook file comes from strangers too: any edit of its bytes or of a field of its
+    description gives the original's codewords or one VQCError, and ``vqc codebook inspect`` says
+    no more than that."""
+    from benchmarks import fuzz
+    from vqcompress import cli
+
+    folder = tmp_path_factory.mktemp("book")
+    path = folder / "u.vqcb"
+    if kind == "bytes":
+        path.write_bytes(fuzz.mutate_bytes(universal.DEFAULT.read_bytes(), rng))
+    else:
+        book = universal.load_codebook(universal.DEFAULT)
+        description = fuzz.edit_manifest(json.loads(json.dumps(book.info)), rng)
+        save_file({"codewords": book.codewords}, str(path), metadata={universal.KEY: json.dumps(description)})
+    try:
+        assert torch.equal(universal.load_codebook(path).codewords, universal.load_codebook(universal.DEFAULT).codewords)
+        with contextlib.redirect_stdout(io.StringIO()):
+            cli.codebook_inspect(path, png=None, over=None, json_out=False)
+    except VQCError:
+        pass

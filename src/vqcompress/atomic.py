@@ -6,28 +6,76 @@ and never replaces a good file with a broken one.
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from safetensors import SafetensorError
+from safetensors.torch import save_file
+from torch import Tensor
 
 from .errors import VQCError
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(temp_path)``, then rename the temp file to ``path``; returns ``path``."""
+    """Call ``write(temp_path)``, then rename the temp file to ``path``; returns ``path``. The temp
+    file's name holds the writer's process id, so that one a killed process left (SIGKILL, power
+    loss) is removed by the next write of ``path``. The disk or folder failing (full, read-only,
+    gone, over a file-size limit) is one VQCError, the temp file removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
+    temp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_orphans(path)
+        handle, temp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+        os.close(handle)
         write(temp)
         os.chmod(temp, 0o644)  # mkstemp makes it private; a result is readable like any other file
         os.replace(temp, path)
+    except OSError as error:
+        raise VQCError(f"cannot write {path}: {error.strerror or error}") from None
     finally:
-        if os.path.exists(temp):
-            os.remove(temp)
+        if temp is not None:
+            with contextlib.suppress(OSError):
+                os.remove(temp)
     return path
+
+
+def write_tensors(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> Path:
+    """A safetensors file written atomically (``write_atomically``): never pickle."""
+    def write(temp: str) -> None:
+        try:
+            save_file(tensors, temp, metadata=metadata)
+        except SafetensorError as error:  # the disk's errors come back as this, not as OSError
+            raise OSError(re.sub(r"^Error while serializing: (I/O error: )?| \(os error \d+\)$", "", str(error))) from None
+
+    return write_atomically(path, write)
+
+
+def remove_orphans(path: Path) -> list[Path]:
+    """Remove the temp files of ``path`` whose writing process is gone; returns them."""
+    removed = []
+    for temp in glob.glob(glob.escape(str(path.parent / f".{path.name}.")) + "*.tmp"):
+        pid = Path(temp).name[len(path.name) + 2:].split(".")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(OSError):
+                os.remove(temp)
+                removed.append(Path(temp))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def check_writable(path: str | os.PathLike, what: str = "output") -> Path:

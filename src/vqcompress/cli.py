@@ -412,10 +412,11 @@ def codebook_inspect(
     else:
         typer.echo(f"{book.describe()}\nsha256  : {book.sha256}\nsize    : {file.stat().st_size:,} bytes "
                    f"({book.k} × {book.dim} fp16 codewords)")
-        for source in book.info["sources"]:
+        for source in book.info.get("sources", []):
             typer.echo(f"source  : {source['model']} ({source['layers']} layers)")
-        typer.echo(f"density : Gaussian KDE, {book.info['bandwidth']} bandwidth, {book.info['samples_per_layer']} "
-                   f"samples per layer, codewords by {book.info['placement']}")
+        if "bandwidth" in book.info:  # extracted, not made by a rule (``universal.RULES``)
+            typer.echo(f"density : Gaussian KDE, {book.info['bandwidth']} bandwidth, {book.info.get('samples_per_layer')} "
+                       f"samples per layer, codewords by {book.info.get('placement')}")
     if png is not None:
         points = None
         if over is not None:

@@ -28,12 +28,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .assign import Fixed, Soft, StraightThrough
-from .atomic import write_atomically
+from .atomic import write_tensors
 from .errors import VQCError
 from .layers import iter_coded
 from .progressive import LOGIT_LR, Progressive
@@ -144,7 +144,7 @@ def _save_checkpoint(path: Path, step: int, student: nn.Module, optimizer: torch
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
     for index, state in optimizer.state_dict()["state"].items():
         tensors.update({f"optimizer.{index}.{k}": torch.as_tensor(v).cpu().contiguous() for k, v in state.items()})
-    write_atomically(path, lambda temp: save_file(tensors, temp, metadata={"step": str(step), "run": run}))
+    write_tensors(path, tensors, {"step": str(step), "run": run})
 
 
 def _load_checkpoint(path: Path, student: nn.Module, optimizer: torch.optim.Optimizer, run: str) -> int:

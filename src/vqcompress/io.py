@@ -26,11 +26,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from . import __version__, schema, universal
-from .atomic import write_atomically
+from .atomic import write_tensors
 from .coded import CodedWeight, CodeLayout, code_bits, file_streams, memory_streams, row_slices, unpack_codes
 from .errors import VQCError
 from .held import HeldTensor, hold_named
@@ -166,7 +165,7 @@ def write(path: str | os.PathLike, tensors: dict[str, torch.Tensor], manifest: d
     stored = {name: t for name, t in tensors.items() if name in stored_shapes}
     if packed:
         stored[PACKED] = torch.cat([tensors[name].reshape(-1).view(torch.uint8) for name in packed])
-    return write_atomically(path, lambda temp: save_file(stored, temp, metadata=metadata))
+    return write_tensors(path, stored, metadata)
 
 
 def file_bytes(shapes: Shapes, manifest: dict) -> int:

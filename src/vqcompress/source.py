@@ -63,32 +63,48 @@ def skeleton(source: dict, parameters: int | None = None, tensors: int | None = 
     builder = SKELETONS.get(source["kind"])
     model = builder(source) if builder is not None else None
     if model is None and "model_type" in (source.get("config") or {}):
-        model = _from_config(source, parameters, tensors)
+        architecture = transformers_class(source["architecture"])
+        model = build(architecture, checked_config(source["config"], architecture, parameters, tensors,
+                                                   "the file's source config"))
     if model is None:
         raise VQCError(f"this file was made from a plain module ({source['name']}): load it with like=<a {source['name']}>")
     return remember(model.eval(), Source(**source))
 
 
-def _from_config(source: dict, parameters: int | None, tensors: int | None) -> nn.Module:
-    """The transformers model of a file's source config, its size checked first on the meta device;
-    a config transformers cannot build is the file's fault, said in one line."""
+def transformers_class(architecture: str) -> type:
+    """The transformers model class of that name (a model's own), else ``AutoModel``."""
+    import transformers
+
+    found = getattr(transformers, architecture, None)
+    return found if isinstance(found, type) and issubclass(found, transformers.PreTrainedModel) else transformers.AutoModel
+
+
+def build(architecture: type, config) -> nn.Module:
+    """A model of that transformers class from its config, weights at random."""
+    import transformers
+
+    return transformers.AutoModel.from_config(config) if architecture is transformers.AutoModel else architecture(config)
+
+
+def checked_config(config: dict, architecture: type, parameters: int | None, tensors: int | None, what: str):
+    """A transformers config from a stranger's ``config`` dict, refused in one line where
+    transformers cannot make it, or where the model of ``architecture`` it makes (on the meta device:
+    nothing allocated) has more layers than ``tensors`` or more than about twice ``parameters``:
+    more than the weights it is to hold."""
     import torch
     import transformers
 
-    architecture = getattr(transformers, source["architecture"], None)
-    if not (isinstance(architecture, type) and issubclass(architecture, transformers.PreTrainedModel)):
-        architecture = transformers.AutoModel.from_config
     try:
-        config = transformers.AutoConfig.for_model(**source["config"])
-        layers = getattr(config, "num_hidden_layers", 0)
+        made = transformers.AutoConfig.for_model(**config)
+        layers = getattr(made, "num_hidden_layers", 0)
         if tensors is not None and (type(layers) is not int or layers > tensors):
-            raise VQCError(f"it claims {layers!r} layers, and the file holds {tensors} tensors")
+            raise VQCError(f"it claims {layers!r} layers, for {tensors} tensors")
         if parameters is not None:
             with torch.device("meta"):
-                probe = architecture(config)
+                probe = build(architecture, made)
             size = sum(t.numel() for t in [*probe.parameters(), *probe.buffers()])
             if size > 2 * parameters + (1 << 20):
-                raise VQCError(f"it makes a model of {size:,} parameters, and the file holds {parameters:,}")
-        return architecture(config)
+                raise VQCError(f"it makes a model of {size:,} parameters, for {parameters:,} stored")
     except Exception as error:  # transformers raises anything at a bad config
-        raise VQCError(f"the file's source config does not build its model: {str(error).splitlines()[0][:200]}") from None
+        raise VQCError(f"{what} does not build its model: {str(error).splitlines()[0][:200]}") from None
+    return made

@@ -26,12 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from scipy.stats import gaussian_kde
 from torch import Tensor, nn
 
-from . import lattice, trellis
-from .atomic import write_atomically
+from . import lattice, schema, trellis
+from .atomic import write_atomically, write_tensors
 from .cache import cache_dir
 from .codebook import kmeans
 from .errors import VQCError
@@ -154,8 +153,7 @@ def build_from_layers(layers: dict[str, tuple[list[tuple[str, Tensor]], list[str
 def save_codebook(codebook: UniversalCodebook, path: str | os.PathLike) -> UniversalCodebook:
     """Write the file atomically; returns the codebook with its identity (the file's sha256)."""
     metadata = {KEY: json.dumps(codebook.info, sort_keys=True)}
-    path = write_atomically(path, lambda temp: save_file({"codewords": codebook.codewords.contiguous()}, temp,
-                                                           metadata=metadata))
+    path = write_tensors(path, {"codewords": codebook.codewords.contiguous()}, metadata)
     return UniversalCodebook(codebook.codewords, codebook.info, file_sha256(path))
 
 
@@ -176,9 +174,10 @@ def load_codebook(path: str | os.PathLike) -> UniversalCodebook:
         info = json.loads(raw)
     except json.JSONDecodeError:
         raise VQCError(f"{path} has a corrupt description") from None
-    if info.get("format") != FORMAT or info.get("format_version") != FORMAT_VERSION:
-        raise VQCError(f"{path} is codebook format {info.get('format')!r} version {info.get('format_version')}; "
-                       f"this vqcompress reads {FORMAT!r} version {FORMAT_VERSION}")
+    if not isinstance(info, dict) or info.get("format") != FORMAT or info.get("format_version") != FORMAT_VERSION:
+        shown = info if not isinstance(info, dict) else f"{info.get('format')!r} version {info.get('format_version')!r}"
+        raise VQCError(f"{path} is codebook format {shown}; this vqcompress reads {FORMAT!r} version {FORMAT_VERSION}")
+    schema.check(schema.CODEBOOK, info, f"{path} has a bad description")
     if tuple(codewords.shape) != (info.get("k"), info.get("dim")) or codewords.dtype != torch.float16 \
             or not torch.isfinite(codewords).all():
         raise VQCError(f"{path} is corrupt: its codewords are not the finite fp16 {info.get('k')} × {info.get('dim')} "

@@ -13,17 +13,20 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from .. import schema
 from ..cache import cache_dir
 from ..errors import VQCError
 from ..notes import say
-from ..source import SKELETONS, Source, remember
+from ..source import SKELETONS, Source, checked_config, remember, transformers_class
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models install as packages; never reach for a hub
 
@@ -88,12 +91,6 @@ def files_sha256(files: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def _transformers_class(architecture: str):
-    import transformers
-
-    return getattr(transformers, architecture, None) or transformers.AutoModel
-
-
 def _whole_model(folder: Path, architecture: str) -> nn.Module:
     """The folder's model as its config names it, in fp32 — unless the folder holds no weights for
     part of that class (a sentence encoder whose config names ``…ForMaskedLM`` has no masked-LM
@@ -101,11 +98,11 @@ def _whole_model(folder: Path, architecture: str) -> nn.Module:
     Weights left random or dropped are said either way."""
     import transformers
 
-    model, info = _transformers_class(architecture).from_pretrained(str(folder), dtype=torch.float32,
-                                                                     output_loading_info=True)
-    if info["missing_keys"] and _transformers_class(architecture) is not transformers.AutoModel:
+    model, info = transformers_class(architecture).from_pretrained(str(folder), dtype=torch.float32,
+                                                                     output_loading_info=True, use_safetensors=True)
+    if info["missing_keys"] and transformers_class(architecture) is not transformers.AutoModel:
         base, base_info = transformers.AutoModel.from_pretrained(str(folder), dtype=torch.float32,
-                                                                 output_loading_info=True)
+                                                                 output_loading_info=True, use_safetensors=True)
         if not base_info["missing_keys"]:
             say(f"{folder}: its config names {architecture}, but the folder holds no weights for "
                 f"{len(info['missing_keys'])} of its tensors ({sorted(info['missing_keys'])[0]} …): loaded the base "
@@ -118,6 +115,38 @@ def _whole_model(folder: Path, architecture: str) -> nn.Module:
         say(f"{folder}: {len(info['unexpected_keys'])} tensors in the folder are not part of {type(model).__name__} "
             f"and are left out ({sorted(info['unexpected_keys'])[0]} …)")
     return model.eval()
+
+
+FOLDER_CONFIG = schema.mapping(schema.json_value, {"architectures": schema.listing(schema.kind(str), low=1),
+                                                   "model_type": schema.kind(str)})
+PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")  # what torch.load would read: never here
+
+
+def _checked_folder(folder: Path) -> tuple[dict, list[Path]]:
+    """A model folder as a stranger hands it over: its config.json checked against the schema and
+    against its safetensors weights (the model it makes, built on the meta device, no larger than
+    they are), before anything is allocated; a folder of pickled weights only is refused."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise VQCError(f"{folder / 'config.json'} is not readable JSON ({error})") from None
+    schema.check(FOLDER_CONFIG, config, str(folder / "config.json"))
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        pickled = sorted(p.name for pattern in PICKLED for p in folder.glob(pattern))
+        raise VQCError(f"{folder} holds no .safetensors weights{f' (only {pickled[0]} …)' if pickled else ''}: vqcompress "
+                       "never unpickles a file; save the model with safetensors first")
+    elements, tensors = 0, 0
+    for file in weights:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                elements += sum(math.prod(handle.get_slice(key).get_shape()) for key in handle.keys())
+                tensors += len(handle.keys())
+        except (SafetensorError, OSError) as error:
+            raise VQCError(f"{file} is not a readable safetensors file ({error})") from None
+    checked_config(config, transformers_class((config.get("architectures") or ["AutoModel"])[0]), elements, tensors,
+                   str(folder / "config.json"))
+    return config, weights
 
 
 def load_model(name_or_path: str, seed: int = 0) -> tuple[nn.Module, Source]:
@@ -143,10 +172,9 @@ def load_model(name_or_path: str, seed: int = 0) -> tuple[nn.Module, Source]:
         if not (folder / "config.json").is_file():
             known = ", ".join([*BUNDLED, *PRETRAINED, *ZOO])
             raise VQCError(f"{name_or_path} is neither a bundled model ({known}) nor a model folder with config.json")
-    config = json.loads((folder / "config.json").read_text())
+    config, weights = _checked_folder(folder)
     model = _whole_model(folder, (config.get("architectures") or ["AutoModel"])[0])
     architecture = type(model).__name__
-    weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
     source = Source(kind, name, architecture, str(folder), model.config.to_dict(), files_sha256(weights))
     return remember(model, source), source
 

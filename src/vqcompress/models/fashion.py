@@ -22,10 +22,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from ..atomic import write_atomically
+from ..atomic import write_atomically, write_tensors
 from ..cache import cache_dir
 from ..errors import VQCError
 
@@ -261,7 +261,7 @@ def train(name: str, seed: int = 0, progress: bool = True, epochs: int | None = 
             "seconds": round(seconds, 1), "torch": torch.__version__}
     path = checkpoint_path(name, seed, epochs)
     state = {key: value.contiguous() for key, value in model.state_dict().items()}
-    write_atomically(path, lambda temp: save_file(state, temp, metadata={"info": json.dumps(info)}))
+    write_tensors(path, state, {"info": json.dumps(info)})
     write_atomically(path.with_suffix(".json"), lambda temp: Path(temp).write_text(json.dumps(info, indent=2) + "\n"))
     return path
 
