@@ -473,6 +473,24 @@ def test_a_tied_output_head_weighs_rows_by_predicted_probability_too(monkeypatch
     assert torch.allclose(seen["embed"].row_weight, (counts / counts.sum() + predicted) / 2, atol=1e-6)
 
 
+def test_a_tied_table_on_a_fixed_grid_runs_no_predicted_token_pass(monkeypatch):
+    """rtn's grid ignores row weights, so a tied table pinned to it keeping no rows costs no pass
+    of the model and its head over the calibration batches (Gemma's took 25 minutes)."""
+    import sys
+
+    from vqcompress.finetune import Task
+
+    compress_module = sys.modules["vqcompress.compress"]
+    model = _TiedCausalLM().eval()
+    ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(0))
+    task = Task(forward=lambda m, batch: m(batch), loss=lambda s, t, batch: (s - t).square().mean())
+    data = TrainingData(task, lambda step: ids, calibration_batches=2)
+    monkeypatch.setattr(compress_module, "predicted_probabilities", None)  # a pass would fail
+    vqc.compress(model, "kmeans", PerLayer(3), data, progress=False, scale="row",
+                 plan=vqc.Plan(by_name={"embed": {"method": "rtn", "bits": 8}}))
+    assert model.embed.weight_code.recipe["method"] == "rtn"
+
+
 def test_kept_rows_weigh_nothing_in_the_fit_of_the_codebook_the_other_rows_use():
     """The rows an embedding keeps apart are chosen before the fit (most weighted energy) and left
     out of it: the codebook serves the rows that use it, whose error is then lower than when the

@@ -518,8 +518,11 @@ def _predicted_rows(model: nn.Module, jobs: list[Job], followers: dict[str, list
     A row's error lands twice, where its token is looked up and in its logit at every position;
     there, noise in the logits of tokens the model finds likely costs most, and those include
     tokens the calibration text never uses (on Gemma: 2.7% of the predicted probability). Its own
-    pass where no allocation runs one (``_sensitivities``)."""
+    pass where no allocation runs one (``_sensitivities``), and none where no tied table's fit or
+    kept rows would read the weights (a fixed grid: ``weighs_inputs``)."""
     head, tied = _tied_head(model, jobs, followers)
+    weighed = {job.name for job in jobs if job.kept or getattr(job.method, "weighs_inputs", True)}
+    tied = [name for name in tied if name in weighed]
     if not tied:
         return {}
     batches = tqdm((data.batch_at(i) for i in range(data.calibration_batches)), total=data.calibration_batches,

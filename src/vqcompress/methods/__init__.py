@@ -91,8 +91,9 @@ class Method(Protocol):
     assignments by default, else "ste"), ``corrects_bias`` (False: the layer's bias does not
     absorb the mean output error after fitting, see ``compress.correct_bias``), ``feedback``
     (False: with calibration the codes stay the method's own, not re-chosen with error feedback,
-    see ``compress._finished``) and ``quick_settings(settings)`` (cheap settings of the same form, with which the budget
-    allocation measures each level; else it measures a k-means of the layout's d and k)."""
+    see ``compress._finished``), ``weighs_inputs`` (False: ``fit`` ignores the calibration statistics, so
+    passes that only feed them are skipped) and ``quick_settings(settings)`` (cheap settings of the same form,
+    with which the budget allocation measures each level; else it measures a k-means of the layout's d and k)."""
 
     name: str
     config: type[MethodConfig]  # its options, typed

@@ -48,6 +48,7 @@ class RTN:
     config = RTNConfig
     learns_assignments = False
     needs_training = False
+    weighs_inputs = False  # a fixed grid per group
 
     def settings(self, shape: tuple[int, ...], bits: float | None, config: RTNConfig) -> dict:
         if bits is None or bits != int(bits) or not 1 <= bits <= 8:
