@@ -258,3 +258,24 @@ def test_an_output_that_cannot_be_written_fails_before_any_work(tmp_path, where)
     result = vqc_cli("compress", "minilm", "--bits", "2", "-o", str(output))
     assert_clean_failure(result, "m.vqc" if where != "folder" else "is a folder")
     assert "loading" not in result.stderr
+
+
+def test_an_interrupted_run_says_what_it_keeps_and_how_big(tmp_path, caplog):
+    """A Ctrl-C'd jlcm run left a hidden 44.9 MB .partial file beside the output; now every kept
+    checkpoint is named with its size (and SIGTERM takes the same way: ``cli.main``)."""
+    import logging
+    import signal
+
+    from vqcompress import cli
+
+    output = tmp_path / "m.vqc"
+    (tmp_path / ".m.vqc.partial").write_bytes(b"\0" * (3 << 20))
+    (tmp_path / ".m.vqc.partial.finetune").write_bytes(b"\0" * (1 << 20))
+    (tmp_path / ".m.vqc.partial.123.abc.tmp").write_bytes(b"half")
+    with caplog.at_level(logging.WARNING, logger="vqcompress"), pytest.raises(KeyboardInterrupt):
+        with cli._said_if_interrupted(output):
+            signal.default_int_handler(signal.SIGTERM, None)
+    assert [record.getMessage().split(" (")[0] for record in caplog.records] == [
+        f"interrupted: the work so far is kept in {tmp_path / '.m.vqc.partial'}",
+        f"interrupted: the work so far is kept in {tmp_path / '.m.vqc.partial.finetune'}"]
+    assert "a hidden file, 3.0 MiB" in caplog.records[0].getMessage()

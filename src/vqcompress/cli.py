@@ -5,14 +5,18 @@ User mistakes (``VQCError``) print one line and exit 2; nothing half-written is 
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import re
 import resource
 import shutil
+import signal
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -139,21 +143,34 @@ def compress(
     calibration = None if data_free and not finetune_steps else _calibration(
         source.to_json(), seed, calib, calib_samples or calibration_samples(dense), bool(finetune_steps))
     checkpoint = output.with_name(f".{output.name}.partial")  # work so far, resumed from if found
-    try:
+    with _said_if_interrupted(output):
         compressed, summary = compress_with_summary(
             dense.to(device), method, budget, calibration, plan=plan, seed=seed, progress=not quiet,
             finetune_steps=finetune_steps, finetune_lr=finetune_lr, assignments=assignments, checkpoint=checkpoint,
             tune_dense=tune_dense, tune_blocks=tune_blocks, calibrate=False if data_free else None, **options)
-    except KeyboardInterrupt:
-        if checkpoint.exists():
-            say(f"interrupted: the work so far is kept in {checkpoint}; the same command resumes from it")
-        raise
     save(compressed, output, source)
     settings = _settings_summary(compressed)
     _say_written(output, started, json_out, {"settings": settings, "allocation": summary.allocation,
                                              "left_dense": [vars(entry) for entry in summary.left_dense]},
                  [*([] if summary.allocation is None else [summary.allocation]), *settings,
                   *left_dense_lines(summary.left_dense)])
+
+
+@contextmanager
+def _said_if_interrupted(output: Path) -> Iterator[None]:
+    """On Ctrl-C (or SIGTERM: ``main``), say what the run keeps beside ``output``: its checkpoints,
+    hidden files, each with its size, and how to go on."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        kept = [path for path in sorted(output.parent.glob(glob.escape(f".{output.name}.partial") + "*"))
+                if path.is_file() and not path.name.endswith(".tmp")]
+        for path in kept:
+            say(f"interrupted: the work so far is kept in {path} (a hidden file, {path.stat().st_size / 2**20:.1f} MiB); "
+                "the same command resumes from it, or delete it")
+        if not kept:
+            say("interrupted: nothing was kept")
+        raise
 
 
 def _calibration(source: dict, seed: int, calib: str | None, samples: int | None, needed: bool):
@@ -220,8 +237,9 @@ def finetune_file(
     default_lr, windows = finetune_settings(teacher)
     data = training_data(source.to_json(), seed, calib, calib_samples, limit=windows)
     run = f"{read_manifest(file)[0]['payload_sha256']}|{seed}|{calib}|{calib_samples}"  # what its checkpoint is of
-    finetune(student, teacher, data.task, data.batch_at, steps, lr=lr or default_lr, progress=not quiet,
-             tune_dense=tune_dense, checkpoint=output.with_name(f".{output.name}.partial.finetune"), run=run)
+    with _said_if_interrupted(output):
+        finetune(student, teacher, data.task, data.batch_at, steps, lr=lr or default_lr, progress=not quiet,
+                 tune_dense=tune_dense, checkpoint=output.with_name(f".{output.name}.partial.finetune"), run=run)
     save(student, output, source)
     _say_written(output, started, json_out, {}, [])
 
@@ -464,6 +482,7 @@ def main() -> None:
 
     logger.addHandler(_BesideBars())
     logger.propagate = False
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a stopped run cleans up and says what it keeps, as at Ctrl-C
     try:
         app()
     except VQCError as error:
