@@ -6,7 +6,7 @@ inspected in a worker process held to a time and a memory limit.
 
 Two kinds of mutation. ``bytes``: a stranger's file, its bytes flipped, overwritten, cut or
 inserted anywhere; it must load with the original's outputs or fail with ``VQCError``.
-``manifest``: a deliberate edit, one field of the stored manifest replaced, removed or added and
+``manifest``: a deliberate edit, 1–3 fields of the stored manifest replaced, removed or added and
 the manifest's sha256 made anew, so that the schema alone stands in the way; it must fail with
 ``VQCError`` or load (a consistent edit may change the model: a rotation added, a recipe
 renamed; such cases are counted apart). Either way nothing else may be raised, and no case may
@@ -28,6 +28,7 @@ import os
 import random
 import resource
 import signal
+import sys
 import tempfile
 import time
 import traceback
@@ -91,9 +92,12 @@ def _ids(top: int) -> Callable[[], torch.Tensor]:
     return lambda: torch.randint(0, top, (2, 12), generator=torch.Generator().manual_seed(1))
 
 
+EVERY_LAYER = vqc.Plan(min_weights=0)  # the MLP's 2,048-weight output layer too
 FORMS = {
-    "plain": Form(_mlp, _vectors, lambda m: vqc.compress(m, "kmeans", bits=2, progress=False)),
-    "scales": Form(_mlp, _vectors, lambda m: vqc.compress(m, "kmeans", bits=2, scale="row", progress=False)),
+    "plain": Form(_mlp, _vectors, lambda m: vqc.compress(m, "kmeans", bits=2, scale="none", plan=EVERY_LAYER,
+                                                         progress=False)),
+    "scales": Form(_mlp, _vectors, lambda m: vqc.compress(m, "kmeans", bits=2, scale="row", plan=EVERY_LAYER,
+                                                          progress=False)),
     "permutation": Form(_table, _ids(256), lambda m: vqc.compress(m, "jlcm", bits=1, steps=0, progress=False)),
     "factor": Form(_mlp, _vectors, lambda m: vqc.compress(m, "qswd", dim=4, k=16, terms=2, coef_bits=2, codebook_bits=4,
                                                           progress=False)),
@@ -180,14 +184,15 @@ def edit_manifest(stored: dict, rng: random.Random) -> dict:
 
 
 def with_manifest_edited(data: bytes, rng: random.Random, folder: Path) -> bytes:
-    """The file with one manifest edit (``edit_manifest``) and the manifest's sha256 made anew."""
+    """The file with 1–3 manifest edits (``edit_manifest``) and the manifest's sha256 made anew."""
     path = folder / f"edit-{os.getpid()}.vqc"
     path.write_bytes(data)
     with safe_open(str(path), framework="pt") as handle:
         tensors = {k: handle.get_tensor(k) for k in handle.keys()}
         stored = json.loads(zlib.decompress(base64.b85decode(handle.metadata()[io.ZLIB_KEY])))
     stored.pop(io.MANIFEST_HASH)
-    stored = edit_manifest(stored, rng)
+    for _ in range(rng.randint(1, 3)):
+        stored = edit_manifest(stored, rng)
     stored[io.MANIFEST_HASH] = io._manifest_sha256(stored)
     text = base64.b85encode(zlib.compress(json.dumps(stored, sort_keys=True).encode())).decode()
     save_file(tensors, str(path), metadata={io.ZLIB_KEY: text})
@@ -275,7 +280,9 @@ def run(cases: int, workers: int) -> dict:
         for form in FORMS:  # written before the workers fork: none of them compresses
             original(form, Path(folder))
         pool = multiprocessing.get_context("fork").Pool(workers, _start_worker, (folder,))
-        for job, waiting in [(job, pool.apply_async(_case, (job,))) for job in jobs]:
+        for done, (job, waiting) in enumerate([(job, pool.apply_async(_case, (job,))) for job in jobs]):
+            if done % (len(jobs) // 10 or 1) == 0:
+                print(f"{done:,} of {len(jobs):,} cases, {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
             try:
                 result, seconds = waiting.get(timeout=4 * SECONDS)
             except multiprocessing.TimeoutError:  # its worker ended by its alarm, or by the memory limit

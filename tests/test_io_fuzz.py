@@ -45,7 +45,8 @@ def test_every_form_is_what_it_claims(originals):
 
     layouts = {form: [entry["layout"] for entry in io.read_manifest(folder / f"{form}.vqc")[0]["layers"].values()]
                for form in files}
-    assert any("scale_group" in lay for lay in layouts["scales"])
+    assert not any("scale_group" in lay for lay in layouts["plain"]) and len(layouts["plain"]) == 2
+    assert all("scale_group" in lay for lay in layouts["scales"])
     assert any(lay.get("permuted") for lay in layouts["permutation"])
     assert any(lay.get("terms", 1) > 1 for lay in layouts["factor"])
     assert any(lay.get("codebook_sha256") for lay in layouts["universal"])
