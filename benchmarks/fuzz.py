@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import copy
 import io as text_io
 import json
 import math
@@ -172,14 +173,13 @@ def edit_manifest(stored: dict, rng: random.Random) -> dict:
     path = rng.choice(nodes[1:])
     parent, key = _at(stored, path[:-1]), path[-1]
     edit = rng.choice(("replace", "replace", "other", "remove", "add"))
+    value = copy.deepcopy(_at(stored, rng.choice(nodes)) if edit == "other" else rng.choice(VALUES))  # never shared
     if edit == "remove":
         del parent[key]
     elif edit == "add" and isinstance(parent, dict):
-        parent[rng.choice(("extra", "k", "shape", "rotation", "device"))] = rng.choice(VALUES)
-    elif edit == "other":
-        parent[key] = json.loads(json.dumps(_at(stored, rng.choice(nodes))))
+        parent[rng.choice(("extra", "k", "shape", "rotation", "device"))] = value
     else:
-        parent[key] = rng.choice(VALUES)
+        parent[key] = value
     return stored
 
 
@@ -287,6 +287,8 @@ def run(cases: int, workers: int) -> dict:
                 result, seconds = waiting.get(timeout=4 * SECONDS)
             except multiprocessing.TimeoutError:  # its worker ended by its alarm, or by the memory limit
                 result, seconds = "lost", 2 * SECONDS
+            except Exception as error:  # the fuzzer's own failure, counted and shown, not the run's end
+                result, seconds = f"fuzzer error: {type(error).__name__}", 0.0
             slowest = max(slowest, seconds)
             counts[f"{job[0]}/{job[1]}"].update([result] + (["over 5 s"] if seconds > SECONDS else []))
             if result not in ("same", "refused", "changed", "skipped") or (job[1] == "bytes" and result == "changed"):
