@@ -261,7 +261,8 @@ def _packed_list(path: Path, listed: object) -> list[tuple[str, tuple[str, tuple
 
 
 def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """All tensors and the manifest, after checking the payload's sha256."""
+    """All tensors and the manifest, after checking the payload's sha256 and the values used as
+    indices (``_check_values``)."""
     manifest, _, packed = _header(Path(path))
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -271,6 +272,7 @@ def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     tensors |= _unpack(Path(path), tensors.pop(PACKED, torch.zeros(0, dtype=torch.uint8)), packed)
     if payload_sha256(tensors) != manifest["payload_sha256"]:
         raise VQCError(f"{path} is corrupt or was tampered with: its payload does not match its sha256")
+    _check_values(manifest, tensors)
     return tensors, manifest
 
 
@@ -424,7 +426,6 @@ def load(path: str | os.PathLike, like: nn.Module | None = None, device: str = "
     tensors, manifest = read(path)
     model = like if like is not None else skeleton(manifest["source"], _parameters(manifest, tensors), len(tensors))
     model = _install_coded_layers(model, manifest, set(tensors))
-    _check_values(manifest, tensors)
     if manifest["format_version"] >= 2:
         _restore_row_streams(manifest, tensors)
     universal_tables = _universal_tables(model, [Path(path).parent, *map(Path, codebooks), *universal.search_path()])
