@@ -33,6 +33,8 @@ LOGS = ROOT / "out" / "gemma-bench"
 #: the tied token embedding and head, left dense where the peers' rows are compared (HQQ codes
 #: Linear layers only)
 SKIP_EMBEDDING = r"model\.embed_tokens|lm_head"
+#: the tied token embedding and head at round-to-nearest 8 bits (an fp16 scale a row)
+EMBEDDING_8_BITS = r"model\.embed_tokens:method=rtn,bits=8"
 #: label → the arguments after ``vqc compress gemma-270m``
 CONFIGS = {
     "kmeans 2 bits, row scales (data-free)": ["--method", "kmeans", "--dim", "4", "--k", "256", "--scale", "row"],
@@ -77,6 +79,15 @@ CONFIGS = {
         "--method", "jlcm", "--bits", "2.1", "--per-layer-bits", "--calib", "wiki", "--skip", SKIP_EMBEDDING],
     "kmeans 3.1 bits, row scales, calibrated, tuned blocks": ["--method", "kmeans", "--bits", "3.1", "--scale", "row",
                                                               "--calib", "wiki", "--tune-blocks", "2"],
+    # beside llama.cpp's types (llamacpp.py): the token embedding at 8 bits as llama.cpp keeps it at Q8_0,
+    # the Linear layers at or under its types' Linear bits
+    "kmeans 3.6 bits per Linear layer, calibrated, embedding rtn 8 bits": [
+        "--method", "kmeans", "--bits", "3.6", "--per-layer-bits", "--calib", "wiki", "-L", EMBEDDING_8_BITS],
+    "kmeans 5.3 bits per Linear layer, calibrated, embedding rtn 8 bits": [
+        "--method", "kmeans", "--bits", "5.3", "--per-layer-bits", "--calib", "wiki", "-L", EMBEDDING_8_BITS],
+    "vq4all trellis 2.1 bits per Linear layer, rotated, calibrated on 128 windows, embedding rtn 8 bits, tuned blocks": [
+        "--method", "vq4all", "-O", "codebook=trellis", "-O", "transform=hadamard", "--bits", "2.1",
+        "--per-layer-bits", "--calib", "wiki", "--calib-samples", "128", "-L", EMBEDDING_8_BITS, "--tune-blocks", "2"],
     # what a user types: no flag but the method and the budget (the structure's defaults are said as it runs)
     "qswd 3 bits, the plain command": ["--method", "qswd", "--bits", "3"],
     "kmeans 3 bits, the plain command": ["--method", "kmeans", "--bits", "3"],
@@ -85,6 +96,10 @@ CONFIGS = {
 #: label → (the row whose file it starts from, the arguments after ``vqc finetune FILE``): that row's
 #: file distilled further from the dense model, without fitting it again
 FINETUNED = {
+    "vq4all trellis 2.1 bits per Linear layer, rotated, calibrated on 128 windows, embedding rtn 8 bits, tuned blocks, "
+    "then 48 distillation steps": (
+        "vq4all trellis 2.1 bits per Linear layer, rotated, calibrated on 128 windows, embedding rtn 8 bits, tuned blocks",
+        ["--steps", "48", "--lr", "1e-4", "--calib", "wiki", "--calib-samples", "1024"]),
     "qswd 3.0 bits, calibrated on 128 windows, embedding d=4 k=256 + 16384 token rows kept in int8, tuned blocks, "
     "then 48 distillation steps": (
         "qswd 3.0 bits, calibrated on 128 windows, embedding d=4 k=256 + 16384 token rows kept in int8, tuned blocks",
@@ -134,6 +149,13 @@ def long_perplexity(path: Path | None) -> float:
     return float(stdout.strip().splitlines()[-1])
 
 
+def linear_bits(coded_layers: list[dict]) -> float | None:
+    """Bits per weight of the blocks' coded Linear layers (every coded layer but the token embedding and
+    head), as llama.cpp's rows count theirs; None where none is coded."""
+    linear = [layer for layer in coded_layers if not re.fullmatch(SKIP_EMBEDDING, layer["name"])]
+    return sum(layer["bits"] for layer in linear) / sum(layer["weights"] for layer in linear) if linear else None
+
+
 def measure(label: str, rows: dict[str, dict]) -> dict:
     """Compress as the configuration says, or fine-tune an earlier row's file (``FINETUNED``; its
     time and peak memory then add to that row's), timed, with its peak memory (its progress, with
@@ -160,6 +182,7 @@ def measure(label: str, rows: dict[str, dict]) -> dict:
            "file_bytes": written["file_bytes"],
            "model_bits_per_weight": written["model_bits_per_weight"],
            "coded_bits_per_weight": written["coded_bits_per_weight"],
+           "linear_bits_per_weight": linear_bits(written["coded_layers"]),
            "settings": written["settings"], "allocation": written["allocation"], "machine": machine(),
            "date": now()}
     print(f"{label:<58} {row['model_bits_per_weight']:.3f} bits/w  perplexity {row['perplexity']:.2f}  "

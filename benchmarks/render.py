@@ -657,6 +657,28 @@ def llamacpp_markdown(result: dict) -> list[str]:
                         f"{max(r['date'] for r in rows)[:10]}.", ""]
 
 
+def llamacpp_matched(result: dict, gemma: dict) -> list[str]:
+    """Each llama.cpp type against our best Gemma row (gemma.json) at or under both its file's and its
+    Linear layers' bits per weight, scored alike (the suite's 2,048 tokens)."""
+    ours = [row for row in gemma["rows"] if row.get("linear_bits_per_weight")]
+    lines = ["### At matched sizes", "",
+             "Each llama.cpp type beside the lowest-perplexity vqcompress row of the Gemma table (rows that record "
+             "their Linear layers' bits) whose file **and** Linear layers are both at or under the type's bits per "
+             "weight; *ahead*: our perplexity is lower.", "",
+             "| llama.cpp type | file bits/w | Linear bits/w | perplexity | vqcompress row | file bits/w | Linear bits/w | "
+             "perplexity | ahead |", "|---|---:|---:|---:|---|---:|---:|---:|---|"]
+    for theirs in result["rows"]:
+        fits = [row for row in ours if row["model_bits_per_weight"] <= theirs["file_bits_per_weight"]
+                and row["linear_bits_per_weight"] <= theirs["linear_bits_per_weight"]]
+        best = min(fits, key=lambda row: row["perplexity"], default=None)
+        mine = (f"{best['label']} | {best['model_bits_per_weight']:.3f} | {best['linear_bits_per_weight']:.3f} | "
+                f"{best['perplexity']:,.2f} | {'**yes**' if best['perplexity'] < theirs['perplexity'] else 'no'}"
+                if best else "none measured at this size | | | | —")
+        lines.append(f"| {theirs['type']} | {theirs['file_bits_per_weight']:.3f} | {theirs['linear_bits_per_weight']:.3f} | "
+                     f"{theirs['perplexity']:,.2f} | {mine} |")
+    return lines + [""]
+
+
 def matrix_markdown(result: dict) -> list[str]:
     """Every method × model × budget as the plain command: finished (bits from the file, quality,
     time) or refused in its first seconds, with the line it said."""
@@ -773,7 +795,8 @@ def markdown(result: dict) -> str:
         if GEMMA_PARTS.exists():
             lines += gemma_parts_markdown(json.loads(GEMMA_PARTS.read_text()), gemma["dense"]["perplexity"])
     if LLAMACPP.exists():
-        lines += llamacpp_markdown(json.loads(LLAMACPP.read_text()))
+        llamacpp = json.loads(LLAMACPP.read_text())
+        lines += llamacpp_markdown(llamacpp) + (llamacpp_matched(llamacpp, gemma) if gemma else [])
     if PRETRAINED.exists():
         lines += pretrained_markdown(json.loads(PRETRAINED.read_text()))
     if UNIVERSAL.exists():

@@ -74,6 +74,12 @@ CONFIGS = [
     *({"method": "kmeans", "settings": {"bits": b}} for b in (0.5, 5, 6)),
     *({"method": "rtn", "settings": {"bits": b, "group_size": GROUP_SIZE}} for b in (1, 5, 6)),
     *({"method": "jlcm", "settings": {"bits": b}} for b in (1.25, 4.1, 6.1)),  # 1.21 is its least here
+    # 8-dimensional and trellis codes on rotated weights (issue 31), calibrated
+    {"method": "vq4all", "settings": {"bits": 2.1, "codebook": "e8p", "transform": "hadamard", "calib": True}},
+    *({"method": "vq4all", "settings": {"bits": b, "codebook": "trellis", "transform": "hadamard", "calib": True}}
+      for b in (2.1, 3.1)),
+    *({"method": "vq4all", "settings": {"bits": b, "codebook": "trellis", "transform": "hadamard",
+                                        "finetune_steps": FINETUNE_STEPS}} for b in (2.1, 3.1)),
 ]
 
 TIMED_COMMAND = ["compress", "minilm", "--method", "kmeans", "--bits", "2", "--quiet"]
@@ -161,6 +167,7 @@ def compressors() -> dict:
     from . import peers
 
     return {"fp32": fp32, "kmeans": ours("kmeans"), "rtn": ours("rtn"), "jlcm": ours("jlcm"), "qswd": ours("qswd"),
+            "vq4all": ours("vq4all"),
             "coremltools": peer(peers.coreml_palettize), "hqq": peer(peers.hqq_quantize),
             "coremltools-skm": peer(peers.skm_palettize_calibrated)}
 
