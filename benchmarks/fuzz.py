@@ -297,7 +297,7 @@ def run(cases: int, workers: int) -> dict:
     totals = Counter()
     for value in counts.values():
         totals.update(value)
-    return {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cases_per_form_and_kind": cases,
+    return {"finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cases_per_form_and_kind": cases,
             "forms": list(FORMS), "kinds": list(KINDS), "seconds": round(time.perf_counter() - started, 1),
             "limits": {"seconds": SECONDS, "memory_bytes": MEMORY}, "slowest_case_seconds": round(slowest, 3),
             "totals": dict(totals), "counts": {key: dict(value) for key, value in counts.items()},
