@@ -103,8 +103,10 @@ def test_plot_writes_a_png(tmp_path, book_file):
 @given(kind=st.sampled_from(["bytes", "description"]), rng=st.randoms(use_true_random=False))
 def test_a_mutated_codebook_file_loads_as_the_original_or_fails_in_words(tmp_path_factory, kind, rng):
     """A codebook file comes from strangers too: any edit of its bytes or of a field of its
-    description gives the original's codewords or one VQCError, and ``vqc codebook inspect`` says
-    no more than that."""
+    description loads or is one VQCError, never another exception, and ``vqc codebook inspect``
+    likewise. (Its integrity is its file's sha256, which every model that uses it names and
+    ``find`` checks: an edited table loaded by path is another codebook, not a broken one.) An
+    edit of the description alone never changes the codewords."""
     from benchmarks import fuzz
     from vqcompress import cli
 
@@ -117,7 +119,8 @@ def test_a_mutated_codebook_file_loads_as_the_original_or_fails_in_words(tmp_pat
         description = fuzz.edit_manifest(json.loads(json.dumps(book.info)), rng)
         save_file({"codewords": book.codewords}, str(path), metadata={universal.KEY: json.dumps(description)})
     try:
-        assert torch.equal(universal.load_codebook(path).codewords, universal.load_codebook(universal.DEFAULT).codewords)
+        loaded = universal.load_codebook(path)
+        assert kind == "bytes" or torch.equal(loaded.codewords, universal.load_codebook(universal.DEFAULT).codewords)
         with contextlib.redirect_stdout(io.StringIO()):
             cli.codebook_inspect(path, png=None, over=None, json_out=False)
     except VQCError:
