@@ -99,29 +99,42 @@ def test_plot_writes_a_png(tmp_path, book_file):
     assert out.read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.fixture(scope="module")
+def version_2_file(tmp_path_factory):
+    """The packaged codebook (version 1, its bytes fixed: models name it by its hash) written again
+    as version 2, whose description carries the sha256 of itself and the codewords."""
+    book = universal.load_codebook(universal.DEFAULT)
+    path = tmp_path_factory.mktemp("v2") / "u.vqcb"
+    universal.save_codebook(universal.UniversalCodebook(book.codewords, {**book.info, "format_version": 2}), path)
+    return path, book.codewords
+
+
 @settings(max_examples=150, deadline=5000, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(kind=st.sampled_from(["bytes", "description"]), rng=st.randoms(use_true_random=False))
-def test_a_mutated_codebook_file_loads_as_the_original_or_fails_in_words(tmp_path_factory, kind, rng):
+def test_a_mutated_codebook_file_loads_as_the_original_or_fails_in_words(tmp_path_factory, version_2_file, kind, rng):
     """A codebook file comes from strangers too: any edit of its bytes or of a field of its
-    description loads or is one VQCError, never another exception, and ``vqc codebook inspect``
-    likewise. (Its integrity is its file's sha256, which every model that uses it names and
-    ``find`` checks: an edited table loaded by path is another codebook, not a broken one.) An
-    edit of the description alone never changes the codewords."""
+    description gives the original's codewords or one VQCError, and ``vqc codebook inspect`` says
+    no more than that."""
     from benchmarks import fuzz
     from vqcompress import cli
 
-    folder = tmp_path_factory.mktemp("book")
-    path = folder / "u.vqcb"
+    original, codewords = version_2_file
+    path = tmp_path_factory.mktemp("book") / "u.vqcb"
     if kind == "bytes":
-        path.write_bytes(fuzz.mutate_bytes(universal.DEFAULT.read_bytes(), rng))
+        path.write_bytes(fuzz.mutate_bytes(original.read_bytes(), rng))
     else:
-        book = universal.load_codebook(universal.DEFAULT)
+        book = universal.load_codebook(original)
         description = fuzz.edit_manifest(json.loads(json.dumps(book.info)), rng)
         save_file({"codewords": book.codewords}, str(path), metadata={universal.KEY: json.dumps(description)})
     try:
-        loaded = universal.load_codebook(path)
-        assert kind == "bytes" or torch.equal(loaded.codewords, universal.load_codebook(universal.DEFAULT).codewords)
+        assert torch.equal(universal.load_codebook(path).codewords, codewords)
         with contextlib.redirect_stdout(io.StringIO()):
             cli.codebook_inspect(path, png=None, over=None, json_out=False)
     except VQCError:
         pass
+
+
+def test_a_version_1_codebook_still_loads_and_rule_made_files_keep_their_bytes():
+    """Models name a codebook by its file's hash: the packaged file and the rule-made ones stay version 1."""
+    assert universal.load_codebook(universal.DEFAULT).info["format_version"] == 1
+    assert universal.load_codebook(universal.lattice_file("e8p")).info["format_version"] == universal.RULE_VERSION == 1

@@ -1,5 +1,5 @@
 """The one schema a file's JSON is checked against before anything is built from it: a .vqc
-manifest, a .vqcb codebook's description.
+manifest, a .vqcb codebook's description, a model folder's config.json.
 
 A file comes from strangers: every field's type and range is checked here, and a manifest's
 claims against the tensors the file holds (every coded layer's buffers have the dtypes and shapes
@@ -153,7 +153,8 @@ CODEBOOK = record({"format": one_of("vqcb"), "format_version": integer(1), "dim"
                    "k": integer(2, 1 << 16)},
                   {"sources": listing(record({"model": kind(str), "layers": integer(), "skipped": listing(kind(str))})),
                    "samples_per_layer": integer(1), "bandwidth": kind(str), "placement": kind(str), "seed": integer(),
-                   "normalisation": kind(str), "lattice": kind(str), "unit": kind(int, float), "trellis": integer(0, 16)})
+                   "normalisation": kind(str), "lattice": kind(str), "unit": kind(int, float), "trellis": integer(0, 16),
+                   "content_sha256": sha256})
 
 
 def check(schema: Check, value: object, where: str) -> None:

@@ -9,8 +9,9 @@ them (bandwidth by Scott's or Silverman's rule), and the k codewords are placed 
 draws from it, which is the least-squares quantizer of the smoothed density; ``"sample"`` draws
 them from it directly (a data point plus kernel noise).
 
-The file (``.vqcb``) is safetensors with one fp16 ``codewords`` tensor and a JSON description;
-its sha256 is its identity. A coded weight refers to it by that hash
+The file (``.vqcb``) is safetensors with one fp16 ``codewords`` tensor and a JSON description
+(checked against ``schema.CODEBOOK``; from version 2 on with the sha256 of itself and the
+codewords, checked on load); the file's sha256 is its identity. A coded weight refers to it by that hash
 (``CodeLayout.codebook_sha256``) and a model file never copies it.
 """
 
@@ -36,7 +37,10 @@ from .codebook import kmeans
 from .errors import VQCError
 
 FORMAT = "vqcb"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the description carries ``CONTENT_HASH``
+READABLE_VERSIONS = (1, 2)
+RULE_VERSION = 1  # a rule-made codebook's file keeps version 1's bytes: its hash is its name on every machine
+CONTENT_HASH = "content_sha256"  # of the rest of the description and the codewords (``content_sha256``)
 KEY = "vqcompress-codebook"
 SUFFIX = ".vqcb"
 BANDWIDTHS = ("scott", "silverman")
@@ -150,9 +154,19 @@ def build_from_layers(layers: dict[str, tuple[list[tuple[str, Tensor]], list[str
     return UniversalCodebook(codewords, info)
 
 
+def content_sha256(info: dict, codewords: Tensor) -> str:
+    """The sha256 of a description (without this hash) and of the codewords' bytes: version 2 on,
+    checked before the codebook is used, so that a file damaged on its way is refused, not used."""
+    described = json.dumps({k: v for k, v in info.items() if k != CONTENT_HASH}, sort_keys=True).encode()
+    return hashlib.sha256(described + codewords.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
 def save_codebook(codebook: UniversalCodebook, path: str | os.PathLike) -> UniversalCodebook:
     """Write the file atomically; returns the codebook with its identity (the file's sha256)."""
-    metadata = {KEY: json.dumps(codebook.info, sort_keys=True)}
+    info = codebook.info
+    if info.get("format_version") == FORMAT_VERSION:
+        info = {**info, CONTENT_HASH: content_sha256(info, codebook.codewords)}
+    metadata = {KEY: json.dumps(info, sort_keys=True)}
     path = write_tensors(path, {"codewords": codebook.codewords.contiguous()}, metadata)
     return UniversalCodebook(codebook.codewords, codebook.info, file_sha256(path))
 
@@ -174,10 +188,13 @@ def load_codebook(path: str | os.PathLike) -> UniversalCodebook:
         info = json.loads(raw)
     except json.JSONDecodeError:
         raise VQCError(f"{path} has a corrupt description") from None
-    if not isinstance(info, dict) or info.get("format") != FORMAT or info.get("format_version") != FORMAT_VERSION:
+    if not isinstance(info, dict) or info.get("format") != FORMAT or info.get("format_version") not in READABLE_VERSIONS:
         shown = info if not isinstance(info, dict) else f"{info.get('format')!r} version {info.get('format_version')!r}"
-        raise VQCError(f"{path} is codebook format {shown}; this vqcompress reads {FORMAT!r} version {FORMAT_VERSION}")
+        raise VQCError(f"{path} is codebook format {shown}; this vqcompress reads {FORMAT!r} versions "
+                       f"{', '.join(map(str, READABLE_VERSIONS))}")
     schema.check(schema.CODEBOOK, info, f"{path} has a bad description")
+    if info["format_version"] >= 2 and info.get(CONTENT_HASH) != content_sha256(info, codewords):
+        raise VQCError(f"{path} is corrupt or was edited: its codewords and description do not match their sha256")
     if tuple(codewords.shape) != (info.get("k"), info.get("dim")) or codewords.dtype != torch.float16 \
             or not torch.isfinite(codewords).all():
         raise VQCError(f"{path} is corrupt: its codewords are not the finite fp16 {info.get('k')} × {info.get('dim')} "
@@ -221,7 +238,7 @@ def lattice_file(name: str) -> Path:
     path = cache_dir() / "codebooks" / f"{name}{SUFFIX}"
     if not path.is_file():
         rule = RULES[name]
-        info = {"format": FORMAT, "format_version": FORMAT_VERSION, "dim": rule.DIM, "k": rule.K,
+        info = {"format": FORMAT, "format_version": RULE_VERSION, "dim": rule.DIM, "k": rule.K,
                 "lattice": name, "unit": rule.UNIT, "normalisation": "row-rms"}
         if rule is trellis:
             info["trellis"] = trellis.SHIFT_BITS
