@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test test-slow bench bench-fashion bench-gemma bench-speed bench-matrix bench-pretrained bench-llamacpp clean
+.PHONY: setup demo test test-slow bench bench-fashion bench-gemma bench-speed bench-matrix bench-pretrained bench-llamacpp fuzz clean
 
 setup: $(STAMP)
 
@@ -54,6 +54,11 @@ bench-gemma: $(STAMP)
 # the compiled kernel against dense fp32: a 4096² layer and Gemma-270M tokens/s; then re-render the docs
 bench-speed: $(STAMP)
 	$(PY) -m benchmarks.speed
+	$(PY) -m benchmarks.render
+
+# 10,000 mutations of each kind for each .vqc file form, each case in a worker under 5 s and 1 GiB (~15 min)
+fuzz: $(STAMP)
+	$(PY) -m benchmarks.fuzz
 	$(PY) -m benchmarks.render
 
 # the plain command on every method × model × budget (hours: Gemma's cells take most of them)

@@ -21,6 +21,7 @@ MATRIX = ROOT / "benchmarks" / "results" / "matrix.json"
 PRETRAINED = ROOT / "benchmarks" / "results" / "pretrained.json"
 INCOHERENCE = ROOT / "benchmarks" / "results" / "incoherence.json"
 LLAMACPP = ROOT / "benchmarks" / "results" / "llamacpp.json"
+FUZZ = ROOT / "benchmarks" / "results" / "fuzz.json"
 SPEED_RUNS = "speed*.json"  # speed.json (make bench-speed), and runs with other settings beside it
 SPEED_COLUMNS = ("dense", "default path", "lut path", "kernel, table", "kernel, gather", "kernel, decode-then-multiply",
                  "decode path",
@@ -767,6 +768,35 @@ def incoherence_markdown(result: dict) -> list[str]:
     return lines + ["", f"Measured on {result['machine']['cpu']}, {result['measured'][:10]}.", ""]
 
 
+def fuzz_markdown(result: dict) -> list[str]:
+    """`make fuzz`: mutated small .vqc files of every form, each loaded, reported and inspected in a
+    worker under a time and a memory limit, against issue 33's targets."""
+    limits, totals = result["limits"], result["totals"]
+    failed = sum(n for key, n in totals.items() if key.startswith("crash") or key in ("memory", "lost"))
+    over = totals.get("over 5 s", 0) + totals.get("lost", 0) + totals.get("memory", 0)
+    changed = sum(counts.get("changed", 0) for key, counts in result["counts"].items() if key.endswith("/bytes"))
+    lines = ["## Fuzzing the file reader (`make fuzz`)", "",
+             f"Generated from `benchmarks/results/fuzz.json` (`.venv/bin/python -m benchmarks.fuzz`), {result['finished']} (finished), "
+             f"{result['seconds'] / 60:.1f} min: {result['cases_per_form_and_kind']:,} mutations of each kind for each "
+             f"file form ({', '.join(result['forms'])}), each loaded (and run), reported and inspected (text and JSON) "
+             f"in a worker held to {limits['seconds']:.0f} s and {limits['memory_bytes'] >> 30} GiB. *bytes*: a "
+             "stranger's file, bytes flipped, overwritten, cut or inserted anywhere; *manifest*: 1–3 fields of the "
+             "manifest replaced, removed or added and its sha256 made anew, so that only the schema stands in the way "
+             "(a consistent edit may load as another model: counted apart).", "",
+             "| form / kind | cases | loads, same outputs | refused (one VQCError line) | loads, other outputs | "
+             "other exceptions | over the limits |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for key, counts in result["counts"].items():
+        other = sum(n for name, n in counts.items() if name.startswith("crash"))
+        beyond = counts.get("over 5 s", 0) + counts.get("lost", 0) + counts.get("memory", 0)
+        cases = sum(n for name, n in counts.items() if name != "over 5 s")
+        lines.append(f"| {key} | {cases:,} | {counts.get('same', 0):,} | {counts.get('refused', 0):,} | "
+                     f"{counts.get('changed', 0):,} | {other:,} | {beyond:,} |")
+    return lines + ["", f"Exceptions other than VQCError: {failed} ({met(failed == 0)}); cases over "
+                        f"{limits['seconds']:.0f} s or {limits['memory_bytes'] >> 30} GiB: {over} ({met(over == 0)}); "
+                        f"a stranger's edit that loads with other outputs: {changed} ({met(changed == 0)}). "
+                        f"Slowest case {result['slowest_case_seconds']:.2f} s.", ""]
+
+
 def markdown(result: dict) -> str:
     rows = result["rows"]
     lines = [
@@ -805,6 +835,8 @@ def markdown(result: dict) -> str:
         lines += incoherence_markdown(json.loads(INCOHERENCE.read_text()))
     if MATRIX.exists():
         lines += matrix_markdown(json.loads(MATRIX.read_text()))
+    if FUZZ.exists():
+        lines += fuzz_markdown(json.loads(FUZZ.read_text()))
     for path in sorted((ROOT / "benchmarks" / "results").glob(SPEED_RUNS)):
         lines += speed_markdown(json.loads(path.read_text()), path.name)
     return "\n".join(lines)
