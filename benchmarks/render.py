@@ -30,7 +30,7 @@ FASHION_TARGETS = {"≤ 1.6": 0.5, "≤ 1.0": 1.5}  # points of accuracy a budge
 DOCS = ROOT / "docs"
 PLOT = "minilm_rate_distortion.png"
 SPEARMAN = ("lee", "wordsim353", "simlex999")
-NAMES = {"fp32": "fp32 (reference)", "kmeans": "vqcompress kmeans", "rtn": "vqcompress rtn",
+NAMES = {"fp32": "fp32 (reference)", "kmeans": "vqcompress kmeans", "rtn": "vqcompress rtn", "vq4all": "vqcompress vq4all",
          "jlcm": "vqcompress jlcm", "coremltools": "coremltools PTP", "coremltools-skm": "coremltools SKM",
          "hqq": "HQQ", "qswd": "vqcompress qswd", "qswd calibrated": "vqcompress qswd, calibrated",
          "qswd fine-tuned": "vqcompress qswd, calibrated + fine-tuned"}
