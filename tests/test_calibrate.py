@@ -142,6 +142,18 @@ def test_padding_positions_do_not_count():
     assert stats["embed"].row_weight[0] == 0 and torch.allclose(stats["embed"].row_weight[1:6], torch.full((5,), 0.2))
 
 
+def test_a_pooled_input_as_wide_as_the_sequence_is_not_taken_for_positions():
+    """A pooler's (batch, features) input is no (batch, sequence) grid of positions, even where the
+    features number the padded sequence's length (a 64-wide BERT on 64-token batches failed)."""
+    torch.manual_seed(0)
+    pooler = nn.Linear(4, 2)
+    pooled = torch.randn(2, 4)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    with capturing({"pooler": pooler}) as collected, counting(mask), torch.no_grad():
+        pooler(pooled)
+    assert torch.allclose(collected()["pooler"].gram, pooled.T @ pooled / 2, atol=1e-6)
+
+
 def test_a_statistics_pass_stops_before_an_uncollected_output_layer():
     body, head, calls = nn.Linear(4, 4), nn.Linear(4, 50), []
     model = nn.Sequential(body, head)

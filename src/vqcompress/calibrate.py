@@ -101,6 +101,14 @@ class InputStatistics:
         return torch.cat([self.row_errors(difference(numbers), numbers) for numbers in slices])
 
 
+def spans_positions(values: Tensor, positions: Tensor | None, trailing: int = 1) -> bool:
+    """Whether ``values`` holds ``trailing`` more dimensions (a feature vector: 1; a token id: 0) at
+    each of the batch's (batch, sequence) ``positions``; a pooled (batch, features) tensor does not,
+    even where its features number the sequence's length."""
+    return (positions is not None and values.dim() >= positions.dim() + trailing
+            and tuple(values.shape[:positions.dim()]) == tuple(positions.shape))
+
+
 class _Accumulator:
     """Running sums for one layer's statistics, filled by a forward hook."""
 
@@ -109,7 +117,7 @@ class _Accumulator:
 
     def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
         inputs, positions = args[0].detach(), _POSITIONS.get()
-        if positions is not None and tuple(inputs.shape[:positions.dim()]) == tuple(positions.shape):
+        if spans_positions(inputs, positions, trailing=0 if isinstance(module, nn.Embedding) else 1):
             inputs = inputs[positions]  # padding is no input the layer will see in use
         if isinstance(module, nn.Embedding):
             counts = torch.bincount(inputs.reshape(-1), minlength=module.num_embeddings).float()

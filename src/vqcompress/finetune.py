@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from .assign import Fixed, Soft, StraightThrough
 from .atomic import write_tensors
+from .calibrate import spans_positions
 from .errors import VQCError
 from .layers import iter_coded
 from .progressive import LOGIT_LR, Progressive
@@ -309,7 +310,7 @@ def mean_loss(task: Task, model: nn.Module, batches: list, targets: Iterable[Ten
 
 def _positions_weight(positions: Tensor | None, output: Tensor) -> Tensor | float:
     """1 where an output position is a real input (not padding), broadcastable to ``output``."""
-    if positions is None or tuple(output.shape[:positions.dim()]) != tuple(positions.shape):
+    if not spans_positions(output, positions):
         return 1.0
     return positions.to(output.dtype).reshape(*positions.shape, *[1] * (output.dim() - positions.dim()))
 
