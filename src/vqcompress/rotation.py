@@ -15,6 +15,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 import torch
+from scipy.linalg import hadamard
 from torch import Tensor, nn
 
 from .errors import VQCError
@@ -67,14 +68,8 @@ FACTOR_BITS = 6  # the largest Hadamard factor, 64 × 64: O(n · 64 · a / 6) mu
 
 @lru_cache(maxsize=None)
 def _sylvester(size: int) -> Tensor:
-    """The size × size Walsh–Hadamard matrix of ±1 (symmetric): entry (i, j) is (−1)^popcount(i & j)."""
-    index = torch.arange(size)
-    bits = torch.bitwise_and(index[:, None], index[None]).to(torch.int64)
-    parity = torch.zeros_like(bits)
-    while bits.any():
-        parity ^= bits & 1
-        bits >>= 1
-    return 1.0 - 2.0 * parity.float()
+    """The size × size Walsh–Hadamard matrix of ±1 (Sylvester's, symmetric)."""
+    return torch.from_numpy(hadamard(size)).float()
 
 
 class Rotation(nn.Module):

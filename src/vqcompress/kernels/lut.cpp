@@ -100,26 +100,29 @@ inline float horizontal_sum(__m256 all) {
   const __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));
   return _mm_cvtss_f32(_mm_add_ss(two, _mm_shuffle_ps(two, two, 1)));
 }
+
+// The sum over segments s < n of word(s) · x segment s, 8 lanes a segment, in four independent
+// sums so that the codeword loads of neighbouring segments overlap.
+template <typename Word>
+inline float four_sums(int64_t n, const float* x, Word word) {
+  __m256 sum[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  int64_t s = 0;
+  for (; s + 4 <= n; s += 4)
+    for (int j = 0; j < 4; ++j) sum[j] = _mm256_fmadd_ps(word(s + j), _mm256_loadu_ps(x + 8 * (s + j)), sum[j]);
+  for (; s < n; ++s) sum[0] = _mm256_fmadd_ps(word(s), _mm256_loadu_ps(x + 8 * s), sum[0]);
+  return horizontal_sum(_mm256_add_ps(_mm256_add_ps(sum[0], sum[1]), _mm256_add_ps(sum[2], sum[3])));
+}
 #endif
 
 // <codeword code[s], x segment s> summed over segments s < n, d = `dim`: the gather product's inner
-// loop. At d = 8 with AVX2 one codeword is one fp16 load and one fused multiply-add, in four
-// independent sums so that the loads overlap.
+// loop. At d = 8 with AVX2 one codeword is one fp16 load and one fused multiply-add.
 template <typename Code>
 inline float dot_codewords(const uint16_t* book, int64_t dim, const Code* code, int64_t n, const float* x) {
 #ifdef VQC_SIMD
-  if (dim == 8) {
-    __m256 sum[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    int64_t s = 0;
-    auto add = [&](int j, int64_t at) {
-      const __m256 word = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(book + 8 * int64_t(code[at]))));
-      sum[j] = _mm256_fmadd_ps(word, _mm256_loadu_ps(x + 8 * at), sum[j]);
-    };
-    for (; s + 4 <= n; s += 4)
-      for (int j = 0; j < 4; ++j) add(j, s + j);
-    for (; s < n; ++s) add(0, s);
-    return horizontal_sum(_mm256_add_ps(_mm256_add_ps(sum[0], sum[1]), _mm256_add_ps(sum[2], sum[3])));
-  }
+  if (dim == 8)
+    return four_sums(n, x, [&](int64_t at) {
+      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(book + 8 * int64_t(code[at]))));
+    });
 #endif
   float sum[LANES] = {};
   for (int64_t s = 0; s < n; ++s)
@@ -141,24 +144,16 @@ inline float dot_e8p(const int32_t* lattice, const Code* code, int64_t n, const 
 #else
   const __m256i sign = _mm256_set1_epi32(INT32_MIN);
 #endif
-  __m256 sum[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-  auto add = [&](int j, int64_t at) {
+  return four_sums(n, x, [&](int64_t at) {
     const uint32_t c = code[at];
     const __m256i lanes = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(lattice + 8 * (c & 255))),
                                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lattice + 8 * (256 + (c >> 8)))));
 #ifdef __AVX512VL__
-    const __m256 word = _mm256_permutex2var_ps(magnitudes, lanes, negatives);  // bit 3: the sign
+    return _mm256_permutex2var_ps(magnitudes, lanes, negatives);  // bit 3: the sign
 #else
-    const __m256 word = _mm256_xor_ps(_mm256_permutevar8x32_ps(magnitudes, lanes),
-                                      _mm256_castsi256_ps(_mm256_and_si256(lanes, sign)));
+    return _mm256_xor_ps(_mm256_permutevar8x32_ps(magnitudes, lanes), _mm256_castsi256_ps(_mm256_and_si256(lanes, sign)));
 #endif
-    sum[j] = _mm256_fmadd_ps(word, _mm256_loadu_ps(x + 8 * at), sum[j]);
-  };
-  int64_t s = 0;
-  for (; s + 4 <= n; s += 4)
-    for (int j = 0; j < 4; ++j) add(j, s + j);
-  for (; s < n; ++s) add(0, s);
-  return horizontal_sum(_mm256_add_ps(_mm256_add_ps(sum[0], sum[1]), _mm256_add_ps(sum[2], sum[3])));
+  });
 #else
   const float* magnitudes = reinterpret_cast<const float*>(lattice + 2 * 256 * 8);
   float sum[LANES] = {};
